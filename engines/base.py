@@ -1,0 +1,172 @@
+"""The Engine interface every backend implements: named numpy inputs in, named numpy outputs out.
+
+A backend is one file in this folder that subclasses :class:`Engine` and registers itself under a
+type key with :func:`register_backend` (the Frigate detector-plugin pattern). Which backend runs a
+graph is chosen by config (``engines.backend``) or, with ``"auto"``, by what is installed.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: dtype names used in manifests, mapped to numpy dtypes.
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "uint8": np.dtype(np.uint8),
+}
+
+
+class EngineError(RuntimeError):
+    """A graph cannot be loaded or run; the message names the file or tensor at fault."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one graph input or output.
+
+    ``shape`` entries are ints for fixed axes and strings for dynamic ones (``"batch"``,
+    ``"bank"``); a dynamic axis accepts any positive length.
+    """
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> TensorSpec:
+        return cls(str(data["name"]), tuple(data["shape"]), str(data["dtype"]))
+
+    def check(self, value: np.ndarray, graph: str) -> None:
+        """Raise :class:`EngineError` unless ``value`` fits this spec."""
+        if not isinstance(value, np.ndarray):
+            raise EngineError(f"{graph}: input '{self.name}' must be a numpy array, got {type(value).__name__}")
+        if value.dtype != DTYPES[self.dtype]:
+            raise EngineError(f"{graph}: input '{self.name}' must be {self.dtype}, got {value.dtype}")
+        if value.ndim != len(self.shape):
+            raise EngineError(
+                f"{graph}: input '{self.name}' must have shape {_fmt(self.shape)}, got {tuple(value.shape)}"
+            )
+        for want, got in zip(self.shape, value.shape):
+            if isinstance(want, int) and want != got or isinstance(want, str) and got < 1:
+                raise EngineError(
+                    f"{graph}: input '{self.name}' must have shape {_fmt(self.shape)}, got {tuple(value.shape)}"
+                )
+
+
+def _fmt(shape: tuple[int | str, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+class Engine(abc.ABC):
+    """One loaded graph. Subclasses set :attr:`backend` and implement :meth:`_run`."""
+
+    backend: str = "abstract"
+
+    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]):
+        self.path = Path(path)
+        self.inputs = inputs
+        self.outputs = outputs
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate ``feeds`` against :attr:`inputs`, run the graph, return outputs by name."""
+        expected = {spec.name for spec in self.inputs}
+        missing = expected - set(feeds)
+        extra = set(feeds) - expected
+        if missing or extra:
+            raise EngineError(
+                f"{self.name}: inputs must be {sorted(expected)}; missing {sorted(missing)}, "
+                f"unexpected {sorted(extra)}"
+            )
+        for spec in self.inputs:
+            spec.check(feeds[spec.name], self.name)
+        return self._run(dict(feeds))
+
+    @abc.abstractmethod
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Backend-specific execution; inputs are already validated."""
+
+    def describe(self) -> str:
+        """One line for logs and the status topic: backend and device."""
+        return self.backend
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this backend's libraries (and device) are present on this machine."""
+        return cls.why_not() is None
+
+    @classmethod
+    def why_not(cls) -> str | None:
+        """Why this backend cannot run here, or ``None`` when it can."""
+        return None
+
+
+_BACKENDS: dict[str, type[Engine]] = {}
+#: Order tried by ``backend="auto"``: fastest first. A backend is used only if ``available()``.
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime")
+
+
+def register_backend(key: str) -> Callable[[type[Engine]], type[Engine]]:
+    """Class decorator: make an Engine subclass loadable under ``key``."""
+
+    def wrap(cls: type[Engine]) -> type[Engine]:
+        cls.backend = key
+        _BACKENDS[key] = cls
+        return cls
+
+    return wrap
+
+
+def _import_backends() -> None:
+    # Importing registers them; each import is cheap and guarded inside the module.
+    from anomalygpt_edge.engines import onnxruntime_backend  # noqa: F401
+
+
+def backend_names() -> list[str]:
+    """Every registered backend key, available or not."""
+    _import_backends()
+    return sorted(_BACKENDS)
+
+
+def available_backends() -> list[str]:
+    """Registered backends whose libraries are importable on this machine, best first."""
+    _import_backends()
+    ranked = [k for k in AUTO_ORDER if k in _BACKENDS] + sorted(set(_BACKENDS) - set(AUTO_ORDER))
+    return [k for k in ranked if _BACKENDS[k].available()]
+
+
+def resolve_backend(name: str) -> str:
+    """Turn ``"auto"`` into the best available backend; check an explicit one exists and is usable."""
+    _import_backends()
+    if name == "auto":
+        usable = available_backends()
+        if not usable:
+            raise EngineError("no engine backend is usable: install onnxruntime")
+        return usable[0]
+    if name not in _BACKENDS:
+        raise EngineError(f"unknown engine backend '{name}'; known: {', '.join(sorted(_BACKENDS))}")
+    if not _BACKENDS[name].available():
+        raise EngineError(f"engine backend '{name}' is not usable on this machine: {_BACKENDS[name].why_not()}")
+    return name
+
+
+def create_engine(
+    path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], backend: str = "auto", **options
+) -> Engine:
+    """Load the graph at ``path`` with the chosen backend."""
+    key = resolve_backend(backend)
+    return _BACKENDS[key](Path(path), inputs, outputs, **options)

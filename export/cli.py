@@ -1,0 +1,35 @@
+"""``anomalygpt-edge export <target>``: one subcommand per export target.
+
+Arguments are declared and validated here without importing torch, so ``--help`` and argument
+errors work on a runtime-only device; each target's module (which needs torch) loads when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from anomalygpt_edge.engines.manifest import MATCH_METRICS
+
+VISION_SOURCES = ("efficientnet-lite0", "anomalygpt")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export engine bundles (needs the [export] extra: torch, onnx)")
+    targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+
+    v = targets.add_parser("vision", help="image-side bundle: encoder, bank matcher, decoder, prompt learner")
+    v.add_argument("--source", choices=VISION_SOURCES, default="efficientnet-lite0")
+    v.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    v.add_argument("--image-size", type=int, default=224, help="encoder input size (default source only)")
+    v.add_argument("--metric", choices=MATCH_METRICS, default="l2", help="bank-matcher metric (default source only)")
+    v.add_argument(
+        "--smoothing-sigma", type=float, default=4.0, help="Gaussian blur of the anomaly map, map pixels (default source)"
+    )
+    v.add_argument("--no-fp16", action="store_true", help="skip the FP16 graph variants")
+    v.add_argument("--imagebind", type=Path, help="imagebind_huge.pth (anomalygpt source)")
+    v.add_argument("--anomalygpt", type=Path, help="AnomalyGPT pytorch_model.pt (train_mvtec / train_visa / train_supervised)")
+    v.add_argument("--pandagpt-delta", type=Path, help="PandaGPT delta pytorch_model.pt (provides llama_proj)")
+    v.add_argument("--random-weights", action="store_true", help="anomalygpt architecture with random weights (testing)")
+    v.set_defaults(handler="anomalygpt_edge.export.vision:run")
