@@ -12,6 +12,8 @@ from pathlib import Path
 from anomalygpt_edge.engines.manifest import MATCH_METRICS
 
 VISION_SOURCES = ("efficientnet-lite0", "anomalygpt")
+#: Light modules (no torch at import) that each add one export target with ``add_export_target``.
+EXPORT_TARGET_MODULES: tuple[str, ...] = ()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,3 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--pandagpt-delta", type=Path, help="PandaGPT delta pytorch_model.pt (provides llama_proj)")
     v.add_argument("--random-weights", action="store_true", help="anomalygpt architecture with random weights (testing)")
     v.set_defaults(handler="anomalygpt_edge.export.vision:run")
+
+    import importlib
+
+    for name in EXPORT_TARGET_MODULES:
+        importlib.import_module(name).add_export_target(targets)
