@@ -1,0 +1,299 @@
+"""``export vision --source anomalygpt``: AnomalyGPT's image side as an engine bundle.
+
+Graphs (all with a dynamic batch axis, each with an FP16 variant):
+
+* ``encoder``: ``pixel_values (B,3,224,224)`` -> ``image_embed (B,1024)`` (unit norm), ``img_llm
+  (B,1,4096)`` (``llama_proj`` folded in) and ``tap7``/``tap15``/``tap23``/``tap31`` (B,256,1280),
+  raw residual stream with CLS dropped.
+* ``bank_matcher``: few-shot matching of ``q_0..q_3`` against ``bank_0..bank_3`` (cosine, max over
+  the bank, mean over layers, 1 - sim, bilinear to 224).
+* ``decoder``: taps + ``text_feats (B,2,1024)`` -> ``anomaly_map (B,1,224,224)`` (text matching).
+* ``prompt_learner``: ``anomaly_map`` -> ``prompt_embeds (B,18,4096)``.
+
+The per-class [normal, abnormal] text features are computed here with ImageBind's text tower and
+stored as ``text_features.npz`` (no pickle); the text tower is never exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.engines.integrity import sha256_file
+from anomalygpt_edge.engines.manifest import PatchLayer, Preprocess
+from anomalygpt_edge.export import checkpoints as ckpt
+from anomalygpt_edge.export.anomalygpt_models import (
+    CLASS_NAMES,
+    DEFAULT_CLASS,
+    OBJECT_NAMES,
+    PRESETS,
+    AnomalyGPTConfig,
+    AnomalyGPTEncoder,
+    ClipBPETokenizer,
+    ImageBindText,
+    ImageBindVision,
+    PromptLearner,
+    TextMatchingDecoder,
+    class_text_features,
+    tap_names,
+)
+from anomalygpt_edge.export.bank_matcher import BankMatcher
+from anomalygpt_edge.export.bundle_writer import BundleWriter, log
+
+#: CLIP's normalisation (ImageBind ``data.py``).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEXT_FEATURES_FILE = "text_features.npz"
+
+
+@dataclasses.dataclass
+class AnomalyGPTModules:
+    """The reference modules of one export, with where their weights came from."""
+
+    cfg: AnomalyGPTConfig
+    vision: ImageBindVision
+    llama_proj: torch.nn.Linear
+    decoder: TextMatchingDecoder
+    prompt_learner: PromptLearner
+    text: ImageBindText | None
+    tokenizer: ClipBPETokenizer | None
+    checkpoints: list[dict[str, Any]]
+    random_parts: list[str]
+
+
+def build_modules(
+    cfg: AnomalyGPTConfig,
+    imagebind: Path | None = None,
+    anomalygpt: Path | None = None,
+    pandagpt_delta: Path | None = None,
+    bpe_vocab: Path | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+) -> AnomalyGPTModules:
+    """Build the modules for ``cfg`` and load every checkpoint given (strict key accounting).
+
+    A part with no checkpoint keeps seeded random weights, which is allowed only with
+    ``random_weights`` (and is then recorded in the manifest).
+    """
+    torch.manual_seed(seed)
+    vision = ImageBindVision(cfg).eval()
+    llama_proj = torch.nn.Linear(cfg.embed_dim, cfg.llm_width).eval()
+    decoder = TextMatchingDecoder(cfg).eval()
+    prompt_learner = PromptLearner(cfg).eval()
+    text = tokenizer = None
+    records: list[dict[str, Any]] = []
+    random_parts = []
+
+    def record(path: Path, role: str, report: ckpt.LoadReport) -> None:
+        log(f"hashing {path} ...")
+        entry = {
+            "name": Path(path).name,
+            "role": role,
+            "sha256": sha256_file(Path(path)),
+            "size": Path(path).stat().st_size,
+            "keys_loaded": report.loaded,
+        }
+        if report.ignored:
+            entry["keys_ignored"] = dict(sorted(report.ignored.items()))
+        entry.update(report.info)
+        records.append(entry)
+
+    if imagebind is not None:
+        if bpe_vocab is not None:
+            tokenizer = ClipBPETokenizer(bpe_vocab, cfg.text_context)
+            if tokenizer.vocab_size != cfg.text_vocab:
+                raise ckpt.CheckpointError(
+                    f"{bpe_vocab}: BPE vocabulary has {tokenizer.vocab_size} tokens, the text tower "
+                    f"{cfg.text_vocab}; use CLIP's bpe_simple_vocab_16e6.txt.gz"
+                )
+            text = ImageBindText(cfg).eval()
+        log(f"loading {imagebind} ...")
+        state = ckpt.read_state_dict(imagebind)
+        report = ckpt.load_imagebind(imagebind, vision, text, state=state)
+        del state
+        record(imagebind, "imagebind_huge (vision branch" + (" + text tower)" if text else ")"), report)
+    else:
+        random_parts.append("vision")
+    if anomalygpt is not None:
+        log(f"loading {anomalygpt} ...")
+        record(
+            anomalygpt,
+            "anomalygpt (image_decoder + prompt_learner)",
+            ckpt.load_anomalygpt(anomalygpt, decoder, prompt_learner),
+        )
+    else:
+        random_parts += ["decoder", "prompt_learner"]
+    if pandagpt_delta is not None:
+        log(f"loading {pandagpt_delta} ...")
+        record(
+            pandagpt_delta,
+            "pandagpt_delta (llama_proj; LoRA for the LLM)",
+            ckpt.load_pandagpt_delta(pandagpt_delta, llama_proj),
+        )
+    else:
+        random_parts.append("llama_proj")
+    if random_parts and not random_weights:
+        raise ckpt.CheckpointError(
+            f"no checkpoint for {', '.join(random_parts)} (pass --random-weights to allow)"
+        )
+    return AnomalyGPTModules(
+        cfg, vision, llama_proj, decoder, prompt_learner, text, tokenizer, records, random_parts
+    )
+
+
+def compute_text_features(mods: AnomalyGPTModules, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
+    """Per-object (2, E) [normal, abnormal] float32 features and a label of how they were made.
+
+    With the text tower loaded they are AnomalyGPT's prompt-ensemble features; with random weights
+    and no text tower they are random unit vectors, labelled as such (useful for plumbing only).
+    """
+    if mods.text is not None and mods.tokenizer is not None:
+        log(f"computing text features for {len(OBJECT_NAMES)} classes with the ImageBind text tower ...")
+        feats = {name: class_text_features(mods.text, mods.tokenizer, name).numpy() for name in OBJECT_NAMES}
+        return {k: v.astype(np.float32) for k, v in feats.items()}, "imagebind-text-tower prompt ensemble"
+    rng = np.random.default_rng(seed)
+    feats = {}
+    for name in OBJECT_NAMES:
+        v = rng.standard_normal((mods.cfg.n_states, mods.cfg.embed_dim)).astype(np.float32)
+        feats[name] = v / np.linalg.norm(v, axis=-1, keepdims=True)
+    return feats, "RANDOM unit-norm vectors (--random-weights export; not meaningful text features)"
+
+
+def _save_npz(features: dict[str, np.ndarray]):
+    def write(path: Path) -> None:
+        # np.savez stores plain .npy arrays: the runtime reads them with allow_pickle=False.
+        with open(path, "wb") as f:
+            np.savez(f, **features)
+
+    return write
+
+
+def export_anomalygpt(args: argparse.Namespace, writer: BundleWriter) -> EngineBundle:
+    """Write the AnomalyGPT bundle (encoder, bank matcher, decoder, prompt learner, text features)."""
+    preset = getattr(args, "anomalygpt_size", "full") or "full"
+    cfg = PRESETS[preset]
+    bpe_vocab = getattr(args, "bpe_vocab", None)
+    seed = int(getattr(args, "seed", 0) or 0)
+    fp16 = not args.no_fp16
+    if args.imagebind is not None and bpe_vocab is None and not args.random_weights:
+        raise SystemExit(
+            "export vision --source anomalygpt: computing the decoder's text features needs CLIP's BPE "
+            "vocabulary (bpe_simple_vocab_16e6.txt.gz, shipped with ImageBind): pass --bpe-vocab"
+        )
+    mods = build_modules(
+        cfg, args.imagebind, args.anomalygpt, args.pandagpt_delta, bpe_vocab, args.random_weights, seed
+    )
+    if mods.random_parts:
+        log(f"RANDOM weights for: {', '.join(mods.random_parts)} (testing only)")
+    bundle = write_bundle(mods, writer, fp16=fp16, seed=seed, preset=preset)
+    return bundle
+
+
+def write_bundle(
+    mods: AnomalyGPTModules, writer: BundleWriter, fp16: bool = True, seed: int = 0, preset: str = "full"
+) -> EngineBundle:
+    """Export every graph and the text features of ``mods`` through ``writer`` and finish the bundle."""
+    cfg = mods.cfg
+    size, g, taps = cfg.image_size, cfg.grid, tap_names(cfg)
+    batch = {0: "batch"}
+
+    encoder = AnomalyGPTEncoder(mods.vision, mods.llama_proj).eval()
+    names = encoder.output_names()
+    writer.add_graph(
+        "encoder",
+        encoder,
+        {"pixel_values": torch.randn(1, 3, size, size)},
+        names,
+        {"pixel_values": batch, **{n: batch for n in names}},
+        fp16=fp16,
+    )
+    del encoder
+
+    matcher = BankMatcher(len(taps), (g, g), (cfg.map_size, cfg.map_size), metric="cosine")
+    _, matcher_out = matcher.io_names()
+    writer.add_graph(
+        "bank_matcher",
+        matcher,
+        matcher.example_inputs([cfg.width] * len(taps)),
+        matcher_out,
+        matcher.dynamic_axes(),
+        fp16=fp16,
+    )
+
+    text = torch.nn.functional.normalize(torch.randn(1, cfg.n_states, cfg.embed_dim), dim=-1)
+    dec_inputs = {n: torch.randn(1, cfg.n_patches, cfg.width) for n in taps} | {"text_feats": text}
+    writer.add_graph(
+        "decoder",
+        mods.decoder,
+        dec_inputs,
+        ["anomaly_map"],
+        {**{n: batch for n in dec_inputs}, "anomaly_map": batch},
+        fp16=fp16,
+    )
+    writer.add_graph(
+        "prompt_learner",
+        mods.prompt_learner,
+        {"anomaly_map": torch.rand(1, 1, cfg.map_size, cfg.map_size)},
+        ["prompt_embeds"],
+        {"anomaly_map": batch, "prompt_embeds": batch},
+        fp16=fp16,
+    )
+
+    features, how = compute_text_features(mods, seed)
+    writer.add_file(TEXT_FEATURES_FILE, _save_npz(features), f"text features ({len(features)} classes)")
+
+    source: dict[str, Any] = {
+        "kind": "anomalygpt",
+        "preset": preset,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
+        "taps": list(cfg.taps),
+        "random_weights": mods.random_parts,
+        "checkpoints": mods.checkpoints,
+        # ImageBind's weights are CC-BY-NC-4.0; the AnomalyGPT/PandaGPT/Vicuna files carry their own terms.
+        "licence": "ImageBind weights CC-BY-NC-4.0 (non-commercial); see the AnomalyGPT/PandaGPT cards",
+    }
+    return writer.finish(
+        source=source,
+        preprocess=Preprocess(
+            size=(size, size),
+            resize="shorter_side_crop",
+            interpolation="bicubic",
+            mean=CLIP_MEAN,
+            std=CLIP_STD,
+            color="RGB",
+        ),
+        patch_layers=[PatchLayer(n, (g, g), cfg.width) for n in taps],
+        map_size=(cfg.map_size, cfg.map_size),
+        matching={
+            "metric": "cosine",
+            "image_score": "max",
+            "smoothing_sigma": 0,
+            # AnomalyGPT: with normal images enrolled, the few-shot map replaces the text map.
+            "few_shot": "replaces_text_map",
+        },
+        text_features={
+            "file": TEXT_FEATURES_FILE,
+            "classes": list(OBJECT_NAMES),
+            "default_class": DEFAULT_CLASS,
+            "selection": {
+                "rule": "first entry of 'order' that is a substring of the user prompt, else default_class",
+                "order": list(CLASS_NAMES),
+                "underscores": "a class name's underscores are spaces ('metal_nut' -> 'metal nut')",
+            },
+            "layout": "per class (2, embed_dim) float32: [normal, abnormal], unit norm",
+            "decoder_input": "text_feats",
+            "source": how,
+        },
+        llm={
+            "image_embedding_output": "img_llm",
+            "width": cfg.llm_width,
+            "n_prompts": cfg.n_prompts,
+            "prompt_graph": "prompt_learner",
+            "prompt_output": "prompt_embeds",
+        },
+    )
