@@ -34,6 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--anomalygpt", type=Path, help="AnomalyGPT pytorch_model.pt (train_mvtec / train_visa / train_supervised)")
     v.add_argument("--pandagpt-delta", type=Path, help="PandaGPT delta pytorch_model.pt (provides llama_proj)")
     v.add_argument("--random-weights", action="store_true", help="anomalygpt architecture with random weights (testing)")
+    v.add_argument(
+        "--bpe-vocab", type=Path, help="CLIP bpe_simple_vocab_16e6.txt.gz, to compute the decoder's text features"
+    )
+    v.add_argument(
+        "--anomalygpt-size", choices=("full", "tiny"), default="full", help="architecture size (tiny: tests only)"
+    )
+    v.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     v.set_defaults(handler="anomalygpt_edge.export.vision:run")
 
     import importlib

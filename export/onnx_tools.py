@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -51,21 +52,74 @@ def export_onnx(
     with torch.no_grad():
         result = module(*inputs.values())
     results = result if isinstance(result, (tuple, list)) else (result,)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter is deprecated; its warnings are noise here
-        torch.onnx.export(
-            module,
-            tuple(inputs.values()),
-            str(path),
-            input_names=list(inputs),
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-            opset_version=OPSET,
-            dynamo=False,
-            do_constant_folding=True,
-        )
+    # Past 2 GB the exporter writes one external-data file per tensor next to the model; export
+    # into a scratch folder so those can be gathered into one ``<name>.data`` file afterwards.
+    scratch = path.parent / f".{path.name}.export"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter is deprecated; its warnings are noise here
+            torch.onnx.export(
+                module,
+                tuple(inputs.values()),
+                str(scratch / path.name),
+                input_names=list(inputs),
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+        if len(list(scratch.iterdir())) > 1:
+            _gather_external_data(scratch / path.name, path)
+        else:
+            (scratch / path.name).replace(path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     _declare_output_shapes(path, output_names, [tuple(r.shape) for r in results], dynamic_axes)
     onnx.checker.check_model(str(path))
+
+
+#: Alignment of tensors in a gathered external-data file (lets runtimes memory-map them).
+_DATA_ALIGN = 4096
+
+
+def _gather_external_data(src: Path, dst: Path) -> None:
+    """Rewrite ``src`` (external data in one file per tensor) as ``dst`` + one ``dst.name + '.data'``.
+
+    Streams tensor by tensor, so a multi-GB graph never sits in memory twice.
+    """
+    model = onnx.load(str(src), load_external_data=False)
+    data_name = dst.name + ".data"
+    offset = 0
+    with open(dst.parent / data_name, "wb") as out:
+        for tensor in _all_tensors(model):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            with open(src.parent / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                blob = f.read(int(info["length"])) if "length" in info else f.read()
+            pad = (-offset) % _DATA_ALIGN
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(blob)
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(blob)
+    onnx.save(model, str(dst))
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """Initializers plus tensors held in node attributes (Constant nodes), top graph only."""
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
 
 
 def _declare_output_shapes(
@@ -144,15 +198,23 @@ def to_fp16(src: Path, dst: Path) -> None:
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src))
-    large = model.ByteSize() > 1_900_000_000 if hasattr(model, "ByteSize") else False
+    # A graph with external data (past 2 GB) is converted from its path: the converter then runs
+    # shape inference on the file (in-memory inference cannot serialise > 2 GB) and the FP16 copy,
+    # still over 2 GB for the full encoder's activations-free weights, is saved with external data.
+    large = bool(external_data_files(src))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        half = convert_float_to_float16(model, keep_io_types=False, op_block_list=FP32_OPS)
+        source = str(src) if large else onnx.load(str(src))
+        half = convert_float_to_float16(source, keep_io_types=False, op_block_list=FP32_OPS)
     _toposort(half.graph)
     if large:
         onnx.save_model(
-            half, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data"
+            half,
+            str(dst),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dst.name + ".data",
+            size_threshold=1024,
         )
     else:
         onnx.save_model(half, str(dst))
