@@ -133,7 +133,16 @@ def register_backend(key: str) -> Callable[[type[Engine]], type[Engine]]:
 
 def _import_backends() -> None:
     # Importing registers them; each import is cheap and guarded inside the module.
+    import contextlib
+    import importlib
+
     from anomalygpt_edge.engines import onnxruntime_backend  # noqa: F401
+
+    # GPU backends: their modules import without tensorrt/cuda/torch (those load lazily), but a
+    # broken optional install must never take the CPU backend down with it.
+    for module in ("tensorrt_backend", "torch_cuda_backend"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(f"anomalygpt_edge.engines.{module}")
 
 
 def backend_names() -> list[str]:

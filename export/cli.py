@@ -13,7 +13,7 @@ from anomalygpt_edge.engines.manifest import MATCH_METRICS
 
 VISION_SOURCES = ("efficientnet-lite0", "anomalygpt")
 #: Light modules (no torch at import) that each add one export target with ``add_export_target``.
-EXPORT_TARGET_MODULES: tuple[str, ...] = ()
+EXPORT_TARGET_MODULES: tuple[str, ...] = ("anomalygpt_edge.export.engines_cli", "anomalygpt_edge.export.llm_cli")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
