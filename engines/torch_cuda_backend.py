@@ -163,6 +163,12 @@ def _div(torch: Any, a: Any, b: Any) -> Any:
     return torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
 
 
+def _mod(torch: Any, attrs: Mapping, a: Any, b: Any) -> Any:
+    a, b = _same_device(a, b)
+    # fmod=1: C fmod (sign of the dividend); fmod=0: Python-style (sign of the divisor).
+    return torch.fmod(a, b) if attrs.get("fmod", 0) else torch.remainder(a, b)
+
+
 def _norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
@@ -434,6 +440,7 @@ _OPS: dict[str, Callable] = {
     "Sub": _binary(lambda torch, a, b: a - b),
     "Mul": _binary(lambda torch, a, b: a * b),
     "Div": _binary(_div),
+    "Mod": _mod,
     "Pow": _binary(lambda torch, a, b: torch.pow(a, b)),
     "MatMul": _binary(lambda torch, a, b: torch.matmul(a, b)),
     "Max": _binary(lambda torch, a, b: torch.maximum(a, b)),

@@ -1,0 +1,398 @@
+"""TensorRT engines: profiles, cache keys, engine records and refusals, FP16 graph typing, the CLI.
+
+Everything here but the last section runs without TensorRT. The TensorRT-only tests build and
+run real engines and skip with an explicit reason where ``tensorrt`` is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from anomalygpt_edge.engines import EngineBundle
+from anomalygpt_edge.engines import tensorrt_backend as trt_backend
+from anomalygpt_edge.engines.base import EngineError, resolve_backend
+from anomalygpt_edge.engines.device_key import (
+    ENGINES_NAME,
+    DeviceKey,
+    EngineKeyMismatchError,
+    EngineRecordError,
+    check_key,
+    key_mismatches,
+    normalise_gpu_name,
+    read_engine_records,
+    record_for,
+    refusal_message,
+    write_engine_record,
+)
+from anomalygpt_edge.engines.integrity import sha256_file
+from anomalygpt_edge.engines.manifest import GraphEntry, TensorSpec
+from anomalygpt_edge.export import onnx_tools
+from anomalygpt_edge.export.tensorrt_build import (
+    BuildError,
+    ProfileShape,
+    needs_rebuild,
+    plan_name,
+    profile_shapes,
+    timing_cache_name,
+)
+
+HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+NO_TENSORRT = "tensorrt is not installed (TensorRT comes from JetPack or NVIDIA's index)"
+needs_tensorrt = pytest.mark.skipif(not HAVE_TENSORRT, reason=NO_TENSORRT)
+
+ORIN = DeviceKey("Orin", "8.7", "10.3.0", "a" * 64)
+
+
+@pytest.fixture()
+def bundle_copy(default_bundle_dir: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(default_bundle_dir, dst)
+    return dst
+
+
+# --- optimisation profiles ---------------------------------------------------------------------
+
+
+def test_encoder_profile_spans_batch_one_to_max_with_batch_one_optimal(default_bundle_dir: Path) -> None:
+    entry = EngineBundle.open(default_bundle_dir).graph("encoder")
+    shapes = profile_shapes(entry, max_batch=8)
+    assert shapes == {"pixel_values": ProfileShape((1, 3, 224, 224), (1, 3, 224, 224), (8, 3, 224, 224))}
+
+
+def test_bank_profile_is_counted_in_golden_images_of_patches(default_bundle_dir: Path) -> None:
+    entry = EngineBundle.open(default_bundle_dir).graph("bank_matcher")
+    shapes = profile_shapes(entry, max_batch=4, max_shots=32, opt_shots=4)
+    # 784 patches per 224x224 image (28x28 grid) from q_0's fixed axis 1.
+    assert shapes["q_0"] == ProfileShape((1, 784, 152), (1, 784, 152), (4, 784, 152))
+    assert shapes["bank_0"] == ProfileShape((1, 152), (4 * 784, 152), (32 * 784, 152))
+
+
+def test_bank_optimum_never_exceeds_the_maximum(default_bundle_dir: Path) -> None:
+    entry = EngineBundle.open(default_bundle_dir).graph("bank_matcher")
+    shapes = profile_shapes(entry, max_shots=2, opt_shots=4)
+    assert shapes["bank_0"].opt == shapes["bank_0"].max == (2 * 784, 152)
+
+
+def test_unknown_dynamic_axis_is_refused_by_name() -> None:
+    entry = GraphEntry("x.onnx", [TensorSpec("tokens", ("batch", "seq"), "int64")], [])
+    with pytest.raises(BuildError, match="'tokens' has dynamic axis 'seq'"):
+        profile_shapes(entry)
+
+
+@pytest.mark.parametrize(("max_batch", "opt_batch"), [(0, 1), (4, 5), (4, 0)])
+def test_impossible_batch_ranges_are_refused(max_batch: int, opt_batch: int) -> None:
+    entry = GraphEntry("x.onnx", [TensorSpec("x", ("batch", 3), "float32")], [])
+    with pytest.raises(BuildError, match="opt batch"):
+        profile_shapes(entry, max_batch=max_batch, opt_batch=opt_batch)
+
+
+def test_runtime_names_the_rebuild_flag_for_shapes_outside_the_profile() -> None:
+    profile = ((1, 784, 152), (4, 784, 152), (8, 784, 152))
+    trt_backend.check_profile_shape("q_0", (8, 784, 152), profile)  # the max itself is fine
+    with pytest.raises(EngineError, match=r"'q_0' axis 0 is 9, outside .*\[1, 8\].*--max-batch"):
+        trt_backend.check_profile_shape("q_0", (9, 784, 152), profile)
+    bank = ((1, 152), (3136, 152), (25088, 152))
+    with pytest.raises(EngineError, match="--max-shots"):
+        trt_backend.check_profile_shape("bank_0", (30000, 152), bank)
+    with pytest.raises(EngineError, match="rank 2"):
+        trt_backend.check_profile_shape("bank_0", (1, 2, 3), bank)
+
+
+# --- device keys and refusals ------------------------------------------------------------------
+
+
+def test_identical_keys_fit_and_every_differing_field_is_named() -> None:
+    assert key_mismatches(ORIN, ORIN) == []
+    other = DeviceKey("NVIDIA GeForce RTX 4090", "8.9", "10.8.0", "b" * 64)
+    assert key_mismatches(ORIN, other) == ["GPU", "compute capability", "TensorRT version", "bundle"]
+    upgraded = DeviceKey("Orin", "8.7", "10.7.0", "a" * 64)
+    assert key_mismatches(ORIN, upgraded) == ["TensorRT version"]
+
+
+def test_refusal_says_what_differs_and_how_to_rebuild(tmp_path: Path) -> None:
+    current = DeviceKey("Orin", "8.7", "10.7.0", "a" * 64)
+    msg = refusal_message("encoder.fp16.plan", ORIN, current, tmp_path)
+    assert "encoder.fp16.plan" in msg and "TensorRT version differs" in msg
+    assert "TensorRT 10.3.0" in msg and "TensorRT 10.7.0" in msg
+    assert f"anomalygpt-edge export engines --bundle {tmp_path}" in msg
+    assert "anomalygpt-edge-engines.service" in msg
+    with pytest.raises(EngineKeyMismatchError, match="export engines"):
+        check_key("encoder.fp16.plan", ORIN, current, tmp_path)
+    check_key("encoder.fp16.plan", ORIN, ORIN, tmp_path)  # a match passes silently
+
+
+def test_cuda_gpu_names_are_cleaned_of_padding() -> None:
+    assert normalise_gpu_name(b"Orin\x00\x00\x00garbage") == "Orin"
+    assert normalise_gpu_name("NVIDIA  H100 80GB HBM3 ") == "NVIDIA H100 80GB HBM3"
+
+
+def test_key_round_trips_through_json_and_a_missing_field_is_named() -> None:
+    assert DeviceKey.from_json(json.loads(json.dumps(ORIN.to_json()))) == ORIN
+    data = ORIN.to_json()
+    del data["tensorrt_version"]
+    with pytest.raises(EngineRecordError, match="tensorrt_version"):
+        DeviceKey.from_json(data)
+
+
+def test_timing_cache_file_is_named_per_tensorrt_version_and_gpu() -> None:
+    name = timing_cache_name(DeviceKey("NVIDIA GeForce RTX 4090", "8.9", "10.8.0", "b" * 64))
+    assert name == "timing-cache.trt10.8.0.sm8.9.nvidia-geforce-rtx-4090.bin"
+    assert plan_name("encoder", "fp16") == "encoder.fp16.plan"
+
+
+# --- engine records beside the bundle ----------------------------------------------------------
+
+
+def _fake_plan(bundle: Path, graph: str, key: DeviceKey, profiles: dict) -> dict:
+    plan = bundle / plan_name(graph, "fp16")
+    plan.write_bytes(b"not really a plan " + graph.encode())
+    return {
+        "graph": graph,
+        "plan": plan.name,
+        "plan_size": plan.stat().st_size,
+        "plan_sha256": sha256_file(plan),
+        "precision": "fp16",
+        "key": key.to_json(),
+        "profiles": {n: p.to_json() for n, p in profiles.items()},
+    }
+
+
+def test_engine_records_leave_the_manifest_and_the_bundle_identity_alone(bundle_copy: Path) -> None:
+    before = EngineBundle.open(bundle_copy)
+    manifest_bytes = (bundle_copy / "manifest.json").read_bytes()
+    key = DeviceKey("Orin", "8.7", "10.3.0", before.sha256)
+    for graph in ("encoder", "bank_matcher"):
+        profiles = profile_shapes(before.graph(graph))
+        write_engine_record(bundle_copy, graph, _fake_plan(bundle_copy, graph, key, profiles))
+    after = EngineBundle.open(bundle_copy)  # extra files (plans, engines.json) are not bundle files
+    assert (bundle_copy / "manifest.json").read_bytes() == manifest_bytes
+    assert after.sha256 == before.sha256  # banks enrolled before the build stay valid
+    records = read_engine_records(bundle_copy)
+    assert set(records) == {"encoder", "bank_matcher"}  # the second write kept the first record
+    assert records["encoder"]["key"]["bundle_sha256"] == before.sha256
+    assert not list(bundle_copy.glob(f".{ENGINES_NAME}.*"))  # no temp file left behind
+
+
+def test_records_in_engines_json_override_the_manifest_section(tmp_path: Path) -> None:
+    write_engine_record(tmp_path, "encoder", {"plan": "new.plan"})
+    records = read_engine_records(tmp_path, {"encoder": {"plan": "old.plan"}, "decoder": {"plan": "d.plan"}})
+    assert records == {"encoder": {"plan": "new.plan"}, "decoder": {"plan": "d.plan"}}
+
+
+def test_damaged_engines_json_is_an_error_not_a_silent_fallback(tmp_path: Path) -> None:
+    (tmp_path / ENGINES_NAME).write_text("{half")
+    with pytest.raises(EngineRecordError, match="not valid JSON.*export engines"):
+        read_engine_records(tmp_path)
+    (tmp_path / ENGINES_NAME).write_text('{"engines": []}')
+    with pytest.raises(EngineRecordError, match="'engines' object"):
+        read_engine_records(tmp_path)
+
+
+def test_a_graph_without_an_engine_asks_for_a_build(tmp_path: Path) -> None:
+    with pytest.raises(
+        EngineRecordError, match=r"no TensorRT engine for graph 'decoder'.*export engines --bundle"
+    ):
+        record_for({}, "decoder", tmp_path)
+    with pytest.raises(EngineRecordError, match="lacks plan_sha256, plan_size"):
+        record_for({"decoder": {"plan": "d.plan", "key": {}}}, "decoder", tmp_path)
+
+
+def test_rebuild_is_skipped_only_for_an_intact_matching_engine(bundle_copy: Path) -> None:
+    bundle = EngineBundle.open(bundle_copy)
+    key = DeviceKey("Orin", "8.7", "10.3.0", bundle.sha256)
+    profiles = profile_shapes(bundle.graph("encoder"))
+    record = _fake_plan(bundle_copy, "encoder", key, profiles)
+    assert needs_rebuild(None, key, "fp16", profiles, bundle_copy) == "not built yet"
+    assert needs_rebuild(record, key, "fp16", profiles, bundle_copy) is None
+    newer = DeviceKey("Orin", "8.7", "10.7.0", bundle.sha256)
+    assert needs_rebuild(record, newer, "fp16", profiles, bundle_copy) == "built for another tensorrt version"
+    assert "precision" in needs_rebuild(record, key, "int8", profiles, bundle_copy)
+    bigger = profile_shapes(bundle.graph("encoder"), max_batch=16)
+    assert needs_rebuild(record, key, "fp16", bigger, bundle_copy) == "optimisation profiles changed"
+    plan = bundle_copy / record["plan"]
+    plan.write_bytes(plan.read_bytes()[::-1])  # same size, other bytes
+    assert needs_rebuild(record, key, "fp16", profiles, bundle_copy) == "plan file altered"
+    plan.unlink()
+    assert "missing" in needs_rebuild(record, key, "fp16", profiles, bundle_copy)
+
+
+def test_tensorrt_backend_refuses_an_engine_built_for_another_gpu(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = EngineBundle.open(bundle_copy)
+    built_for = DeviceKey("Orin", "8.7", "10.3.0", bundle.sha256)
+    entry = bundle.graph("encoder")
+    write_engine_record(
+        bundle_copy, "encoder", _fake_plan(bundle_copy, "encoder", built_for, profile_shapes(entry))
+    )
+    # This "device" is a workstation GPU: the refusal must come before any plan is deserialised.
+    here = DeviceKey("NVIDIA RTX A4000", "8.6", "10.3.0", bundle.sha256)
+    monkeypatch.setattr(trt_backend, "current_key", lambda sha, device=0: here)
+    with pytest.raises(EngineKeyMismatchError, match=r"GPU, compute capability differ.*Orin \(sm 8.7\)"):
+        trt_backend.TensorRTEngine(bundle_copy / entry.fp16_file, entry.inputs, entry.outputs)
+
+
+def test_tensorrt_backend_refuses_a_plan_altered_after_its_build(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = EngineBundle.open(bundle_copy)
+    key = DeviceKey("Orin", "8.7", "10.3.0", bundle.sha256)
+    entry = bundle.graph("encoder")
+    record = _fake_plan(bundle_copy, "encoder", key, profile_shapes(entry))
+    write_engine_record(bundle_copy, "encoder", record)
+    (bundle_copy / record["plan"]).write_bytes(b"x" * record["plan_size"])
+    monkeypatch.setattr(trt_backend, "current_key", lambda sha, device=0: key)
+    with pytest.raises(EngineRecordError, match="does not match its record"):
+        trt_backend.TensorRTEngine(bundle_copy / entry.file, entry.inputs, entry.outputs)
+
+
+def test_engine_built_for_the_old_bundle_is_refused_after_a_re_export(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = EngineBundle.open(bundle_copy)
+    entry = bundle.graph("encoder")
+    stale = DeviceKey("Orin", "8.7", "10.3.0", "0" * 64)
+    write_engine_record(
+        bundle_copy, "encoder", _fake_plan(bundle_copy, "encoder", stale, profile_shapes(entry))
+    )
+    monkeypatch.setattr(
+        trt_backend, "current_key", lambda sha, device=0: DeviceKey("Orin", "8.7", "10.3.0", sha)
+    )
+    with pytest.raises(EngineKeyMismatchError, match="bundle differs"):
+        trt_backend.TensorRTEngine(bundle_copy / entry.file, entry.inputs, entry.outputs)
+
+
+def test_graph_files_map_to_their_graph(default_bundle_dir: Path) -> None:
+    m = EngineBundle.open(default_bundle_dir).manifest
+    assert trt_backend.graph_for_file(m, "encoder.fp16.onnx") == "encoder"
+    assert trt_backend.graph_for_file(m, "bank_matcher.onnx") == "bank_matcher"
+    assert trt_backend.graph_for_file(m, "encoder.int8.plan") == "encoder"
+    with pytest.raises(EngineError, match="not a graph of this bundle"):
+        trt_backend.graph_for_file(m, "other.onnx")
+
+
+# --- FP16 graph typing (what strongly typed builds read precision from) ------------------------
+
+
+@pytest.mark.parametrize("graph", ["encoder", "bank_matcher"])
+def test_fp16_variant_declares_a_type_for_every_tensor(default_bundle_dir: Path, graph: str) -> None:
+    entry = EngineBundle.open(default_bundle_dir).graph(graph)
+    model = onnx.shape_inference.infer_shapes(
+        onnx.load(str(default_bundle_dir / entry.fp16_file)), strict_mode=True
+    )
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    for node in g.node:
+        if node.op_type == "Constant":
+            continue
+        for name in [*node.input, *node.output]:
+            assert not name or types.get(name, 0) != 0, (
+                f"{graph}: tensor {name} of {node.op_type} has no type"
+            )
+    assert {v.type.tensor_type.elem_type for v in [*g.input, *g.output]} == {onnx.TensorProto.FLOAT16}
+
+
+@pytest.mark.parametrize("graph", ["encoder", "bank_matcher"])
+def test_fp16_variant_keeps_overflow_prone_ops_in_fp32(default_bundle_dir: Path, graph: str) -> None:
+    entry = EngineBundle.open(default_bundle_dir).graph(graph)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(default_bundle_dir / entry.fp16_file)))
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    guarded = [n for n in g.node if n.op_type in onnx_tools.FP32_OPS]
+    if graph == "bank_matcher":
+        assert {n.op_type for n in guarded} >= {"ReduceSum", "Sqrt"}  # the L2 distance reductions
+    for node in guarded:
+        for name in [*node.input, *node.output]:
+            if name and types.get(name) in floats:
+                assert types[name] == onnx.TensorProto.FLOAT, f"{node.op_type} {name} is not fp32"
+    half = [n for n in g.node if n.op_type in ("Conv", "MatMul")]
+    assert half and all(types.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in half)
+
+
+# --- the command without TensorRT --------------------------------------------------------------
+
+
+def _engines_args(bundle: Path, **kw) -> argparse.Namespace:
+    base = dict(
+        bundle=bundle,
+        precision="fp16",
+        calib_images=None,
+        workspace_gb=1.0,
+        max_batch=8,
+        max_shots=32,
+        force=False,
+    )
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_export_engines_is_a_registered_export_target() -> None:
+    from anomalygpt_edge.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["export", "engines", "--bundle", "b", "--precision", "int8", "--max-batch", "4"]
+    )
+    assert args.handler == "anomalygpt_edge.export.tensorrt_build:run"
+    assert (args.precision, args.max_batch, args.workspace_gb, args.max_shots) == ("int8", 4, 1.0, 32)
+
+
+@pytest.mark.skipif(HAVE_TENSORRT, reason="checks the message shown where TensorRT is absent")
+def test_export_engines_without_tensorrt_says_where_tensorrt_comes_from(bundle_copy: Path) -> None:
+    from anomalygpt_edge.export import tensorrt_build
+
+    with pytest.raises(SystemExit, match="TensorRT comes from JetPack or NVIDIA's index"):
+        tensorrt_build.run(_engines_args(bundle_copy))
+    assert not (bundle_copy / ENGINES_NAME).exists()
+
+
+def test_int8_without_calibration_images_is_refused_before_anything_runs(bundle_copy: Path) -> None:
+    from anomalygpt_edge.export import tensorrt_build
+
+    with pytest.raises(SystemExit, match="--calib-images"):
+        tensorrt_build.run(_engines_args(bundle_copy, precision="int8"))
+
+
+def test_tensorrt_backend_is_registered_and_explains_why_it_is_unusable_here() -> None:
+    if HAVE_TENSORRT:
+        pytest.skip("TensorRT is installed here")
+    with pytest.raises(EngineError, match=r"'tensorrt' is not usable.*TensorRT comes from JetPack"):
+        resolve_backend("tensorrt")
+
+
+# --- with TensorRT (a Jetson or a GPU workstation) ---------------------------------------------
+
+
+@needs_tensorrt
+def test_built_engines_match_onnx_runtime_and_rebuilds_are_skipped(
+    bundle_copy: Path,
+) -> None:  # pragma: no cover
+    from anomalygpt_edge.export import tensorrt_build
+
+    assert tensorrt_build.run(_engines_args(bundle_copy, max_batch=2, max_shots=2)) == 0
+    records = read_engine_records(bundle_copy)
+    assert set(records) == {"encoder", "bank_matcher"}
+    mtime = (bundle_copy / records["encoder"]["plan"]).stat().st_mtime_ns
+    assert tensorrt_build.run(_engines_args(bundle_copy, max_batch=2, max_shots=2)) == 0
+    assert (bundle_copy / records["encoder"]["plan"]).stat().st_mtime_ns == mtime  # up to date: not rebuilt
+
+    ref = EngineBundle.open(bundle_copy, backend="onnxruntime")
+    trt_bundle = EngineBundle.open(bundle_copy, backend="tensorrt")
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    want = ref.engine("encoder").run({"pixel_values": x})["patches_0"]
+    got = trt_bundle.engine("encoder").run({"pixel_values": x})["patches_0"]  # FP16 engine, FP32 I/O
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+    got2 = trt_bundle.engine("encoder").run({"pixel_values": x})["patches_0"]  # CUDA-graph replay
+    np.testing.assert_array_equal(got, got2)
+    with pytest.raises(EngineError, match="--max-batch"):
+        trt_bundle.engine("encoder").run({"pixel_values": np.zeros((3, 3, 224, 224), np.float32)})
