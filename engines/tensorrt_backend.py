@@ -329,7 +329,11 @@ class TensorRTEngine(Engine):
 
     @classmethod
     def why_not(cls) -> str | None:
-        if importlib.util.find_spec("tensorrt") is None:
+        try:
+            found = importlib.util.find_spec("tensorrt") is not None
+        except (ImportError, ValueError):  # a broken install reads as absent, never as a crash
+            found = False
+        if not found:
             return TENSORRT_MISSING
         if cudart is None:
             return "cuda-python is not installed (pip install cuda-python)"

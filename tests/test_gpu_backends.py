@@ -1,0 +1,287 @@
+"""GPU backends without a GPU: the torch-cuda ONNX interpreter against ONNX Runtime on the CPU,
+INT8 calibration batching/cache/accuracy maths, and the no-torch promise of engines/ and calibration/.
+
+CUDA-only checks (CUDA graphs, FP16 on the GPU) skip with their reason where torch sees no GPU.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from anomalygpt_edge.calibration import int8
+from anomalygpt_edge.engines import EngineBundle
+from anomalygpt_edge.engines.base import EngineError, available_backends, backend_names
+from anomalygpt_edge.engines.torch_cuda_backend import SUPPORTED_OPS, TorchCudaEngine, torch_cuda_version
+
+torch = pytest.importorskip("torch")
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device (no GPU lent to this run)")
+
+
+@pytest.fixture(scope="module")
+def tiny_anomalygpt_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real AnomalyGPT graph structure (ViT encoder, decoder, prompt learner), tiny widths."""
+    from anomalygpt_edge.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    argv = ["export", "vision", "--source", "anomalygpt", "--random-weights", "--anomalygpt-size", "tiny"]
+    assert main([*argv, "--out", str(out)]) == 0
+    return out
+
+
+def _pair(bundle: EngineBundle, graph: str, precision: str = "fp32"):
+    ref = bundle.engine(graph, precision, backend="onnxruntime")
+    return ref, TorchCudaEngine(ref.path, ref.inputs, ref.outputs, device="cpu")
+
+
+def _feeds(engine, rng: np.random.Generator, batch: int = 2, bank: int = 300) -> dict[str, np.ndarray]:
+    feeds = {}
+    for s in engine.inputs:
+        shape = [batch if d == "batch" else bank if d == "bank" else d for d in s.shape]
+        feeds[s.name] = np.abs(rng.standard_normal(shape)).astype(s.dtype)
+    return feeds
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+
+
+# --- torch-cuda: the ONNX interpreter, checked on the CPU --------------------------------------
+
+
+def test_torch_backend_matches_onnx_runtime_on_the_default_encoder(default_bundle_dir: Path) -> None:
+    ref, eng = _pair(EngineBundle.open(default_bundle_dir), "encoder")
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    want, got = ref.run({"pixel_values": x}), eng.run({"pixel_values": x})
+    assert got["patches_0"].shape == (2, 784, 152) and got["patches_0"].dtype == np.float32
+    assert _max_rel(want["patches_0"], got["patches_0"]) < 1e-5
+
+
+def test_torch_backend_matches_onnx_runtime_on_the_bank_matcher(default_bundle_dir: Path) -> None:
+    bundle = EngineBundle.open(default_bundle_dir)
+    q = bundle.engine("encoder").run(
+        {"pixel_values": np.random.default_rng(1).standard_normal((3, 3, 224, 224)).astype(np.float32)}
+    )["patches_0"]
+    ref, eng = _pair(bundle, "bank_matcher")
+    feeds = {"q_0": q[:2], "bank_0": q[2]}  # queries not in the bank: no near-zero distances
+    want, got = ref.run(feeds), eng.run(feeds)
+    for name in ("anomaly_map", "patch_scores"):
+        assert _max_rel(want[name], got[name]) < 1e-5
+    # Bank length is dynamic here too: enrolling more parts needs no reload.
+    assert eng.run({"q_0": q[:1], "bank_0": q[1:].reshape(-1, 152)})["anomaly_map"].shape == (1, 1, 224, 224)
+
+
+@pytest.mark.parametrize("graph", ["encoder", "bank_matcher", "decoder", "prompt_learner"])
+def test_torch_backend_runs_every_anomalygpt_graph_like_onnx_runtime(
+    tiny_anomalygpt_bundle: Path, graph: str
+) -> None:
+    ref, eng = _pair(EngineBundle.open(tiny_anomalygpt_bundle), graph)
+    feeds = _feeds(ref, np.random.default_rng(2))
+    want, got = ref.run(feeds), eng.run(feeds)
+    assert set(got) == {s.name for s in ref.outputs}
+    for name in want:
+        assert got[name].shape == want[name].shape
+        assert _max_rel(want[name], got[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("graph", ["encoder", "prompt_learner"])
+def test_fp16_graphs_run_in_the_precision_they_declare(tiny_anomalygpt_bundle: Path, graph: str) -> None:
+    bundle = EngineBundle.open(tiny_anomalygpt_bundle)
+    ref, eng = _pair(bundle, graph, "fp16")
+    fp32_ref = bundle.engine(graph, "fp32", backend="onnxruntime")
+    feeds = _feeds(ref, np.random.default_rng(3), batch=1)
+    got = eng.run(feeds)
+    want16 = ref.run(feeds)
+    want32 = fp32_ref.run({k: v.astype(np.float32) for k, v in feeds.items()})
+    for name in got:
+        assert got[name].dtype == np.float16
+        assert _max_rel(want16[name], got[name]) < 5e-3  # same graph, same types: ORT-level agreement
+        assert _max_rel(want32[name], got[name]) < 2e-2  # and close to the FP32 reference
+
+
+def test_unsupported_op_is_refused_at_load_by_name(tmp_path: Path) -> None:
+    node = onnx.helper.make_node("Einsum", ["x", "x"], ["y"], equation="ij,jk->ik")
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])],
+    )
+    path = tmp_path / "einsum.onnx"
+    onnx.save(onnx.helper.make_model(graph), str(path))
+    from anomalygpt_edge.engines.base import TensorSpec
+
+    spec = [TensorSpec("x", (2, 2), "float32")]
+    with pytest.raises(EngineError, match=r"does not implement ONNX op\(s\) \['Einsum'\]"):
+        TorchCudaEngine(path, spec, [TensorSpec("y", (2, 2), "float32")], device="cpu")
+    assert "Einsum" not in SUPPORTED_OPS and {"LayerNormalization", "Softmax", "Resize"} <= SUPPORTED_OPS
+
+
+def test_torch_backend_refuses_a_graph_that_does_not_match_the_manifest(default_bundle_dir: Path) -> None:
+    ref = EngineBundle.open(default_bundle_dir).engine("encoder")
+    from anomalygpt_edge.engines.base import TensorSpec
+
+    with pytest.raises(EngineError, match="does not match its manifest entry"):
+        TorchCudaEngine(
+            ref.path, [TensorSpec("image", ("batch", 3, 224, 224), "float32")], ref.outputs, device="cpu"
+        )
+
+
+def test_gpu_backends_register_but_auto_stays_on_the_cpu_here() -> None:
+    assert {"tensorrt", "torch-cuda", "onnxruntime", "onnxruntime-cuda"} <= set(backend_names())
+    if not CUDA:
+        assert available_backends() == ["onnxruntime"]
+        reason = TorchCudaEngine.why_not()
+        assert reason and ("CPU-only" in reason or "no CUDA" in reason or "device node" in reason)
+    if torch.version.cuda is None:
+        assert torch_cuda_version() is None  # read from torch/version.py without importing torch
+
+
+@needs_cuda
+def test_cuda_graph_replay_matches_eager_and_follows_new_shapes(
+    default_bundle_dir: Path,
+) -> None:  # pragma: no cover
+    bundle = EngineBundle.open(default_bundle_dir)
+    ref = bundle.engine("encoder", "fp16", backend="onnxruntime")
+    eng = TorchCudaEngine(ref.path, ref.inputs, ref.outputs, device="cuda", cuda_graph=True)
+    x = np.random.default_rng(4).standard_normal((1, 3, 224, 224)).astype(np.float16)
+    first, again = eng.run({"pixel_values": x}), eng.run({"pixel_values": x})
+    np.testing.assert_array_equal(first["patches_0"], again["patches_0"])
+    assert _max_rel(ref.run({"pixel_values": x})["patches_0"], first["patches_0"]) < 1e-2
+    x2 = np.random.default_rng(5).standard_normal((1, 3, 224, 224)).astype(np.float16)
+    assert not np.array_equal(eng.run({"pixel_values": x2})["patches_0"], first["patches_0"])
+    assert eng.run({"pixel_values": np.concatenate([x, x2])})["patches_0"].shape[0] == 2  # batch 2: eager
+
+
+# --- INT8 calibration (numpy parts) ------------------------------------------------------------
+
+
+def test_holdout_split_is_deterministic_spread_and_disjoint() -> None:
+    paths = [Path(f"{i:03d}.png") for i in range(10)]
+    calib, held = int8.split_holdout(paths, 0.2)
+    assert held == [Path("004.png"), Path("009.png")]
+    assert not set(calib) & set(held) and len(calib) + len(held) == 10
+    assert int8.split_holdout(paths, 0.2) == (calib, held)
+    assert int8.split_holdout(paths[:2]) == ([paths[0]], [paths[1]])
+    with pytest.raises(int8.CalibrationError, match="at least 2 golden images"):
+        int8.split_holdout(paths[:1])
+
+
+def test_calibration_batches_are_full_and_cycle_real_images() -> None:
+    images = [np.full((3, 4, 4), i, np.float32) for i in range(5)]
+    batches = int8.calibration_batches(images, 2)
+    assert [b.shape for b in batches] == [(2, 3, 4, 4)] * 3
+    assert [float(b[j, 0, 0, 0]) for b in batches for j in range(2)] == [0, 1, 2, 3, 4, 0]
+    assert all(b.flags["C_CONTIGUOUS"] and b.dtype == np.float32 for b in batches)
+    assert len(int8.calibration_batches(images, 8)) == 1
+    with pytest.raises(int8.CalibrationError, match="shape"):
+        int8.calibration_batches([*images, np.zeros((3, 5, 4), np.float32)], 2)
+    with pytest.raises(int8.CalibrationError, match="at least 1"):
+        int8.calibration_batches(images, 0)
+
+
+def test_calibration_images_are_preprocessed_like_the_runtime(
+    default_bundle_dir: Path, tmp_path: Path
+) -> None:
+    from anomalygpt_edge.runtime.preprocess import preprocess
+
+    rng = np.random.default_rng(6)
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"part{i}.png"), rng.integers(0, 255, (300, 400, 3), np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths = int8.list_images(tmp_path)
+    assert [p.name for p in paths] == ["part0.png", "part1.png", "part2.png"]
+    spec = EngineBundle.open(default_bundle_dir).manifest.preprocess
+    images = int8.load_preprocessed(paths, spec)
+    assert images[0].shape == (3, 224, 224) and images[0].dtype == np.float32
+    np.testing.assert_array_equal(images[1], preprocess(cv2.imread(str(paths[1])), spec).pixel_values)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(int8.CalibrationError, match="holds no images"):
+        int8.list_images(tmp_path / "empty")
+
+
+def test_calibration_cache_is_reused_only_for_the_same_images_bundle_and_tensorrt(tmp_path: Path) -> None:
+    cache = int8.CalibrationCache(tmp_path / "encoder.int8.calib")
+    meta = {
+        "bundle_sha256": "a" * 64,
+        "images_sha256": "b" * 64,
+        "batch_size": 8,
+        "tensorrt_version": "10.3.0",
+    }
+    assert cache.load(meta) is None
+    cache.save(b"TRT-8601-EntropyCalibration2\n", meta)
+    assert cache.load(dict(meta)) == b"TRT-8601-EntropyCalibration2\n"
+    for field, value in [("images_sha256", "c" * 64), ("tensorrt_version", "10.7.0"), ("batch_size", 4)]:
+        assert cache.load({**meta, field: value}) is None, field
+    cache.meta_path.write_text("{broken")
+    assert cache.load(meta) is None
+
+
+def test_image_digest_changes_with_content_and_names(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(b"1")
+    b.write_bytes(b"2")
+    d = int8.images_digest([a, b])
+    assert d == int8.images_digest([a, b]) and d != int8.images_digest([b, a])
+    b.write_bytes(b"3")
+    assert int8.images_digest([a, b]) != d
+
+
+def test_numpy_patch_scores_match_the_exported_bank_matcher(default_bundle_dir: Path) -> None:
+    bundle = EngineBundle.open(default_bundle_dir)
+    q = bundle.engine("encoder").run(
+        {"pixel_values": np.random.default_rng(7).standard_normal((3, 3, 224, 224)).astype(np.float32)}
+    )["patches_0"]
+    want = bundle.engine("bank_matcher").run({"q_0": q[:2], "bank_0": q[2]})["patch_scores"]
+    got = int8.nearest_patch_scores(q[:2], q[2], bundle.manifest.matching["metric"])
+    assert _max_rel(want, got) < 1e-4
+
+
+def test_int8_check_passes_faithful_features_and_flags_damaged_ones() -> None:
+    rng = np.random.default_rng(8)
+    bank = rng.standard_normal((500, 16)).astype(np.float32)
+    ref = rng.standard_normal((3, 50, 16)).astype(np.float32)
+    close = ref + 1e-3 * rng.standard_normal(ref.shape).astype(np.float32)
+    good = int8.compare_int8(ref, close, bank, "l2")
+    assert good.passed() and good.feature_cosine_min > 0.999 and good.images == 3
+    bad = int8.compare_int8(ref, ref + 0.8 * rng.standard_normal(ref.shape).astype(np.float32), bank, "l2")
+    assert not bad.passed() and bad.score_rel_diff_max > 0.05
+    text = int8.format_report(bad, ["a.png", "b.png", "c.png"])
+    assert "INT8 vs FP16 on 3 held-out image(s)" in text and "c.png" in text and "keep FP16" in text
+    assert "within tolerance" in int8.format_report(good)
+    assert int8.compare_int8(ref, ref, bank, "cosine").score_abs_diff_max == 0.0
+
+
+# --- import hygiene ----------------------------------------------------------------------------
+
+
+def test_engines_and_calibration_import_without_torch_tensorrt_or_cuda(default_bundle_dir: Path) -> None:
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'onnx', 'tensorrt', 'cuda'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import numpy as np
+from anomalygpt_edge.engines import EngineBundle, tensorrt_backend, torch_cuda_backend, device_key
+from anomalygpt_edge.engines.base import available_backends, resolve_backend
+from anomalygpt_edge.calibration import int8
+import anomalygpt_edge.export.engines_cli
+b = EngineBundle.open({str(default_bundle_dir)!r})
+assert resolve_backend('auto') == 'onnxruntime', available_backends()
+b.engine('encoder').run({{'pixel_values': np.zeros((1, 3, 224, 224), np.float32)}})
+print('why', torch_cuda_backend.TorchCudaEngine.why_not(), '|', tensorrt_backend.TensorRTEngine.why_not())
+assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorrt', 'cuda', 'onnx')]
+print('ok')
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout and "TensorRT comes from JetPack" in result.stdout
