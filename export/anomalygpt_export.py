@@ -155,7 +155,8 @@ def compute_text_features(mods: AnomalyGPTModules, seed: int = 0) -> tuple[dict[
     if mods.text is not None and mods.tokenizer is not None:
         log(f"computing text features for {len(OBJECT_NAMES)} classes with the ImageBind text tower ...")
         feats = {name: class_text_features(mods.text, mods.tokenizer, name).numpy() for name in OBJECT_NAMES}
-        return {k: v.astype(np.float32) for k, v in feats.items()}, "imagebind-text-tower prompt ensemble"
+        how = "ImageBind text tower, AnomalyGPT prompt ensemble"
+        return {k: v.astype(np.float32) for k, v in feats.items()}, how
     rng = np.random.default_rng(seed)
     feats = {}
     for name in OBJECT_NAMES:

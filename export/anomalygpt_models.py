@@ -379,15 +379,15 @@ def select_class(prompt: str, classes: tuple[str, ...] = CLASS_NAMES, default: s
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable-unicode table (printable bytes map to themselves)."""
+    """CLIP's reversible byte -> printable-unicode table (printable bytes map to themselves).
+
+    Insertion order matters: the vocabulary lists the symbols in this order, printable bytes first
+    (in byte order), then the remaining bytes mapped to code points from 256 up.
+    """
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
+    table = {b: chr(b) for b in keep}
+    for extra, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + extra)
     return table
 
 
