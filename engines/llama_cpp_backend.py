@@ -77,7 +77,9 @@ class LlamaCppLLM(LLM):
         lib = _lib()
         _set_verbose(verbose)
         self._lib = lib
-        threads = n_threads or max(1, os.cpu_count() or 1)
+        # Half the cores by default: the LLM runs beside the vision pipeline, which needs the rest,
+        # and oversubscribed ggml threads spin-wait (measured 4-6x slower on a loaded 2-core box).
+        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
 
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -137,6 +139,10 @@ class LlamaCppLLM(LLM):
     @property
     def bos_id(self) -> int:
         return int(self._lib.llama_vocab_bos(self._vocab))
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._lib.llama_vocab_eos(self._vocab))
 
     def describe(self) -> str:
         """One line for logs: backend, file, size."""
@@ -351,6 +357,7 @@ class LlamaCppLLM(LLM):
         stops = [s for s in config.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
         text, emitted, n_tokens, reason = "", 0, 0, "length"
+        tokens: list[int] = []
         first_s = 0.0
         try:
             for step in range(config.max_tokens):
@@ -365,6 +372,7 @@ class LlamaCppLLM(LLM):
                     reason = "eos"
                     break
                 n_tokens += 1
+                tokens.append(tok)
                 text += decoder.decode(self._piece(tok))
                 cut = _find_stop(text, stops, max(0, emitted - hold))
                 if cut is not None:
@@ -394,6 +402,7 @@ class LlamaCppLLM(LLM):
             prompt_s=prompt_s,
             first_token_s=first_s,
             total_s=time.perf_counter() - t0,
+            tokens=tokens,
         )
 
     def close(self) -> None:

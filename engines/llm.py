@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ class Generation:
     prompt_s: float  # time spent decoding those positions
     first_token_s: float  # from the generate call to the first token being known
     total_s: float
+    tokens: list[int] = field(default_factory=list)  # generated ids, stop-string token included
 
 
 class LLM(abc.ABC):
@@ -80,6 +81,11 @@ class LLM(abc.ABC):
     @abc.abstractmethod
     def bos_id(self) -> int:
         """Id of the beginning-of-sequence token."""
+
+    @property
+    @abc.abstractmethod
+    def eos_id(self) -> int:
+        """Id of the end-of-sequence (end-of-turn) token."""
 
     @abc.abstractmethod
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
