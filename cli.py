@@ -18,6 +18,7 @@ import anomalygpt_edge
 COMMAND_MODULES = (
     "anomalygpt_edge.export.cli",
     "anomalygpt_edge.runtime.cli",
+    "anomalygpt_edge.runtime.llm_cli",
 )
 
 
