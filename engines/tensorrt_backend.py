@@ -65,7 +65,8 @@ def cuda_call(result: Any) -> Any:
         err, rest = result[0], result[1:]
     else:
         err, rest = result, ()
-    if int(err) != 0:  # cudaSuccess == 0
+    ok = err == cudart.cudaError_t.cudaSuccess if cudart is not None else int(err) == 0
+    if not ok:
         name = cudart.cudaGetErrorName(err)[1] if cudart is not None else str(err)
         name = name.decode() if isinstance(name, bytes) else str(name)
         raise EngineError(f"CUDA call failed: {name}")
@@ -153,7 +154,10 @@ class _HostDeviceBuffer:
 class PlanRunner:
     """A deserialised TensorRT engine with its context, stream, buffers and batch-1 CUDA graph."""
 
-    def __init__(self, plan: Path, cuda_graph: bool = True):
+    def __init__(self, plan: Path, cuda_graph: bool = True, batch_inputs: Sequence[str] | None = None):
+        """Deserialise ``plan``. ``batch_inputs``: inputs whose axis 0 is the batch (default: every input
+        with a dynamic axis 0 except ``bank*``); calls with batch 1 on all of them use the CUDA graph.
+        """
         trt = _tensorrt()
         self.plan = Path(plan)
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -170,6 +174,13 @@ class PlanRunner:
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self.profiles = {n: self.engine.get_tensor_profile_shape(n, 0) for n in self.input_names}
+        if batch_inputs is None:
+            batch_inputs = [
+                n
+                for n in self.input_names
+                if int(self.profiles[n][0][0]) != int(self.profiles[n][2][0]) and not n.startswith("bank")
+            ]
+        self.batch_inputs = list(batch_inputs)
         self.stream = cuda_call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
         self.buffers = {n: _HostDeviceBuffer() for n in names}
         self.use_cuda_graph = cuda_graph
@@ -183,7 +194,6 @@ class PlanRunner:
         shapes = {n: tuple(int(d) for d in feeds[n].shape) for n in self.input_names}
         for name in self.input_names:
             check_profile_shape(name, shapes[name], self.profiles[name])
-        moved = False
         if shapes != self._last_shapes:
             for name in self.input_names:
                 if not self.context.set_input_shape(name, shapes[name]):
@@ -191,9 +201,12 @@ class PlanRunner:
             self._last_shapes = shapes
         out_shapes = {n: tuple(int(d) for d in self.context.get_tensor_shape(n)) for n in self.output_names}
         all_shapes = {**shapes, **out_shapes}
+        moved = False
         for name, shape in all_shapes.items():
             nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtypes[name].itemsize
             moved |= self.buffers[name].ensure(nbytes)
+        if moved:
+            self._drop_graph()  # a captured graph holds the old addresses, freed just now
         for name in self.input_names:
             np.copyto(
                 self.buffers[name].host_view(shapes[name], self.dtypes[name]), feeds[name], casting="unsafe"
@@ -201,12 +214,10 @@ class PlanRunner:
         for name, buf in self.buffers.items():
             self.context.set_tensor_address(name, int(buf.device_ptr))
 
-        batch_one = all(
-            s[0] == 1 for n, s in shapes.items() if self.profiles[n][0][0] != self.profiles[n][2][0]
-        )
+        batch_one = all(shapes[n][0] == 1 for n in self.batch_inputs)
         signature = tuple(sorted(all_shapes.items()))
         if self.use_cuda_graph and batch_one:
-            if moved or signature != self._graph_signature:
+            if self._graph_exec is None or signature != self._graph_signature:
                 self._capture(all_shapes, signature)
             cuda_call(cudart.cudaGraphLaunch(self._graph_exec, self.stream))
         else:
@@ -222,7 +233,8 @@ class PlanRunner:
                 int(np.prod(shapes[name], dtype=np.int64)) * self.dtypes[name].itemsize,
             )
             cuda_call(cudart.cudaMemcpyAsync(buf.device_ptr, buf.host_ptr, n, h2d, self.stream))
-        if not self.context.execute_async_v3(int(self.stream)):
+        # The cudaStream_t object itself, as NVIDIA's samples pass it (it converts to the handle).
+        if not self.context.execute_async_v3(self.stream):
             raise EngineError(f"{self.plan.name}: TensorRT execution failed (see the TensorRT log above)")
         for name in self.output_names:
             buf, n = (
@@ -309,7 +321,8 @@ class TensorRTEngine(Engine):
             raise EngineRecordError(
                 f"{plan} does not match its record in engines.json (truncated or replaced)"
             )
-        self.runner = PlanRunner(plan, cuda_graph=cuda_graph)
+        batch = [s.name for s in inputs if s.shape and s.shape[0] == "batch"]
+        self.runner = PlanRunner(plan, cuda_graph=cuda_graph, batch_inputs=batch)
         want_in, want_out = {s.name for s in inputs}, {s.name for s in outputs}
         if set(self.runner.input_names) != want_in or not want_out <= set(self.runner.output_names):
             raise EngineError(

@@ -4,6 +4,9 @@ Everything here but the last section runs without TensorRT. The TensorRT-only te
 run real engines and skip with an explicit reason where ``tensorrt`` is not installed.
 """
 
+# The fake cudart below mirrors cuda-python's camelCase names.
+# ruff: noqa: N801, N802, N815
+
 from __future__ import annotations
 
 import argparse
@@ -396,3 +399,224 @@ def test_built_engines_match_onnx_runtime_and_rebuilds_are_skipped(
     np.testing.assert_array_equal(got, got2)
     with pytest.raises(EngineError, match="--max-batch"):
         trt_bundle.engine("encoder").run({"pixel_values": np.zeros((3, 3, 224, 224), np.float32)})
+
+
+# --- the TensorRT runner's buffer and CUDA-graph logic, against a fake TensorRT + cudart ---------
+#
+# The fakes keep "device" memory in host RAM and run captured work when a graph is launched, so the
+# runner's real code paths (pinned buffers, growth, capture, replay, recapture) run here.
+
+
+class _FakeCudart:
+    class cudaError_t:
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    class cudaStreamCaptureMode:
+        cudaStreamCaptureModeThreadLocal = 1
+
+    cudaStreamNonBlocking = 1
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._ctypes = ctypes
+        self.memory: dict[int, object] = {}
+        self.allocations = self.frees = self.captures = self.launches = 0
+        self.capturing: list | None = None
+
+    def _alloc(self, size: int) -> tuple[int, int]:
+        buf = self._ctypes.create_string_buffer(size)
+        addr = self._ctypes.addressof(buf)
+        self.memory[addr] = buf
+        self.allocations += 1
+        return 0, addr
+
+    cudaMallocHost = cudaMalloc = _alloc
+
+    def _free(self, ptr: int) -> tuple[int]:
+        self.memory.pop(ptr)
+        self.frees += 1
+        return (0,)
+
+    cudaFreeHost = cudaFree = _free
+
+    def submit(self, op) -> None:
+        if self.capturing is not None:
+            self.capturing.append(op)
+        else:
+            op()
+
+    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: int, stream) -> tuple[int]:
+        self.submit(lambda: self._ctypes.memmove(dst, src, n))
+        return (0,)
+
+    def cudaStreamCreateWithFlags(self, flags: int) -> tuple[int, str]:
+        return 0, "stream"
+
+    def cudaStreamSynchronize(self, stream) -> tuple[int]:
+        return (0,)
+
+    def cudaStreamBeginCapture(self, stream, mode) -> tuple[int]:
+        self.capturing = []
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream) -> tuple[int, list]:
+        ops, self.capturing = self.capturing, None
+        self.captures += 1
+        return 0, ops
+
+    def cudaGraphInstantiate(self, graph: list, flags: int) -> tuple[int, list]:
+        return 0, list(graph)
+
+    def cudaGraphLaunch(self, graph: list, stream) -> tuple[int]:
+        self.launches += 1
+        for op in graph:
+            op()
+        return (0,)
+
+    def cudaGraphExecDestroy(self, g) -> tuple[int]:
+        return (0,)
+
+    cudaGraphDestroy = cudaStreamDestroy = cudaGraphExecDestroy
+
+
+def _fake_tensorrt(cudart: _FakeCudart):
+    """A TensorRT stand-in whose engine computes y = 2 * x (fp16, x: (batch, 64), batch 1..8)."""
+    import ctypes
+    import types
+
+    def view(addr: int, shape: tuple) -> np.ndarray:
+        n = int(np.prod(shape)) * 2
+        return (
+            np.frombuffer((ctypes.c_uint8 * n).from_address(addr), np.uint8).view(np.float16).reshape(shape)
+        )
+
+    class Context:
+        def __init__(self) -> None:
+            self.shape: tuple = ()
+            self.addr: dict[str, int] = {}
+            self.executions = 0
+
+        def set_input_shape(self, name: str, shape: tuple) -> bool:
+            self.shape = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            return self.shape
+
+        def set_tensor_address(self, name: str, addr: int) -> None:
+            self.addr[name] = addr
+
+        def execute_async_v3(self, stream) -> bool:
+            x_addr, y_addr, shape = self.addr["x"], self.addr["y"], self.shape
+            self.executions += 1
+
+            def compute() -> None:
+                view(y_addr, shape)[...] = view(x_addr, shape) * 2
+
+            cudart.submit(compute)
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i: int) -> str:
+            return "xy"[i]
+
+        def get_tensor_mode(self, name: str) -> str:
+            return "in" if name == "x" else "out"
+
+        def get_tensor_dtype(self, name: str) -> type:
+            return np.float16
+
+        def get_tensor_profile_shape(self, name: str, profile: int) -> list:
+            return [(1, 64), (1, 64), (8, 64)]
+
+        def create_execution_context(self) -> Context:
+            self.context = Context()
+            return self.context
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes):
+            return Engine() if data == b"fake plan" else None
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            self.level = level
+
+    return types.SimpleNamespace(
+        Logger=Logger,
+        Runtime=Runtime,
+        TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
+        nptype=lambda dtype: dtype,
+        __version__="10.3.0",
+    )
+
+
+@pytest.fixture()
+def fake_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    cudart = _FakeCudart()
+    fake = _fake_tensorrt(cudart)
+    monkeypatch.setattr(trt_backend, "cudart", cudart)
+    monkeypatch.setattr(trt_backend, "_tensorrt", lambda: fake)
+    plan = tmp_path / "y.fp16.plan"
+    plan.write_bytes(b"fake plan")
+    runner = trt_backend.PlanRunner(plan, cuda_graph=True)
+    yield runner, cudart
+    runner.close()
+
+
+def test_batch_one_calls_are_captured_once_and_replayed_with_new_inputs(fake_runner) -> None:
+    runner, cudart = fake_runner
+    for value in (1.0, 3.0, -2.5):
+        x = np.full((1, 64), value, np.float32)  # FP32 in: cast into the FP16 pinned buffer
+        y = runner.run({"x": x})["y"]
+        np.testing.assert_array_equal(y, np.full((1, 64), 2 * value, np.float16))
+    assert cudart.captures == 1 and cudart.launches == 3
+    # One uncaptured flush run before capture, one run recorded into the graph; replays reuse it.
+    assert runner.engine.context.executions == 2
+
+
+def test_larger_batches_run_eagerly_and_grow_buffers_that_are_then_reused(fake_runner) -> None:
+    runner, cudart = fake_runner
+    runner.run({"x": np.ones((1, 64), np.float16)})
+    allocated = cudart.allocations
+    y = runner.run({"x": np.arange(512, dtype=np.float16).reshape(8, 64)})["y"]
+    np.testing.assert_array_equal(y, 2 * np.arange(512, dtype=np.float16).reshape(8, 64))
+    assert cudart.allocations > allocated and cudart.frees > 0  # grown: old buffers freed
+    grown = cudart.allocations
+    runner.run({"x": np.ones((4, 64), np.float16)})  # smaller than the capacity: no allocation
+    assert cudart.allocations == grown and cudart.captures == 1
+    # The batch-1 graph held the freed addresses: it is captured again, and computes correctly.
+    y1 = runner.run({"x": np.full((1, 64), 5, np.float16)})["y"]
+    assert cudart.captures == 2
+    np.testing.assert_array_equal(y1, np.full((1, 64), 10, np.float16))
+
+
+def test_shapes_outside_the_profile_are_refused_before_anything_runs(fake_runner) -> None:
+    runner, cudart = fake_runner
+    with pytest.raises(EngineError, match="outside the engine's profile"):
+        runner.run({"x": np.ones((9, 64), np.float16)})
+    assert cudart.allocations == 0 and runner.engine.context.executions == 0
+
+
+def test_a_plan_tensorrt_cannot_deserialise_names_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cudart = _FakeCudart()
+    fake = _fake_tensorrt(cudart)
+    monkeypatch.setattr(trt_backend, "cudart", cudart)
+    monkeypatch.setattr(trt_backend, "_tensorrt", lambda: fake)
+    plan = tmp_path / "other.plan"
+    plan.write_bytes(b"from another TensorRT")
+    with pytest.raises(EngineError, match="could not deserialise.*export engines"):
+        trt_backend.PlanRunner(plan)
