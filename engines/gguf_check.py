@@ -203,10 +203,14 @@ def _check(r: _Reader, path: Path, size: int) -> GGUFInfo:
     n_kv = int(r.unpack("Q", "metadata count"))
     # The smallest tensor info is 8+1 (name) + 4 (rank) + 8 (dim) + 4 (type) + 8 (offset) bytes and
     # the smallest KV 8+1 + 4 + 1: a count that cannot fit in the file is a lie, whatever the limit.
-    if n_tensors > MAX_TENSORS or n_tensors * 33 > size:
-        raise GGUFError(f"{path}: absurd tensor count {n_tensors} for a {size}-byte file")
-    if n_kv > MAX_KV or n_kv * 14 > size:
-        raise GGUFError(f"{path}: absurd metadata count {n_kv} for a {size}-byte file")
+    if n_tensors > MAX_TENSORS:
+        raise GGUFError(f"{path}: absurd tensor count {n_tensors} (limit {MAX_TENSORS})")
+    if n_tensors * 33 > size:
+        raise GGUFError(f"{path}: truncated or corrupt: {n_tensors} tensors cannot fit in {size} bytes")
+    if n_kv > MAX_KV:
+        raise GGUFError(f"{path}: absurd metadata count {n_kv} (limit {MAX_KV})")
+    if n_kv * 14 > size:
+        raise GGUFError(f"{path}: truncated or corrupt: {n_kv} metadata entries cannot fit in {size} bytes")
 
     info = GGUFInfo(path=path, version=version, file_size=size, data_offset=0, alignment=DEFAULT_ALIGNMENT)
     for i in range(n_kv):

@@ -355,3 +355,16 @@ def test_lora_delta_with_missing_and_foreign_keys_is_refused(tmp_path: Path, tin
 def test_export_refuses_to_overwrite_without_flag(tiny: dict) -> None:
     with pytest.raises(LLMExportError, match="--overwrite"):
         export_llm(tiny["root"] / "base", tiny["out"], None, quants=(), name="tiny")
+
+
+def test_tiny_model_embedding_rows_reproduce_token_logits(tiny: dict) -> None:
+    ids = [1] + list(range(300, 340))
+    with create_llm(tiny["out"] / "tiny.f16.gguf", n_ctx=256) as llm:
+        llm.feed([ids[:3], ids[3:22], ids[22:]])
+        by_ids = llm.last_logits()
+        llm.reset()
+        llm.feed([ids[:3], llm.token_embeddings(ids[3:22]), ids[22:]])
+        by_embd = llm.last_logits()
+    # f16 rows widened to f32 are exactly what ggml's get_rows produces: observed identical.
+    assert np.abs(by_ids - by_embd).max() <= 1e-3
+    assert by_ids.argmax() == by_embd.argmax()
