@@ -285,3 +285,34 @@ print('ok')
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout and "TensorRT comes from JetPack" in result.stdout
+
+
+def test_gpu_bench_script_runs_end_to_end_on_the_cpu_with_tiny_weights(
+    tiny_anomalygpt_bundle: Path, tmp_path: Path
+) -> None:
+    from anomalygpt_edge.export import gpu_bench
+
+    out = tmp_path / "bench.json"
+    argv = [
+        "--size",
+        "tiny",
+        "--device",
+        "cpu",
+        "--bundle",
+        str(tiny_anomalygpt_bundle),
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--batch",
+        "2",
+        "--out",
+        str(out),
+    ]
+    # The fixture bundle was exported with seed 0, like the script's own modules: same weights.
+    assert gpu_bench.main(argv) == 0
+    report = __import__("json").loads(out.read_text())
+    parity = report["results"]["torch-cuda fp32"]["parity"]
+    assert set(parity) == {"tap_last", "anomaly_map", "prompt_embeds", "img_llm"}
+    assert all(v["max_rel"] < 1e-4 for v in parity.values())
+    assert report["results"]["eager fp32"]["batch1"]["n"] == 2 and "gpu_bench" in report["command"]
