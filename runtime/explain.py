@@ -99,7 +99,10 @@ _ALL_WORDS = sorted({w for row in LOCATION_WORDS for w in row}, key=len, reverse
 _LOCATION_RE = re.compile(r"\b(" + "|".join(re.escape(w) for w in _ALL_WORDS) + r")\b", re.IGNORECASE)
 _ANOMALY = r"(anomal\w*|defect\w*|flaw\w*|damage\w*|crack\w*|scratch\w*|fault\w*|irregular\w*)"
 _NEGATED = re.compile(
-    r"\b(no|not|never|none|without|zero|free of|n't|absence of|lack of)\b[\w\s,'-]{0,40}?\b" + _ANOMALY,
+    # "not only defective but also ..." affirms: "not" followed by only/just/merely is no negation.
+    r"(?:\b(?:no|not(?!\s+(?:only|just|merely)\b)|never|none|without|zero|free of|absence of|lack of)\b"
+    r"|n't\b)"
+    r"[\w\s,'-]{0,40}?\b" + _ANOMALY,
     re.IGNORECASE,
 )
 _GOOD = re.compile(

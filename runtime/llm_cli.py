@@ -60,7 +60,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _generation_args(a)
     a.set_defaults(handler="anomalygpt_edge.runtime.llm_cli:run_ask")
 
-    b = _bench_targets(sub).add_parser(
+    add_bench_target(_bench_targets(sub))
+
+
+def add_bench_target(targets: argparse._SubParsersAction) -> None:
+    """Register ``bench llm`` (idempotent: the runtime CLI may also call this from its target list)."""
+    if "llm" in targets.choices:
+        return
+    b = targets.add_parser(
         "llm", help="LLM tokens/s and time to first token: embedding-fed runner vs plain llama_cpp.Llama"
     )
     b.add_argument("--json", type=Path, required=True, dest="json_out", help="write the figures here")
@@ -71,6 +78,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--threads", type=int, help="CPU threads for both paths (default: half the cores)")
     b.set_defaults(handler="anomalygpt_edge.runtime.llm_cli:run_bench")
+
+
+def _default_store() -> Path:
+    # The recipe store's default belongs to the runtime CLI; follow it when it defines one.
+    try:
+        from anomalygpt_edge.runtime.cli import DEFAULT_STORE
+
+        return Path(DEFAULT_STORE)
+    except ImportError:
+        return Path("data/recipes")
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:

@@ -217,6 +217,9 @@ def test_findings_prompt_carries_verdict_score_threshold_locations_and_area() ->
     [
         ("Yes, there is an anomaly at the top left of the image.", ng_verdict("top left"), None),
         ("No, there is no anomaly in the image.", ng_verdict("top left"), "denies_anomaly"),
+        ("The image is not an anomaly.", ng_verdict("top left"), "denies_anomaly"),
+        ("There isn't any defect at the top left.", ng_verdict("top left"), "denies_anomaly"),
+        ("It is not only defective but has an anomaly at the top left.", ng_verdict("top left"), None),
         ("The part looks fine.", ng_verdict("top left"), "denies_anomaly"),
         ("There is a scratch on the tile.", ng_verdict("top left"), "missing_location"),
         ("There is a crack at the bottom right.", ng_verdict("top left"), "missing_location"),
