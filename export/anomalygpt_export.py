@@ -138,9 +138,9 @@ def build_modules(
     else:
         random_parts.append("llama_proj")
     if random_parts and not random_weights:
-        raise ckpt.CheckpointError(
-            f"no checkpoint for {', '.join(random_parts)} (pass --random-weights to allow)"
-        )
+        flags = {"vision": "--imagebind", "decoder": "--anomalygpt", "llama_proj": "--pandagpt-delta"}
+        need = ", ".join(f"{part} ({flags[part]})" for part in random_parts if part in flags)
+        raise ckpt.CheckpointError(f"no checkpoint for {need}; pass it, or --random-weights to test without")
     return AnomalyGPTModules(
         cfg, vision, llama_proj, decoder, prompt_learner, text, tokenizer, records, random_parts
     )
@@ -186,9 +186,13 @@ def export_anomalygpt(args: argparse.Namespace, writer: BundleWriter) -> EngineB
             "export vision --source anomalygpt: computing the decoder's text features needs CLIP's BPE "
             "vocabulary (bpe_simple_vocab_16e6.txt.gz, shipped with ImageBind): pass --bpe-vocab"
         )
-    mods = build_modules(
-        cfg, args.imagebind, args.anomalygpt, args.pandagpt_delta, bpe_vocab, args.random_weights, seed
-    )
+    try:
+        mods = build_modules(
+            cfg, args.imagebind, args.anomalygpt, args.pandagpt_delta, bpe_vocab, args.random_weights, seed
+        )
+    except ckpt.CheckpointError as exc:
+        # A user-facing file problem: the message names the file and keys; a traceback adds nothing.
+        raise SystemExit(f"export vision --source anomalygpt: {exc}") from exc
     if mods.random_parts:
         log(f"RANDOM weights for: {', '.join(mods.random_parts)} (testing only)")
     bundle = write_bundle(mods, writer, fp16=fp16, seed=seed, preset=preset)

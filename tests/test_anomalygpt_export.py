@@ -438,11 +438,39 @@ def test_safetensors_checkpoint_loads_like_the_torch_file(ref: Reference, tmp_pa
     assert torch.equal(decoder.fc[3].weight, ref.decoder.fc[3].weight)
 
 
-def test_missing_checkpoint_needs_random_weights_flag() -> None:
-    with pytest.raises(
-        ckpt.CheckpointError, match="no checkpoint for vision, decoder, prompt_learner, llama_proj"
-    ):
+def test_missing_checkpoint_names_the_flag_unless_random_weights_are_asked_for(
+    files: dict[str, Path],
+) -> None:
+    with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint for llama_proj \(--pandagpt-delta\)"):
+        build_modules(TINY, files["imagebind"], files["anomalygpt"])
+    with pytest.raises(ckpt.CheckpointError, match=r"vision \(--imagebind\), decoder \(--anomalygpt\)"):
         build_modules(TINY)
+
+
+def test_export_cli_accepts_the_anomalygpt_flags() -> None:
+    from anomalygpt_edge.export import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["export", "vision", "--source", "anomalygpt", "--out", "b", "--imagebind", "i.pth"]
+    argv += [
+        "--anomalygpt",
+        "a.pt",
+        "--pandagpt-delta",
+        "d.pt",
+        "--bpe-vocab",
+        "v.gz",
+        "--anomalygpt-size",
+        "tiny",
+    ]
+    args = parser.parse_args(argv)
+    assert (args.source, args.anomalygpt_size, args.bpe_vocab, args.seed) == (
+        "anomalygpt",
+        "tiny",
+        Path("v.gz"),
+        0,
+    )
+    assert args.pandagpt_delta == Path("d.pt") and not args.random_weights
 
 
 def test_random_weight_text_features_are_labelled_random_and_unit_norm() -> None:
