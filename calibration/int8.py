@@ -6,15 +6,19 @@
 * calibration images are preprocessed exactly as the runtime does (the manifest's recipe) and
   stacked into fixed-size calibration batches (TensorRT's calibrator takes full batches only, so
   the last one is filled up by cycling from the first image);
-* TensorRT's entropy calibrator (``IInt8EntropyCalibrator2``, TensorRT 10.x) reads those batches;
-  its calibration cache is written beside the bundle and reused while the bundle, the image set,
-  the batch size and the TensorRT version are unchanged, so a rebuild at boot skips calibration;
+* either TensorRT's entropy calibrator (``IInt8EntropyCalibrator2``, TensorRT 10.x) reads those
+  batches (:func:`make_entropy_calibrator`), or ONNX Runtime's quantizer runs entropy calibration
+  on them and inserts Q/DQ nodes into the ONNX (:func:`quantize_qdq`), which strongly typed
+  builds (TensorRT 11's only kind) read INT8 from. Either way the calibration cache is written
+  beside the bundle and reused while the bundle, the image set, the batch size and the TensorRT
+  version are unchanged, so a rebuild at boot skips calibration;
 * the held-out images are encoded with the FP16 and the INT8 engine and scored against a bank
   built from the calibration images: :func:`compare_int8` reports how far INT8 moves the patch
   features and the image scores, and the command prints it.
 
-Everything except :func:`make_entropy_calibrator` is numpy and runs in CI. No torch here; OpenCV
-(for preprocessing) is imported only by :func:`load_preprocessed`.
+Everything except :func:`make_entropy_calibrator` runs in CI (:func:`quantize_qdq` with ONNX
+Runtime on the CPU). No torch here; OpenCV (preprocessing) and ONNX Runtime's quantizer are
+imported only by the functions that use them.
 """
 
 from __future__ import annotations
@@ -193,6 +197,73 @@ def make_entropy_calibrator(
     return _EntropyCalibrator()
 
 
+def quantize_qdq(
+    src: Path,
+    dst: Path,
+    batches: Sequence[np.ndarray],
+    input_name: str,
+    cache: CalibrationCache,
+    meta: dict[str, Any],
+    external_data: bool = False,
+) -> bool:
+    """Write ``dst``: ``src`` with INT8 Q/DQ nodes from entropy calibration on ``batches``.
+
+    Explicit quantization is how INT8 reaches a strongly typed TensorRT build (the only kind
+    TensorRT 11 makes). ONNX Runtime's static quantizer does the entropy calibration on the CPU
+    (or CUDA with onnxruntime-gpu), symmetric INT8 for weights (per channel) and activations, as
+    TensorRT requires. Where the installed ONNX Runtime supports it, the computed tensor ranges
+    are kept in ``cache`` and reused while ``meta`` matches; returns True when they were reused.
+    """
+    import inspect
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._it, None)
+            return None if batch is None else {input_name: batch}
+
+    params = inspect.signature(quantize_static).parameters
+    kwargs: dict[str, Any] = {}
+    reused = False
+    if "calibration_cache_path" in params:
+        reused = cache.load(meta) is not None
+        if not reused:  # stale ranges (other images, bundle or settings): compute afresh
+            cache.path.unlink(missing_ok=True)
+            cache.meta_path.unlink(missing_ok=True)
+        kwargs["calibration_cache_path"] = str(cache.path)
+    if "calibration_providers" in params and "CUDAExecutionProvider" in ort.get_available_providers():
+        kwargs["calibration_providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    # ImageBind-H in FP32 is 2.5 GB, past protobuf's 2 GB limit: external data for the output too.
+    external = external_data or Path(src).stat().st_size > 1_900_000_000
+    quantize_static(
+        str(src),
+        str(dst),
+        _Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        use_external_data_format=external,
+        **kwargs,
+    )
+    if "calibration_cache_path" in params and not reused and cache.path.is_file():
+        cache.save(cache.path.read_bytes(), meta)
+    return reused
+
+
 # --- accuracy check --------------------------------------------------------------------------
 
 
@@ -271,15 +342,15 @@ def compare_int8(ref: np.ndarray, cand: np.ndarray, bank: np.ndarray, metric: st
     )
 
 
-def format_report(report: AccuracyReport, names: Sequence[str] | None = None) -> str:
-    """The accuracy table printed at the end of an INT8 build."""
+def format_report(report: AccuracyReport, names: Sequence[str] | None = None, reference: str = "FP16") -> str:
+    """The accuracy table printed at the end of an INT8 build (``reference``: what INT8 is compared to)."""
     names = list(names) if names is not None else [f"image {i}" for i in range(report.images)]
     width = max(len(n) for n in [*names, "held-out image"])
     lines = [
-        f"INT8 vs FP16 on {report.images} held-out image(s):",
+        f"INT8 vs {reference} on {report.images} held-out image(s):",
         f"  patch features: cosine mean {report.feature_cosine_mean:.4f} "
         f"min {report.feature_cosine_min:.4f}, relative L2 error {report.feature_rel_error:.4f}",
-        f"  {'held-out image'.ljust(width)}  score fp16  score int8  diff",
+        f"  {'held-out image'.ljust(width)}  score {reference.lower():>5}  score int8  diff",
     ]
     for n, a, b in zip(names, report.score_fp16, report.score_int8, strict=True):
         lines.append(f"  {n.ljust(width)}  {a:10.4f}  {b:10.4f}  {b - a:+.4f}")
@@ -291,7 +362,7 @@ def format_report(report: AccuracyReport, names: Sequence[str] | None = None) ->
     lines.append(
         "  verdict: INT8 is within tolerance"
         if report.passed()
-        else "  verdict: INT8 moves scores by more than 5% or decorrelates maps: keep FP16 "
+        else f"  verdict: INT8 moves scores by more than 5% or decorrelates maps: keep {reference} "
         "(re-run with --precision fp16) or re-enroll and re-fit thresholds on INT8"
     )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from pathlib import Path
 from anomalygpt_edge.export.tensorrt_build import (
     DEFAULT_BUNDLE,
     DEFAULT_MAX_SHOTS,
+    INT8_METHODS,
     PRECISIONS,
 )
 
@@ -53,6 +54,12 @@ def add_export_target(targets: argparse._SubParsersAction) -> None:
         type=_positive_int,
         default=DEFAULT_MAX_SHOTS,
         help=f"golden images a memory bank may hold; sets the bank profile (default {DEFAULT_MAX_SHOTS})",
+    )
+    e.add_argument(
+        "--int8-method",
+        choices=INT8_METHODS,
+        default="auto",
+        help="calibrator (TensorRT 10) or qdq (Q/DQ nodes; TensorRT 10 and 11); auto: by TensorRT version",
     )
     e.add_argument("--force", action="store_true", help="rebuild even when an engine is up to date")
     e.set_defaults(handler="anomalygpt_edge.export.tensorrt_build:run")

@@ -9,10 +9,12 @@ changed.
 * **Precision** comes from the graph (strongly typed networks): the FP16 ONNX variants carry FP16
   weights and activations with FP32 kept for the ops in ``export.onnx_tools.FP32_OPS``. TensorRT 11
   builds strongly typed only; on 10.x the ``STRONGLY_TYPED`` creation flag is passed.
-* **INT8** (``--precision int8``, TensorRT 10.x): the encoder is built weakly typed from its FP32
-  graph with the INT8+FP16 flags and an entropy calibrator fed by golden images (see
-  ``calibration/int8.py``); other graphs stay FP16. TensorRT 11 removed calibrators, so there the
-  command refuses INT8 (Q/DQ insertion in the ONNX is the way, not built yet).
+* **INT8** (``--precision int8 --calib-images DIR``): only the encoder; other graphs stay FP16.
+  Two ways, both entropy calibration on golden images (``calibration/int8.py``), chosen by
+  ``--int8-method``: ``calibrator`` (TensorRT 10.x: weakly typed build of the FP32 graph with the
+  INT8+FP16 flags and ``IInt8EntropyCalibrator2``) or ``qdq`` (Q/DQ nodes inserted into the ONNX
+  by ONNX Runtime's quantizer, then a build that reads INT8 from the graph: the only way on
+  TensorRT 11, which has no calibrators). ``auto`` picks the calibrator on 10.x, Q/DQ on 11.
 * **Profiles**: one optimisation profile per graph; ``batch`` axes span 1..``--max-batch`` with
   batch 1 as the optimum (one part at a time on a line), the bank matcher's ``bank`` axes span 1 to
   ``--max-shots`` golden images worth of patches.
@@ -25,6 +27,7 @@ No torch is imported here: the target device may only have the runtime installed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -46,6 +49,9 @@ from anomalygpt_edge.engines.manifest import GraphEntry, Manifest
 BATCH_AXIS = "batch"
 BANK_AXIS = "bank"
 PRECISIONS = ("fp16", "int8")
+INT8_METHODS = ("auto", "calibrator", "qdq")
+#: The encoder with INT8 Q/DQ nodes, written beside the bundle's graphs by ``--int8-method qdq``.
+QDQ_ENCODER = "encoder.int8.qdq.onnx"
 DEFAULT_BUNDLE = Path(os.environ.get("ANOMALYGPT_EDGE_BUNDLE", "/var/lib/anomalygpt-edge/bundle"))
 #: Golden images a bank is built from at most / typically (the bank's profile max / opt).
 DEFAULT_MAX_SHOTS = 32
@@ -213,24 +219,29 @@ def build_plan(
     profiles: Mapping[str, ProfileShape],
     timing_cache: Path,
     workspace_gb: float = 1.0,
+    weak_int8: bool = False,
     calibrator: Any = None,
     calibration_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> float:
     """Build one engine with TensorRT and write it atomically; returns the build time in seconds.
 
-    ``calibrator`` set: weakly typed INT8+FP16 build (TensorRT 10.x only). Otherwise strongly
-    typed: precision is what the ONNX graph declares.
+    Default: strongly typed, precision is what the ONNX graph declares (FP16 variant, or a Q/DQ
+    graph on TensorRT 11). ``weak_int8`` (TensorRT 10.x only): weakly typed with the INT8 and FP16
+    flags, for a Q/DQ graph whose other layers should run FP16, or with ``calibrator`` for
+    implicit (calibrated) INT8.
     """
     import tensorrt as trt
 
     major = int(trt.__version__.split(".")[0])
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    if calibrator is not None:
+    if calibrator is not None and not weak_int8:
+        raise BuildError("an INT8 calibrator needs a weakly typed INT8 build (weak_int8=True)")
+    if weak_int8:
         if major >= 11:
             raise BuildError(
-                f"TensorRT {trt.__version__} has no INT8 calibrators (strongly typed builds only); "
-                "use --precision fp16, or a graph with Q/DQ nodes"
+                f"TensorRT {trt.__version__} builds strongly typed networks only (no INT8 flag, no "
+                "calibrators); use --int8-method qdq"
             )
         flags = 0
     else:
@@ -254,9 +265,10 @@ def build_plan(
     monitor = _progress_monitor(trt)
     if monitor is not None:
         config.progress_monitor = monitor
-    if calibrator is not None:
+    if weak_int8:
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to FP16, not FP32
+    if calibrator is not None:
         config.int8_calibrator = calibrator
         # With dynamic shapes the calibrator runs at the calibration profile's shapes: one fixed
         # shape equal to the calibration batch.
@@ -314,6 +326,20 @@ def _source_onnx(entry: GraphEntry, precision: str) -> tuple[str, str]:
     return entry.file, "fp32"
 
 
+def int8_method(requested: str, tensorrt_version: str) -> str:
+    """Resolve ``--int8-method``: ``auto`` is the calibrator on TensorRT 10, Q/DQ on 11 (no calibrators)."""
+    major = int(tensorrt_version.split(".")[0])
+    if requested == "auto":
+        return "calibrator" if major < 11 else "qdq"
+    if requested == "calibrator" and major >= 11:
+        raise BuildError(
+            f"--int8-method calibrator: TensorRT {tensorrt_version} has no calibrators; use qdq (or auto)"
+        )
+    if requested not in INT8_METHODS:
+        raise BuildError(f"--int8-method must be one of {INT8_METHODS}")
+    return requested
+
+
 def _int8_encoder(
     args: argparse.Namespace, bundle: Any, key: DeviceKey, profiles: Mapping[str, ProfileShape], cache: Path
 ) -> tuple[Path, float, dict[str, Any], Any]:
@@ -335,18 +361,42 @@ def _int8_encoder(
         "batch_size": batch,
         "tensorrt_version": key.tensorrt_version,
     }
-    ccache = int8.CalibrationCache(bundle.path / "encoder.int8.calib")
-    log(
-        "INT8: calibration cache "
-        + ("reused" if ccache.load(meta) else "will be computed (entropy calibration)")
-    )
-    calibrator = int8.make_entropy_calibrator(batches, input_name, ccache, meta)
+    method = int8_method(getattr(args, "int8_method", "auto"), key.tensorrt_version)
+    meta["method"] = method
     plan = bundle.path / plan_name("encoder", "int8")
-    shape = (batch, *(int(v) for v in entry.inputs[0].shape[1:]))
-    seconds = build_plan(
-        bundle.path / entry.file, plan, profiles, cache, args.workspace_gb, calibrator, {input_name: shape}
-    )
-    extras = {"calibration": {"images": len(calib_paths), "held_out": len(held_paths), **meta}}
+    if method == "calibrator":
+        ccache = int8.CalibrationCache(bundle.path / "encoder.int8.calib")
+        log("INT8: calibration cache " + ("reused" if ccache.load(meta) else "will be computed (entropy)"))
+        calibrator = int8.make_entropy_calibrator(batches, input_name, ccache, meta)
+        shape = (batch, *(int(v) for v in entry.inputs[0].shape[1:]))
+        seconds = build_plan(
+            bundle.path / entry.file,
+            plan,
+            profiles,
+            cache,
+            args.workspace_gb,
+            True,
+            calibrator,
+            {input_name: shape},
+        )
+        source = entry.file
+    else:
+        qdq = bundle.path / QDQ_ENCODER
+        ccache = int8.CalibrationCache(bundle.path / "encoder.int8.ranges.json")
+        log("INT8: inserting Q/DQ nodes (entropy calibration with ONNX Runtime) ...")
+        with contextlib.redirect_stdout(sys.stderr):  # the quantizer prints progress to stdout
+            reused = int8.quantize_qdq(
+                bundle.path / entry.file, qdq, batches, input_name, ccache, meta, bool(entry.external_data)
+            )
+        log(f"INT8: wrote {qdq.name} (calibration ranges {'reused' if reused else 'computed'})")
+        # TensorRT 10: weakly typed so layers outside Q/DQ pairs run FP16; 11: strongly typed only.
+        weak = int(key.tensorrt_version.split(".")[0]) < 11
+        seconds = build_plan(qdq, plan, profiles, cache, args.workspace_gb, weak)
+        source = qdq.name
+    extras = {
+        "source_onnx": source,
+        "calibration": {"images": len(calib_paths), "held_out": len(held_paths), **meta},
+    }
     return plan, seconds, extras, (calib_images, held_paths)
 
 
@@ -394,11 +444,11 @@ def run(args: argparse.Namespace) -> int:
     bundle = EngineBundle.open(args.bundle)  # every graph's sha256 checked before building on it
     key = current_key(bundle.sha256)
     log(f"device: {key.describe()}; bundle {bundle.path}")
-    if args.precision == "int8" and int(trt.__version__.split(".")[0]) >= 11:
-        raise SystemExit(
-            f"--precision int8: TensorRT {trt.__version__} builds strongly typed networks only and has no "
-            "calibrators; INT8 needs Q/DQ nodes in the ONNX (not produced by this exporter yet). Use fp16."
-        )
+    if args.precision == "int8":
+        try:
+            log(f"INT8 method: {int8_method(getattr(args, 'int8_method', 'auto'), trt.__version__)}")
+        except BuildError as exc:
+            raise SystemExit(str(exc)) from None
     cache = bundle.path / timing_cache_name(key)
     log(f"timing cache: {cache} ({'reused' if cache.is_file() else 'new'})")
     records = read_engine_records(bundle.path)

@@ -372,6 +372,101 @@ def test_tensorrt_backend_is_registered_and_explains_why_it_is_unusable_here() -
         resolve_backend("tensorrt")
 
 
+# --- INT8 through Q/DQ nodes (what strongly typed builds read INT8 from) -----------------------
+
+
+def _golden_images(folder: Path, n: int = 6) -> list[Path]:
+    """Textured "parts" with small variation, as a line's golden images look to the encoder."""
+    import cv2
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:240, 0:320]
+    for i in range(n):
+        img = np.stack([127 + 60 * np.sin(xx / 17 + c + 0.1 * i) * np.cos(yy / 23) for c in range(3)], -1)
+        cv2.imwrite(
+            str(folder / f"{i:02d}.png"), np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+        )
+    return sorted(folder.iterdir())
+
+
+def test_qdq_int8_encoder_is_symmetric_and_scores_like_fp32(default_bundle_dir: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+    from anomalygpt_edge.calibration import int8
+    from onnx import numpy_helper
+
+    bundle = EngineBundle.open(default_bundle_dir)
+    calib, held = int8.split_holdout(_golden_images(tmp_path / "golden"))
+    images = int8.load_preprocessed(calib, bundle.manifest.preprocess)
+    batches = int8.calibration_batches(images, 2)
+    cache = int8.CalibrationCache(tmp_path / "encoder.int8.ranges.json")
+    meta = {"images_sha256": int8.images_digest(calib), "batch_size": 2, "method": "qdq"}
+    qdq = tmp_path / "encoder.int8.qdq.onnx"
+    src = default_bundle_dir / bundle.graph("encoder").file
+    assert int8.quantize_qdq(src, qdq, batches, "pixel_values", cache, meta) is False
+
+    model = onnx.load(str(qdq))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    quant = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quant) > 20 and sum(n.op_type == "Conv" for n in model.graph.node) == 33
+    for node in quant:  # TensorRT takes symmetric INT8 only: zero points 0, int8
+        zp = inits[node.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+
+    fp32 = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    int8_sess = ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"])
+    held_images = int8.load_preprocessed(held, bundle.manifest.preprocess)
+
+    def encode(sess, xs) -> np.ndarray:
+        return np.stack([sess.run(None, {"pixel_values": x[None]})[0][0] for x in xs])
+
+    bank = encode(fp32, images).reshape(-1, 152)
+    report = int8.compare_int8(encode(fp32, held_images), encode(int8_sess, held_images), bank, "l2")
+    assert report.feature_cosine_mean > 0.99 and report.score_rel_diff_max < 0.05
+    assert "INT8 vs FP32 on 1 held-out image(s)" in int8.format_report(report, [held[0].name], "FP32")
+
+
+def test_qdq_calibration_ranges_are_reused_until_the_images_change(
+    default_bundle_dir: Path, tmp_path: Path
+) -> None:
+    import inspect
+
+    from anomalygpt_edge.calibration import int8
+    from onnxruntime.quantization import quantize_static
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        pytest.skip("this onnxruntime has no calibration cache (added in a later release)")
+    bundle = EngineBundle.open(default_bundle_dir)
+    images = int8.load_preprocessed(_golden_images(tmp_path / "golden", 3), bundle.manifest.preprocess)
+    batches = int8.calibration_batches(images, 3)
+    cache = int8.CalibrationCache(tmp_path / "ranges.json")
+    src, dst = default_bundle_dir / "encoder.onnx", tmp_path / "q.onnx"
+    meta = {"images_sha256": "one", "batch_size": 3}
+    assert int8.quantize_qdq(src, dst, batches, "pixel_values", cache, meta) is False
+    assert cache.path.is_file() and cache.meta_path.is_file()
+    assert int8.quantize_qdq(src, dst, batches, "pixel_values", cache, meta) is True
+    assert (
+        int8.quantize_qdq(src, dst, batches, "pixel_values", cache, {**meta, "images_sha256": "two"}) is False
+    )
+
+
+@pytest.mark.parametrize(
+    ("requested", "version", "method"),
+    [("auto", "10.3.0", "calibrator"), ("auto", "11.4.0", "qdq"), ("qdq", "10.3.0", "qdq")],
+)
+def test_int8_method_follows_the_tensorrt_version(requested: str, version: str, method: str) -> None:
+    from anomalygpt_edge.export.tensorrt_build import int8_method
+
+    assert int8_method(requested, version) == method
+
+
+def test_calibrator_is_refused_on_tensorrt_11() -> None:
+    from anomalygpt_edge.export.tensorrt_build import int8_method
+
+    with pytest.raises(BuildError, match="no calibrators; use qdq"):
+        int8_method("calibrator", "11.0.0")
+
+
 # --- with TensorRT (a Jetson or a GPU workstation) ---------------------------------------------
 
 
