@@ -65,13 +65,23 @@ def read_state_dict(path: str | Path) -> StateDict:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            # Memory-map the tensors: imagebind_huge.pth is 4.5 GB, and the model copies what it uses.
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            data = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) file
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused: loading it would run pickled code other than plain tensors "
-            f"(torch.load weights_only=True failed: {str(exc).splitlines()[0]}). Convert it to a plain "
-            f"state dict or .safetensors in a trusted environment."
-        ) from exc
+        # torch's message is long; keep the line that says what the unpickler met.
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
+        if "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused: loading it would run pickled code other than plain tensors "
+                f"({detail or 'weights_only=True failed'}). Convert it to a plain state dict or .safetensors "
+                f"in a trusted environment."
+            ) from exc
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail or exc})") from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc}") from exc
     # Some training scripts wrap the state dict; accept the common single-key wrappers.

@@ -426,6 +426,13 @@ def test_checkpoint_needing_arbitrary_pickle_code_is_refused(tmp_path: Path) -> 
     assert _UNPICKLED == []
 
 
+def test_file_that_is_not_a_checkpoint_is_refused_as_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "imagebind_huge.pth"
+    path.write_bytes(b"<html>403 Forbidden</html>")  # what a failed download often leaves behind
+    with pytest.raises(ckpt.CheckpointError, match=r"imagebind_huge.pth: not a readable torch checkpoint"):
+        ckpt.read_state_dict(path)
+
+
 def test_safetensors_checkpoint_loads_like_the_torch_file(ref: Reference, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
