@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.util
 import os
 import sys
 import threading
@@ -151,8 +152,13 @@ def needs_rebuild(
     precision: str,
     profiles: Mapping[str, ProfileShape],
     bundle_dir: Path,
+    calibration: Mapping[str, str] | None = None,
 ) -> str | None:
-    """Why ``record`` cannot be reused for this build (``None``: the engine is up to date)."""
+    """Why ``record`` cannot be reused for this build (``None``: the engine is up to date).
+
+    ``calibration`` (INT8 builds): the images digest and method the engine must have been
+    calibrated with.
+    """
     if record is None:
         return "not built yet"
     try:
@@ -170,6 +176,11 @@ def needs_rebuild(
         return f"precision was {record.get('precision')}, now {precision}"
     if record.get("profiles") != {n: p.to_json() for n, p in profiles.items()}:
         return "optimisation profiles changed"
+    if calibration is not None:
+        recorded_cal = record.get("calibration", {})
+        changed = [k for k, v in calibration.items() if recorded_cal.get(k) != v]
+        if changed:
+            return f"calibration changed ({', '.join(changed)})"
     plan = Path(bundle_dir) / str(record.get("plan", ""))
     if not plan.is_file() or plan.stat().st_size != record.get("plan_size"):
         return "plan file missing or truncated"
@@ -428,8 +439,9 @@ def _int8_accuracy(
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``export engines``; returns the exit code."""
-    from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.engines.tensorrt_backend import TENSORRT_MISSING, current_key
+    from anomalygpt_edge.calibration.int8 import CalibrationError
+    from anomalygpt_edge.engines.base import EngineError
+    from anomalygpt_edge.engines.tensorrt_backend import TENSORRT_MISSING
 
     if args.precision not in PRECISIONS:
         raise SystemExit(f"--precision must be one of {PRECISIONS}")
@@ -437,18 +449,37 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--precision int8 needs --calib-images DIR (golden images of the part)")
     if not 0.125 <= args.workspace_gb <= 64:
         raise SystemExit(f"--workspace-gb must be between 0.125 and 64, got {args.workspace_gb}")
+    if importlib.util.find_spec("tensorrt") is None:
+        raise SystemExit(f"export engines: {TENSORRT_MISSING}; see engines/TENSORRT.md")
     try:
-        import tensorrt as trt
-    except ImportError:
-        raise SystemExit(f"export engines: {TENSORRT_MISSING}; see engines/TENSORRT.md") from None
+        return _build_all(args)
+    except (BuildError, CalibrationError, EngineError) as exc:
+        # Expected failures (bad bundle, stale records, parser errors): a message, not a traceback.
+        raise SystemExit(f"export engines: {exc}") from None
+
+
+def _calibration_identity(args: argparse.Namespace, tensorrt_version: str) -> dict[str, str]:
+    """What an INT8 engine was calibrated from; a change means recalibrating and rebuilding."""
+    from anomalygpt_edge.calibration import int8
+
+    calib, _held = int8.split_holdout(int8.list_images(args.calib_images))
+    return {
+        "images_sha256": int8.images_digest(calib),
+        "method": int8_method(getattr(args, "int8_method", "auto"), tensorrt_version),
+    }
+
+
+def _build_all(args: argparse.Namespace) -> int:
+    import tensorrt as trt
+    from anomalygpt_edge.engines.bundle import EngineBundle
+    from anomalygpt_edge.engines.tensorrt_backend import current_key
+
     bundle = EngineBundle.open(args.bundle)  # every graph's sha256 checked before building on it
     key = current_key(bundle.sha256)
     log(f"device: {key.describe()}; bundle {bundle.path}")
-    if args.precision == "int8":
-        try:
-            log(f"INT8 method: {int8_method(getattr(args, 'int8_method', 'auto'), trt.__version__)}")
-        except BuildError as exc:
-            raise SystemExit(str(exc)) from None
+    calibration = _calibration_identity(args, trt.__version__) if args.precision == "int8" else None
+    if calibration:
+        log(f"INT8 method: {calibration['method']}")
     cache = bundle.path / timing_cache_name(key)
     log(f"timing cache: {cache} ({'reused' if cache.is_file() else 'new'})")
     records = read_engine_records(bundle.path)
@@ -458,7 +489,9 @@ def run(args: argparse.Namespace) -> int:
         profiles = profile_shapes(entry, max_batch=args.max_batch, max_shots=args.max_shots)
         int8_here = args.precision == "int8" and graph == "encoder"
         onnx, precision = _source_onnx(entry, "int8" if int8_here else "fp16")
-        reason = needs_rebuild(records.get(graph), key, precision, profiles, bundle.path)
+        reason = needs_rebuild(
+            records.get(graph), key, precision, profiles, bundle.path, calibration if int8_here else None
+        )
         if reason is None and not args.force:
             log(f"{graph}: up to date ({records[graph]['plan']})")
             summary.append((graph, records[graph]["plan"], precision, "up to date"))

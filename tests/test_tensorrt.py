@@ -219,6 +219,14 @@ def test_rebuild_is_skipped_only_for_an_intact_matching_engine(bundle_copy: Path
     assert "precision" in needs_rebuild(record, key, "int8", profiles, bundle_copy)
     bigger = profile_shapes(bundle.graph("encoder"), max_batch=16)
     assert needs_rebuild(record, key, "fp16", bigger, bundle_copy) == "optimisation profiles changed"
+    calibrated = {**record, "precision": "int8", "calibration": {"images_sha256": "one", "method": "qdq"}}
+    same = {"images_sha256": "one", "method": "qdq"}
+    assert needs_rebuild(calibrated, key, "int8", profiles, bundle_copy, same) is None
+    other = {"images_sha256": "two", "method": "qdq"}
+    assert (
+        needs_rebuild(calibrated, key, "int8", profiles, bundle_copy, other)
+        == "calibration changed (images_sha256)"
+    )
     plan = bundle_copy / record["plan"]
     plan.write_bytes(plan.read_bytes()[::-1])  # same size, other bytes
     assert needs_rebuild(record, key, "fp16", profiles, bundle_copy) == "plan file altered"
@@ -351,10 +359,10 @@ def test_export_engines_is_a_registered_export_target() -> None:
 
 @pytest.mark.skipif(HAVE_TENSORRT, reason="checks the message shown where TensorRT is absent")
 def test_export_engines_without_tensorrt_says_where_tensorrt_comes_from(bundle_copy: Path) -> None:
-    from anomalygpt_edge.export import tensorrt_build
+    from anomalygpt_edge.cli import main
 
     with pytest.raises(SystemExit, match="TensorRT comes from JetPack or NVIDIA's index"):
-        tensorrt_build.run(_engines_args(bundle_copy))
+        main(["export", "engines", "--bundle", str(bundle_copy)])
     assert not (bundle_copy / ENGINES_NAME).exists()
 
 
