@@ -188,6 +188,7 @@ class PlanRunner:
         self._graph: Any = None
         self._graph_signature: tuple | None = None
         self._last_shapes: dict[str, tuple[int, ...]] = {}
+        self.capture_error: str | None = None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the engine on ``feeds`` (cast to the engine's I/O types); outputs are fresh arrays."""
@@ -216,9 +217,19 @@ class PlanRunner:
 
         batch_one = all(shapes[n][0] == 1 for n in self.batch_inputs)
         signature = tuple(sorted(all_shapes.items()))
-        if self.use_cuda_graph and batch_one:
-            if self._graph_exec is None or signature != self._graph_signature:
+        if (
+            self.use_cuda_graph
+            and batch_one
+            and (self._graph_exec is None or signature != self._graph_signature)
+        ):
+            try:
                 self._capture(all_shapes, signature)
+            except EngineError as exc:
+                # Some engines cannot be captured (data-dependent shapes, some plugins): run them
+                # eagerly from now on rather than fail the inspection.
+                self.use_cuda_graph = False
+                self.capture_error = str(exc)
+        if self.use_cuda_graph and batch_one:
             cuda_call(cudart.cudaGraphLaunch(self._graph_exec, self.stream))
         else:
             self._enqueue(all_shapes)

@@ -77,6 +77,7 @@ class OnnxTorchGraph:
             )
         for node in graph.node:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            attrs["_device"] = self.device  # for ops that create data (ConstantOfShape)
             if node.op_type == "Constant":
                 self.consts[node.output[0]] = self._const(_constant_value(attrs, numpy_helper))
                 continue
@@ -133,18 +134,61 @@ def _constant_value(attrs: Mapping[str, Any], numpy_helper: Any) -> np.ndarray:
 # --- op implementations: fn(torch, attrs, *inputs) -> tensor | list of tensors -----------------
 
 
+# CUDA-graph safety. While a graph is being captured, nothing may copy between host and device
+# (a copy from pageable memory, or reading a GPU value into Python, breaks the capture). The
+# interpreter keeps shape arithmetic on the CPU, and the two helpers below make the remaining
+# crossings happen once, during the warm-up runs before capture, and hit a cache afterwards:
+# small CPU tensors moved to the GPU are cached by value, GPU constants read into Python by identity.
+_DEVICE_CACHE: dict[tuple, Any] = {}
+_HOST_CACHE: dict[int, tuple[Any, list]] = {}
+_CACHE_LIMIT = 4096
+
+
+def _to_device(t: Any, device: Any) -> Any:
+    """``t`` on ``device``; a small CPU tensor's device copy is made once and reused."""
+    if t.device == device:
+        return t
+    if t.device.type != "cpu" or t.numel() > _CACHE_LIMIT:
+        return t.to(device)
+    key = (str(device), str(t.dtype), tuple(t.shape), tuple(t.reshape(-1).tolist()))
+    hit = _DEVICE_CACHE.get(key)
+    if hit is None:
+        if len(_DEVICE_CACHE) >= _CACHE_LIMIT:
+            _DEVICE_CACHE.clear()
+        hit = _DEVICE_CACHE[key] = t.to(device)
+    return hit
+
+
+def _host_list(t: Any) -> list:
+    """A small tensor's values as Python numbers; a GPU tensor is read once (it is a constant)."""
+    if t.device.type == "cpu":
+        return t.reshape(-1).tolist()
+    hit = _HOST_CACHE.get(id(t))
+    if hit is not None and hit[0] is t:
+        return hit[1]
+    if len(_HOST_CACHE) >= _CACHE_LIMIT:
+        _HOST_CACHE.clear()
+    values = t.reshape(-1).tolist()
+    _HOST_CACHE[id(t)] = (t, values)  # holding t keeps its id from being reused
+    return values
+
+
 def _ints(t: Any) -> list[int]:
-    """A small integer tensor (kept on the CPU) as Python ints."""
-    return [int(v) for v in t.reshape(-1).tolist()]
+    """A small integer tensor (shape arithmetic, kept on the CPU) as Python ints."""
+    return [int(v) for v in _host_list(t)]
+
+
+def _scalar(t: Any) -> float:
+    return float(_host_list(t)[0])
 
 
 def _same_device(a: Any, b: Any) -> tuple[Any, Any]:
     # Shape tensors live on the CPU; move them to the data's device when they meet data.
     if a.device != b.device:
         if a.device.type == "cpu":
-            a = a.to(b.device)
+            a = _to_device(a, b.device)
         else:
-            b = b.to(a.device)
+            b = _to_device(b, a.device)
     return a, b
 
 
@@ -250,7 +294,7 @@ def _resize(
     if sizes is not None and sizes.numel():
         size = _ints(sizes)[2:]
     else:
-        sc = [float(v) for v in scales.reshape(-1).tolist()]
+        sc = [float(v) for v in _host_list(scales)]
         size = [int(math.floor(x.shape[2 + i] * sc[2 + i])) for i in range(nd)]
     if mode == "nearest":
         if ctm != "asymmetric" or _s(attrs.get("nearest_mode", "round_prefer_floor")) != "floor":
@@ -286,7 +330,7 @@ def _pad(torch: Any, attrs: Mapping, x: Any, pads: Any, value: Any = None, axes:
         flat = flat[:-2]
     mode = _s(attrs.get("mode", "constant"))
     if mode == "constant":
-        fill = float(value.reshape(-1)[0]) if value is not None and value.numel() else 0.0
+        fill = _scalar(value) if value is not None and value.numel() else 0.0
         return F.pad(x, flat, value=fill)
     return F.pad(x, flat, mode={"reflect": "reflect", "edge": "replicate"}[mode])
 
@@ -309,7 +353,7 @@ def _slice(
         elif step < 0:
             # torch has no negative-step slicing; the exporter emits it to reverse pad lists.
             s, e = max(0, min(dim - 1, s)), max(-1, min(dim - 1, e))
-            idx = torch.tensor(list(range(s, e, step)), dtype=torch.int64, device=x.device)
+            idx = _to_device(torch.tensor(list(range(s, e, step)), dtype=torch.int64), x.device)
             x = torch.index_select(x, axis, idx)
         else:
             raise EngineError("Slice step 0 is invalid")
@@ -320,8 +364,7 @@ def _gather(torch: Any, attrs: Mapping, x: Any, idx: Any) -> Any:
     axis = _norm_axis(int(attrs.get("axis", 0)), x.dim())
     idx = idx.to(torch.int64)
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
-    if idx.device != x.device:
-        idx = idx.to(x.device)
+    idx = _to_device(idx, x.device)
     out = torch.index_select(x, axis, idx.reshape(-1))
     return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))
 
@@ -355,7 +398,7 @@ def _concat(torch: Any, attrs: Mapping, *xs: Any) -> Any:
     devices = {x.device for x in xs}
     if len(devices) > 1:
         target = next(d for d in devices if d.type != "cpu")
-        xs = [x.to(target) for x in xs]
+        xs = [_to_device(x, target) for x in xs]
     return torch.cat(xs, dim=int(attrs["axis"]))
 
 
@@ -377,8 +420,8 @@ def _cast(torch: Any, attrs: Mapping, x: Any) -> Any:
 
 
 def _clip(torch: Any, attrs: Mapping, x: Any, lo: Any = None, hi: Any = None) -> Any:
-    lo_v = float(lo.reshape(-1)[0]) if lo is not None else attrs.get("min")
-    hi_v = float(hi.reshape(-1)[0]) if hi is not None else attrs.get("max")
+    lo_v = _scalar(lo) if lo is not None else attrs.get("min")
+    hi_v = _scalar(hi) if hi is not None else attrs.get("max")
     return torch.clamp(x, min=lo_v, max=hi_v)
 
 
@@ -387,7 +430,10 @@ def _const_of_shape(torch: Any, attrs: Mapping, shape: Any) -> Any:
 
     value = numpy_helper.to_array(attrs["value"]) if "value" in attrs else np.zeros(1, np.float32)
     t = torch.from_numpy(np.array(value)).reshape(())
-    return torch.full(_ints(shape), t.item(), dtype=t.dtype)  # CPU: shape-side or tiny; moved on use
+    size = _ints(shape)
+    # Small results are shape arithmetic (CPU); large ones are data, made on the graph's device.
+    device = attrs["_device"] if int(np.prod(size, dtype=np.int64)) > _CACHE_LIMIT else "cpu"
+    return torch.full(size, t.item(), dtype=t.dtype, device=device)
 
 
 def _gemm(torch: Any, attrs: Mapping, a: Any, b: Any, c: Any = None) -> Any:
@@ -413,7 +459,7 @@ def _expand(torch: Any, attrs: Mapping, x: Any, shape: Any) -> Any:
 
 
 def _range(torch: Any, attrs: Mapping, start: Any, limit: Any, delta: Any) -> Any:
-    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+    return torch.arange(_scalar(start), _scalar(limit), _scalar(delta), dtype=start.dtype)
 
 
 def _where(torch: Any, attrs: Mapping, c: Any, a: Any, b: Any) -> Any:

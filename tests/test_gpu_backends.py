@@ -316,3 +316,15 @@ def test_gpu_bench_script_runs_end_to_end_on_the_cpu_with_tiny_weights(
     assert set(parity) == {"tap_last", "anomaly_map", "prompt_embeds", "img_llm"}
     assert all(v["max_rel"] < 1e-4 for v in parity.values())
     assert report["results"]["eager fp32"]["batch1"]["n"] == 2 and "gpu_bench" in report["command"]
+
+
+def test_small_tensors_cross_to_the_device_once_so_cuda_graph_capture_never_copies() -> None:
+    from anomalygpt_edge.engines import torch_cuda_backend as tcb
+
+    meta = torch.device("meta")  # a non-CPU device that needs no GPU
+    a = tcb._to_device(torch.tensor([0, 2, 1]), meta)
+    b = tcb._to_device(torch.tensor([0, 2, 1]), meta)  # a new tensor with the same values
+    assert a.device == meta and a is b
+    assert tcb._to_device(torch.tensor([0, 2, 2]), meta) is not a
+    cpu = torch.tensor([1.5])
+    assert tcb._to_device(cpu, torch.device("cpu")) is cpu and tcb._scalar(cpu) == 1.5

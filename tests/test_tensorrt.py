@@ -723,3 +723,20 @@ def test_a_plan_tensorrt_cannot_deserialise_names_the_fix(
     plan.write_bytes(b"from another TensorRT")
     with pytest.raises(EngineError, match="could not deserialise.*export engines"):
         trt_backend.PlanRunner(plan)
+
+
+def test_an_engine_that_cannot_be_captured_falls_back_to_eager_runs(fake_runner, monkeypatch) -> None:
+    runner, cudart = fake_runner
+
+    def refuse(stream, mode) -> tuple[int]:
+        return (900,)  # cudaErrorStreamCaptureUnsupported
+
+    monkeypatch.setattr(cudart, "cudaStreamBeginCapture", refuse)
+    monkeypatch.setattr(
+        cudart, "cudaGetErrorName", lambda err: (0, b"cudaErrorStreamCaptureUnsupported"), raising=False
+    )
+    for value in (1.0, 2.0):
+        y = runner.run({"x": np.full((1, 64), value, np.float16)})["y"]
+        np.testing.assert_array_equal(y, np.full((1, 64), 2 * value, np.float16))
+    assert not runner.use_cuda_graph and "CaptureUnsupported" in runner.capture_error
+    assert cudart.launches == 0
