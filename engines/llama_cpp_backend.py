@@ -91,7 +91,8 @@ class LlamaCppLLM(LLM):
         self._n_embd = int(lib.llama_model_n_embd_inp(self._model))
 
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        # Positions past the training context give garbage; never ask for more than the model has.
+        cparams.n_ctx = min(n_ctx, int(lib.llama_model_n_ctx_train(self._model)) or n_ctx)
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = 1

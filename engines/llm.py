@@ -145,6 +145,10 @@ class LLM(abc.ABC):
         """Start a new conversation."""
         self.truncate(0)
 
+    def metadata(self, key: str) -> str | None:
+        """A model-file metadata value as text, or ``None`` (backends without metadata: always)."""
+        return None
+
     def chat_prompt(self, messages: Sequence[tuple[str, str]], add_assistant: bool = True) -> str:
         """Format ``(role, content)`` messages with the model's own chat template."""
         raise LLMError(f"{self.backend}: this model has no chat template")
@@ -230,6 +234,7 @@ class AnomalyGPTChat:
         self.llm = llm
         self.config = config or GenerationConfig()
         self.turns: list[tuple[str, str]] = []
+        self._answer_start = 0
 
     def ask(
         self,
@@ -250,9 +255,21 @@ class AnomalyGPTChat:
             self.llm.feed([[self.llm.bos_id], *anomalygpt_first_turn(image_embed, prompt_embeds, question)])
         else:
             self.llm.feed(anomalygpt_next_turn(question))
+        self._answer_start = self.llm.n_past
         gen = self.llm.generate(self.config, on_text=on_text)
         if gen.stop_reason != "stop":
             # The reference history closes every answer with "\n###"; the model did not, so we do.
             self.llm.feed(["\n###"], logits_last=False)
         self.turns.append((question, gen.text.strip()))
         return gen
+
+    def replace_last_answer(self, text: str) -> None:
+        """Rewrite the last answer in the KV cache (and history) as ``text``, closed by ``\n###``."""
+        if not self.turns:
+            raise LLMError("no answer to replace")
+        self.llm.truncate(self._answer_start)
+        # Answers follow "Assistant:" after a space. SentencePiece vocabularies add that space
+        # themselves (a leading "▁"); byte-level BPE ones need it spelled out.
+        spaced = self.llm.tokenize("a") == self.llm.tokenize(" a")
+        self.llm.feed([("" if spaced else " ") + text + "\n###"], logits_last=False)
+        self.turns[-1] = (self.turns[-1][0], text)

@@ -22,7 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from anomalygpt_edge.engines.llm import LLM, GenerationConfig, create_llm
 from anomalygpt_edge.runtime.verdict import LOCATION_WORDS, Verdict
 
@@ -242,6 +244,97 @@ def _chat_turn(llm: LLM, question: str) -> str:
     line break between turns and the new turn are fed.
     """
     return "\n" + llm.chat_prompt([("user", question)], add_assistant=True)
+
+
+class AnomalyGPTExplainer:
+    """AnomalyGPT's own LLM path: Vicuna (exported GGUF) fed the image vector and 18 prompt vectors.
+
+    The vision bundle provides ``img_llm`` (the encoder's ``llama_proj`` output) and the prompt
+    learner's ``prompt_embeds``; they enter through the embedding input, once per conversation.
+    The answer is held to the verdict exactly like :class:`Explainer`'s.
+    """
+
+    def __init__(self, llm: LLM, config: GenerationConfig | None = None):
+        from anomalygpt_edge.engines.llm import AnomalyGPTChat
+
+        # AnomalyGPT's own settings: sampling at temperature 1.0 with top_p 0.01, stop at "###".
+        self.config = config or GenerationConfig(max_tokens=128, temperature=1.0, top_p=0.01, stop=("###",))
+        self.llm = llm
+        self.chat = AnomalyGPTChat(llm, self.config)
+        self.replaced: collections.Counter[str] = collections.Counter()
+        self._verdict: Verdict | None = None
+        self.last_prompt_tokens = 0
+
+    def explain(
+        self,
+        verdict: Verdict,
+        image_embed: np.ndarray,
+        prompt_embeds: np.ndarray,
+        question: str = DEFAULT_QUESTION,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Explanation:
+        """First turn: the image and prompt vectors, then ``question``."""
+        if verdict.verdict == "ERROR":
+            return Explanation(verdict.sentence, "template")
+        self._verdict = verdict
+        self.chat.turns.clear()
+        return self._turn(question, image_embed, prompt_embeds, on_text, require_location=True)
+
+    def follow_up(self, question: str, on_text: Callable[[str], None] | None = None) -> Explanation:
+        """A later turn; the image and prompts stay in the KV cache."""
+        if self._verdict is None:
+            raise RuntimeError("follow_up needs an explain() first")
+        return self._turn(question, None, None, on_text, require_location=False)
+
+    def _turn(
+        self,
+        question: str,
+        image_embed: np.ndarray | None,
+        prompt_embeds: np.ndarray | None,
+        on_text: Callable[[str], None] | None,
+        require_location: bool,
+    ) -> Explanation:
+        t0 = time.perf_counter()
+        verdict = self._verdict
+        assert verdict is not None
+        gen = self.chat.ask(question, image_embed, prompt_embeds, on_text=on_text)
+        self.last_prompt_tokens = gen.prompt_tokens
+        text = _tidy(gen.text)
+        reason = contradiction(text, verdict, require_location)
+        if reason is None:
+            return Explanation(text, "llm", None, None, time.perf_counter() - t0, gen.n_tokens)
+        self.replaced[reason] += 1
+        self.chat.replace_last_answer(verdict.sentence)
+        return Explanation(verdict.sentence, "template", reason, text, time.perf_counter() - t0, gen.n_tokens)
+
+
+def anomalygpt_llm_inputs(
+    inspector: Any, image: np.ndarray, name: str = "image"
+) -> tuple[Verdict, np.ndarray, np.ndarray]:
+    """Verdict plus AnomalyGPT's LLM inputs for one image: ``img_llm`` (1, W) and ``prompt_embeds`` (18, W).
+
+    Needs an AnomalyGPT bundle (its manifest's ``llm`` section names the encoder output and the
+    prompt-learner graph). The prompt learner reads the same anomaly map the verdict was decided on,
+    resized to the graph's input size.
+    """
+    import cv2
+
+    pipeline = inspector.pipeline
+    spec = pipeline.manifest.llm
+    if not spec:
+        raise ValueError(f"bundle {pipeline.bundle.path} has no LLM outputs (not an AnomalyGPT bundle)")
+    prepared = pipeline.prepare(image, inspector.recipe.roi, inspector.recipe.resize, name)
+    encoded = pipeline.encoder.run({"pixel_values": prepared.pixel_values[None]})
+    img = np.asarray(encoded[spec["image_embedding_output"]], np.float32).reshape(1, -1)
+    amap = pipeline.timed_maps([prepared], inspector.bank, inspector.text_features)[0]
+    verdict = inspector.decide(amap, prepared)
+    learner = pipeline.bundle.engine(spec["prompt_graph"])
+    h, w = learner.inputs[0].shape[-2:]
+    if amap.shape != (h, w):
+        amap = cv2.resize(amap.astype(np.float32), (int(w), int(h)), interpolation=cv2.INTER_LINEAR)
+    feeds = {learner.inputs[0].name: np.ascontiguousarray(amap[None, None], np.float32)}
+    prompts = np.asarray(learner.run(feeds)[spec["prompt_output"]], np.float32)[0]
+    return verdict, img, prompts
 
 
 def _tidy(text: str) -> str:

@@ -92,8 +92,12 @@ def _default_store() -> Path:
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument(
+        "--temperature", type=float, help="default 0.2 (text prompt) or 1.0 (AnomalyGPT, as the reference)"
+    )
+    p.add_argument(
+        "--top-p", type=float, help="default 0.9 (text prompt) or 0.01 (AnomalyGPT, as the reference)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for the LLM (default: half the cores)")
 
@@ -102,45 +106,80 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    """Handler of ``anomalygpt-edge ask``."""
+    """Handler of ``anomalygpt-edge ask``.
+
+    With the embedded default model (or any chat GGUF) the findings go in as text. With a GGUF
+    written by ``export llm`` (AnomalyGPT's Vicuna) and an AnomalyGPT bundle, the image vector and
+    the 18 prompt vectors go in through the embedding input, as in AnomalyGPT itself.
+    """
     import cv2
     from anomalygpt_edge.engines.llm import GenerationConfig, LLMError, create_llm
-    from anomalygpt_edge.runtime.explain import Explainer, default_model_path
+    from anomalygpt_edge.runtime.explain import (
+        AnomalyGPTExplainer,
+        Explainer,
+        anomalygpt_llm_inputs,
+        default_model_path,
+    )
     from anomalygpt_edge.runtime.inspector import Inspector
+
+    def fail(msg: object) -> int:
+        print(f"anomalygpt-edge ask: {msg}", file=sys.stderr)
+        return 2
 
     image = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
     if image is None:
-        print(f"anomalygpt-edge ask: cannot read image {args.image}", file=sys.stderr)
-        return 2
+        return fail(f"cannot read image {args.image}")
     try:
         inspector = Inspector.from_store(args.store, args.recipe, args.bundle)
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"anomalygpt-edge ask: {exc}", file=sys.stderr)
-        return 2
-    verdict = inspector.inspect(image, name=args.image.name)
-    config = GenerationConfig(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=()
-    )
-    try:
         llm = create_llm(args.model or default_model_path(), n_ctx=2048, n_threads=args.threads)
-    except (LLMError, FileNotFoundError) as exc:
-        print(f"anomalygpt-edge ask: {exc}", file=sys.stderr)
-        return 2
-    explainer = Explainer(llm, config)
-    answer = explainer.explain(verdict, args.question)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "image": str(args.image),
-                    "question": args.question,
-                    "verdict": verdict.to_json(),
-                    "answer": answer.to_json(),
-                    "model": llm.path.name,
-                },
-                indent=2,
+    except (OSError, ValueError, RuntimeError) as exc:  # LLMError and GGUFError are RuntimeErrors
+        return fail(exc)
+    anomalygpt = llm.metadata("anomalygpt.prompt_embeddings") is not None
+    if anomalygpt:
+        try:
+            verdict, img, prompts = anomalygpt_llm_inputs(inspector, image, args.image.name)
+        except ValueError as exc:
+            return fail(f"{exc}; {llm.path.name} is AnomalyGPT's LLM and needs an AnomalyGPT bundle")
+        if img.shape[1] != llm.n_embd:
+            return fail(
+                f"the bundle's image vectors are {img.shape[1]} wide, {llm.path.name} takes {llm.n_embd}"
             )
+        config = GenerationConfig(
+            max_tokens=args.max_tokens,
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_p=0.01 if args.top_p is None else args.top_p,
+            seed=args.seed,
+            stop=("###",),
         )
+        explainer: AnomalyGPTExplainer | Explainer = AnomalyGPTExplainer(llm, config)
+        try:
+            answer = explainer.explain(verdict, img, prompts, args.question)
+        except LLMError as exc:
+            return fail(exc)
+    else:
+        verdict = inspector.inspect(image, name=args.image.name)
+        config = GenerationConfig(
+            max_tokens=args.max_tokens,
+            temperature=0.2 if args.temperature is None else args.temperature,
+            top_p=0.9 if args.top_p is None else args.top_p,
+            seed=args.seed,
+            stop=(),
+        )
+        explainer = Explainer(llm, config)
+        answer = explainer.explain(verdict, args.question)
+    llm_input = "anomalygpt-embeddings" if anomalygpt else "findings-text"
+    if args.json:
+        out = {
+            "image": str(args.image),
+            "question": args.question,
+            "verdict": verdict.to_json(),
+            "answer": answer.to_json(),
+            "model": llm.path.name,
+            "llm_input": llm_input,
+        }
+        if anomalygpt:
+            out["prompt_tokens"] = explainer.last_prompt_tokens
+        print(json.dumps(out, indent=2))
         return 0
     print(
         f"verdict: {verdict.verdict}  score {verdict.score:.4f} / threshold {verdict.threshold:.4f}"

@@ -119,13 +119,14 @@ def write_tokenizer_model(path: Path, pieces: list[tuple[str, float, int]]) -> N
 # --- the tiny model ------------------------------------------------------------------------------
 
 
-def make_tiny_llama(base: Path, seed: int = 0) -> tuple[dict, dict, list]:
+def make_tiny_llama(base: Path, seed: int = 0, **overrides: int) -> tuple[dict, dict, list]:
     """HF-layout folder with config.json, tokenizer.model, model.safetensors; returns (state, cfg, vocab)."""
     base.mkdir(parents=True)
     vocab = tiny_vocab()
-    cfg = dict(CFG, vocab_size=len(vocab))
+    cfg = dict(CFG, vocab_size=len(vocab), **overrides)
     g = torch.Generator().manual_seed(seed)
-    h, f, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"] * 64
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
 
     def rnd(*shape: int, std: float = 0.08) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * std).to(torch.float16)
@@ -149,7 +150,7 @@ def make_tiny_llama(base: Path, seed: int = 0) -> tuple[dict, dict, list]:
             p + "mlp.down_proj.weight": rnd(h, f),
         }
         # Old HF checkpoints carry this buffer; the exporter must skip it, not complain.
-        sd[p + "self_attn.rotary_emb.inv_freq"] = torch.ones(32)
+        sd[p + "self_attn.rotary_emb.inv_freq"] = torch.ones(h // cfg["num_attention_heads"] // 2)
     (base / "config.json").write_text(json.dumps(cfg))
     write_tokenizer_model(base / "tokenizer.model", vocab)
     safetensors_torch.save_file(sd, str(base / "model.safetensors"))
@@ -159,7 +160,8 @@ def make_tiny_llama(base: Path, seed: int = 0) -> tuple[dict, dict, list]:
 def make_lora(path: Path, cfg: dict, seed: int = 1) -> dict:
     """A PandaGPT-style delta: PEFT key names for q/k/v/o LoRA plus llama_proj."""
     g = torch.Generator().manual_seed(seed)
-    h, kv = cfg["hidden_size"], cfg["num_key_value_heads"] * 64
+    h = cfg["hidden_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
     out = {"q": h, "k": kv, "v": kv, "o": h}
     sd = {}
     for i in range(cfg["num_hidden_layers"]):
@@ -368,3 +370,97 @@ def test_tiny_model_embedding_rows_reproduce_token_logits(tiny: dict) -> None:
     # f16 rows widened to f32 are exactly what ggml's get_rows produces: observed identical.
     assert np.abs(by_ids - by_embd).max() <= 1e-3
     assert by_ids.argmax() == by_embd.argmax()
+
+
+def test_ask_with_exported_anomalygpt_llm_feeds_image_and_prompt_vectors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ask` with an `export llm` GGUF and an AnomalyGPT bundle: img_llm + 18 prompt vectors as embeddings."""
+    pytest.importorskip("anomalygpt_edge.runtime.inspector")
+    import cv2
+
+    bundle = tmp_path / "agpt"
+    assert (
+        cli_main(
+            [
+                "export",
+                "vision",
+                "--source",
+                "anomalygpt",
+                "--random-weights",
+                "--anomalygpt-size",
+                "tiny",
+                "--out",
+                str(bundle),
+            ]
+        )
+        == 0
+    )
+    width = json.loads((bundle / "manifest.json").read_text())["llm"]["width"]
+    make_tiny_llama(
+        tmp_path / "base",
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    export_llm(tmp_path / "base", tmp_path / "gguf", None, quants=(), name="agpt")
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good"
+    good.mkdir()
+    y, x = np.mgrid[0:224, 0:224]
+    for i in range(6):
+        img = 128 + 40 * np.sin(x / 9.0) * np.sin(y / 11.0) + rng.normal(0, 3, x.shape)
+        cv2.imwrite(str(good / f"{i}.png"), np.clip(img, 0, 255).astype(np.uint8))
+    bad = cv2.imread(str(good / "0.png"))
+    cv2.rectangle(bad, (150, 160), (200, 210), (255, 255, 255), -1)
+    cv2.imwrite(str(tmp_path / "bad.png"), bad)
+    store = tmp_path / "store"
+    assert (
+        cli_main(
+            [
+                "enroll",
+                "--recipe",
+                "agpt",
+                "--images",
+                str(good),
+                "--store",
+                str(store),
+                "--bundle",
+                str(bundle),
+                "--accept-flagged",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    rc = cli_main(
+        [
+            "ask",
+            "--recipe",
+            "agpt",
+            "--store",
+            str(store),
+            "--model",
+            str(tmp_path / "gguf" / "agpt.f16.gguf"),
+            "--json",
+            "--max-tokens",
+            "8",
+            str(tmp_path / "bad.png"),
+        ]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["llm_input"] == "anomalygpt-embeddings"
+    with create_llm(tmp_path / "gguf" / "agpt.f16.gguf") as llm:
+        n_text = sum(
+            len(llm.tokenize(s))
+            for s in ("### Human: <Img>", "</Img> ", "Is there any anomaly in the image?\n### Assistant:")
+        )
+    assert out["prompt_tokens"] == 1 + n_text + 1 + 18  # BOS, text, image vector, 18 prompt vectors
+    # The planted square sits at the bottom right. A random LLM says nothing sensible, so the
+    # answer is the verdict's sentence, and the model's text is kept for audit.
+    v, answer = out["verdict"], out["answer"]
+    assert v["verdict"] == "NG" and v["location"] == "bottom right"
+    assert "bottom right" in answer["text"]
+    assert answer["source"] == "template" and answer["replaced"] and answer["model_text"] is not None
