@@ -25,6 +25,10 @@ class LLMError(EngineError):
     """The model cannot be loaded or run; the message names the file or step at fault."""
 
 
+class _StreamClosedError(Exception):
+    """The consumer of :meth:`LLM.stream` stopped reading."""
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Sampling settings for one answer.
@@ -115,27 +119,44 @@ class LLM(abc.ABC):
         """Sample an answer after the fed segments; ``on_text`` receives text pieces as they come."""
 
     def stream(self, config: GenerationConfig) -> Iterator[str]:
-        """Generate as an iterator of text pieces (runs in the caller's thread, piece by piece)."""
+        """Generate as an iterator of text pieces, as they come.
+
+        Generation runs in a helper thread; closing the iterator early (``break``) stops it at the
+        next token, leaving the tokens generated so far in the conversation.
+        """
         import queue
         import threading
 
         pieces: queue.Queue[str | None | BaseException] = queue.Queue()
+        cancel = threading.Event()
+
+        def put(piece: str) -> None:
+            if cancel.is_set():
+                raise _StreamClosedError
+            pieces.put(piece)
 
         def work() -> None:
             try:
-                self.generate(config, on_text=pieces.put)
+                self.generate(config, on_text=put)
                 pieces.put(None)
+            except _StreamClosedError:
+                pass
             except BaseException as exc:  # re-raised in the consumer's thread
                 pieces.put(exc)
 
-        threading.Thread(target=work, daemon=True, name="llm-stream").start()
-        while True:
-            item = pieces.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        worker = threading.Thread(target=work, daemon=True, name="llm-stream")
+        worker.start()
+        try:
+            while True:
+                item = pieces.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+            worker.join()
 
     @abc.abstractmethod
     def truncate(self, n_past: int) -> None:

@@ -171,6 +171,42 @@ class LlamaConfig:
             raise LLMExportError(f"{path}: not a usable LLaMA config.json ({exc!r})") from exc
 
 
+def build_vocab(base: Path, pieces: list[tuple[str, float, int]], vocab_size: int) -> tuple[list, list, list]:
+    """Tokens, scores and GGUF token types for ``vocab_size`` ids.
+
+    The sentencepiece pieces come first; tokens from ``added_tokens.json`` (Vicuna v0 adds
+    ``[PAD]`` as id 32000) take their ids after them, as control tokens; any id still free up to
+    the embedding matrix's size becomes an unused ``[PAD<id>]``.
+    """
+    tokens = [p for p, _, _ in pieces]
+    scores = [s for _, s, _ in pieces]
+    types = [t if t in _KNOWN_TOKEN_TYPES else 1 for _, _, t in pieces]
+    added: dict[int, str] = {}
+    added_file = base / "added_tokens.json"
+    if added_file.is_file():
+        try:
+            added = {int(i): str(t) for t, i in json.loads(added_file.read_text()).items()}
+        except (ValueError, AttributeError) as exc:
+            raise LLMExportError(f"{added_file}: not a token -> id mapping ({exc})") from exc
+    for i in sorted(added):
+        if i < len(pieces):
+            if tokens[i] != added[i]:
+                raise LLMExportError(f"{added_file}: '{added[i]}' claims id {i}, which is '{tokens[i]}'")
+            continue
+        if i >= vocab_size:
+            raise LLMExportError(f"{added_file}: '{added[i]}' has id {i}, beyond vocab_size {vocab_size}")
+    for i in range(len(pieces), vocab_size):
+        if i in added:
+            tokens.append(added[i])
+            types.append(3)
+            scores.append(0.0)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(5)
+            scores.append(-1000.0)
+    return tokens, scores, types
+
+
 def expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an HF ``LlamaForCausalLM`` checkpoint must hold, with its shape."""
     head_dim = cfg.hidden // cfg.heads
@@ -251,7 +287,14 @@ class _Weights:
         if self._bin_cache and self._bin_cache[0] == f:
             return self._bin_cache[1]
         try:
-            sd = self._torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            # mmap keeps a 7B shard out of RAM; files in torch's legacy (non-zip) format cannot be
+            # memory-mapped and are read whole instead.
+            try:
+                sd = self._torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                sd = self._torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many types; the message says which file
             raise LLMExportError(f"{f}: cannot read with torch.load(weights_only=True): {exc}") from exc
         if not isinstance(sd, dict):
@@ -429,9 +472,7 @@ def write_gguf(
     w.add_vocab_size(cfg.vocab)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     # Tokenizer: sentencepiece vocabulary as llama.cpp's "llama" (SPM) model.
-    tokens = [p for p, _, _ in pieces] + [f"[PAD{i}]" for i in range(len(pieces), cfg.vocab)]
-    scores = [s for _, s, _ in pieces] + [-1000.0] * (cfg.vocab - len(pieces))
-    types = [t if t in _KNOWN_TOKEN_TYPES else 1 for _, _, t in pieces] + [5] * (cfg.vocab - len(pieces))
+    tokens, scores, types = build_vocab(base, pieces, cfg.vocab)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)

@@ -24,7 +24,12 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from anomalygpt_edge.cli import main as cli_main  # noqa: E402
 from anomalygpt_edge.engines.gguf_check import check_gguf  # noqa: E402
 from anomalygpt_edge.engines.llm import AnomalyGPTChat, GenerationConfig, create_llm  # noqa: E402
-from anomalygpt_edge.export.llm_gguf import LLMExportError, export_llm, read_sentencepiece  # noqa: E402
+from anomalygpt_edge.export.llm_gguf import (  # noqa: E402
+    LLMExportError,
+    build_vocab,
+    export_llm,
+    read_sentencepiece,
+)
 
 CFG = dict(
     hidden_size=256,
@@ -464,3 +469,26 @@ def test_ask_with_exported_anomalygpt_llm_feeds_image_and_prompt_vectors(
     assert v["verdict"] == "NG" and v["location"] == "bottom right"
     assert "bottom right" in answer["text"]
     assert answer["source"] == "template" and answer["replaced"] and answer["model_text"] is not None
+
+
+def test_added_tokens_take_their_ids_and_free_ids_become_unused(tmp_path: Path) -> None:
+    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3), ("▁a", -1.0, 1)]
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[PAD]": 5}))
+    tokens, scores, types = build_vocab(tmp_path, pieces, 7)
+    assert tokens == ["<unk>", "<s>", "</s>", "▁a", "[PAD4]", "[PAD]", "[PAD6]"]
+    assert types == [2, 3, 3, 1, 5, 3, 5]
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[PAD]": 9}))
+    with pytest.raises(LLMExportError, match="beyond vocab_size 7"):
+        build_vocab(tmp_path, pieces, 7)
+
+
+def test_closing_a_stream_early_stops_generation(tiny: dict) -> None:
+    with create_llm(tiny["out"] / "tiny.f16.gguf", n_ctx=256) as llm:
+        llm.feed([[1, 300, 301]])
+        before = llm.n_past
+        stream = llm.stream(GenerationConfig(max_tokens=100, temperature=0.0, stop=()))
+        first = next(stream)
+        stream.close()  # the helper thread stops at the next token and releases the model
+        assert first
+        assert llm.n_past < before + 100
+        llm.feed([[302]])  # the model is usable again right away
