@@ -166,7 +166,10 @@ def run_ask(args: argparse.Namespace) -> int:
             stop=(),
         )
         explainer = Explainer(llm, config)
-        answer = explainer.explain(verdict, args.question)
+        try:
+            answer = explainer.explain(verdict, args.question)
+        except LLMError as exc:
+            return fail(exc)
     llm_input = "anomalygpt-embeddings" if anomalygpt else "findings-text"
     if args.json:
         out = {
