@@ -740,3 +740,155 @@ def test_an_engine_that_cannot_be_captured_falls_back_to_eager_runs(fake_runner,
         np.testing.assert_array_equal(y, np.full((1, 64), 2 * value, np.float16))
     assert not runner.use_cuda_graph and "CaptureUnsupported" in runner.capture_error
     assert cudart.launches == 0
+
+
+# --- `export engines` end to end against a fake TensorRT builder -------------------------------
+
+
+class _FakeBuilderTrt:
+    """Records what the build asks TensorRT for; 'serialises' a plan naming its ONNX file."""
+
+    __version__ = "10.3.0"
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 5
+
+    class MemoryPoolType:
+        WORKSPACE = "workspace"
+
+    class BuilderFlag:
+        INT8, FP16 = "int8", "fp16"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            pass
+
+    def __init__(self) -> None:
+        import importlib.machinery
+
+        self.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+        self.builds: list[dict] = []
+        outer = self
+
+        class Profile:
+            def __init__(self) -> None:
+                self.shapes: dict = {}
+
+            def set_shape(self, name, lo, opt, hi) -> None:
+                self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+        class Config:
+            def __init__(self) -> None:
+                self.build = {"profiles": [], "flags": []}
+
+            def set_memory_pool_limit(self, pool, size) -> None:
+                self.build["workspace"] = size
+
+            def add_optimization_profile(self, profile) -> None:
+                self.build["profiles"].append(profile.shapes)
+
+            def create_timing_cache(self, data: bytes) -> bytes:
+                self.build["timing_cache_in"] = data
+                return data
+
+            def set_timing_cache(self, cache, ignore_mismatch) -> None:
+                pass
+
+            def get_timing_cache(self):
+                return type("Cache", (), {"serialize": lambda self: b"timing-cache-v1"})()
+
+            def set_flag(self, flag) -> None:
+                self.build["flags"].append(flag)
+
+        class Network:
+            def __init__(self, flags: int) -> None:
+                self.flags = flags
+
+        class Parser:
+            def __init__(self, network, logger) -> None:
+                self.network = network
+
+            def parse_from_file(self, path: str) -> bool:
+                self.network.onnx = Path(path).name
+                return True
+
+        class Builder:
+            def __init__(self, logger) -> None:
+                pass
+
+            def create_network(self, flags: int) -> Network:
+                return Network(flags)
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+            def create_optimization_profile(self) -> Profile:
+                return Profile()
+
+            def build_serialized_network(self, network, config) -> bytes:
+                outer.builds.append({"onnx": network.onnx, "network_flags": network.flags, **config.build})
+                return b"plan of " + network.onnx.encode()
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+
+def test_export_engines_builds_strongly_typed_fp16_plans_records_them_and_skips_when_current(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import sys
+
+    from anomalygpt_edge.export import tensorrt_build
+
+    fake = _FakeBuilderTrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(
+        trt_backend, "current_key", lambda sha, device=0: DeviceKey("Orin", "8.7", "10.3.0", sha)
+    )
+    sha = EngineBundle.open(bundle_copy).sha256
+    assert tensorrt_build.run(_engines_args(bundle_copy, max_batch=4)) == 0
+
+    builds = {b["onnx"]: b for b in fake.builds}
+    assert sorted(builds) == ["bank_matcher.fp16.onnx", "encoder.fp16.onnx"]
+    for build in fake.builds:
+        assert build["network_flags"] == 1 << 5  # STRONGLY_TYPED: precision from the FP16 graph
+        assert build["flags"] == [] and build["workspace"] == 1 << 30
+    encoder = {"pixel_values": ((1, 3, 224, 224), (1, 3, 224, 224), (4, 3, 224, 224))}
+    assert builds["encoder.fp16.onnx"]["profiles"] == [encoder]
+    bank = builds["bank_matcher.fp16.onnx"]["profiles"][0]["bank_0"]
+    assert bank == ((1, 152), (4 * 784, 152), (32 * 784, 152))
+    # The first build starts the timing cache; the next one reads what the first one saved.
+    assert fake.builds[0]["timing_cache_in"] == b""
+    assert fake.builds[1]["timing_cache_in"] == b"timing-cache-v1"
+    records = read_engine_records(bundle_copy)
+    assert (
+        records["encoder"]["plan"] == "encoder.fp16.plan"
+        and records["encoder"]["key"]["bundle_sha256"] == sha
+    )
+    assert (bundle_copy / "encoder.fp16.plan").read_bytes() == b"plan of encoder.fp16.onnx"
+    out = capsys.readouterr()
+    assert (
+        "built in" in out.out
+        and "engines recorded in" in out.out
+        and "[engines] encoder: building fp16" in out.err
+    )
+    assert EngineBundle.open(bundle_copy).sha256 == sha  # the bundle's identity is untouched
+
+    assert tensorrt_build.run(_engines_args(bundle_copy, max_batch=4)) == 0  # nothing changed
+    assert len(fake.builds) == 2 and "up to date" in capsys.readouterr().out
+    assert tensorrt_build.run(_engines_args(bundle_copy, max_batch=8)) == 0  # new profile: rebuild
+    assert len(fake.builds) == 4
+
+
+def test_export_engines_refuses_a_damaged_bundle_with_a_message(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from anomalygpt_edge.export import tensorrt_build
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeBuilderTrt())
+    (bundle_copy / "encoder.fp16.onnx").write_bytes(b"tampered")
+    with pytest.raises(SystemExit, match=r"export engines: .*encoder.fp16.onnx"):
+        tensorrt_build.run(_engines_args(bundle_copy))
