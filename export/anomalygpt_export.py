@@ -80,6 +80,21 @@ def build_modules(
     A part with no checkpoint keeps seeded random weights, which is allowed only with
     ``random_weights`` (and is then recorded in the manifest).
     """
+    # Decide up front, before reading gigabytes, whether every part has weights.
+    random_parts = [
+        part
+        for part, path in (
+            ("vision", imagebind),
+            ("decoder", anomalygpt),
+            ("prompt_learner", anomalygpt),
+            ("llama_proj", pandagpt_delta),
+        )
+        if path is None
+    ]
+    if random_parts and not random_weights:
+        flags = {"vision": "--imagebind", "decoder": "--anomalygpt", "llama_proj": "--pandagpt-delta"}
+        need = ", ".join(f"{part} ({flags[part]})" for part in random_parts if part in flags)
+        raise ckpt.CheckpointError(f"no checkpoint for {need}; pass it, or --random-weights to test without")
     torch.manual_seed(seed)
     vision = ImageBindVision(cfg).eval()
     llama_proj = torch.nn.Linear(cfg.embed_dim, cfg.llm_width).eval()
@@ -87,7 +102,6 @@ def build_modules(
     prompt_learner = PromptLearner(cfg).eval()
     text = tokenizer = None
     records: list[dict[str, Any]] = []
-    random_parts = []
 
     def record(path: Path, role: str, report: ckpt.LoadReport) -> None:
         log(f"hashing {path} ...")
@@ -117,8 +131,6 @@ def build_modules(
         report = ckpt.load_imagebind(imagebind, vision, text, state=state)
         del state
         record(imagebind, "imagebind_huge (vision branch" + (" + text tower)" if text else ")"), report)
-    else:
-        random_parts.append("vision")
     if anomalygpt is not None:
         log(f"loading {anomalygpt} ...")
         record(
@@ -126,8 +138,6 @@ def build_modules(
             "anomalygpt (image_decoder + prompt_learner)",
             ckpt.load_anomalygpt(anomalygpt, decoder, prompt_learner),
         )
-    else:
-        random_parts += ["decoder", "prompt_learner"]
     if pandagpt_delta is not None:
         log(f"loading {pandagpt_delta} ...")
         record(
@@ -135,12 +145,6 @@ def build_modules(
             "pandagpt_delta (llama_proj; LoRA for the LLM)",
             ckpt.load_pandagpt_delta(pandagpt_delta, llama_proj),
         )
-    else:
-        random_parts.append("llama_proj")
-    if random_parts and not random_weights:
-        flags = {"vision": "--imagebind", "decoder": "--anomalygpt", "llama_proj": "--pandagpt-delta"}
-        need = ", ".join(f"{part} ({flags[part]})" for part in random_parts if part in flags)
-        raise ckpt.CheckpointError(f"no checkpoint for {need}; pass it, or --random-weights to test without")
     return AnomalyGPTModules(
         cfg, vision, llama_proj, decoder, prompt_learner, text, tokenizer, records, random_parts
     )
