@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,19 +247,26 @@ def quantize_qdq(
         kwargs["calibration_providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     # ImageBind-H in FP32 is 2.5 GB, past protobuf's 2 GB limit: external data for the output too.
     external = external_data or Path(src).stat().st_size > 1_900_000_000
-    quantize_static(
-        str(src),
-        str(dst),
-        _Reader(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        calibrate_method=CalibrationMethod.Entropy,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        use_external_data_format=external,
-        **kwargs,
-    )
+    # The quantizer logs a generic "consider pre-processing" warning on every call: advice about
+    # fusing the graph for ONNX Runtime's own CPU kernels; TensorRT fuses the graph itself.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        quantize_static(
+            str(src),
+            str(dst),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=CalibrationMethod.Entropy,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            use_external_data_format=external,
+            **kwargs,
+        )
+    finally:
+        logging.disable(previous)
     if "calibration_cache_path" in params and not reused and cache.path.is_file():
         cache.save(cache.path.read_bytes(), meta)
     return reused

@@ -342,6 +342,7 @@ def _engines_args(bundle: Path, **kw) -> argparse.Namespace:
         max_batch=8,
         max_shots=32,
         force=False,
+        int8_method="auto",
     )
     base.update(kw)
     return argparse.Namespace(**base)
@@ -892,3 +893,124 @@ def test_export_engines_refuses_a_damaged_bundle_with_a_message(
     (bundle_copy / "encoder.fp16.onnx").write_bytes(b"tampered")
     with pytest.raises(SystemExit, match=r"export engines: .*encoder.fp16.onnx"):
         tensorrt_build.run(_engines_args(bundle_copy))
+
+
+class _FakeTrtWithRuntime(_FakeBuilderTrt):
+    """Builder fake plus a runtime whose 'engine' runs the plan's ONNX file with ONNX Runtime."""
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "in", "out"
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+    def __init__(self, bundle_dir: Path, cudart: _FakeCudart) -> None:
+        import ctypes
+
+        import onnxruntime as ort
+
+        super().__init__()
+
+        def view(addr: int, shape: tuple, dtype) -> np.ndarray:
+            n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            raw = (ctypes.c_uint8 * n).from_address(addr)
+            return np.frombuffer(raw, np.uint8).view(dtype).reshape(shape)
+
+        class Context:
+            def __init__(self, engine) -> None:
+                self.engine, self.shapes, self.addr = engine, {}, {}
+
+            def set_input_shape(self, name, shape) -> bool:
+                self.shapes[name] = tuple(shape)
+                return True
+
+            def get_tensor_shape(self, name):
+                batch = next(iter(self.shapes.values()))[0]
+                return tuple(batch if isinstance(d, str) else d for d in self.engine.shape[name])
+
+            def set_tensor_address(self, name, addr) -> None:
+                self.addr[name] = addr
+
+            def execute_async_v3(self, stream) -> bool:
+                eng, addr, shapes = self.engine, dict(self.addr), dict(self.shapes)
+                outs = {n: self.get_tensor_shape(n) for n in eng.outputs}
+
+                def compute() -> None:
+                    feeds = {n: view(addr[n], shapes[n], eng.dtype[n]).copy() for n in eng.inputs}
+                    for n, v in zip(eng.outputs, eng.session.run(eng.outputs, feeds), strict=True):
+                        view(addr[n], outs[n], eng.dtype[n])[...] = v
+
+                cudart.submit(compute)
+                return True
+
+        class Engine:
+            def __init__(self, onnx_file: str) -> None:
+                self.session = ort.InferenceSession(
+                    str(bundle_dir / onnx_file), providers=["CPUExecutionProvider"]
+                )
+                ios = [*self.session.get_inputs(), *self.session.get_outputs()]
+                self.inputs = [i.name for i in self.session.get_inputs()]
+                self.outputs = [o.name for o in self.session.get_outputs()]
+                self.shape = {i.name: i.shape for i in ios}
+                self.dtype = {i.name: np.float16 if "16" in i.type else np.float32 for i in ios}
+                self.num_io_tensors = len(ios)
+
+            def get_tensor_name(self, i: int) -> str:
+                return [*self.inputs, *self.outputs][i]
+
+            def get_tensor_mode(self, name: str) -> str:
+                return "in" if name in self.inputs else "out"
+
+            def get_tensor_dtype(self, name: str):
+                return self.dtype[name]
+
+            def get_tensor_profile_shape(self, name: str, profile: int) -> list:
+                dims = self.shape[name]
+                return [tuple(b if isinstance(d, str) else d for d in dims) for b in (1, 1, 8)]
+
+            def create_execution_context(self) -> Context:
+                return Context(self)
+
+        class Runtime:
+            def __init__(self, logger) -> None:
+                pass
+
+            def deserialize_cuda_engine(self, data: bytes):
+                return Engine(data.decode().removeprefix("plan of "))
+
+        self.Runtime = Runtime
+
+
+def test_export_engines_int8_qdq_builds_both_engines_and_reports_accuracy_on_held_out_images(
+    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import sys
+
+    from anomalygpt_edge.export import tensorrt_build
+
+    cudart = _FakeCudart()
+    fake = _FakeTrtWithRuntime(bundle_copy, cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "cudart", cudart)
+    monkeypatch.setattr(trt_backend, "_tensorrt", lambda: fake)
+    monkeypatch.setattr(
+        trt_backend, "current_key", lambda sha, device=0: DeviceKey("Orin", "8.7", "10.3.0", sha)
+    )
+    golden = tmp_path / "golden"
+    _golden_images(golden, 5)
+    args = _engines_args(bundle_copy, precision="int8", calib_images=golden, int8_method="qdq", max_batch=2)
+    assert tensorrt_build.run(args) == 0
+
+    builds = {b["onnx"]: b for b in fake.builds}
+    assert set(builds) == {"encoder.fp16.onnx", "encoder.int8.qdq.onnx", "bank_matcher.fp16.onnx"}
+    q = builds["encoder.int8.qdq.onnx"]
+    assert q["network_flags"] == 0 and q["flags"] == ["int8", "fp16"]  # TensorRT 10: Q/DQ + FP16 elsewhere
+    record = read_engine_records(bundle_copy)["encoder"]
+    assert record["precision"] == "int8" and record["plan"] == "encoder.int8.plan"
+    assert record["calibration"]["method"] == "qdq" and record["calibration"]["held_out"] == 1
+    out = capsys.readouterr().out
+    assert "INT8 vs FP16 on 1 held-out image(s)" in out and "04.png" in out and "verdict:" in out
+
+    assert tensorrt_build.run(args) == 0  # same images and method: nothing to rebuild
+    assert len(fake.builds) == 3
