@@ -110,28 +110,29 @@ def profile_shapes(
     """
     if max_batch < 1 or not 1 <= opt_batch <= max_batch:
         raise BuildError(f"need 1 <= opt batch ({opt_batch}) <= max batch ({max_batch})")
-    if max_shots < 1 or not opt_shots >= 1:
+    if max_shots < 1 or opt_shots < 1:
         raise BuildError(
             f"need at least 1 golden image in the bank profile (opt {opt_shots}, max {max_shots})"
         )
     opt_shots = min(opt_shots, max_shots)
     shapes: dict[str, ProfileShape] = {}
     for spec in entry.inputs:
-        lo, opt, hi = [], [], []
+        axes: list[tuple[int, int, int]] = []  # (min, opt, max) per axis
         for axis in spec.shape:
             if isinstance(axis, int):
-                lo.append(axis), opt.append(axis), hi.append(axis)
+                axes.append((axis, axis, axis))
             elif axis == BATCH_AXIS:
-                lo.append(1), opt.append(opt_batch), hi.append(max_batch)
+                axes.append((1, opt_batch, max_batch))
             elif axis == BANK_AXIS:
                 n = _patches_for_bank(entry, spec.name)
-                lo.append(1), opt.append(n * opt_shots), hi.append(n * max_shots)
+                axes.append((1, n * opt_shots, n * max_shots))
             else:
                 raise BuildError(
                     f"graph {entry.file}: input '{spec.name}' has dynamic axis '{axis}' with no profile rule "
                     f"(known: {BATCH_AXIS}, {BANK_AXIS})"
                 )
-        shapes[spec.name] = ProfileShape(tuple(lo), tuple(opt), tuple(hi))
+        lo, opt, hi = (tuple(a[i] for a in axes) for i in range(3))
+        shapes[spec.name] = ProfileShape(lo, opt, hi)
     return shapes
 
 
