@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -189,9 +190,18 @@ class PlanRunner:
         self._graph_signature: tuple | None = None
         self._last_shapes: dict[str, tuple[int, ...]] = {}
         self.capture_error: str | None = None
+        self._lock = threading.Lock()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the engine on ``feeds`` (cast to the engine's I/O types); outputs are fresh arrays."""
+        """Run the engine on ``feeds`` (cast to the engine's I/O types); outputs are fresh arrays.
+
+        Serialised by a lock: the bundle shares one engine between cameras, and the context,
+        buffers and captured graph are single-use at a time.
+        """
+        with self._lock:
+            return self._run_locked(feeds)
+
+    def _run_locked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         shapes = {n: tuple(int(d) for d in feeds[n].shape) for n in self.input_names}
         for name in self.input_names:
             check_profile_shape(name, shapes[name], self.profiles[name])

@@ -24,6 +24,7 @@ import importlib.util
 import math
 import re
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -588,6 +589,7 @@ class TorchCudaEngine(Engine):
         self._static_in: dict[str, Any] = {}
         self._static_out: dict[str, Any] = {}
         self._signature: tuple | None = None
+        self._lock = threading.Lock()
 
     def _feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
         return {
@@ -596,6 +598,11 @@ class TorchCudaEngine(Engine):
         }
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # One engine is shared by every camera; the captured graph's static buffers are not.
+        with self._lock:
+            return self._run_locked(feeds)
+
+    def _run_locked(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
         signature = tuple(sorted((n, v.shape, str(v.dtype)) for n, v in feeds.items()))
         batch_one = all(v.shape[0] == 1 for n, v in feeds.items() if not n.startswith("bank"))

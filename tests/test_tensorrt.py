@@ -1014,3 +1014,16 @@ def test_export_engines_int8_qdq_builds_both_engines_and_reports_accuracy_on_hel
 
     assert tensorrt_build.run(args) == 0  # same images and method: nothing to rebuild
     assert len(fake.builds) == 3
+
+
+def test_cameras_sharing_one_engine_get_their_own_results(fake_runner) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    runner, _ = fake_runner
+
+    def infer(value: int) -> bool:
+        y = runner.run({"x": np.full((1 + value % 3, 64), value, np.float16)})["y"]
+        return bool((y == 2 * value).all()) and y.shape[0] == 1 + value % 3
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(infer, range(40)))
