@@ -24,16 +24,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--source", choices=VISION_SOURCES, default="efficientnet-lite0")
     v.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     v.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    v.add_argument("--image-size", type=int, default=224, help="encoder input size (default source only)")
-    v.add_argument("--metric", choices=MATCH_METRICS, default="l2", help="bank-matcher metric (default source only)")
+    v.add_argument("--image-size", type=int, default=256, help="encoder input size (default source only)")
     v.add_argument(
-        "--smoothing-sigma", type=float, default=4.0, help="Gaussian blur of the anomaly map, map pixels (default source)"
+        "--metric", choices=MATCH_METRICS, default="cosine", help="bank-matcher metric (default source only)"
+    )
+    v.add_argument(
+        "--smoothing-sigma",
+        type=float,
+        default=4.0,
+        help="Gaussian blur of the anomaly map, map pixels (default source)",
     )
     v.add_argument("--no-fp16", action="store_true", help="skip the FP16 graph variants")
     v.add_argument("--imagebind", type=Path, help="imagebind_huge.pth (anomalygpt source)")
-    v.add_argument("--anomalygpt", type=Path, help="AnomalyGPT pytorch_model.pt (train_mvtec / train_visa / train_supervised)")
+    v.add_argument(
+        "--anomalygpt", type=Path, help="AnomalyGPT pytorch_model.pt (train_mvtec / train_visa / train_supervised)"
+    )
     v.add_argument("--pandagpt-delta", type=Path, help="PandaGPT delta pytorch_model.pt (provides llama_proj)")
-    v.add_argument("--random-weights", action="store_true", help="anomalygpt architecture with random weights (testing)")
+    v.add_argument(
+        "--random-weights", action="store_true", help="anomalygpt architecture with random weights (testing)"
+    )
     v.add_argument(
         "--bpe-vocab", type=Path, help="CLIP bpe_simple_vocab_16e6.txt.gz, to compute the decoder's text features"
     )

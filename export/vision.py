@@ -13,6 +13,7 @@ from anomalygpt_edge.engines.manifest import PatchLayer, Preprocess
 from anomalygpt_edge.export.bank_matcher import BankMatcher
 from anomalygpt_edge.export.bundle_writer import BundleWriter, log
 
+
 def export_efficientnet(args: argparse.Namespace, writer: BundleWriter) -> EngineBundle:
     """The embedded default: EfficientNet-Lite0 patch encoder + L2/cosine bank matcher."""
     from anomalygpt_edge.export import efficientnet_encoder as eff
@@ -20,7 +21,7 @@ def export_efficientnet(args: argparse.Namespace, writer: BundleWriter) -> Engin
     size = (args.image_size, args.image_size)
     log(f"loading EfficientNet-Lite0 ImageNet weights from {eff.weights_path()}")
     encoder = eff.EfficientNetPatchEncoder(eff.load_efficientnet_lite0(args.image_size)).eval()
-    grid = eff.EfficientNetPatchEncoder.grid_for(size)
+    grid = encoder.grid_for(size)
     dim = encoder.channels()
     writer.add_graph(
         "encoder",
@@ -43,7 +44,9 @@ def export_efficientnet(args: argparse.Namespace, writer: BundleWriter) -> Engin
     return writer.finish(
         source={
             "kind": "efficientnet-lite0",
-            "checkpoints": [{"name": "efficientnet-lite0-57934424.pth", "sha256": sha256_file(Path(eff.weights_path()))}],
+            "checkpoints": [
+                {"name": "efficientnet-lite0-57934424.pth", "sha256": sha256_file(Path(eff.weights_path()))}
+            ],
             "taps": list(eff.DEFAULT_TAPS),
             "licence": "Apache-2.0",
         },

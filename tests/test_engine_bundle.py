@@ -29,9 +29,9 @@ def test_manifest_describes_every_graph_and_preprocessing(default_bundle_dir: Pa
     assert m.schema_version == 1
     assert set(m.graphs) == {"encoder", "bank_matcher"}
     enc = m.graphs["encoder"]
-    assert enc.inputs[0].name == "pixel_values" and enc.inputs[0].shape == ("batch", 3, 224, 224)
-    assert enc.outputs[0].shape == ("batch", 784, 152)
-    assert m.graphs["bank_matcher"].input("bank_0").shape == ("bank", 152)
+    assert enc.inputs[0].name == "pixel_values" and enc.inputs[0].shape == ("batch", 3, 256, 256)
+    assert enc.outputs[0].shape == ("batch", 256, 112)
+    assert m.graphs["bank_matcher"].input("bank_0").shape == ("bank", 112)
     assert m.preprocess.mean == (0.5, 0.5, 0.5) and m.preprocess.color == "RGB"
     assert m.source["checkpoints"][0]["sha256"]
     assert all(len(f.sha256) == 64 and f.size > 0 for f in m.files.values())
@@ -41,17 +41,17 @@ def test_manifest_describes_every_graph_and_preprocessing(default_bundle_dir: Pa
 def test_bank_length_is_dynamic_so_enrolling_never_rebuilds_a_graph(default_bundle_dir: Path) -> None:
     bundle = EngineBundle.open(default_bundle_dir)
     matcher = bundle.engine("bank_matcher")
-    q = np.random.default_rng(0).standard_normal((2, 784, 152)).astype(np.float32)
+    q = np.random.default_rng(0).standard_normal((2, 256, 112)).astype(np.float32)
     for m in (1, 300, 5000):
-        bank = np.random.default_rng(m).standard_normal((m, 152)).astype(np.float32)
+        bank = np.random.default_rng(m).standard_normal((m, 112)).astype(np.float32)
         out = matcher.run({"q_0": q, "bank_0": bank})
-        assert out["anomaly_map"].shape == (2, 1, 224, 224)
-        assert out["patch_scores"].shape == (2, 784)
+        assert out["anomaly_map"].shape == (2, 1, 256, 256)
+        assert out["patch_scores"].shape == (2, 256)
 
 
 def test_bank_matcher_scores_zero_for_a_patch_in_the_bank(default_bundle_dir: Path) -> None:
     matcher = EngineBundle.open(default_bundle_dir).engine("bank_matcher")
-    q = np.random.default_rng(1).standard_normal((1, 784, 152)).astype(np.float32)
+    q = np.random.default_rng(1).standard_normal((1, 256, 112)).astype(np.float32)
     out = matcher.run({"q_0": q, "bank_0": q[0]})
     np.testing.assert_allclose(out["patch_scores"], 0.0, atol=2e-2)
 
@@ -68,7 +68,7 @@ sys.meta_path.insert(0, Block())
 import numpy as np
 from anomalygpt_edge.engines import EngineBundle
 b = EngineBundle.open({str(default_bundle_dir)!r})
-x = np.zeros((1, 3, 224, 224), np.float32)
+x = np.zeros((1, 3, 256, 256), np.float32)
 p = b.engine('encoder').run({{'pixel_values': x}})['patches_0']
 m = b.engine('bank_matcher').run({{'q_0': p, 'bank_0': p[0]}})['anomaly_map']
 assert 'torch' not in sys.modules
@@ -76,7 +76,7 @@ print('ok', p.shape, m.shape)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "ok (1, 784, 152) (1, 1, 224, 224)" in result.stdout
+    assert "ok (1, 256, 112) (1, 1, 256, 256)" in result.stdout
 
 
 def test_altered_graph_is_refused_naming_the_file(bundle_copy: Path) -> None:
@@ -142,9 +142,9 @@ def test_manifest_that_is_not_json_is_refused(bundle_copy: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        (np.zeros((1, 3, 200, 224), np.float32), r"pixel_values' must have shape \(batch, 3, 224, 224\)"),
-        (np.zeros((1, 3, 224, 224), np.float64), "pixel_values' must be float32, got float64"),
-        (np.zeros((3, 224, 224), np.float32), "must have shape"),
+        (np.zeros((1, 3, 200, 256), np.float32), r"pixel_values' must have shape \(batch, 3, 256, 256\)"),
+        (np.zeros((1, 3, 256, 256), np.float64), "pixel_values' must be float32, got float64"),
+        (np.zeros((3, 256, 256), np.float32), "must have shape"),
         ([[0.0]], "must be a numpy array"),
     ],
 )
@@ -157,7 +157,7 @@ def test_wrong_input_is_refused_naming_the_tensor(default_bundle_dir: Path, valu
 def test_missing_and_unexpected_inputs_are_listed(default_bundle_dir: Path) -> None:
     matcher = EngineBundle.open(default_bundle_dir).engine("bank_matcher")
     with pytest.raises(EngineError, match=r"missing \['bank_0'\].*unexpected \['bank'\]"):
-        matcher.run({"q_0": np.zeros((1, 784, 152), np.float32), "bank": np.zeros((4, 152), np.float32)})
+        matcher.run({"q_0": np.zeros((1, 256, 112), np.float32), "bank": np.zeros((4, 112), np.float32)})
 
 
 def test_unknown_backend_is_refused_with_the_known_ones() -> None:

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+
 from anomalygpt_edge.calibration import int8
 from anomalygpt_edge.engines import EngineBundle
 from anomalygpt_edge.engines.base import EngineError, available_backends, backend_names
@@ -58,16 +59,16 @@ def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_torch_backend_matches_onnx_runtime_on_the_default_encoder(default_bundle_dir: Path) -> None:
     ref, eng = _pair(EngineBundle.open(default_bundle_dir), "encoder")
-    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((2, 3, 256, 256)).astype(np.float32)
     want, got = ref.run({"pixel_values": x}), eng.run({"pixel_values": x})
-    assert got["patches_0"].shape == (2, 784, 152) and got["patches_0"].dtype == np.float32
+    assert got["patches_0"].shape == (2, 256, 112) and got["patches_0"].dtype == np.float32
     assert _max_rel(want["patches_0"], got["patches_0"]) < 1e-5
 
 
 def test_torch_backend_matches_onnx_runtime_on_the_bank_matcher(default_bundle_dir: Path) -> None:
     bundle = EngineBundle.open(default_bundle_dir)
     q = bundle.engine("encoder").run(
-        {"pixel_values": np.random.default_rng(1).standard_normal((3, 3, 224, 224)).astype(np.float32)}
+        {"pixel_values": np.random.default_rng(1).standard_normal((3, 3, 256, 256)).astype(np.float32)}
     )["patches_0"]
     ref, eng = _pair(bundle, "bank_matcher")
     feeds = {"q_0": q[:2], "bank_0": q[2]}  # queries not in the bank: no near-zero distances
@@ -75,13 +76,11 @@ def test_torch_backend_matches_onnx_runtime_on_the_bank_matcher(default_bundle_d
     for name in ("anomaly_map", "patch_scores"):
         assert _max_rel(want[name], got[name]) < 1e-5
     # Bank length is dynamic here too: enrolling more parts needs no reload.
-    assert eng.run({"q_0": q[:1], "bank_0": q[1:].reshape(-1, 152)})["anomaly_map"].shape == (1, 1, 224, 224)
+    assert eng.run({"q_0": q[:1], "bank_0": q[1:].reshape(-1, 112)})["anomaly_map"].shape == (1, 1, 256, 256)
 
 
 @pytest.mark.parametrize("graph", ["encoder", "bank_matcher", "decoder", "prompt_learner"])
-def test_torch_backend_runs_every_anomalygpt_graph_like_onnx_runtime(
-    tiny_anomalygpt_bundle: Path, graph: str
-) -> None:
+def test_torch_backend_runs_every_anomalygpt_graph_like_onnx_runtime(tiny_anomalygpt_bundle: Path, graph: str) -> None:
     ref, eng = _pair(EngineBundle.open(tiny_anomalygpt_bundle), graph)
     feeds = _feeds(ref, np.random.default_rng(2))
     want, got = ref.run(feeds), eng.run(feeds)
@@ -129,9 +128,7 @@ def test_torch_backend_refuses_a_graph_that_does_not_match_the_manifest(default_
     from anomalygpt_edge.engines.base import TensorSpec
 
     with pytest.raises(EngineError, match="does not match its manifest entry"):
-        TorchCudaEngine(
-            ref.path, [TensorSpec("image", ("batch", 3, 224, 224), "float32")], ref.outputs, device="cpu"
-        )
+        TorchCudaEngine(ref.path, [TensorSpec("image", ("batch", 3, 256, 256), "float32")], ref.outputs, device="cpu")
 
 
 def test_gpu_backends_register_but_auto_stays_on_the_cpu_here() -> None:
@@ -151,11 +148,11 @@ def test_cuda_graph_replay_matches_eager_and_follows_new_shapes(
     bundle = EngineBundle.open(default_bundle_dir)
     ref = bundle.engine("encoder", "fp16", backend="onnxruntime")
     eng = TorchCudaEngine(ref.path, ref.inputs, ref.outputs, device="cuda", cuda_graph=True)
-    x = np.random.default_rng(4).standard_normal((1, 3, 224, 224)).astype(np.float16)
+    x = np.random.default_rng(4).standard_normal((1, 3, 256, 256)).astype(np.float16)
     first, again = eng.run({"pixel_values": x}), eng.run({"pixel_values": x})
     np.testing.assert_array_equal(first["patches_0"], again["patches_0"])
     assert _max_rel(ref.run({"pixel_values": x})["patches_0"], first["patches_0"]) < 1e-2
-    x2 = np.random.default_rng(5).standard_normal((1, 3, 224, 224)).astype(np.float16)
+    x2 = np.random.default_rng(5).standard_normal((1, 3, 256, 256)).astype(np.float16)
     assert not np.array_equal(eng.run({"pixel_values": x2})["patches_0"], first["patches_0"])
     assert eng.run({"pixel_values": np.concatenate([x, x2])})["patches_0"].shape[0] == 2  # batch 2: eager
 
@@ -187,9 +184,7 @@ def test_calibration_batches_are_full_and_cycle_real_images() -> None:
         int8.calibration_batches(images, 0)
 
 
-def test_calibration_images_are_preprocessed_like_the_runtime(
-    default_bundle_dir: Path, tmp_path: Path
-) -> None:
+def test_calibration_images_are_preprocessed_like_the_runtime(default_bundle_dir: Path, tmp_path: Path) -> None:
     from anomalygpt_edge.runtime.preprocess import preprocess
 
     rng = np.random.default_rng(6)
@@ -200,7 +195,7 @@ def test_calibration_images_are_preprocessed_like_the_runtime(
     assert [p.name for p in paths] == ["part0.png", "part1.png", "part2.png"]
     spec = EngineBundle.open(default_bundle_dir).manifest.preprocess
     images = int8.load_preprocessed(paths, spec)
-    assert images[0].shape == (3, 224, 224) and images[0].dtype == np.float32
+    assert images[0].shape == (3, 256, 256) and images[0].dtype == np.float32
     np.testing.assert_array_equal(images[1], preprocess(cv2.imread(str(paths[1])), spec).pixel_values)
     (tmp_path / "empty").mkdir()
     with pytest.raises(int8.CalibrationError, match="holds no images"):
@@ -237,7 +232,7 @@ def test_image_digest_changes_with_content_and_names(tmp_path: Path) -> None:
 def test_numpy_patch_scores_match_the_exported_bank_matcher(default_bundle_dir: Path) -> None:
     bundle = EngineBundle.open(default_bundle_dir)
     q = bundle.engine("encoder").run(
-        {"pixel_values": np.random.default_rng(7).standard_normal((3, 3, 224, 224)).astype(np.float32)}
+        {"pixel_values": np.random.default_rng(7).standard_normal((3, 3, 256, 256)).astype(np.float32)}
     )["patches_0"]
     want = bundle.engine("bank_matcher").run({"q_0": q[:2], "bank_0": q[2]})["patch_scores"]
     got = int8.nearest_patch_scores(q[:2], q[2], bundle.manifest.matching["metric"])
@@ -277,7 +272,7 @@ from anomalygpt_edge.calibration import int8
 import anomalygpt_edge.export.engines_cli
 b = EngineBundle.open({str(default_bundle_dir)!r})
 assert resolve_backend('auto') == 'onnxruntime', available_backends()
-b.engine('encoder').run({{'pixel_values': np.zeros((1, 3, 224, 224), np.float32)}})
+b.engine('encoder').run({{'pixel_values': np.zeros((1, 3, 256, 256), np.float32)}})
 print('why', torch_cuda_backend.TorchCudaEngine.why_not(), '|', tensorrt_backend.TensorRTEngine.why_not())
 assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorrt', 'cuda', 'onnx')]
 print('ok')
