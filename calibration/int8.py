@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from anomalygpt_edge.engines.integrity import atomic_write_bytes, sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -90,9 +91,7 @@ def calibration_batches(images: Sequence[np.ndarray], batch_size: int) -> list[n
     n_batches = -(-len(images) // batch_size)
     order = [i % len(images) for i in range(n_batches * batch_size)]
     return [
-        np.ascontiguousarray(
-            np.stack([images[j] for j in order[b * batch_size : (b + 1) * batch_size]]), np.float32
-        )
+        np.ascontiguousarray(np.stack([images[j] for j in order[b * batch_size : (b + 1) * batch_size]]), np.float32)
         for b in range(n_batches)
     ]
 
@@ -154,6 +153,7 @@ def make_entropy_calibrator(
     no calibrators (INT8 needs Q/DQ nodes in the graph); the builder refuses int8 there first.
     """
     import tensorrt as trt
+
     from anomalygpt_edge.engines.tensorrt_backend import cuda_call, cudart
 
     if cudart is None:

@@ -89,8 +89,7 @@ class Engine(abc.ABC):
         extra = set(feeds) - expected
         if missing or extra:
             raise EngineError(
-                f"{self.name}: inputs must be {sorted(expected)}; missing {sorted(missing)}, "
-                f"unexpected {sorted(extra)}"
+                f"{self.name}: inputs must be {sorted(expected)}; missing {sorted(missing)}, unexpected {sorted(extra)}"
             )
         for spec in self.inputs:
             spec.check(feeds[spec.name], self.name)

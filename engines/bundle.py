@@ -81,7 +81,9 @@ class EngineBundle:
                 if entry.fp16_file is None:
                     raise BundleError(f"bundle {self.path}: graph '{graph}' has no fp16 variant")
                 file = entry.fp16_file
-                inputs = [type(s)(s.name, s.shape, "float16" if s.dtype == "float32" else s.dtype) for s in entry.inputs]
+                inputs = [
+                    type(s)(s.name, s.shape, "float16" if s.dtype == "float32" else s.dtype) for s in entry.inputs
+                ]
                 outputs = [
                     type(s)(s.name, s.shape, "float16" if s.dtype == "float32" else s.dtype) for s in entry.outputs
                 ]

@@ -92,9 +92,7 @@ def normalise_gpu_name(name: str | bytes) -> str:
 
 def key_mismatches(recorded: DeviceKey, current: DeviceKey) -> list[str]:
     """Names (in words) of the key fields that differ, in a fixed order; empty when the engine fits."""
-    return [
-        words for field, words in _FIELD_WORDS.items() if getattr(recorded, field) != getattr(current, field)
-    ]
+    return [words for field, words in _FIELD_WORDS.items() if getattr(recorded, field) != getattr(current, field)]
 
 
 def refusal_message(plan: str, recorded: DeviceKey, current: DeviceKey, bundle_dir: Path | str) -> str:
@@ -122,9 +120,7 @@ def missing_engine_message(graph: str, bundle_dir: Path | str) -> str:
     )
 
 
-def read_engine_records(
-    bundle_dir: Path, manifest_engines: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
+def read_engine_records(bundle_dir: Path, manifest_engines: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Engine records of a bundle, graph name -> record; ``engines.json`` wins over the manifest's.
 
     A malformed ``engines.json`` is an error (rather than "no engines") so that a damaged file is
@@ -136,9 +132,7 @@ def read_engine_records(
         try:
             data = json.loads(path.read_bytes())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EngineRecordError(
-                f"{path}: not valid JSON ({exc}); rebuild with `{REBUILD_COMMAND}`"
-            ) from exc
+            raise EngineRecordError(f"{path}: not valid JSON ({exc}); rebuild with `{REBUILD_COMMAND}`") from exc
         if not isinstance(data, dict) or not isinstance(data.get("engines"), dict):
             raise EngineRecordError(f"{path}: needs an 'engines' object; rebuild with `{REBUILD_COMMAND}`")
         if int(data.get("schema_version", 0)) > RECORDS_SCHEMA:

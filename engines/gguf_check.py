@@ -116,8 +116,7 @@ class _Reader:
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
             raise self.fail(
-                f"truncated or corrupt: {what} needs {n} bytes at offset {self.pos}, "
-                f"file has {self.size} bytes"
+                f"truncated or corrupt: {what} needs {n} bytes at offset {self.pos}, file has {self.size} bytes"
             )
 
     def unpack(self, fmt: str, what: str) -> object:
@@ -221,13 +220,7 @@ def _check(r: _Reader, path: Path, size: int) -> GGUFInfo:
         info.metadata[key] = r.value(vtype, f"metadata '{key}'")
 
     align = info.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if (
-        not isinstance(align, int)
-        or isinstance(align, bool)
-        or align <= 0
-        or align & (align - 1)
-        or align > 1 << 20
-    ):
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1) or align > 1 << 20:
         raise GGUFError(f"{path}: general.alignment {align!r} is not a power of two")
     info.alignment = align
 
@@ -249,9 +242,7 @@ def _check(r: _Reader, path: Path, size: int) -> GGUFInfo:
         if any(d == 0 for d in dims) or any(d > size * 8 for d in dims):
             raise GGUFError(f"{path}: tensor '{name}' has impossible shape {dims}")
         if dims[0] % block:
-            raise GGUFError(
-                f"{path}: tensor '{name}' row of {dims[0]} is not a multiple of the {tname} block {block}"
-            )
+            raise GGUFError(f"{path}: tensor '{name}' row of {dims[0]} is not a multiple of the {tname} block {block}")
         n_el = 1
         for d in dims:
             n_el *= d
@@ -265,8 +256,7 @@ def _check(r: _Reader, path: Path, size: int) -> GGUFInfo:
     info.data_offset = data_offset
     if data_offset > size and n_tensors:
         raise GGUFError(
-            f"{path}: truncated: header ends at {r.pos}, data would start at {data_offset}, "
-            f"file has {size} bytes"
+            f"{path}: truncated: header ends at {r.pos}, data would start at {data_offset}, file has {size} bytes"
         )
     end_prev, prev_name = 0, None
     for t in sorted(info.tensors, key=lambda t: t.offset):

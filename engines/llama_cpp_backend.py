@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from anomalygpt_edge.engines.gguf_check import check_gguf
 from anomalygpt_edge.engines.llm import (
     LLM,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from anomalygpt_edge.engines.base import EngineError
 
 #: One input segment: text (tokenized without BOS) or input embeddings of shape (n, n_embd).
@@ -237,8 +238,7 @@ def anomalygpt_first_turn(image_embed: np.ndarray, prompt_embeds: np.ndarray, qu
         raise LLMError(f"image embedding must be one vector, got shape {image_embed.shape}")
     if prompt_embeds.shape[1] != image_embed.shape[1]:
         raise LLMError(
-            f"prompt embeddings width {prompt_embeds.shape[1]} != "
-            f"image embedding width {image_embed.shape[1]}"
+            f"prompt embeddings width {prompt_embeds.shape[1]} != image embedding width {image_embed.shape[1]}"
         )
     return [IMG_OPEN, image_embed, IMG_CLOSE, prompt_embeds, question + ASSISTANT]
 
@@ -269,9 +269,7 @@ class AnomalyGPTChat:
             if image_embed is None or prompt_embeds is None:
                 raise LLMError("the first AnomalyGPT turn needs the image and prompt embeddings")
             if image_embed.shape[-1] != self.llm.n_embd:
-                raise LLMError(
-                    f"image embedding width {image_embed.shape[-1]} != model width {self.llm.n_embd}"
-                )
+                raise LLMError(f"image embedding width {image_embed.shape[-1]} != model width {self.llm.n_embd}")
             self.llm.reset()
             self.llm.feed([[self.llm.bos_id], *anomalygpt_first_turn(image_embed, prompt_embeds, question)])
         else:

@@ -35,9 +35,7 @@ class OnnxRuntimeEngine(Engine):
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
-    def __init__(
-        self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], threads: int | None = None
-    ):
+    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], threads: int | None = None):
         super().__init__(path, inputs, outputs)
         if not self.path.is_file():
             raise EngineError(f"graph file {self.path} does not exist")

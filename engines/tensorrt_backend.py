@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from anomalygpt_edge.engines.base import DTYPES, Engine, EngineError, TensorSpec, register_backend
 from anomalygpt_edge.engines.device_key import (
     DeviceKey,
@@ -219,19 +220,13 @@ class PlanRunner:
         if moved:
             self._drop_graph()  # a captured graph holds the old addresses, freed just now
         for name in self.input_names:
-            np.copyto(
-                self.buffers[name].host_view(shapes[name], self.dtypes[name]), feeds[name], casting="unsafe"
-            )
+            np.copyto(self.buffers[name].host_view(shapes[name], self.dtypes[name]), feeds[name], casting="unsafe")
         for name, buf in self.buffers.items():
             self.context.set_tensor_address(name, int(buf.device_ptr))
 
         batch_one = all(shapes[n][0] == 1 for n in self.batch_inputs)
         signature = tuple(sorted(all_shapes.items()))
-        if (
-            self.use_cuda_graph
-            and batch_one
-            and (self._graph_exec is None or signature != self._graph_signature)
-        ):
+        if self.use_cuda_graph and batch_one and (self._graph_exec is None or signature != self._graph_signature):
             try:
                 self._capture(all_shapes, signature)
             except EngineError as exc:
@@ -336,12 +331,9 @@ class TensorRTEngine(Engine):
         if not plan.is_file():
             raise EngineRecordError(f"{plan} is recorded in engines.json but missing; rebuild the engines")
         if verify_plan and (
-            plan.stat().st_size != int(self.record["plan_size"])
-            or sha256_file(plan) != self.record["plan_sha256"]
+            plan.stat().st_size != int(self.record["plan_size"]) or sha256_file(plan) != self.record["plan_sha256"]
         ):
-            raise EngineRecordError(
-                f"{plan} does not match its record in engines.json (truncated or replaced)"
-            )
+            raise EngineRecordError(f"{plan} does not match its record in engines.json (truncated or replaced)")
         batch = [s.name for s in inputs if s.shape and s.shape[0] == "batch"]
         self.runner = PlanRunner(plan, cuda_graph=cuda_graph, batch_inputs=batch)
         want_in, want_out = {s.name for s in inputs}, {s.name for s in outputs}
@@ -357,9 +349,7 @@ class TensorRTEngine(Engine):
         return {s.name: values[s.name].astype(DTYPES[s.dtype], copy=False) for s in self.outputs}
 
     def describe(self) -> str:
-        return (
-            f"tensorrt {self.precision} ({self.record['key'].get('gpu_name', '?')}, {self.runner.plan.name})"
-        )
+        return f"tensorrt {self.precision} ({self.record['key'].get('gpu_name', '?')}, {self.runner.plan.name})"
 
     @classmethod
     def why_not(cls) -> str | None:

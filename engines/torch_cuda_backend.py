@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from anomalygpt_edge.engines.base import DTYPES, Engine, EngineError, TensorSpec, register_backend
 
 # ONNX TensorProto element types -> torch dtype names (resolved lazily).
@@ -73,9 +74,7 @@ class OnnxTorchGraph:
         self.nodes: list[tuple[Callable, list[str], list[str], dict[str, Any], str]] = []
         unknown = sorted({n.op_type for n in graph.node if n.op_type not in _OPS})
         if unknown:
-            raise EngineError(
-                f"{Path(path).name}: the torch-cuda backend does not implement ONNX op(s) {unknown}"
-            )
+            raise EngineError(f"{Path(path).name}: the torch-cuda backend does not implement ONNX op(s) {unknown}")
         for node in graph.node:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             attrs["_device"] = self.device  # for ops that create data (ConstantOfShape)
@@ -277,17 +276,13 @@ def _pool(kind: str) -> Callable:
             pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
             return pool(x, k, strides, begin, dilation=list(attrs.get("dilations", [1] * nd)), ceil_mode=ceil)
         pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
-        return pool(
-            x, k, strides, begin, ceil_mode=ceil, count_include_pad=bool(attrs.get("count_include_pad", 0))
-        )
+        return pool(x, k, strides, begin, ceil_mode=ceil, count_include_pad=bool(attrs.get("count_include_pad", 0)))
 
     fn.__name__ = f"{kind}_pool"
     return fn
 
 
-def _resize(
-    torch: Any, attrs: Mapping, x: Any, roi: Any = None, scales: Any = None, sizes: Any = None
-) -> Any:
+def _resize(torch: Any, attrs: Mapping, x: Any, roi: Any = None, scales: Any = None, sizes: Any = None) -> Any:
     F = torch.nn.functional
     mode = _s(attrs.get("mode", "nearest"))
     ctm = _s(attrs.get("coordinate_transformation_mode", "half_pixel"))
@@ -336,9 +331,7 @@ def _pad(torch: Any, attrs: Mapping, x: Any, pads: Any, value: Any = None, axes:
     return F.pad(x, flat, mode={"reflect": "reflect", "edge": "replicate"}[mode])
 
 
-def _slice(
-    torch: Any, attrs: Mapping, x: Any, starts: Any, ends: Any, axes: Any = None, steps: Any = None
-) -> Any:
+def _slice(torch: Any, attrs: Mapping, x: Any, starts: Any, ends: Any, axes: Any = None, steps: Any = None) -> Any:
     st, en = _ints(starts), _ints(ends)
     ax = _ints(axes) if axes is not None else list(range(len(st)))
     sp = _ints(steps) if steps is not None else [1] * len(st)
@@ -450,9 +443,7 @@ def _gemm(torch: Any, attrs: Mapping, a: Any, b: Any, c: Any = None) -> Any:
 
 def _layer_norm(torch: Any, attrs: Mapping, x: Any, scale: Any, bias: Any = None) -> Any:
     axis = _norm_axis(int(attrs.get("axis", -1)), x.dim())
-    return torch.nn.functional.layer_norm(
-        x, x.shape[axis:], scale, bias, eps=float(attrs.get("epsilon", 1e-5))
-    )
+    return torch.nn.functional.layer_norm(x, x.shape[axis:], scale, bias, eps=float(attrs.get("epsilon", 1e-5)))
 
 
 def _expand(torch: Any, attrs: Mapping, x: Any, shape: Any) -> Any:
@@ -508,9 +499,7 @@ _OPS: dict[str, Callable] = {
     "Identity": _unary("Identity", lambda torch, x: x),
     "Shape": _unary("Shape", lambda torch, x: torch.tensor(list(x.shape), dtype=torch.int64)),
     "Softmax": _softmax,
-    "Gelu": lambda torch, attrs, x: torch.nn.functional.gelu(
-        x, approximate=_s(attrs.get("approximate", "none"))
-    ),
+    "Gelu": lambda torch, attrs, x: torch.nn.functional.gelu(x, approximate=_s(attrs.get("approximate", "none"))),
     "Transpose": lambda torch, attrs, x: x.permute(*(attrs.get("perm") or reversed(range(x.dim())))),
     "Flatten": lambda torch, attrs, x: x.reshape(
         int(np.prod(x.shape[: _norm_axis(int(attrs.get("axis", 1)), x.dim())], dtype=np.int64)), -1
@@ -616,9 +605,7 @@ class TorchCudaEngine(Engine):
                 out = self._static_out
             else:
                 out = self.graph(**self._feeds(feeds))
-            return {
-                s.name: out[s.name].cpu().numpy().astype(DTYPES[s.dtype], copy=False) for s in self.outputs
-            }
+            return {s.name: out[s.name].cpu().numpy().astype(DTYPES[s.dtype], copy=False) for s in self.outputs}
 
     def _capture(self, feeds: Mapping[str, np.ndarray], signature: tuple) -> None:
         """Record one run for these shapes into a CUDA graph (torch wants a side-stream warm-up first)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.engines.integrity import sha256_file
 from anomalygpt_edge.engines.manifest import PatchLayer, Preprocess
@@ -145,9 +146,7 @@ def build_modules(
             "pandagpt_delta (llama_proj; LoRA for the LLM)",
             ckpt.load_pandagpt_delta(pandagpt_delta, llama_proj),
         )
-    return AnomalyGPTModules(
-        cfg, vision, llama_proj, decoder, prompt_learner, text, tokenizer, records, random_parts
-    )
+    return AnomalyGPTModules(cfg, vision, llama_proj, decoder, prompt_learner, text, tokenizer, records, random_parts)
 
 
 def compute_text_features(mods: AnomalyGPTModules, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:

@@ -84,9 +84,7 @@ class AnomalyGPTConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` for sizes the architecture cannot take."""
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if not self.taps or max(self.taps) >= self.depth or min(self.taps) < 0:
@@ -156,9 +154,7 @@ class ImageBindVision(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.n_patches, d))
         self.pre_norm = nn.LayerNorm(d, eps=cfg.ln_eps)
-        self.blocks = nn.ModuleList(
-            VisionBlock(d, cfg.heads, cfg.mlp_ratio, cfg.ln_eps) for _ in range(cfg.depth)
-        )
+        self.blocks = nn.ModuleList(VisionBlock(d, cfg.heads, cfg.mlp_ratio, cfg.ln_eps) for _ in range(cfg.depth))
         self.head_norm = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.head_proj = nn.Linear(d, cfg.embed_dim, bias=False)
         # Random init at ImageBind's scale (openclip style), so random-weight exports have sane ranges.

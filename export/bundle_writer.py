@@ -110,7 +110,9 @@ class BundleWriter:
     def _record(self, name: str, seconds: float, note: str, external: list[str]) -> None:
         for f in [name, *external]:
             size = (self.tmp_dir / f).stat().st_size
-            self.written.append(WrittenFile(f, size, seconds if f == name else 0.0, note if f == name else "external data"))
+            self.written.append(
+                WrittenFile(f, size, seconds if f == name else 0.0, note if f == name else "external data")
+            )
             log(f"wrote {f} ({human_size(size)}, {seconds:.1f} s)")
 
     def finish(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from anomalygpt_edge.export.anomalygpt_models import (
     ImageBindText,
     ImageBindVision,
@@ -267,9 +268,7 @@ LORA_KEY = re.compile(
 )
 
 
-def load_pandagpt_delta(
-    path: str | Path, llama_proj: torch.nn.Linear, state: StateDict | None = None
-) -> LoadReport:
+def load_pandagpt_delta(path: str | Path, llama_proj: torch.nn.Linear, state: StateDict | None = None) -> LoadReport:
     """Load ``llama_proj`` from the PandaGPT delta and account for its LoRA keys.
 
     The LoRA A/B matrices belong to the LLM (merged there as W <- W + B·A); here they are checked
@@ -313,9 +312,7 @@ def imagebind_state_dict(vision: ImageBindVision, text: ImageBindText | None = N
     """The vision (and text) tensors of ``vision``/``text`` under their ``imagebind_huge.pth`` names."""
     out = {k: m.get_parameter(n).detach().clone() for k, (m, n) in imagebind_vision_keys(vision).items()}
     if text is not None:
-        out.update(
-            {k: m.get_parameter(n).detach().clone() for k, (m, n) in imagebind_text_keys(text).items()}
-        )
+        out.update({k: m.get_parameter(n).detach().clone() for k, (m, n) in imagebind_text_keys(text).items()})
         out["modality_preprocessors.text.mask"] = text.mask.clone()
         out["modality_postprocessors.text.1.log_logit_scale"] = torch.tensor(4.6052)
     return out
@@ -323,10 +320,7 @@ def imagebind_state_dict(vision: ImageBindVision, text: ImageBindText | None = N
 
 def anomalygpt_state_dict(decoder: TextMatchingDecoder, prompt_learner: PromptLearner) -> StateDict:
     """Decoder and prompt-learner tensors under their AnomalyGPT checkpoint names."""
-    return {
-        k: m.get_parameter(n).detach().clone()
-        for k, (m, n) in anomalygpt_keys(decoder, prompt_learner).items()
-    }
+    return {k: m.get_parameter(n).detach().clone() for k, (m, n) in anomalygpt_keys(decoder, prompt_learner).items()}
 
 
 def lora_key(layer: int, proj: str, ab: str) -> str:

@@ -33,22 +33,16 @@ def add_export_target(targets: argparse._SubParsersAction) -> None:
         "their keys (GPU, compute capability, TensorRT version, bundle hash) in engines.json. Graphs whose "
         "engine is up to date are skipped. First builds take minutes on a Jetson.",
     )
-    e.add_argument(
-        "--bundle", type=Path, default=DEFAULT_BUNDLE, help=f"bundle folder (default {DEFAULT_BUNDLE})"
-    )
+    e.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help=f"bundle folder (default {DEFAULT_BUNDLE})")
     e.add_argument("--precision", choices=PRECISIONS, default="fp16", help="fp16 (default) or int8 encoder")
-    e.add_argument(
-        "--calib-images", type=Path, help="golden images for INT8 calibration (20%% held out to check)"
-    )
+    e.add_argument("--calib-images", type=Path, help="golden images for INT8 calibration (20%% held out to check)")
     e.add_argument(
         "--workspace-gb",
         type=float,
         default=1.0,
         help="builder workspace limit, GB (default 1; Jetsons run out above)",
     )
-    e.add_argument(
-        "--max-batch", type=_positive_int, default=8, help="largest batch the engines accept (default 8)"
-    )
+    e.add_argument("--max-batch", type=_positive_int, default=8, help="largest batch the engines accept (default 8)")
     e.add_argument(
         "--max-shots",
         type=_positive_int,

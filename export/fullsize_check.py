@@ -30,6 +30,7 @@ def export_full(out: Path, fp16: bool, seed: int, preset: str = "full") -> dict[
     """Build, check counts, export; also save PyTorch reference encoder outputs for one image."""
     import numpy as np
     import torch
+
     from anomalygpt_edge.export.anomalygpt_export import build_modules, write_bundle
     from anomalygpt_edge.export.anomalygpt_models import (
         PRESETS,
@@ -92,6 +93,7 @@ def export_full(out: Path, fp16: bool, seed: int, preset: str = "full") -> dict[
 def run_bundle(bundle_dir: Path, precisions: list[str]) -> dict[str, Any]:
     """Open the bundle (verifying hashes) and run every graph once; compare with the reference."""
     import numpy as np
+
     from anomalygpt_edge.engines import EngineBundle
 
     result: dict[str, Any] = {}
@@ -117,9 +119,7 @@ def run_bundle(bundle_dir: Path, precisions: list[str]) -> dict[str, Any]:
             return out
 
         out = run("encoder", {"pixel_values": ref["pixel_values"].astype(dt)})
-        r["encoder_max_abs_diff_vs_torch"] = {
-            k: float(np.abs(out[k].astype(np.float32) - ref[k]).max()) for k in out
-        }
+        r["encoder_max_abs_diff_vs_torch"] = {k: float(np.abs(out[k].astype(np.float32) - ref[k]).max()) for k in out}
         shapes = {k: list(v.shape) for k, v in out.items()}
         n, llm = (cfg["image_size"] // cfg["patch_size"]) ** 2, m.llm["width"]
         assert shapes["image_embed"] == [1, cfg["embed_dim"]] and shapes["img_llm"] == [1, 1, llm], shapes
@@ -165,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    figures: dict[str, Any] = {
-        "command": "python -m anomalygpt_edge.export.fullsize_check " + " ".join(sys.argv[1:])
-    }
+    figures: dict[str, Any] = {"command": "python -m anomalygpt_edge.export.fullsize_check " + " ".join(sys.argv[1:])}
     # The 1-minute load average shows how much other work shared the CPU during the timings.
     figures["loadavg_1m_at_start"] = os.getloadavg()[0]
     figures.update(export_full(args.out, not args.no_fp16, args.seed, args.preset))

@@ -102,10 +102,7 @@ class BackendPath:
 
         def typed(specs: list[TensorSpec]) -> list[TensorSpec]:
             # The FP16 graphs take and return float16 where the manifest (FP32 graph) says float32.
-            return [
-                TensorSpec(s.name, s.shape, "float16" if half and s.dtype == "float32" else s.dtype)
-                for s in specs
-            ]
+            return [TensorSpec(s.name, s.shape, "float16" if half and s.dtype == "float32" else s.dtype) for s in specs]
 
         self.engines = {}
         for graph in ("encoder", "decoder", "prompt_learner"):
@@ -155,13 +152,9 @@ def errors(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, dict[str, floa
 def main(argv: list[str] | None = None) -> int:
     """Run the parity check and the benchmark; returns the exit code (1 when parity fails)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--size", choices=("full", "tiny"), default="full", help="architecture size (tiny: smoke test)"
-    )
+    p.add_argument("--size", choices=("full", "tiny"), default="full", help="architecture size (tiny: smoke test)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test only)")
-    p.add_argument(
-        "--bundle", type=Path, help="an anomalygpt bundle exported with --random-weights and --seed"
-    )
+    p.add_argument("--bundle", type=Path, help="an anomalygpt bundle exported with --random-weights and --seed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=50, help="timed calls per configuration")
     p.add_argument("--warmup", type=int, default=10)
@@ -176,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            "gpu_bench: torch sees no CUDA device (use --device cpu --size tiny for a smoke test)"
-        )
+        raise SystemExit("gpu_bench: torch sees no CUDA device (use --device cpu --size tiny for a smoke test)")
     cfg = PRESETS[args.size]
     mods = build_modules(cfg, random_weights=True, seed=args.seed)
     report: dict[str, Any] = {
@@ -192,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         ),
         "size": args.size,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "seed": args.seed,
@@ -229,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             results["eager fp16"] = {"parity": errors(ref, eager16(h1, ht))}
             runners["eager fp16"] = (lambda: eager16(h1, ht), lambda: eager16(hb, ht))
     if not args.skip_backend:
-        precision = (
-            "fp16" if device.type == "cuda" else "fp32"
-        )  # CPU fp16 convolutions are not a product path
+        precision = "fp16" if device.type == "cuda" else "fp32"  # CPU fp16 convolutions are not a product path
         backend = BackendPath(bundle_dir, precision, args.device, cuda_graph=device.type == "cuda")
         n1, nb, nt = x1.numpy(), xb.numpy(), text.numpy()
         results[f"torch-cuda {precision}"] = {"parity": errors(ref, backend(n1, nt))}
@@ -251,13 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         entry[f"speedup_batch{args.batch}_vs_eager_fp32"] = entry[key] / base[key]
     report["results"] = results
 
-    print(
-        f"AnomalyGPT vision path ({args.size}, random weights) on {report['device']}, "
-        f"torch {torch.__version__}"
-    )
-    print(
-        f"{'path':<18} {'b1 p50 ms':>10} {'b1 p99 ms':>10} {f'b{args.batch} img/s':>10} {'x fp32':>7}  parity"
-    )
+    print(f"AnomalyGPT vision path ({args.size}, random weights) on {report['device']}, torch {torch.__version__}")
+    print(f"{'path':<18} {'b1 p50 ms':>10} {'b1 p99 ms':>10} {f'b{args.batch} img/s':>10} {'x fp32':>7}  parity")
     failed = False
     for name, e in results.items():
         parity = e.get("parity", {})
@@ -266,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         # FP16 tolerance: 2% of the output's range and a correlation above 0.999 for every output.
         ok = worst <= 0.02 and corr >= 0.999
         failed |= bool(parity) and not ok
-        text_parity = (
-            "reference" if not parity else f"max rel {worst:.2e}, corr {corr:.5f} {'OK' if ok else 'FAIL'}"
-        )
+        text_parity = "reference" if not parity else f"max rel {worst:.2e}, corr {corr:.5f} {'OK' if ok else 'FAIL'}"
         print(
             f"{name:<18} {e['batch1']['p50_ms']:>10.2f} {e['batch1']['p99_ms']:>10.2f} "
             f"{e[f'batch{args.batch}_images_per_s']:>10.1f} {e['speedup_p50_vs_eager_fp32']:>7.2f}  "

@@ -26,12 +26,8 @@ def add_export_target(targets: argparse._SubParsersAction) -> None:
         help="HF LLaMA folder: config.json, tokenizer.model, *.safetensors or pytorch_model*.bin",
     )
     lora = p.add_mutually_exclusive_group(required=True)
-    lora.add_argument(
-        "--lora", type=Path, help="PandaGPT delta (pytorch_model.pt or .safetensors) with lora_A/lora_B"
-    )
-    lora.add_argument(
-        "--no-lora", action="store_true", help="export the base model as is (not AnomalyGPT's LLM)"
-    )
+    lora.add_argument("--lora", type=Path, help="PandaGPT delta (pytorch_model.pt or .safetensors) with lora_A/lora_B")
+    lora.add_argument("--no-lora", action="store_true", help="export the base model as is (not AnomalyGPT's LLM)")
     p.add_argument("--lora-r", type=int, default=32, help="LoRA rank (PandaGPT: 32)")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (PandaGPT: 32, so scale 1.0)")
     p.add_argument("--out", type=Path, required=True, help="folder for the GGUF files and llm.json")

@@ -45,9 +45,7 @@ VICUNA_V0_TEMPLATE = (
 )
 # HF checkpoints of that era carry RoPE caches as buffers; they are recomputed, never stored.
 _IGNORED_BASE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-_LORA_KEY = re.compile(
-    r"^(?:.*\.)?layers\.(\d+)\.self_attn\.([qkvo])_proj\.lora_([AB])(?:\.default)?\.weight$"
-)
+_LORA_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.self_attn\.([qkvo])_proj\.lora_([AB])(?:\.default)?\.weight$")
 _IGNORED_DELTA = re.compile(r"^(?:.*\.)?llama_proj\.(weight|bias)$")
 
 # sentencepiece piece types and llama.cpp's GGUF token types share their numbering: 1 normal,
@@ -503,15 +501,11 @@ def write_gguf(
     for i in range(cfg.layers):
         p = f"model.layers.{i}."
         order += [p + "input_layernorm.weight"] + [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
-        order += [p + "post_attention_layernorm.weight"] + [
-            p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")
-        ]
+        order += [p + "post_attention_layernorm.weight"] + [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
     order += ["model.norm.weight", "lm_head.weight"]
     for n in order:
         dt = np.float32 if len(shapes[n]) == 1 else np.float16
-        w.add_tensor_info(
-            gguf_name(n), shapes[n], np.dtype(dt), int(np.prod(shapes[n])) * np.dtype(dt).itemsize
-        )
+        w.add_tensor_info(gguf_name(n), shapes[n], np.dtype(dt), int(np.prod(shapes[n])) * np.dtype(dt).itemsize)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -559,6 +553,7 @@ QUANT_FTYPES = {"q4_k_m": ("Q4_K_M", 15), "q8_0": ("Q8_0", 7)}
 def quantize(src: Path, dst: Path, kind: str, threads: int = 0) -> None:
     """Quantise ``src`` into ``dst`` with llama.cpp's ``llama_model_quantize``."""
     import llama_cpp
+
     from anomalygpt_edge.engines.llama_cpp_backend import _set_verbose
 
     _set_verbose(False)

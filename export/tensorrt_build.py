@@ -90,9 +90,7 @@ def _patches_for_bank(entry: GraphEntry, bank_name: str) -> int:
     for spec in entry.inputs:
         if spec.name == f"q_{suffix}" and len(spec.shape) == 3 and isinstance(spec.shape[1], int):
             return int(spec.shape[1])
-    raise BuildError(
-        f"graph {entry.file}: cannot tell patches per image for '{bank_name}' (no matching q_{suffix})"
-    )
+    raise BuildError(f"graph {entry.file}: cannot tell patches per image for '{bank_name}' (no matching q_{suffix})")
 
 
 def profile_shapes(
@@ -111,9 +109,7 @@ def profile_shapes(
     if max_batch < 1 or not 1 <= opt_batch <= max_batch:
         raise BuildError(f"need 1 <= opt batch ({opt_batch}) <= max batch ({max_batch})")
     if max_shots < 1 or opt_shots < 1:
-        raise BuildError(
-            f"need at least 1 golden image in the bank profile (opt {opt_shots}, max {max_shots})"
-        )
+        raise BuildError(f"need at least 1 golden image in the bank profile (opt {opt_shots}, max {max_shots})")
     opt_shots = min(opt_shots, max_shots)
     shapes: dict[str, ProfileShape] = {}
     for spec in entry.inputs:
@@ -332,9 +328,7 @@ def _source_onnx(entry: GraphEntry, precision: str) -> tuple[str, str]:
         return entry.file, "int8"
     if entry.fp16_file:
         return entry.fp16_file, "fp16"
-    log(
-        f"{entry.file}: the bundle has no FP16 variant; building FP32 (re-export without --no-fp16 for speed)"
-    )
+    log(f"{entry.file}: the bundle has no FP16 variant; building FP32 (re-export without --no-fp16 for speed)")
     return entry.file, "fp32"
 
 
@@ -344,9 +338,7 @@ def int8_method(requested: str, tensorrt_version: str) -> str:
     if requested == "auto":
         return "calibrator" if major < 11 else "qdq"
     if requested == "calibrator" and major >= 11:
-        raise BuildError(
-            f"--int8-method calibrator: TensorRT {tensorrt_version} has no calibrators; use qdq (or auto)"
-        )
+        raise BuildError(f"--int8-method calibrator: TensorRT {tensorrt_version} has no calibrators; use qdq (or auto)")
     if requested not in INT8_METHODS:
         raise BuildError(f"--int8-method must be one of {INT8_METHODS}")
     return requested
@@ -412,11 +404,10 @@ def _int8_encoder(
     return plan, seconds, extras, (calib_images, held_paths)
 
 
-def _int8_accuracy(
-    bundle: Any, fp16_plan: Path, int8_plan: Path, calib_images: list, held_paths: list
-) -> str:
+def _int8_accuracy(bundle: Any, fp16_plan: Path, int8_plan: Path, calib_images: list, held_paths: list) -> str:
     """Encode held-out images with both engines and compare scores against an FP16 bank."""
     import numpy as np
+
     from anomalygpt_edge.calibration import int8
     from anomalygpt_edge.engines.tensorrt_backend import PlanRunner
 
@@ -472,6 +463,7 @@ def _calibration_identity(args: argparse.Namespace, tensorrt_version: str) -> di
 
 def _build_all(args: argparse.Namespace) -> int:
     import tensorrt as trt
+
     from anomalygpt_edge.engines.bundle import EngineBundle
     from anomalygpt_edge.engines.tensorrt_backend import current_key
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from anomalygpt_edge.engines.llm import LLM, GenerationConfig, create_llm
 from anomalygpt_edge.runtime.verdict import LOCATION_WORDS, Verdict
 
@@ -69,9 +70,7 @@ def findings_text(verdict: Verdict) -> str:
     elif verdict.verdict == "OK":
         lines.append("Decision: OK - the part is good (no anomaly was found).")
     else:
-        lines.append(
-            f"Decision: ERROR - the part could not be inspected ({verdict.reason or 'unknown reason'})."
-        )
+        lines.append(f"Decision: ERROR - the part could not be inspected ({verdict.reason or 'unknown reason'}).")
     if verdict.verdict != "ERROR":
         ratio = verdict.score / verdict.threshold if verdict.threshold > 0 else float("inf")
         relation = "above" if verdict.score > verdict.threshold else "below"
@@ -82,9 +81,7 @@ def findings_text(verdict: Verdict) -> str:
     if verdict.verdict == "NG" and verdict.regions:
         lines.append(f"Anomalous regions: {len(verdict.regions)}.")
         for i, r in enumerate(verdict.regions, 1):
-            lines.append(
-                f"Region {i}: at the {r.location} of the image, covering {r.area_pct:.1f}% of the image."
-            )
+            lines.append(f"Region {i}: at the {r.location} of the image, covering {r.area_pct:.1f}% of the image.")
     return "\n".join(lines)
 
 
@@ -107,9 +104,7 @@ _NEGATED = re.compile(
     r"[\w\s,'-]{0,40}?\b" + _ANOMALY,
     re.IGNORECASE,
 )
-_GOOD = re.compile(
-    r"\b(is|looks|appears|seems)\s+(normal|good|fine|ok|okay|flawless|perfect)\b", re.IGNORECASE
-)
+_GOOD = re.compile(r"\b(is|looks|appears|seems)\s+(normal|good|fine|ok|okay|flawless|perfect)\b", re.IGNORECASE)
 _CLAIM = re.compile(r"\b" + _ANOMALY + r"\b|\byes\b", re.IGNORECASE)
 _DENIAL = re.compile(r"^\W*no\b", re.IGNORECASE)
 

@@ -45,17 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("image", type=Path, help="image file (any format OpenCV reads)")
     a.add_argument("question", nargs="?", default="Is there any anomaly in the image?")
     a.add_argument("--recipe", required=True, help="recipe name (see `anomalygpt-edge enroll`)")
-    a.add_argument(
-        "--store", type=Path, default=Path("recipes"), help="recipe store folder (default: ./recipes)"
-    )
-    a.add_argument(
-        "--bundle", type=Path, help="engine bundle (default: the one the recipe was enrolled with)"
-    )
+    a.add_argument("--store", type=Path, default=Path("recipes"), help="recipe store folder (default: ./recipes)")
+    a.add_argument("--bundle", type=Path, help="engine bundle (default: the one the recipe was enrolled with)")
     a.add_argument("--model", type=Path, help="GGUF model (default: the embedded SmolLM2-135M-Instruct)")
     mode = a.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--chat", action="store_true", help="keep asking follow-up questions (stdin), streaming"
-    )
+    mode.add_argument("--chat", action="store_true", help="keep asking follow-up questions (stdin), streaming")
     mode.add_argument("--json", action="store_true", help="print one JSON object: verdict and answer")
     _generation_args(a)
     a.set_defaults(handler="anomalygpt_edge.runtime.llm_cli:run_ask")
@@ -73,9 +67,7 @@ def add_bench_target(targets: argparse._SubParsersAction) -> None:
     b.add_argument("--json", type=Path, required=True, dest="json_out", help="write the figures here")
     b.add_argument("--model", type=Path, help="GGUF model (default: the embedded SmolLM2-135M-Instruct)")
     b.add_argument("--n-gen", type=int, default=64, help="tokens generated per run (default 64)")
-    b.add_argument(
-        "--repeats", type=int, default=3, help="timed runs per path, after one warm-up (default 3)"
-    )
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per path, after one warm-up (default 3)")
     b.add_argument("--threads", type=int, help="CPU threads for both paths (default: half the cores)")
     b.set_defaults(handler="anomalygpt_edge.runtime.llm_cli:run_bench")
 
@@ -92,12 +84,8 @@ def _default_store() -> Path:
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument(
-        "--temperature", type=float, help="default 0.2 (text prompt) or 1.0 (AnomalyGPT, as the reference)"
-    )
-    p.add_argument(
-        "--top-p", type=float, help="default 0.9 (text prompt) or 0.01 (AnomalyGPT, as the reference)"
-    )
+    p.add_argument("--temperature", type=float, help="default 0.2 (text prompt) or 1.0 (AnomalyGPT, as the reference)")
+    p.add_argument("--top-p", type=float, help="default 0.9 (text prompt) or 0.01 (AnomalyGPT, as the reference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for the LLM (default: half the cores)")
 
@@ -113,6 +101,7 @@ def run_ask(args: argparse.Namespace) -> int:
     the 18 prompt vectors go in through the embedding input, as in AnomalyGPT itself.
     """
     import cv2
+
     from anomalygpt_edge.engines.llm import GenerationConfig, LLMError, create_llm
     from anomalygpt_edge.runtime.explain import (
         AnomalyGPTExplainer,
@@ -141,9 +130,7 @@ def run_ask(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return fail(f"{exc}; {llm.path.name} is AnomalyGPT's LLM and needs an AnomalyGPT bundle")
         if img.shape[1] != llm.n_embd:
-            return fail(
-                f"the bundle's image vectors are {img.shape[1]} wide, {llm.path.name} takes {llm.n_embd}"
-            )
+            return fail(f"the bundle's image vectors are {img.shape[1]} wide, {llm.path.name} takes {llm.n_embd}")
         config = GenerationConfig(
             max_tokens=args.max_tokens,
             temperature=1.0 if args.temperature is None else args.temperature,
@@ -204,9 +191,7 @@ def run_ask(args: argparse.Namespace) -> int:
         reply = explainer.follow_up(question, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         sys.stdout.write("\n")
         if reply.replaced:
-            print(
-                f"[that answer contradicts the verdict ({reply.replaced}); the inspection says: {reply.text}]"
-            )
+            print(f"[that answer contradicts the verdict ({reply.replaced}); the inspection says: {reply.text}]")
     return 0
 
 
@@ -223,12 +208,8 @@ def _bench_prompt(llm) -> str:  # noqa: ANN001 - an LLM
         Region((40, 20, 60, 50), 4.2, 0.91, "top left"),
         Region((150, 160, 30, 20), 1.1, 0.7, "bottom right"),
     ]
-    verdict = Verdict(
-        "NG", 0.83, 0.41, "magnetic-tile", regions, anomaly_sentence([r.location for r in regions])
-    )
-    return llm.chat_prompt(
-        explanation_messages(verdict, "Describe the anomalies in detail for the operator.")
-    )
+    verdict = Verdict("NG", 0.83, 0.41, "magnetic-tile", regions, anomaly_sentence([r.location for r in regions]))
+    return llm.chat_prompt(explanation_messages(verdict, "Describe the anomalies in detail for the operator."))
 
 
 def _time_ours(llm, ids: list[int], k: int, n_gen: int) -> dict:  # noqa: ANN001
@@ -241,9 +222,7 @@ def _time_ours(llm, ids: list[int], k: int, n_gen: int) -> dict:  # noqa: ANN001
     llm.feed([ids[:k], rows, ids[k + N_INJECTED :]])
     feed_s = time.perf_counter() - t0
     gen = llm.generate(GenerationConfig(max_tokens=n_gen, temperature=0.0, stop=(), ignore_eos=True))
-    return _figures(
-        len(ids), feed_s + gen.first_token_s, gen.n_tokens, gen.total_s - gen.first_token_s, gen.tokens
-    )
+    return _figures(len(ids), feed_s + gen.first_token_s, gen.n_tokens, gen.total_s - gen.first_token_s, gen.tokens)
 
 
 def _figures(n_prompt: int, ttft: float, n_gen: int, gen_s: float, tokens: list[int]) -> dict:
@@ -286,6 +265,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     """Handler of ``anomalygpt-edge bench llm``."""
     import llama_cpp
+
     from anomalygpt_edge.engines.llm import create_llm
     from anomalygpt_edge.runtime.explain import default_model_path
 
@@ -311,11 +291,7 @@ def run_bench(args: argparse.Namespace) -> int:
         # Alternate the order so drifting background load hits both paths alike.
         order = ("plain", "ours") if rep % 2 else ("ours", "plain")
         for name in order:
-            r = (
-                _time_ours(ours, ids, k, args.n_gen)
-                if name == "ours"
-                else _time_plain(plain, ids, args.n_gen)
-            )
+            r = _time_ours(ours, ids, k, args.n_gen) if name == "ours" else _time_plain(plain, ids, args.n_gen)
             if rep:
                 runs[name].append(r)
     summary: dict[str, dict] = {}
@@ -325,9 +301,7 @@ def run_bench(args: argparse.Namespace) -> int:
         } | {"runs": [{k2: round(v, 4) for k2, v in r.items() if k2 != "tokens"} for r in rs]}
     # Greedy decoding on both paths: the texts agree until a near-tie, where splitting the prompt
     # into three llama_decode calls (text, embeddings, text) changes float summation order.
-    agree = min(
-        _common_prefix(r["tokens"], p["tokens"]) for r, p in zip(runs["ours"], runs["plain"], strict=True)
-    )
+    agree = min(_common_prefix(r["tokens"], p["tokens"]) for r, p in zip(runs["ours"], runs["plain"], strict=True))
     result = {
         "model": Path(model).name,
         "threads": threads,

@@ -83,9 +83,7 @@ def crop_roi(image: np.ndarray, roi: tuple[int, int, int, int] | None, name: str
     return image[y : y + h, x : x + w]
 
 
-def preprocess(
-    image: np.ndarray, spec: Preprocess, resize: str | None = None, name: str = "image"
-) -> Prepared:
+def preprocess(image: np.ndarray, spec: Preprocess, resize: str | None = None, name: str = "image") -> Prepared:
     """Apply the manifest's preprocessing (``resize`` may override the mode, e.g. from a recipe)."""
     rgb = to_rgb(image, name)
     H, W = rgb.shape[:2]
@@ -128,6 +126,10 @@ def map_to_source(anomaly_map: np.ndarray, prepared: Prepared) -> np.ndarray:
     sx, sy = mw / (x1 - x0), mh / (y1 - y0)
     m = np.array([[sx, 0, -x0 * sx + 0.5 * sx - 0.5], [0, sy, -y0 * sy + 0.5 * sy - 0.5]], np.float32)
     return cv2.warpAffine(
-        anomaly_map.astype(np.float32), m, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_CONSTANT, borderValue=0.0,
+        anomaly_map.astype(np.float32),
+        m,
+        (W, H),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
     )

@@ -102,8 +102,13 @@ class Verdict:
     def error(cls, recipe: str, reason: str, **extra: Any) -> Verdict:
         """The fail-safe answer: an explicit ERROR with its reason, never silence."""
         return cls(
-            verdict="ERROR", score=float("nan"), threshold=float("nan"), recipe=recipe,
-            sentence="The part could not be inspected.", reason=reason, **extra,
+            verdict="ERROR",
+            score=float("nan"),
+            threshold=float("nan"),
+            recipe=recipe,
+            sentence="The part could not be inspected.",
+            reason=reason,
+            **extra,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from anomalygpt_edge.engines import EngineBundle
 from anomalygpt_edge.engines.integrity import sha256_file
 from anomalygpt_edge.export import checkpoints as ckpt
@@ -397,9 +398,7 @@ def test_incomplete_lora_delta_is_refused(files: dict[str, Path], tmp_path: Path
 def test_loader_reads_the_unprefixed_peft_lora_names_too(files: dict[str, Path], tmp_path: Path) -> None:
     state = {k.replace(".default", ""): v for k, v in ckpt.read_state_dict(files["pandagpt_delta"]).items()}
     torch.save(state, tmp_path / "old_peft.pt")
-    report = ckpt.load_pandagpt_delta(
-        tmp_path / "old_peft.pt", torch.nn.Linear(TINY.embed_dim, TINY.llm_width)
-    )
+    report = ckpt.load_pandagpt_delta(tmp_path / "old_peft.pt", torch.nn.Linear(TINY.embed_dim, TINY.llm_width))
     assert report.info["lora_tensors"] == LORA_LAYERS * 8
 
 

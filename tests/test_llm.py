@@ -280,9 +280,7 @@ def test_worker_never_blocks_the_producer_and_counts_dropped_requests() -> None:
         gate.wait(10)  # a stuck LLM: holds the worker until released
         return Explanation(req.verdict.sentence, "template")
 
-    worker = ExplanationWorker(
-        slow_explain, lambda req, ex: results.append(req.verdict_id), max_queue=2, max_age_s=0.3
-    )
+    worker = ExplanationWorker(slow_explain, lambda req, ex: results.append(req.verdict_id), max_queue=2, max_age_s=0.3)
     try:
         worker.submit(ExplainRequest(ng_verdict("top"), verdict_id="v0", key="cam1"))
         assert started.wait(5)

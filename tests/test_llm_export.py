@@ -219,10 +219,7 @@ def hf_reference_logits(sd: dict, lora: dict | None, cfg: dict, ids: list[int]) 
         h = rms(x, W[p + "post_attention_layernorm.weight"])
         x = (
             x
-            + (
-                torch.nn.functional.silu(h @ W[p + "mlp.gate_proj.weight"].T)
-                * (h @ W[p + "mlp.up_proj.weight"].T)
-            )
+            + (torch.nn.functional.silu(h @ W[p + "mlp.gate_proj.weight"].T) * (h @ W[p + "mlp.up_proj.weight"].T))
             @ W[p + "mlp.down_proj.weight"].T
         )
     x = rms(x, W["model.norm.weight"])
@@ -280,9 +277,7 @@ def test_exported_tokenizer_metadata_and_template(tiny: dict) -> None:
         vocab = [p for p, _, _ in tiny["vocab"]]
         # llama.cpp's SPM tokenizer adds the "▁" prefix and merges to the whole-word pieces.
         assert llm.tokenize("Human") == [vocab.index("▁Human")]
-        assert llm.tokenize("Is there any anomaly") == [
-            vocab.index(w) for w in ("▁Is", "▁there", "▁any", "▁anomaly")
-        ]
+        assert llm.tokenize("Is there any anomaly") == [vocab.index(w) for w in ("▁Is", "▁there", "▁any", "▁anomaly")]
         assert llm.tokenize("\n")[-1] == vocab.index("<0x0A>")  # byte fallback
         assert llm.bos_id == 1
         assert "### Assistant:" in llm.metadata("tokenizer.chat_template")

@@ -1,0 +1,202 @@
+"""Implementations of ``enroll``, ``calibrate`` and ``inspect`` (see runtime/cli.py for arguments)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from anomalygpt_edge.calibration.threshold import refine_with_labels
+from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.engines.integrity import atomic_write_bytes
+from anomalygpt_edge.runtime.cli import DEFAULT_BUNDLE
+from anomalygpt_edge.runtime.enrollment import Enroller, EnrollmentResult
+from anomalygpt_edge.runtime.heatmap import overlay
+from anomalygpt_edge.runtime.inspector import Inspector
+from anomalygpt_edge.runtime.preprocess import ImageError, read_image
+from anomalygpt_edge.runtime.recipes import RecipeError, RecipeStore
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def list_images(path: Path) -> list[Path]:
+    """Image files in a folder (sorted), or the file itself; a clear error when there are none."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ImageError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ImageError(f"{path}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def _bundle_for(args: argparse.Namespace, store: RecipeStore) -> EngineBundle:
+    if args.bundle is not None:
+        return EngineBundle.open(args.bundle, backend=args.backend)
+    if store.exists(args.recipe):
+        return EngineBundle.open(store.load(args.recipe).bundle_path, backend=args.backend)
+    return EngineBundle.open(DEFAULT_BUNDLE, backend=args.backend)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def print_enrollment(result: EnrollmentResult, as_json: bool) -> None:
+    """Human summary (or JSON) of an enrollment step."""
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    r = result.recipe
+    print(
+        f"recipe {r.name}: {len(r.samples)} golden samples, bank v{r.bank_version}, "
+        f"{'LIVE' if r.live else 'NOT LIVE'}  ({result.seconds:.2f} s)"
+    )
+    for name in result.added:
+        print(f"  added   {name}")
+    for note in result.skipped:
+        print(f"  skipped {note}")
+    if result.bank:
+        b = result.bank
+        print(
+            f"  bank: {b['kept_patches']} of {b['total_patches']} patches"
+            f"{' (coreset)' if b['subsampled'] else ''}, {b['bytes'] / 1e6:.1f} MB"
+        )
+    q = result.quality
+    if q is not None:
+        print(f"  quality check ({q.method}): {'passed' if q.ok else 'FAILED'}")
+        for f in q.flagged:
+            print(f"    FLAGGED {f['name']}: {f['reason']}")
+        if q.inconsistent:
+            print(f"    INCONSISTENT: {q.inconsistent}")
+        if not q.ok and not r.live:
+            print("    remove the flagged sample(s) with --remove NAME, or pass --accept-flagged to go live anyway")
+    t = result.threshold
+    if t is not None:
+        print(f"  threshold {t.value:.5g} ({t.method}, target false-reject {100 * t.target_frr:g}%)")
+        for w in t.warnings:
+            print(f"    WARNING: {w}")
+        print(f"  {t.explain()}")
+    elif r.samples:
+        print("  no threshold yet: enroll at least two golden parts")
+
+
+def enroll(args: argparse.Namespace) -> int:
+    """``anomalygpt-edge enroll``: create/extend a recipe, or remove a golden sample."""
+    store = RecipeStore(args.store)
+    try:
+        if args.images is None and args.remove is None:
+            return _fail("enroll needs --images DIR (to add) or --remove SAMPLE")
+        # Decode every image before touching the store: a bad file must not leave half an enrollment.
+        images = [(p.name, read_image(p)) for p in list_images(args.images)] if args.images else []
+        bundle = _bundle_for(args, store)
+        enroller = Enroller(store, bundle)
+        settings = {
+            "source": args.source,
+            "roi": args.roi,
+            "resize": args.resize,
+            "augment": tuple(a for a in args.augment.split(",") if a),
+            "class_name": args.class_name,
+        }
+        if args.target_frr is not None:
+            settings["target_frr"] = args.target_frr
+        if args.budget is not None:
+            settings["bank_budget"] = args.budget
+        enroller.open_or_create(args.recipe, **settings)
+        if args.remove:
+            result = enroller.remove(args.recipe, args.remove, args.accept_flagged)
+        else:
+            result = enroller.add(args.recipe, images, args.accept_flagged)
+    except (ImageError, RecipeError, ValueError) as exc:
+        return _fail(str(exc))
+    print_enrollment(result, args.json)
+    return 0 if result.recipe.live else 3
+
+
+def _labelled_sets(folder: Path) -> tuple[list[Path], list[Path]]:
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: not a folder")
+    good = list_images(folder / "good") if (folder / "good").is_dir() else []
+    bad = [p for d in sorted(folder.iterdir()) if d.is_dir() and d.name != "good" for p in list_images(d)]
+    if not bad and not good:
+        raise ImageError(f"{folder}: needs a good/ folder and/or defect folders with images")
+    return good, bad
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    """``anomalygpt-edge calibrate``: refit the threshold with labelled parts and report escapes."""
+    store = RecipeStore(args.store)
+    try:
+        recipe = store.load(args.recipe)
+        if recipe.threshold is None:
+            raise RecipeError(f"recipe {recipe.name} is not live yet; enroll golden parts first")
+        good, bad = _labelled_sets(args.labelled)
+        inspector = Inspector(_bundle_for(args, store), recipe, store)
+        score = lambda paths: np.array([inspector.inspect(read_image(p), p.name).score for p in paths])  # noqa: E731
+        golden = np.array([s.score for s in recipe.samples if s.score is not None])
+        refined, report = refine_with_labels(recipe.threshold, golden, score(good), score(bad))
+        from dataclasses import replace
+
+        recipe = store.commit(replace(recipe, threshold=refined))
+    except (ImageError, RecipeError, ValueError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps({"recipe": recipe.name, "threshold": refined.to_json(), "report": report}, indent=2))
+    else:
+        print(f"recipe {recipe.name}: threshold {report['threshold_before']:.5g} -> {refined.value:.5g}")
+        print(f"  labelled good {report['labelled_good']}, false rejects {100 * report['false_reject_rate']:.1f}%")
+        print(f"  labelled bad  {report['labelled_bad']}, escapes {100 * report['escape_rate']:.1f}%")
+        print(f"  {refined.explain()}")
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """``anomalygpt-edge inspect``: verdicts for image files, optionally with heatmap overlays."""
+    store = RecipeStore(args.store)
+    try:
+        recipe = store.load(args.recipe)
+        inspector = Inspector(_bundle_for(args, store), recipe, store)
+    except (RecipeError, ValueError) as exc:
+        return _fail(str(exc))
+    failures = 0
+    for path in args.images:
+        try:
+            image = read_image(path)
+            verdict = inspector.inspect(image, path.name)
+        except ImageError as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        heatmap_path = None
+        if args.heatmap is not None:
+            ok, buf = cv2.imencode(".png", overlay(_roi(image, recipe.roi), verdict))
+            heatmap_path = args.heatmap / f"{path.stem}.heatmap.png"
+            atomic_write_bytes(heatmap_path, buf.tobytes())
+        if args.json:
+            print(
+                json.dumps(
+                    {"image": str(path), **verdict.to_json(), "heatmap": str(heatmap_path) if heatmap_path else None}
+                )
+            )
+        else:
+            where = f"  [{', '.join(r.location for r in verdict.regions)}]" if verdict.regions else ""
+            print(
+                f"{verdict.verdict:5} {verdict.normalized_score:5.3f}  score {verdict.score:.4g} / "
+                f"{verdict.threshold:.4g}  {path.name}{where}"
+            )
+            print(f"      {verdict.sentence}")
+    return 1 if failures else 0
+
+
+def _roi(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
+    if roi is None:
+        return image
+    x, y, w, h = roi
+    return image[y : y + h, x : x + w]
