@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "anomalygpt_edge.export.cli",
     "anomalygpt_edge.runtime.cli",
     "anomalygpt_edge.runtime.llm_cli",
+    "anomalygpt_edge.runtime.archive_cli",
 )
 
 
