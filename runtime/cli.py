@@ -86,6 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     v.add_argument("--backend", default="auto")
     v.add_argument("--resize", choices=("squash", "letterbox", "shorter_side_crop"))
+    v.add_argument("--augment", default="", help="comma list of rot90,hflip,vflip for the golden bank")
     v.set_defaults(handler="anomalygpt_edge.runtime.evaluate:run")
 
     b = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
@@ -95,6 +96,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bv.add_argument("--json", type=Path, required=True)
     bv.add_argument("--shots", type=int, default=16, help="golden images in the bank")
     bv.add_argument("--repeats", type=int, default=30)
+    bv.add_argument("--enroll-images", type=Path, help="golden images to time enrollment with (default: generated)")
     bv.add_argument("--backend", default="auto")
     bv.set_defaults(handler="anomalygpt_edge.export.bench_vision:run")
     import importlib

@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 #: Above this many golden samples, leave-one-out becomes k-fold with this many folds.
 LOO_MAX = 32
 KFOLD = 8
-#: A sample whose score is this many robust standard deviations above the others' median is flagged.
+#: A sample is flagged when its score is this many robust standard deviations above the golden
+#: median *and* at least OUTLIER_RATIO times that median: the ratio guard keeps a very tight golden
+#: set (tiny MAD) from flagging ordinary part-to-part variation.
 OUTLIER_Z = 3.5
+OUTLIER_RATIO = 1.5
 #: A golden set whose scores spread (p90 - p10) by more than this multiple of the median is inconsistent.
 MAX_SPREAD = 1.5
 
@@ -269,7 +272,7 @@ class Enroller:
         if k >= 4 and mad > 0:
             for s in recipe.samples:
                 z = (scores[s.name] - med) / mad
-                if z > OUTLIER_Z:
+                if z > OUTLIER_Z and scores[s.name] > OUTLIER_RATIO * med:
                     report.flagged.append(
                         {
                             "name": s.name,

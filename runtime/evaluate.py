@@ -97,6 +97,7 @@ def run_seed(
     seed: int,
     target_frr: float | None,
     resize: str | None,
+    augment: tuple[str, ...] = (),
 ) -> dict:
     """Enroll K golden images drawn with ``seed``, inspect every test image, return raw results."""
     rng = np.random.default_rng(seed)
@@ -104,7 +105,9 @@ def run_seed(
     with tempfile.TemporaryDirectory(prefix="agpt-eval-") as tmp:
         store = RecipeStore(tmp)
         enroller = Enroller(store, bundle, pipeline)
-        settings = {"resize": resize} if resize else {}
+        settings: dict = {"augment": augment}
+        if resize:
+            settings["resize"] = resize
         if target_frr:
             settings["target_frr"] = target_frr
         enroller.create("eval", **settings)
@@ -193,7 +196,17 @@ def run(args: argparse.Namespace) -> int:
     for seed in range(args.seeds):
         t0 = time.perf_counter()
         try:
-            r = run_seed(bundle, pipeline, train, tests, args.shots, seed, args.target_frr, args.resize)
+            r = run_seed(
+                bundle,
+                pipeline,
+                train,
+                tests,
+                args.shots,
+                seed,
+                args.target_frr,
+                args.resize,
+                tuple(a for a in args.augment.split(",") if a),
+            )
         except (DatasetError, ImageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

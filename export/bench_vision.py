@@ -1,0 +1,171 @@
+"""``anomalygpt-edge bench vision``: encoder + bank matcher, PyTorch eager vs the bundle's engines.
+
+Both run in the same process, interleaved, on the same inputs and thread count, so the ratio is
+meaningful on a noisy machine; absolute milliseconds are not. The reference is the exporter's own
+torch modules rebuilt from the registry weights (default bundle); needs the [export] extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.export import efficientnet_encoder as eff
+from anomalygpt_edge.export.bank_matcher import BankMatcher
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {
+        "p50_ms": statistics.median(s),
+        "p99_ms": s[min(len(s) - 1, round(0.99 * (len(s) - 1)))],
+        "mean_ms": statistics.fmean(s),
+        "n": len(s),
+    }
+
+
+def _time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _time_enrollment(bundle: EngineBundle, args: argparse.Namespace) -> dict:
+    """Wall time of a full enrollment of ``args.shots`` images into a fresh recipe, as the CLI does it."""
+    import tempfile
+
+    from anomalygpt_edge.runtime.commands import list_images
+    from anomalygpt_edge.runtime.enrollment import Enroller
+    from anomalygpt_edge.runtime.preprocess import read_image
+    from anomalygpt_edge.runtime.recipes import RecipeStore
+
+    if args.enroll_images:
+        files = list_images(args.enroll_images)[: args.shots]
+        images = [(p.name, read_image(p)) for p in files]
+        source = str(args.enroll_images)
+    else:  # content barely matters for timing; sizes like a line camera crop
+        rng = np.random.default_rng(1)
+        images = [(f"{i}.png", rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for i in range(args.shots)]
+        source = "random 640x480 images"
+    runs = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory() as tmp:
+            enroller = Enroller(RecipeStore(tmp), bundle)
+            enroller.create("bench")
+            t0 = time.perf_counter()
+            enroller.add("bench", images, accept_flagged=True)
+            runs.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(runs), "runs_s": runs, "k": len(images), "source": source}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``bench vision``."""
+    bundle = EngineBundle.open(args.bundle, backend=args.backend)
+    m = bundle.manifest
+    if m.source.get("kind") != "efficientnet-lite0":
+        print(
+            f"error: bench vision compares against the default encoder; this bundle's source is {m.source.get('kind')}",
+            file=sys.stderr,
+        )
+        return 2
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    size = m.preprocess.size
+    layer = m.patch_layers[0]
+    encoder_t = eff.EfficientNetPatchEncoder(eff.load_efficientnet_lite0(size[0]), taps=tuple(m.source["taps"])).eval()
+    matcher_t = BankMatcher(1, layer.grid, m.map_size, metric=m.matching["metric"]).eval()
+    encoder_o = bundle.engine("encoder")
+    matcher_o = bundle.engine("bank_matcher")
+
+    rng = np.random.default_rng(0)
+    golden = rng.standard_normal((args.shots, 3, *size)).astype(np.float32)
+    bank = encoder_o.run({"pixel_values": golden})[layer.name].reshape(-1, layer.dim)
+    bank_t = torch.from_numpy(bank)
+    results: dict[str, dict] = {"torch": {}, "onnxruntime": {}}
+    max_diff = 0.0
+    for batch in (1, 8):
+        x = rng.standard_normal((batch, 3, *size)).astype(np.float32)
+        xt = torch.from_numpy(x)
+
+        def torch_path(xt: torch.Tensor = xt) -> torch.Tensor:
+            with torch.inference_mode():
+                return matcher_t(encoder_t(xt), bank_t)[0]
+
+        def ort_path(x: np.ndarray = x) -> np.ndarray:
+            q = encoder_o.run({"pixel_values": x})[layer.name]
+            return matcher_o.run({"q_0": q, "bank_0": bank})["anomaly_map"]
+
+        max_diff = max(max_diff, float(np.abs(torch_path().numpy() - ort_path()).max()))
+        reps = args.repeats if batch == 1 else max(5, args.repeats // 4)
+        t_torch, t_ort = [], []
+        for _ in range(reps):  # interleave so load spikes hit both paths alike
+            t_torch += _time(torch_path, 1, warmup=0 if t_torch else 3)
+            t_ort += _time(ort_path, 1, warmup=0 if t_ort else 3)
+        for name, samples in (("torch", t_torch), ("onnxruntime", t_ort)):
+            stats = _percentiles(samples)
+            stats["images_per_s"] = 1e3 * batch / stats["p50_ms"]
+            results[name][f"batch{batch}"] = stats
+    enroll_s = _time_enrollment(bundle, args)
+    speedup = results["torch"]["batch1"]["p50_ms"] / results["onnxruntime"]["batch1"]["p50_ms"]
+    speedup8 = results["torch"]["batch8"]["p50_ms"] / results["onnxruntime"]["batch8"]["p50_ms"]
+    report = {
+        "bundle": str(args.bundle),
+        "bundle_sha256": bundle.sha256,
+        "backend": encoder_o.describe(),
+        "input": list(size),
+        "bank_patches": int(bank.shape[0]),
+        "shots": args.shots,
+        "threads": threads,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "results": results,
+        "speedup_vs_torch": speedup,
+        "speedup_vs_torch_batch8": speedup8,
+        "max_abs_diff_anomaly_map": max_diff,
+        "enroll_seconds": enroll_s,
+        "load_average": os.getloadavg()[0],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    rows = [("path", "batch", "p50 ms", "p99 ms", "images/s")]
+    for name in ("torch", "onnxruntime"):
+        for b in (1, 8):
+            r = results[name][f"batch{b}"]
+            rows.append(
+                (
+                    name if name == "torch" else encoder_o.describe(),
+                    str(b),
+                    f"{r['p50_ms']:.1f}",
+                    f"{r['p99_ms']:.1f}",
+                    f"{r['images_per_s']:.1f}",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(
+        f"speedup_vs_torch (batch 1, p50) = {speedup:.2f}x; batch 8 = {speedup8:.2f}x; "
+        f"max |map diff| = {max_diff:.2e}; bank {bank.shape[0]} patches; load avg {report['load_average']:.1f}"
+    )
+    print(
+        f"enrolling {args.shots} golden images ({enroll_s['source']}): median {enroll_s['median_s']:.2f} s "
+        f"over {len(enroll_s['runs_s'])} runs (encode, bank, leave-one-out check, threshold, crash-safe commit)"
+    )
+    return 0

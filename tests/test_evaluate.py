@@ -1,0 +1,97 @@
+"""``evaluate`` runs the k-shot protocol on an MVTec-layout folder and refuses malformed datasets clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import parts
+import pytest
+
+from anomalygpt_edge.cli import main
+from anomalygpt_edge.runtime.metrics import aupro, auroc
+
+
+@pytest.fixture()
+def dataset(tmp_path: Path) -> Path:
+    root = tmp_path / "plate"
+    parts.mvtec_folder(root)
+    return root
+
+
+def _evaluate(dataset: Path, bundle: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "evaluate",
+            "--data",
+            str(dataset),
+            "--shots",
+            "4",
+            "--seeds",
+            "2",
+            "--bundle",
+            str(bundle),
+            "--json",
+            str(out / "eval.json"),
+            *extra,
+        ]
+    )
+
+
+def test_evaluate_reports_every_figure_overall_and_per_defect(
+    dataset: Path, default_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert _evaluate(dataset, default_bundle_dir, tmp_path, "--report", str(tmp_path / "report")) == 0
+    data = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "false_reject_rate", "escape_rate", "accuracy"):
+        assert 0.0 <= data[key] <= 1.0, key
+    assert data["image_auroc"] >= 0.9 and data["pixel_auroc"] >= 0.9  # obvious synthetic scratches
+    assert set(data["per_defect"]) == {"scratch"} and len(data["per_seed"]) == 2
+    assert data["per_seed"][0]["threshold"]["value"] > 0
+    for name in ("summary.md", "roc.png", "pr.png", "heatmaps.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    assert cv2.imread(str(tmp_path / "report" / "roc.png")) is not None
+    assert "overall" in capsys.readouterr().out
+
+
+def test_mask_of_the_wrong_size_is_refused_naming_the_file(
+    dataset: Path, default_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cv2.imwrite(str(dataset / "ground_truth" / "scratch" / "001_mask.png"), np.zeros((10, 10), np.uint8))
+    assert _evaluate(dataset, default_bundle_dir, tmp_path) == 2
+    assert "001_mask.png: mask is 10x10, image is 320x240" in capsys.readouterr().err
+
+
+def test_missing_mask_is_refused_naming_the_image(
+    dataset: Path, default_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (dataset / "ground_truth" / "scratch" / "002_mask.png").unlink()
+    assert _evaluate(dataset, default_bundle_dir, tmp_path) == 2
+    assert "002.png: no mask at" in capsys.readouterr().err
+
+
+def test_undecodable_test_image_is_refused_naming_the_file(
+    dataset: Path, default_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (dataset / "test" / "good" / "001.png").write_bytes(b"")
+    assert _evaluate(dataset, default_bundle_dir, tmp_path) == 2
+    assert "001.png: file is empty" in capsys.readouterr().err
+
+
+def test_folder_that_is_not_mvtec_layout_is_refused(
+    tmp_path: Path, default_bundle_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert _evaluate(tmp_path, default_bundle_dir, tmp_path) == 2
+    assert "missing train/good/" in capsys.readouterr().err
+
+
+def test_auroc_counts_ties_as_half_and_aupro_rewards_covering_small_regions() -> None:
+    assert auroc(np.array([1, 1, 1, 1]), np.array([0, 1, 0, 1])) == 0.5
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    mask = np.zeros((20, 20), bool)
+    mask[2:4, 2:4] = True
+    perfect = mask.astype(float)
+    assert aupro([perfect], [mask]) == pytest.approx(1.0, abs=0.02)
+    assert aupro([np.random.default_rng(0).random((20, 20))], [mask]) < 0.5
