@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=4.0,
         help="Gaussian blur of the anomaly map, map pixels (default source)",
     )
+    v.add_argument(
+        "--taps", default=None, help="EfficientNet-Lite0 block indices to tap, e.g. 4,10 (default source; default 10)"
+    )
     v.add_argument("--no-fp16", action="store_true", help="skip the FP16 graph variants")
     v.add_argument("--imagebind", type=Path, help="imagebind_huge.pth (anomalygpt source)")
     v.add_argument(

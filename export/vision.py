@@ -20,7 +20,12 @@ def export_efficientnet(args: argparse.Namespace, writer: BundleWriter) -> Engin
 
     size = (args.image_size, args.image_size)
     log(f"loading EfficientNet-Lite0 ImageNet weights from {eff.weights_path()}")
-    encoder = eff.EfficientNetPatchEncoder(eff.load_efficientnet_lite0(args.image_size)).eval()
+    taps = eff.DEFAULT_TAPS
+    if getattr(args, "taps", None):
+        taps = tuple(sorted(int(t) for t in args.taps.split(",")))
+        if not all(0 <= t < len(eff.BLOCK_STRIDES) for t in taps):
+            raise SystemExit(f"--taps must be block indices 0..{len(eff.BLOCK_STRIDES) - 1}, got {args.taps}")
+    encoder = eff.EfficientNetPatchEncoder(eff.load_efficientnet_lite0(args.image_size), taps=taps).eval()
     grid = encoder.grid_for(size)
     dim = encoder.channels()
     writer.add_graph(
@@ -47,7 +52,7 @@ def export_efficientnet(args: argparse.Namespace, writer: BundleWriter) -> Engin
             "checkpoints": [
                 {"name": "efficientnet-lite0-57934424.pth", "sha256": sha256_file(Path(eff.weights_path()))}
             ],
-            "taps": list(eff.DEFAULT_TAPS),
+            "taps": list(taps),
             "licence": "Apache-2.0",
         },
         preprocess=Preprocess(

@@ -243,11 +243,23 @@ class Enroller:
         recipe = self.store.commit(recipe, bank)
         return EnrollmentResult(recipe, quality=quality, threshold=threshold, bank={**info, "bytes": bank.nbytes()})
 
-    def quality_check(self, recipe: Recipe, feats: list[dict[str, np.ndarray]]) -> QualityReport:
-        """Score each golden sample against a bank of the others (LOO, or k-fold above LOO_MAX)."""
+    def golden_scores(self, recipe: Recipe, feats: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], str]:
+        """Normal scores of the golden samples, as the live recipe would score a new good part.
+
+        Bank source: each sample against a bank of the others (leave-one-out, k-fold above LOO_MAX).
+        Text source: each sample's zero-shot text-decoder score (no bank is involved).
+        """
         k = len(feats)
+        if recipe.source == "text":
+            table = self.bundle.text_features()
+            cls = recipe.class_name or self.bundle.manifest.text_features.get("default_class", "object")
+            if cls not in table:
+                raise RecipeError(f"recipe {recipe.name}: class '{cls}' has no text features in the bundle")
+            query = {n: np.stack([f[n][0] for f in feats]) for n in self.pipeline.layer_names}
+            maps = self.pipeline.text_maps(query, table[cls])
+            return {s.name: float(m.max()) for s, m in zip(recipe.samples, maps)}, "zero-shot text decoder"
         if k < 2:
-            return QualityReport(method="none: a single golden sample cannot be checked against others")
+            return {}, "none: a single golden sample cannot be checked against others"
         folds = [[i] for i in range(k)] if k <= LOO_MAX else [list(range(f, k, KFOLD)) for f in range(KFOLD)]
         scores: dict[str, float] = {}
         rng = np.random.default_rng(0)
@@ -265,7 +277,15 @@ class Enroller:
             maps = self.pipeline.bank_maps(query, bank)
             for i, mp in zip(held, maps):
                 scores[recipe.samples[i].name] = float(mp.max())
-        report = QualityReport(scores=scores, method="leave-one-out" if k <= LOO_MAX else f"{KFOLD}-fold")
+        return scores, "leave-one-out" if k <= LOO_MAX else f"{KFOLD}-fold"
+
+    def quality_check(self, recipe: Recipe, feats: list[dict[str, np.ndarray]]) -> QualityReport:
+        """Flag golden samples that score far above the others, and golden sets too spread to decide on."""
+        k = len(feats)
+        scores, method = self.golden_scores(recipe, feats)
+        report = QualityReport(scores=scores, method=method)
+        if not scores:
+            return report
         values = np.array(list(scores.values()))
         med = float(np.median(values))
         mad = float(np.median(np.abs(values - med))) * 1.4826

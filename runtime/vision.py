@@ -62,7 +62,7 @@ class VisionPipeline:
         b = next(iter(features.values())).shape[0]
         feeds = {n: np.ascontiguousarray(features[n], np.float32) for n in self.layer_names}
         tf = np.ascontiguousarray(np.broadcast_to(text_features.astype(np.float32), (b, *text_features.shape)))
-        feeds[decoder.inputs[-1].name] = tf
+        feeds[(self.manifest.text_features or {}).get("decoder_input", "text_feats")] = tf
         return self.smooth(decoder.run(feeds)["anomaly_map"][:, 0])
 
     def smooth(self, maps: np.ndarray) -> np.ndarray:

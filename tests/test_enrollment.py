@@ -298,3 +298,33 @@ def test_inspect_cli_writes_json_verdicts_and_heatmaps(
     assert lines[0]["location"] == "top right"
     heatmap = cv2.imread(lines[0]["heatmap"])
     assert heatmap is not None and heatmap.shape == (240, 320, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_anomalygpt_bundle(tmp_path_factory: pytest.TempPathFactory) -> EngineBundle:
+    """AnomalyGPT's architecture, tiny and random: 4 tapped layers and a text decoder."""
+    out = tmp_path_factory.mktemp("agpt") / "bundle"
+    args = ["export", "vision", "--source", "anomalygpt", "--random-weights", "--anomalygpt-size", "tiny"]
+    assert main([*args, "--out", str(out), "--no-fp16"]) == 0
+    return EngineBundle.open(out)
+
+
+@pytest.mark.parametrize("source", ["bank", "text"])
+def test_anomalygpt_bundles_enroll_and_inspect_with_either_anomaly_source(
+    tmp_path: Path, tiny_anomalygpt_bundle: EngineBundle, source: str
+) -> None:
+    store = RecipeStore(tmp_path)
+    enroller = Enroller(store, tiny_anomalygpt_bundle)
+    enroller.create("plate", source=source, class_name="object" if source == "text" else None)
+    result = enroller.add("plate", golden(6), accept_flagged=True)
+    assert result.recipe.live and len(result.quality.scores) == 6
+    assert result.quality.method == ("zero-shot text decoder" if source == "text" else "leave-one-out")
+    verdict = Inspector(tiny_anomalygpt_bundle, result.recipe, store).inspect(parts.scratched_part(5))
+    assert verdict.verdict in ("OK", "NG") and verdict.anomaly_map.shape == (240, 320)
+    if source == "text":  # AnomalyGPT's text map is a softmax probability
+        assert 0.0 <= verdict.score <= 1.0
+
+
+def test_text_source_needs_a_bundle_with_the_decoder(tmp_path: Path, bundle: EngineBundle) -> None:
+    with pytest.raises(RecipeError, match="source 'text' needs a bundle with AnomalyGPT's decoder"):
+        Enroller(RecipeStore(tmp_path), bundle).create("plate", source="text")
