@@ -1,0 +1,137 @@
+"""Station users, password hashing, sessions, login throttling, the web-user command and the audit log."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from anomalygpt_edge.runtime.web import auth
+from anomalygpt_edge.runtime.web.audit import AuditLog
+from anomalygpt_edge.runtime.web.auth import AuthError, Sessions, User, UserStore, hash_password, verify_password
+
+
+def test_password_hash_is_salted_scrypt_and_verifies_only_the_right_password():
+    a, b = hash_password("correct horse"), hash_password("correct horse")
+    assert a["algo"] == "scrypt" and a["n"] >= 2**14
+    assert a["salt"] != b["salt"] and a["hash"] != b["hash"], "same password, different salt, different hash"
+    assert verify_password("correct horse", a) and verify_password("correct horse", b)
+    assert not verify_password("correct horsE", a)
+    assert not verify_password("", a)
+    assert not verify_password("correct horse", {**a, "algo": "md5"})
+    assert not verify_password("correct horse", {"algo": "scrypt", "salt": "zz"})
+
+
+def test_users_file_is_private_and_never_holds_the_password(tmp_path: Path):
+    users = UserStore(tmp_path / "web" / "users.json")
+    users.set("alice", "technician", "s3cret-password")
+    text = (tmp_path / "web" / "users.json").read_text()
+    assert "s3cret-password" not in text
+    assert stat.S_IMODE(os.stat(tmp_path / "web" / "users.json").st_mode) == 0o600
+    assert users.authenticate("alice", "s3cret-password") == User("alice", "technician")
+    assert users.authenticate("alice", "wrong-password") is None
+    assert users.authenticate("bob", "s3cret-password") is None
+    # Another process (the web-user command) changing the file is seen without a restart.
+    time.sleep(0.01)
+    UserStore(users.path).set("alice", "admin", "another-password")
+    assert users.authenticate("alice", "another-password") == User("alice", "admin")
+    assert users.authenticate("alice", "s3cret-password") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "role", "password", "message"),
+    [
+        ("", "operator", "longenough", "invalid"),
+        ("a/b", "operator", "longenough", "invalid"),
+        ("carol", "root", "longenough", "role"),
+        ("carol", "operator", "short", "at least 8"),
+    ],
+)
+def test_users_file_refuses_bad_names_roles_and_short_passwords(tmp_path, name, role, password, message):
+    with pytest.raises(AuthError, match=message):
+        UserStore(tmp_path / "u.json").set(name, role, password)
+    assert not (tmp_path / "u.json").exists()
+
+
+def test_roles_are_ordered_operator_technician_admin():
+    assert auth.role_allows("admin", "technician") and auth.role_allows("technician", "operator")
+    assert not auth.role_allows("operator", "technician") and not auth.role_allows("technician", "admin")
+    assert not auth.role_allows("root", "operator")
+
+
+def test_sessions_are_random_and_end_when_idle_or_logged_out():
+    sessions = Sessions(idle_timeout_s=0.2)
+    a, b = sessions.create(User("u", "operator")), sessions.create(User("u", "operator"))
+    assert a.token != b.token and a.csrf != b.csrf and len(a.token) >= 40
+    assert sessions.get(a.token) is a
+    assert auth.csrf_ok(a, a.csrf) and not auth.csrf_ok(a, b.csrf) and not auth.csrf_ok(a, None)
+    sessions.end(a.token)
+    assert sessions.get(a.token) is None
+    time.sleep(0.3)
+    assert sessions.get(b.token) is None, "idle session must expire"
+    c = sessions.create(User("v", "admin"))
+    assert sessions.end_user("v") == 1 and sessions.get(c.token) is None
+
+
+def test_login_is_refused_for_a_while_after_repeated_failures():
+    sessions = Sessions()
+    for _ in range(auth.MAX_FAILURES - 1):
+        sessions.failed("mallory")
+    assert not sessions.locked_out("mallory")
+    sessions.failed("mallory")
+    assert sessions.locked_out("mallory")
+    assert not sessions.locked_out("alice"), "one user's failures do not lock others out"
+
+
+def _web_user(argv: list[str], stdin: str, monkeypatch) -> int:
+    from anomalygpt_edge.runtime.web import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    return cli.run_web_user(args)
+
+
+def test_web_user_command_reads_the_password_from_stdin(tmp_path, monkeypatch, capsys):
+    users = tmp_path / "users.json"
+    assert (
+        _web_user(
+            ["web-user", "add", "tom", "--role", "technician", "--users", str(users)], "pw-from-stdin\n", monkeypatch
+        )
+        == 0
+    )
+    assert UserStore(users).authenticate("tom", "pw-from-stdin") == User("tom", "technician")
+    assert "pw-from-stdin" not in capsys.readouterr().out
+    assert (
+        _web_user(["web-user", "add", "tom", "--role", "operator", "--users", str(users)], "short\n", monkeypatch) == 2
+    )
+    assert "at least 8" in capsys.readouterr().err
+    assert _web_user(["web-user", "list", "--users", str(users)], "", monkeypatch) == 0
+    assert "tom\ttechnician" in capsys.readouterr().out
+    assert _web_user(["web-user", "remove", "tom", "--users", str(users)], "", monkeypatch) == 0
+    assert UserStore(users).get("tom") is None
+
+
+def test_audit_log_appends_complete_json_lines_and_skips_a_torn_tail(tmp_path):
+    log = AuditLog(tmp_path / "audit" / "audit.jsonl")
+    log.append("alice", "technician", "enroll.add", "bracket", ok=True, k=3)
+    log.append("bob", "admin", "recipe.delete", "bracket", ok=True)
+    with open(log.path, "ab") as fh:  # a power cut in the middle of a third entry
+        fh.write(b'{"ts": "2026-')
+    entries = log.entries()
+    assert [(e["user"], e["action"], e["target"]) for e in entries] == [
+        ("alice", "enroll.add", "bracket"),
+        ("bob", "recipe.delete", "bracket"),
+    ]
+    assert entries[0]["details"] == {"ok": True, "k": 3} and entries[0]["ts"].endswith("+00:00")
+    log.append("carol", "technician", "enroll.finish", "bracket", ok=True)
+    assert [e["user"] for e in log.entries()] == ["alice", "bob", "carol"], "an entry after a torn line is kept"
+    lines = log.path.read_bytes().split(b"\n")
+    assert json.loads(lines[0])["role"] == "technician"
