@@ -1,0 +1,562 @@
+"""The line daemon: camera frames in, verdicts out over MQTT, within each recipe's deadline.
+
+Threads (few and named, so ``py-spy dump`` reads like the design):
+
+* ``camera-<name>``: one per camera, keeps only the newest frame (see :class:`Camera`);
+* ``inspect-<n>``: one per engine bundle; cameras sharing a bundle share its engines and its
+  worker, which takes triggered parts first, then free-run frames (see :class:`WorkQueue`);
+* ``deadline-watchdog``: answers a triggered part with an ERROR verdict the moment its deadline
+  passes while it still waits for a frame, a queue slot or the engine;
+* ``watch-<camera>``: one per folder-watch recipe, turning new files into parts;
+* ``commands``: slow MQTT commands (enrollment, recipe switches, questions), off paho's thread;
+* paho's network thread; ``explanation-worker`` when an LLM is enabled.
+
+Fail safe: every triggered part gets exactly one answer (:meth:`Job.claim`); an engine error, a
+deadline overrun or a camera lost during a trigger is an explicit ERROR verdict with its reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+import anomalygpt_edge
+from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.runtime.cameras.base import Camera, Frame, create_source
+from anomalygpt_edge.runtime.cameras.image_folder import list_images
+from anomalygpt_edge.runtime.config import DaemonConfig, RecipeBinding
+from anomalygpt_edge.runtime.enrollment import Enroller
+from anomalygpt_edge.runtime.inspector import Inspector
+from anomalygpt_edge.runtime.jobs import Job, WorkQueue
+from anomalygpt_edge.runtime.messages import (
+    EXPLANATION_SCHEMA,
+    STATUS_SCHEMA,
+    finish_and_encode,
+    iso,
+    uuid7,
+    verdict_message,
+)
+from anomalygpt_edge.runtime.mqtt_link import Command, MqttLink
+from anomalygpt_edge.runtime.preprocess import ImageError, crop_roi, read_image
+from anomalygpt_edge.runtime.recipes import RecipeError, RecipeStore
+from anomalygpt_edge.runtime.verdict import Verdict
+from anomalygpt_edge.runtime.vision import VisionPipeline
+
+log = logging.getLogger(__name__)
+FOLDER_POLL_S = 0.05
+
+
+class DeadlineWatchdog:
+    """Answers triggered jobs whose deadline passed before the worker could."""
+
+    def __init__(self, on_expired: Any):
+        self._on_expired = on_expired
+        self._heap: list[tuple[float, int, Job]] = []
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="deadline-watchdog", daemon=True)
+        self._thread.start()
+
+    def track(self, job: Job) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (job.deadline_mono, next(self._ids), job))
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(2.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop:
+                    while self._heap and self._heap[0][2].answered:
+                        heapq.heappop(self._heap)  # answered in time: forget it
+                    if self._heap and self._heap[0][0] <= time.monotonic():
+                        break
+                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._stop:
+                    return
+                _, _, job = heapq.heappop(self._heap)
+            try:
+                self._on_expired(job)
+            except Exception:
+                log.exception("deadline answer failed")
+
+
+class Daemon:
+    """Everything ``anomalygpt-edge run`` runs; :meth:`start` / :meth:`stop` for tests and the demo."""
+
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.store = RecipeStore(config.storage.store)
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.counts: dict[str, collections.Counter[str]] = {c: collections.Counter() for c in config.cameras}
+        self.bundles: dict[Path, EngineBundle] = {}
+        self.pipelines: dict[Path, VisionPipeline] = {}
+        self.enrollers: dict[Path, Enroller] = {}
+        self.queues: dict[Path, WorkQueue] = {}
+        self.cameras: dict[str, Camera] = {}
+        self.inspectors: dict[str, Inspector | None] = {}
+        self.recipe_names: dict[str, str] = {}
+        self.recipe_problems: dict[str, str | None] = {}
+        self.last: dict[str, tuple[str, Verdict]] = {}  # camera -> (verdict id, verdict), for `ask`
+        self._awaiting: dict[str, list[Job]] = collections.defaultdict(list)  # triggers waiting for a frame
+        self._await_lock = threading.Lock()
+        self._last_free: dict[str, float] = {}
+        self._state_lock = threading.Lock()
+        self.link: MqttLink | None = None
+        self.spool = None
+        self.archive = None
+        self.explainer = None
+        self.explanations = None
+        self.watchdog: DeadlineWatchdog | None = None
+        from anomalygpt_edge.runtime.daemon_commands import CommandCenter
+
+        self.commands = CommandCenter(self)
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def bundle_key(self, camera: str) -> Path:
+        binding = self.binding(camera)
+        path = self.config.bundle_for(binding) if binding else self.config.engines.bundle
+        return Path(path).resolve()
+
+    def binding(self, camera: str) -> RecipeBinding | None:
+        return self.config.binding(camera)
+
+    def _open_engines(self) -> None:
+        for camera in self.config.cameras:
+            key = self.bundle_key(camera)
+            if key not in self.bundles:
+                # One bundle, one pipeline, one worker: cameras sharing a bundle share its engines.
+                bundle = EngineBundle.open(key, backend=self.config.engines.backend)
+                self.bundles[key] = bundle
+                self.pipelines[key] = VisionPipeline(bundle)
+                self.enrollers[key] = Enroller(self.store, bundle, self.pipelines[key])
+                self.queues[key] = WorkQueue()
+        for b in self.config.recipes:
+            self.load_recipe(b.camera, b.recipe)
+
+    def load_recipe(self, camera: str, name: str) -> Inspector:
+        """Make ``name`` the camera's recipe; a recipe that cannot go live leaves the camera answering ERROR."""
+        key = self.bundle_key(camera)
+        binding = self.binding(camera)
+        with self._state_lock:
+            self.recipe_names[camera] = name
+        try:
+            recipe = self.store.load(name)
+            if binding is not None and binding.roi is not None:
+                recipe = replace(recipe, roi=binding.roi)
+            inspector = Inspector(self.bundles[key], recipe, self.store, self.pipelines[key])
+        except (RecipeError, ValueError, OSError) as exc:
+            with self._state_lock:
+                self.inspectors[camera] = None
+                self.recipe_problems[camera] = str(exc)
+            log.warning("camera %s: recipe %s cannot inspect: %s", camera, name, exc)
+            raise RecipeError(str(exc)) from exc
+        with self._state_lock:
+            self.inspectors[camera] = inspector
+            self.recipe_problems[camera] = None
+        log.info("camera %s: recipe %s live (threshold %.4g)", camera, name, inspector.threshold)
+        return inspector
+
+    def _open_storage(self) -> None:
+        st = self.config.storage
+        if st.spool:
+            from anomalygpt_edge.runtime.spool import VerdictSpool
+
+            self.spool = VerdictSpool(st.data / "spool.db", max_rows=st.spool_max_rows, max_age_s=st.spool_max_age_s)
+        if st.archive:
+            from anomalygpt_edge.runtime.archive import Archive, ArchiveWriter
+
+            archive = Archive(
+                st.data / "archive", quota_bytes=st.archive_quota_mb * 1024**2, ok_sample_rate=st.archive_ok_sample_rate
+            )
+            self.archive = ArchiveWriter(archive)
+
+    def _open_llm(self) -> None:
+        cfg = self.config.llm
+        if not cfg.enabled:
+            return
+        from anomalygpt_edge.engines.llm import create_llm
+        from anomalygpt_edge.runtime.explain import Explainer, ExplanationWorker, default_model_path
+
+        self.explainer = Explainer(create_llm(cfg.model or default_model_path(), n_ctx=2048, n_threads=cfg.threads))
+        self.explanations = ExplanationWorker(
+            lambda req: self.explainer.explain(req.verdict, req.question),
+            self._on_explanation,
+            max_queue=cfg.max_queue,
+        )
+
+    def start(self, mqtt_wait_s: float = 10.0) -> Daemon:
+        """Open engines, recipes, storage, MQTT and cameras; returns once the threads run."""
+        self._open_engines()
+        self._open_storage()
+        self._open_llm()
+        self.watchdog = DeadlineWatchdog(self._on_deadline)
+        self.link = MqttLink(self.config.mqtt, self.config.device_id, self.commands.receive, self.status, self.spool)
+        if not self.link.start(mqtt_wait_s):
+            log.warning("MQTT broker %s:%s not reachable yet; retrying", self.config.mqtt.host, self.config.mqtt.port)
+        for n, (_key, queue) in enumerate(self.queues.items()):
+            self._spawn(f"inspect-{n}", self._work, queue)
+        self.commands.start()
+        for name, cam_cfg in self.config.cameras.items():
+            binding = self.binding(name)
+            if binding is not None and binding.trigger == "folder_watch":
+                self._spawn(f"watch-{name}", self._watch_folder, binding)
+                continue
+            cam = Camera(create_source(cam_cfg), on_frame=self._on_frame, on_status=self._on_camera_status)
+            self.cameras[name] = cam
+            cam.start()
+        return self
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def stop(self) -> None:
+        """Stop cameras first (no new work), then workers, then say ``offline`` and disconnect."""
+        self._stop.set()
+        for cam in self.cameras.values():
+            cam.stop()
+        for q in self.queues.values():
+            q.wake()
+        for t in self._threads:
+            t.join(3.0)
+        self.commands.stop()
+        if self.explanations is not None:
+            self.explanations.stop()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.link is not None:
+            self.link.stop()
+        if self.archive is not None:
+            self.archive.close()
+        if self.spool is not None:
+            self.spool.close()
+
+    def run_forever(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # -- frames and triggers ---------------------------------------------------------------------
+    def _on_frame(self, frame: Frame) -> None:
+        """Called on the camera's thread for every new frame: hand it to waiting triggers, schedule free-run."""
+        cam = frame.camera
+        self.counts[cam]["frames"] += 1
+        with self._await_lock:
+            waiting = self._awaiting.get(cam)
+            ready = [j for j in waiting or () if frame.captured_mono >= j.created_mono + self._settle(cam)]
+            if ready:
+                self._awaiting[cam] = [j for j in waiting if j not in ready]
+        for job in ready:
+            job.frame, job.captured_at = frame, frame.captured_at
+            self._enqueue_triggered(job)
+        binding = self.binding(cam)
+        if binding is None or binding.trigger != "free_run" or self.inspectors.get(cam) is None:
+            return
+        period = 1.0 / binding.fps
+        # A quarter period of slack: a camera running at exactly the configured rate jitters around it.
+        if frame.captured_mono - self._last_free.get(cam, -1e9) < 0.75 * period:
+            return
+        self._last_free[cam] = frame.captured_mono
+        job = Job(
+            cam,
+            "free_run",
+            deadline_mono=frame.captured_mono + binding.deadline_ms / 1e3,
+            created_mono=frame.captured_mono,
+            frame=frame,
+            captured_at=frame.captured_at,
+        )
+        self.queues[self.bundle_key(cam)].put_free(job)
+
+    def _settle(self, camera: str) -> float:
+        b = self.binding(camera)
+        return b.settle_ms / 1e3 if b else 0.0
+
+    def _deadline_ms(self, camera: str) -> float:
+        b = self.binding(camera)
+        return b.deadline_ms if b else 500.0
+
+    def trigger(self, camera: str, part_id: str | None, command: Command | None, correlation: str | None) -> Job:
+        """A PLC trigger: the first frame captured after it is the part; answered by its deadline, whatever happens."""
+        now = command.received_mono if command else time.monotonic()
+        job = Job(
+            camera,
+            "trigger",
+            deadline_mono=now + self._deadline_ms(camera) / 1e3,
+            created_mono=now,
+            part_id=part_id,
+            command=command,
+            correlation=correlation,
+        )
+        self.counts[camera]["triggers"] += 1
+        assert self.watchdog is not None
+        self.watchdog.track(job)
+        cam = self.cameras.get(camera)
+        if cam is None or not cam.online:
+            status = f"{cam.status}: {cam.reason}" if cam is not None and cam.reason else getattr(cam, "status", "none")
+            self.answer_error(job, f"camera {camera} is not delivering frames ({status})")
+            return job
+        with self._await_lock:
+            self._awaiting[camera].append(job)
+        return job
+
+    def _enqueue_triggered(self, job: Job) -> None:
+        if not self.queues[self.bundle_key(job.camera)].put_triggered(job):
+            self.answer_error(job, "inspection queue full: too many triggered parts waiting")
+
+    def _on_camera_status(self, camera: str, status: str, reason: str | None) -> None:
+        if status != "online":
+            with self._await_lock:
+                lost, self._awaiting[camera] = self._awaiting.get(camera, []), []
+            for job in lost:
+                self.answer_error(job, f"camera {camera} lost during the trigger ({status}: {reason})")
+        self.counts[camera][f"status_{status}"] += 1
+        if self.link is not None and self.link.connected.is_set():
+            self.link.publish_status()
+
+    def _on_deadline(self, job: Job) -> None:
+        with self._await_lock:
+            if job in self._awaiting.get(job.camera, []):
+                self._awaiting[job.camera].remove(job)
+                stage = "waiting for a frame"
+            else:
+                stage = "queued for inspection" if job.frame is not None or job.image is not None else "waiting"
+        self.answer_error(job, f"deadline exceeded: no verdict within {self._deadline_ms(job.camera):g} ms ({stage})")
+
+    def _watch_folder(self, binding: RecipeBinding) -> None:
+        """Folder watch: each new image file is a part (never dropped), its name the part id."""
+        folder = Path(self.config.cameras[binding.camera].source)
+        seen = set(list_images(folder)) if folder.is_dir() else set()
+        sizes: dict[Path, int] = {}
+        while not self._stop.wait(FOLDER_POLL_S):
+            if not folder.is_dir():
+                continue
+            for path in list_images(folder):
+                if path in seen:
+                    continue
+                size = path.stat().st_size if path.exists() else -1
+                if size <= 0 or sizes.get(path) != size:  # still being written: wait one more poll
+                    sizes[path] = size
+                    continue
+                seen.add(path)
+                sizes.pop(path, None)
+                now = time.monotonic()
+                job = Job(
+                    binding.camera,
+                    "folder_watch",
+                    deadline_mono=now + binding.deadline_ms / 1e3,
+                    created_mono=now,
+                    captured_at=time.time(),
+                    part_id=path.stem,
+                )
+                self.counts[binding.camera]["frames"] += 1
+                assert self.watchdog is not None
+                self.watchdog.track(job)
+                try:
+                    job.image = read_image(path)
+                except ImageError as exc:
+                    self.answer_error(job, str(exc))
+                    continue
+                self._enqueue_triggered(job)
+
+    # -- inspection ------------------------------------------------------------------------------
+    def _work(self, queue: WorkQueue) -> None:
+        while not self._stop.is_set():
+            job = queue.get(0.2)
+            if job is None or job.answered:
+                continue
+            start = time.monotonic()
+            if not job.triggered and start > job.deadline_mono:
+                self.counts[job.camera]["stale"] += 1  # a newer frame will come; this one is too old to matter
+                continue
+            with self._state_lock:
+                inspector = self.inspectors.get(job.camera)
+                problem = self.recipe_problems.get(job.camera)
+            if inspector is None:
+                self.answer_error(job, f"recipe {self.recipe_names.get(job.camera)} cannot inspect: {problem}")
+                continue
+            image = job.pixels()
+            assert image is not None
+            try:
+                verdict = inspector.inspect(image, f"{job.camera} frame")
+            except Exception as exc:  # engine or image failure: an explicit ERROR, never silence
+                log.exception("camera %s: inspection failed", job.camera)
+                verdict = Verdict.error(inspector.recipe.name, f"inspection failed: {exc}")
+            done = time.monotonic()
+            if done > job.deadline_mono and verdict.verdict != "ERROR":
+                late = (done - job.created_mono) * 1e3
+                verdict = Verdict.error(
+                    inspector.recipe.name,
+                    f"deadline exceeded: {verdict.verdict} after {late:.0f} ms > {self._deadline_ms(job.camera):g} ms",
+                    latency_ms=verdict.latency_ms,
+                    bank_version=verdict.bank_version,
+                    bundle_sha256=verdict.bundle_sha256,
+                )
+            verdict.latency_ms = {"queue_wait": (start - (job.queued_mono or start)) * 1e3, **verdict.latency_ms}
+            if job.kind == "trigger" and job.frame is not None:
+                verdict.latency_ms["frame_wait"] = (job.frame.captured_mono - job.created_mono) * 1e3
+            self.answer(job, verdict, image)
+
+    def answer_error(self, job: Job, reason: str) -> None:
+        recipe = self.recipe_names.get(job.camera, "")
+        inspector = self.inspectors.get(job.camera)
+        verdict = Verdict.error(
+            recipe,
+            reason,
+            bank_version=inspector.recipe.bank_version if inspector else None,
+            bundle_sha256=self.bundles[self.bundle_key(job.camera)].sha256 if self.bundles else None,
+        )
+        self.answer(job, verdict, job.pixels())
+
+    def answer(self, job: Job, verdict: Verdict, image: np.ndarray | None) -> bool:
+        """Publish the one answer for ``job``; False if it was answered already (the late result is dropped)."""
+        if not job.claim():
+            self.counts[job.camera]["late_discarded"] += 1
+            return False
+        t0 = time.perf_counter()
+        c = self.counts[job.camera]
+        c["verdicts"] += 1
+        c[verdict.verdict] += 1
+        vid = uuid7()
+        frame = job.frame
+        msg = verdict_message(
+            verdict,
+            verdict_id=vid,
+            device=self.config.device_id,
+            camera=job.camera,
+            part_id=job.part_id,
+            frame_seq=frame.seq if frame else None,
+            captured_at=job.captured_at or (frame.captured_at if frame else time.time()),
+            trigger=job.kind,
+            correlation=job.correlation,
+        )
+        link = self.link
+        assert link is not None
+        payload = finish_and_encode(msg, t0)
+        link.publish_verdict(vid, link.topic(job.camera, "verdict"), payload)
+        if job.command is not None:
+            link.reply(job.command, {**msg, "command": "trigger", "ok": verdict.verdict != "ERROR"})
+        self.last[job.camera] = (vid, verdict)
+        roi_image = None
+        if image is not None and verdict.verdict != "ERROR":
+            try:
+                roi_image = (
+                    crop_roi(image, self.inspectors[job.camera].recipe.roi)
+                    if self.inspectors.get(job.camera)
+                    else image
+                )
+            except ImageError:
+                roi_image = image
+        self._after_verdict(job, vid, verdict, msg, roi_image if roi_image is not None else image)
+        return True
+
+    def _after_verdict(self, job: Job, vid: str, verdict: Verdict, msg: dict, image: np.ndarray | None) -> None:
+        """What follows a published verdict, off the PLC's critical path: heatmap, explanation, archive."""
+        binding = self.binding(job.camera)
+        heat = None
+        if verdict.verdict == "NG" and image is not None and (binding is None or binding.heatmap or self.archive):
+            from anomalygpt_edge.runtime.heatmap import overlay
+
+            heat = overlay(image, verdict)
+            if binding is not None and binding.heatmap and self.link is not None:
+                ok, jpg = cv2.imencode(".jpg", heat, [cv2.IMWRITE_JPEG_QUALITY, 85])
+                if ok:
+                    self.link.publish_heatmap(job.camera, vid, jpg.tobytes())
+        if self.explanations is not None and (verdict.verdict == "NG" or self.config.llm.explain == "all"):
+            from anomalygpt_edge.runtime.explain import ExplainRequest
+
+            self.explanations.submit(ExplainRequest(verdict, key=job.camera, verdict_id=vid))
+        if self.archive is not None:
+            self.archive.submit(msg, image if verdict.verdict != "OK" else None, heat)
+
+    def _on_explanation(self, request: Any, explanation: Any) -> None:
+        if self.link is None:
+            return
+        target = self.commands.ask_targets.pop(id(request), None)
+        body = {
+            "schema": EXPLANATION_SCHEMA,
+            "verdict_id": request.verdict_id,
+            "camera": request.key.split(":")[-1],
+            "recipe": request.verdict.recipe,
+            "verdict": request.verdict.verdict,
+            "question": request.question,
+            **explanation.to_json(),
+        }
+        if target is not None:
+            self.link.reply(target, {"command": "ask", "ok": True, **body})
+        else:
+            self.link.publish_json(self.link.topic(body["camera"], "explanation"), body, qos=1)
+
+    # -- status ----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The retained status document (published on connect and whenever a camera or recipe changes)."""
+        cams = {}
+        for name, cfg in self.config.cameras.items():
+            b = self.binding(name)
+            cam = self.cameras.get(name)
+            cams[name] = {
+                **(cam.info() if cam else {"type": cfg.type, "status": self._uncamera_status(name)}),
+                "recipe": self.recipe_names.get(name),
+                "live": self.inspectors.get(name) is not None,
+                "problem": self.recipe_problems.get(name),
+                "trigger": b.trigger if b else None,
+                "fps": b.fps if b else None,
+                "deadline_ms": b.deadline_ms if b else None,
+            }
+        return {
+            "schema": STATUS_SCHEMA,
+            "state": "online",
+            "device": self.config.device_id,
+            "version": anomalygpt_edge.__version__,
+            "started_at": iso(self.started_at),
+            "cameras": cams,
+            "recipes": self.store.names(),
+            "bundles": [
+                {"path": str(k), "sha256": b.sha256, "engine_backend": self.pipelines[k].encoder.describe()}
+                for k, b in self.bundles.items()
+            ],
+            "bundle_sha256": next(iter(self.bundles.values())).sha256 if self.bundles else None,
+            "engine_backend": next(iter(self.pipelines.values())).encoder.describe() if self.pipelines else None,
+            "llm": self.config.llm.enabled,
+            "spool": self.spool.stats() if self.spool is not None else None,
+        }
+
+    def _uncamera_status(self, camera: str) -> str:
+        """Status of a camera without a grabbing thread: a watched folder, or one not started yet."""
+        b = self.binding(camera)
+        if b is not None and b.trigger == "folder_watch":
+            return "watching" if Path(self.config.cameras[camera].source).is_dir() else "folder missing"
+        return "starting" if not self._stop.is_set() else "stopped"
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "cameras": {k: dict(v) for k, v in self.counts.items()},
+            "queues": {str(k): {**q.depth(), **q.counts} for k, q in self.queues.items()},
+            "mqtt": dict(self.link.stats) if self.link else None,
+        }

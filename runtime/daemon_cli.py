@@ -1,0 +1,39 @@
+"""``anomalygpt-edge run``, ``demo`` and ``bench line``: parsers only (implementations load when they run)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``run`` and ``demo``."""
+    r = sub.add_parser("run", help="the line daemon: cameras in, verdicts out over MQTT (see runtime/MQTT.md)")
+    r.add_argument("--config", type=Path, required=True, help="YAML config (see runtime/config.example.yaml)")
+    r.add_argument("--check", action="store_true", help="validate the config and exit")
+    r.set_defaults(handler="anomalygpt_edge.runtime.daemon_main:run")
+
+    d = sub.add_parser("demo", help="synthetic line end to end: bundle, video, enrollment, daemon, PLC subscriber")
+    d.add_argument("--workdir", type=Path, default=Path("out/demo"), help="where the demo writes (default out/demo)")
+    d.add_argument("--config", type=Path, help="take the MQTT broker from this config (default: start a local one)")
+    d.add_argument("--parts", type=int, default=24, help="parts on the synthetic line (default 24)")
+    d.add_argument(
+        "--embedded-broker", action="store_true", help="use the embedded Python broker even if mosquitto is installed"
+    )
+    d.set_defaults(handler="anomalygpt_edge.runtime.demo:run")
+
+
+def add_bench_target(targets: argparse._SubParsersAction) -> None:
+    """Register ``bench line``."""
+    if "line" in targets.choices:
+        return
+    b = targets.add_parser("line", help="line daemon latency capture->verdict received, from a separate subscriber")
+    b.add_argument("--json", type=Path, required=True, help="write the figures here")
+    b.add_argument("--fps", type=float, default=10.0, help="camera and free-run rate (default 10)")
+    b.add_argument("--seconds", type=float, default=30.0, help="measured run length (default 30)")
+    b.add_argument("--triggers", type=int, default=20, help="PLC triggers sent during the run (default 20)")
+    b.add_argument("--bundle", type=Path, default=None, help="engine bundle (default: the default bundle)")
+    b.add_argument("--backend", default="auto")
+    b.add_argument("--deadline-ms", type=float, default=100.0, help="recipe deadline (default 100)")
+    b.add_argument("--workdir", type=Path, default=Path("out/bench-line"))
+    b.set_defaults(handler="anomalygpt_edge.runtime.line_bench:run")

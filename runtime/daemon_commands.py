@@ -1,0 +1,275 @@
+"""MQTT commands: ``cmd/trigger``, ``cmd/enroll``, ``cmd/recipe``, ``cmd/ask`` (contract in MQTT.md).
+
+Every command gets exactly one reply (except a successful trigger, whose reply is its verdict):
+malformed JSON, wrong types, unknown cameras or recipes and oversized payloads are answered with
+``ok: false`` and an ``error`` saying what is wrong, and the daemon carries on. Triggers are
+handled on paho's thread (they only queue work); everything slow runs on the ``commands`` thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import queue
+import threading
+from typing import TYPE_CHECKING, Any
+
+from anomalygpt_edge.runtime.messages import reply
+from anomalygpt_edge.runtime.mqtt_link import COMMANDS, Command
+from anomalygpt_edge.runtime.preprocess import ImageError
+from anomalygpt_edge.runtime.recipes import RecipeError, check_name
+
+if TYPE_CHECKING:
+    from anomalygpt_edge.runtime.daemon import Daemon
+
+log = logging.getLogger(__name__)
+ENROLL_ACTIONS = ("start", "add", "finish", "cancel")
+RECIPE_ACTIONS = ("list", "show", "switch")
+MAX_ENROLL_FRAMES = 200
+
+
+class CommandError(ValueError):
+    """A command that cannot be carried out; the message goes back in the reply's ``error``."""
+
+
+def field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+    """``data[name]`` checked against ``kind`` (bools are not numbers here)."""
+    if name not in data or data[name] is None:
+        if required:
+            raise CommandError(f"missing field '{name}'")
+        return None
+    value = data[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise CommandError(f"field '{name}' must be {names}, got {type(value).__name__} {json.dumps(value)[:40]}")
+    return value
+
+
+class EnrollSession:
+    """Frames a technician has grabbed from one camera for one recipe, enrolled on ``finish``."""
+
+    def __init__(self, recipe: str):
+        self.recipe = recipe
+        self.frames: list[tuple[str, Any]] = []
+        self.last_seq = -1
+
+
+class CommandCenter:
+    """Parses, validates and carries out commands for a :class:`Daemon`."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self.sessions: dict[str, EnrollSession] = {}
+        self.ask_targets: dict[int, Command] = {}
+        self.errors = 0
+        self._queue: queue.Queue[tuple[Command, dict[str, Any]] | None] = queue.Queue(maxsize=16)
+        self._ask_ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        self._thread.join(5.0)
+
+    # -- entry point (paho's network thread) -----------------------------------------------------
+    def receive(self, cmd: Command) -> None:
+        data: dict[str, Any] = {}
+        try:
+            data = self._parse(cmd)
+            if cmd.name == "trigger":
+                self._trigger(cmd, data)
+                return
+            try:
+                self._queue.put_nowait((cmd, data))
+            except queue.Full:
+                raise CommandError("busy: too many commands waiting; retry") from None
+        except CommandError as exc:
+            self.fail(cmd, data, str(exc))
+
+    def fail(self, cmd: Command, data: dict[str, Any], error: str) -> None:
+        self.errors += 1
+        log.warning("command %s refused: %s", cmd.name, error)
+        self._send(cmd, data, False, error=error)
+
+    def _send(self, cmd: Command, data: dict[str, Any], ok: bool, **fields: Any) -> None:
+        corr = data.get("correlation_id") if isinstance(data.get("correlation_id"), str) else cmd.correlation_text
+        link = self.daemon.link
+        if link is not None:
+            link.reply(cmd, reply(cmd.name, ok, corr, **fields))
+
+    def _parse(self, cmd: Command) -> dict[str, Any]:
+        limit = self.daemon.config.mqtt.max_payload_bytes
+        if cmd.name not in COMMANDS:
+            raise CommandError(f"unknown command '{cmd.name}'; commands: {', '.join(COMMANDS)}")
+        if len(cmd.payload) > limit:
+            raise CommandError(f"payload too large: {len(cmd.payload)} bytes > max_payload_bytes {limit}")
+        try:
+            data = json.loads(cmd.payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CommandError(f"malformed JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise CommandError(f"payload must be a JSON object, got {type(data).__name__}")
+        return data
+
+    def _camera(self, data: dict[str, Any]) -> str:
+        camera = field(data, "camera", str)
+        if camera not in self.daemon.config.cameras:
+            known = ", ".join(self.daemon.config.cameras)
+            raise CommandError(f"unknown camera '{camera}'; cameras: {known}")
+        return camera
+
+    def _recipe_name(self, data: dict[str, Any]) -> str:
+        name = field(data, "recipe", str)
+        try:
+            return check_name(name)
+        except RecipeError as exc:
+            raise CommandError(str(exc)) from None
+
+    # -- trigger ---------------------------------------------------------------------------------
+    def _trigger(self, cmd: Command, data: dict[str, Any]) -> None:
+        camera = self._camera(data)
+        part = field(data, "part_id", (str, int), required=False)
+        if camera not in self.daemon.cameras:
+            raise CommandError(f"camera '{camera}' is a watched folder: its parts are new files, not triggers")
+        corr = data.get("correlation_id") if isinstance(data.get("correlation_id"), str) else cmd.correlation_text
+        self.daemon.trigger(camera, None if part is None else str(part), cmd, corr)
+
+    # -- slow commands (the ``commands`` thread) -------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            cmd, data = item
+            try:
+                result = getattr(self, f"_cmd_{cmd.name}")(cmd, data)
+                if result is not None:
+                    self._send(cmd, data, True, **result)
+            except CommandError as exc:
+                self.fail(cmd, data, str(exc))
+            except (RecipeError, ImageError, ValueError, OSError) as exc:
+                self.fail(cmd, data, str(exc))
+            except Exception as exc:  # the daemon keeps running whatever a command does
+                log.exception("command %s failed", cmd.name)
+                self.fail(cmd, data, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _cmd_enroll(self, cmd: Command, data: dict[str, Any]) -> dict[str, Any]:
+        action = field(data, "action", str)
+        if action not in ENROLL_ACTIONS:
+            raise CommandError(f"action must be one of {', '.join(ENROLL_ACTIONS)}, got '{action}'")
+        camera = self._camera(data)
+        d = self.daemon
+        if action == "start":
+            name = self._recipe_name(data)
+            if camera in self.sessions:
+                raise CommandError(f"an enrollment into '{self.sessions[camera].recipe}' is open on {camera}")
+            settings: dict[str, Any] = {}
+            roi = field(data, "roi", list, required=False)
+            binding = d.binding(camera)
+            if roi is not None:
+                if len(roi) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in roi):
+                    raise CommandError("field 'roi' must be [x, y, w, h] integers")
+                settings["roi"] = tuple(roi)
+            elif binding is not None and binding.roi is not None:
+                settings["roi"] = binding.roi
+            frr = field(data, "target_frr", (int, float), required=False)
+            if frr is not None:
+                settings["target_frr"] = float(frr)
+            recipe = d.enrollers[d.bundle_key(camera)].open_or_create(name, **settings)
+            self.sessions[camera] = EnrollSession(name)
+            return {"action": "start", "camera": camera, "recipe": name, "existing_samples": len(recipe.samples)}
+        session = self.sessions.get(camera)
+        if session is None:
+            raise CommandError(f"no enrollment open on {camera}: send action 'start' first")
+        if action == "cancel":
+            del self.sessions[camera]
+            return {"action": "cancel", "camera": camera, "recipe": session.recipe, "discarded": len(session.frames)}
+        if action == "add":
+            cam = d.cameras.get(camera)
+            if cam is None:
+                raise CommandError(f"camera '{camera}' has no live frames to enroll from")
+            if len(session.frames) >= MAX_ENROLL_FRAMES:
+                raise CommandError(f"at most {MAX_ENROLL_FRAMES} frames per enrollment")
+            frame = cam.wait_frame(newer_than_seq=session.last_seq, timeout=2.0)
+            if frame is None:
+                raise CommandError(f"camera {camera} delivered no new frame ({cam.status}: {cam.reason})")
+            session.last_seq = frame.seq
+            session.frames.append((f"{camera}-{frame.seq}", frame.image))
+            return {
+                "action": "add",
+                "camera": camera,
+                "recipe": session.recipe,
+                "count": len(session.frames),
+                "frame_seq": frame.seq,
+            }
+        # finish
+        accept = field(data, "accept_flagged", bool, required=False) or False
+        switch = field(data, "switch", bool, required=False)
+        del self.sessions[camera]
+        result = d.enrollers[d.bundle_key(camera)].add(session.recipe, session.frames, accept_flagged=accept)
+        out = {"action": "finish", "camera": camera, **result.to_json()}
+        if result.recipe.live and switch is not False:
+            d.load_recipe(camera, session.recipe)
+            out["switched"] = True
+        if d.link is not None:
+            d.link.publish_status()
+        return out
+
+    def _cmd_recipe(self, cmd: Command, data: dict[str, Any]) -> dict[str, Any]:
+        action = field(data, "action", str)
+        d = self.daemon
+        if action == "list":
+            recipes = []
+            for name in d.store.names():
+                try:
+                    r = d.store.load(name)
+                    recipes.append({"name": name, "live": r.live, "k": len(r.samples), "bank_version": r.bank_version})
+                except RecipeError as exc:
+                    recipes.append({"name": name, "live": False, "error": str(exc)})
+            return {"action": "list", "recipes": recipes, "cameras": dict(d.recipe_names)}
+        if action == "show":
+            name = self._recipe_name(data)
+            if not d.store.exists(name):
+                raise CommandError(f"unknown recipe '{name}'; recipes: {', '.join(d.store.names()) or 'none'}")
+            r = d.store.load(name).to_json()
+            r["samples"] = [{"name": s["name"], "score": s["score"], "flagged": s["flagged"]} for s in r["samples"]]
+            return {"action": "show", "recipe": r}
+        if action == "switch":
+            camera = self._camera(data)
+            name = self._recipe_name(data)
+            if not d.store.exists(name):
+                raise CommandError(f"unknown recipe '{name}'; recipes: {', '.join(d.store.names()) or 'none'}")
+            previous = d.recipe_names.get(camera)
+            try:
+                d.load_recipe(camera, name)
+            except RecipeError as exc:
+                if previous and previous != name:
+                    d.load_recipe(camera, previous)  # keep inspecting with the old recipe
+                raise CommandError(f"recipe '{name}' cannot inspect: {exc}") from None
+            if d.link is not None:
+                d.link.publish_status()
+            return {"action": "switch", "camera": camera, "recipe": name, "previous": previous}
+        raise CommandError(f"action must be one of {', '.join(RECIPE_ACTIONS)}, got '{action}'")
+
+    def _cmd_ask(self, cmd: Command, data: dict[str, Any]) -> dict[str, Any] | None:
+        camera = self._camera(data)
+        question = field(data, "question", str, required=False) or "Is there any anomaly in the image?"
+        d = self.daemon
+        if d.explanations is None:
+            raise CommandError("no LLM: set llm.enabled: true in the config to ask questions")
+        last = d.last.get(camera)
+        if last is None:
+            raise CommandError(f"camera {camera} has no verdict yet to ask about")
+        from anomalygpt_edge.runtime.explain import ExplainRequest
+
+        vid, verdict = last
+        req = ExplainRequest(verdict, question[:500], key=f"ask{next(self._ask_ids)}:{camera}", verdict_id=vid)
+        self.ask_targets[id(req)] = cmd
+        d.explanations.submit(req)
+        return None  # answered by the explanation worker when the text is ready

@@ -1,0 +1,241 @@
+"""The daemon's MQTT connection (paho-mqtt 2.x): status and Last Will, commands in, verdicts out.
+
+* On every (re)connect: subscribe to ``<prefix>/<device>/cmd/+`` and publish the retained
+  ``online`` status; the Last Will publishes a retained ``offline`` status if the link dies.
+* Verdicts go out with QoS 1 through :meth:`MqttLink.publish_verdict`: when a
+  :class:`~anomalygpt_edge.runtime.spool.VerdictSpool` is attached, each verdict is committed to it
+  first, its ``mid`` is tracked, and the broker's PUBACK (``on_publish``) removes it; after a
+  reconnect whatever is still spooled is sent again (marked ``redelivered``).
+* Commands arrive on paho's network thread and are handed to ``on_command`` at once; handlers must
+  not block (the daemon queues slow ones on its own thread).
+* Replies go to the request's MQTT 5 Response Topic with its Correlation Data echoed, else to
+  ``<prefix>/<device>/reply/<command>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from anomalygpt_edge.runtime.config import MqttConfig
+from anomalygpt_edge.runtime.spool import VerdictSpool, mark_redelivered
+
+log = logging.getLogger(__name__)
+COMMANDS = ("trigger", "enroll", "recipe", "ask")
+
+
+@dataclass
+class Command:
+    """One command message as received."""
+
+    name: str
+    payload: bytes
+    response_topic: str | None
+    correlation_data: bytes | None
+    received_at: float  # epoch seconds
+    received_mono: float
+
+    @property
+    def correlation_text(self) -> str | None:
+        """Correlation Data for JSON replies: UTF-8 text when it is text, else hex."""
+        if self.correlation_data is None:
+            return None
+        try:
+            return self.correlation_data.decode()
+        except UnicodeDecodeError:
+            return self.correlation_data.hex()
+
+
+class MqttLink:
+    """One paho client for the daemon; thread-safe publishing."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        device: str,
+        on_command: Callable[[Command], None],
+        status: Callable[[], dict[str, Any]],
+        spool: VerdictSpool | None = None,
+    ):
+        self.config = config
+        self.device = device
+        self.base = f"{config.prefix}/{device}"
+        self.on_command = on_command
+        self.status = status
+        self.spool = spool
+        self.v5 = config.protocol == "5"
+        self.connected = threading.Event()
+        self.stats = {"published": 0, "acked": 0, "resent": 0, "commands": 0, "connects": 0}
+        self._lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # mid -> spool seq
+        client_id = config.client_id or f"anomalygpt-edge-{device}"
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+            # 3.1.1: a persistent session would replay commands queued while we were away; a PLC
+            # that got no answer has already failed safe, so stale triggers must not run later.
+            clean_session=None if self.v5 else True,
+        )
+        self.client.enable_logger(logging.getLogger("paho"))
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.max_inflight_messages_set(100)
+        if config.username:
+            self.client.username_pw_set(config.username, config.password)
+        if config.tls is not None:
+            t = config.tls
+            self.client.tls_set(
+                ca_certs=str(t.ca) if t.ca else None,
+                certfile=str(t.cert) if t.cert else None,
+                keyfile=str(t.key) if t.key else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            self.client.tls_insecure_set(not t.check_hostname)
+        self.client.will_set(self.topic("status"), self._offline_payload(), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+
+    def topic(self, *parts: str) -> str:
+        return "/".join((self.base, *parts))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, wait_s: float = 10.0) -> bool:
+        """Connect in the background (reconnecting forever); True if connected within ``wait_s``."""
+        self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
+        self.client.loop_start()
+        return self.connected.wait(wait_s)
+
+    def stop(self) -> None:
+        """Publish the retained ``offline`` status ourselves (a clean exit sends no Will) and disconnect."""
+        if self.connected.is_set():
+            info = self.client.publish(self.topic("status"), self._offline_payload(), qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(2.0)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _offline_payload(self) -> bytes:
+        from anomalygpt_edge.runtime.messages import STATUS_SCHEMA
+
+        return json.dumps({"schema": STATUS_SCHEMA, "state": "offline", "device": self.device}).encode()
+
+    # -- paho callbacks (network thread) ---------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("MQTT connect to %s:%s refused: %s", self.config.host, self.config.port, reason)
+            return
+        self.stats["connects"] += 1
+        log.info("MQTT connected to %s:%s (%s)", self.config.host, self.config.port, "v5" if self.v5 else "v3.1.1")
+        client.subscribe(self.topic("cmd", "+"), qos=1)
+        self.publish_status()
+        self.connected.set()
+        if self.spool is not None:
+            threading.Thread(target=self._resend_spooled, name="mqtt-resend", daemon=True).start()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.connected.clear()
+        with self._lock:
+            self._inflight.clear()  # unacked verdicts stay in the spool and are resent on reconnect
+        log.warning("MQTT disconnected: %s", reason)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        with self._lock:
+            seq = self._inflight.pop(mid, None)
+            self.stats["acked"] += 1
+        if seq is not None and self.spool is not None:
+            self.spool.ack(seq)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        name = msg.topic.rsplit("/", 1)[-1]
+        props = getattr(msg, "properties", None)
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        cmd = Command(name, bytes(msg.payload), response or None, corr, time.time(), time.monotonic())
+        self.stats["commands"] += 1
+        try:
+            self.on_command(cmd)
+        except Exception:  # a bad command must never take the network thread down
+            log.exception("command %s failed", name)
+
+    # -- publishing ------------------------------------------------------------------------------
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, properties: Properties | None = None
+    ) -> int:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        with self._lock:
+            self.stats["published"] += 1
+        return info.mid
+
+    def publish_json(self, topic: str, body: dict[str, Any], qos: int = 1, retain: bool = False) -> int:
+        return self.publish(topic, json.dumps(body, separators=(",", ":")).encode(), qos, retain)
+
+    def publish_status(self) -> None:
+        self.publish_json(self.topic("status"), self.status(), qos=1, retain=True)
+
+    def publish_verdict(self, verdict_id: str, topic: str, payload: bytes) -> int:
+        """QoS 1 verdict; durable in the spool first when one is attached, removed on PUBACK."""
+        qos = self.config.qos
+        if self.spool is None or qos == 0:
+            return self.publish(topic, payload, qos)
+        seq = self.spool.put(verdict_id, topic, payload)
+        # Hold the lock across publish + bookkeeping so the PUBACK callback cannot see the mid first.
+        with self._lock:
+            info = self.client.publish(topic, payload, qos=qos)
+            self.stats["published"] += 1
+            if info.rc == mqtt.MQTT_ERR_SUCCESS and self.connected.is_set():
+                self._inflight[info.mid] = seq
+        self.spool.mark_attempt(seq)
+        return info.mid
+
+    def publish_heatmap(self, camera: str, verdict_id: str, jpeg: bytes) -> int:
+        """JPEG overlay on ``<camera>/heatmap``; MQTT 5 links it to its verdict with a user property."""
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "image/jpeg"
+            props.UserProperty = [("verdict_id", verdict_id)]
+        return self.publish(self.topic(camera, "heatmap"), jpeg, qos=0, properties=props)
+
+    def _resend_spooled(self) -> None:
+        """After a reconnect: publish again what the broker never acknowledged, oldest first."""
+        assert self.spool is not None
+        with self._lock:
+            busy = set(self._inflight.values())
+        after = 0
+        while self.connected.is_set():
+            items = self.spool.pending(limit=100, after_seq=after)
+            if not items:
+                return
+            for item in items:
+                after = item.seq
+                if item.seq in busy:
+                    continue
+                payload = mark_redelivered(item.payload) if item.redelivered else item.payload
+                with self._lock:
+                    info = self.client.publish(item.topic, payload, qos=max(1, self.config.qos))
+                    self._inflight[info.mid] = item.seq
+                    self.stats["resent"] += 1
+                self.spool.mark_attempt(item.seq)
+
+    def reply(self, cmd: Command, body: dict[str, Any]) -> None:
+        """Answer a command on its response topic (correlation data echoed) or the reply topic."""
+        topic = cmd.response_topic if (self.v5 and cmd.response_topic) else self.topic("reply", cmd.name)
+        props = None
+        if self.v5 and cmd.correlation_data is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = cmd.correlation_data
+        self.publish(topic, json.dumps(body, separators=(",", ":")).encode(), qos=1, properties=props)
