@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "anomalygpt_edge.runtime.cli",
     "anomalygpt_edge.runtime.llm_cli",
     "anomalygpt_edge.runtime.archive_cli",
+    "anomalygpt_edge.runtime.daemon_cli",
 )
 
 

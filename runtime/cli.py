@@ -12,7 +12,7 @@ from pathlib import Path
 DEFAULT_STORE = Path(os.environ.get("ANOMALYGPT_EDGE_STORE", "data/recipes"))
 DEFAULT_BUNDLE = Path(os.environ.get("ANOMALYGPT_EDGE_BUNDLE", "data/bundles/default"))
 #: Light modules that each add one ``bench`` target with ``add_bench_target(targets)``.
-BENCH_TARGET_MODULES: tuple[str, ...] = ()
+BENCH_TARGET_MODULES: tuple[str, ...] = ("anomalygpt_edge.runtime.daemon_cli",)
 
 
 def roi_arg(text: str) -> tuple[int, int, int, int]:
