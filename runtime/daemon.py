@@ -18,6 +18,7 @@ deadline overrun or a camera lost during a trigger is an explicit ERROR verdict 
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import logging
@@ -151,7 +152,10 @@ class Daemon:
                 self.enrollers[key] = Enroller(self.store, bundle, self.pipelines[key])
                 self.queues[key] = WorkQueue()
         for b in self.config.recipes:
-            self.load_recipe(b.camera, b.recipe)
+            # A recipe that is missing or not live yet does not stop the daemon: that camera answers
+            # triggers with ERROR (reason in the status) until a technician enrolls it over MQTT.
+            with contextlib.suppress(RecipeError):
+                self.load_recipe(b.camera, b.recipe)
 
     def load_recipe(self, camera: str, name: str) -> Inspector:
         """Make ``name`` the camera's recipe; a recipe that cannot go live leaves the camera answering ERROR."""

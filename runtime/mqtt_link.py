@@ -108,6 +108,7 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
 
     def topic(self, *parts: str) -> str:
         return "/".join((self.base, *parts))
@@ -141,6 +142,10 @@ class MqttLink:
         self.stats["connects"] += 1
         log.info("MQTT connected to %s:%s (%s)", self.config.host, self.config.port, "v5" if self.v5 else "v3.1.1")
         client.subscribe(self.topic("cmd", "+"), qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        # Online only once the broker confirmed the command subscription: a PLC that sees the
+        # retained "online" status may send a trigger at once, and it must not be lost.
         self.publish_status()
         self.connected.set()
         if self.spool is not None:

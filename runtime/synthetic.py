@@ -33,7 +33,7 @@ class Part:
 def render_part(rng: np.random.Generator, defect: str | None = None) -> np.ndarray:
     """One camera frame (BGR, 320x240) with a bracket on the belt, slightly shifted and lit differently."""
     belt = _belt(rng)
-    dx, dy = (int(v) for v in rng.integers(-3, 4, 2))
+    dx, dy = (int(v) for v in rng.integers(-1, 2, 2))
     x0, y0 = 90 + dx, 70 + dy
     img = belt.copy()
     # Plate with a soft shadow, brushed-metal shading.
@@ -56,7 +56,7 @@ def render_part(rng: np.random.Generator, defect: str | None = None) -> np.ndarr
     elif defect == "stain":
         cx, cy = x0 + int(rng.integers(35, 105)), y0 + int(rng.integers(65, 90))
         cv2.ellipse(img, (cx, cy), (14, 9), float(rng.integers(0, 180)), 0, 360, (60, 95, 120), -1, cv2.LINE_AA)
-    gain = rng.uniform(0.96, 1.04)
+    gain = rng.uniform(0.98, 1.02)
     noisy = img.astype(np.float32) * gain + rng.normal(0, 2.0, img.shape)
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
@@ -65,7 +65,7 @@ def _belt(rng: np.random.Generator) -> np.ndarray:
     """A dark belt with a faint weave; its phase moves from part to part."""
     y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
     phase = float(rng.uniform(0, 2 * np.pi))
-    weave = 55 + 6 * np.sin(x / 3.0 + phase) * np.sin(y / 5.0)
+    weave = 55 + 3 * np.sin(x / 3.0 + phase) * np.sin(y / 5.0)
     return cv2.cvtColor(weave.astype(np.uint8), cv2.COLOR_GRAY2BGR)
 
 
