@@ -23,7 +23,9 @@ class AuditLog:
         self.path = Path(path)
         self._lock = threading.Lock()
 
-    def append(self, user: str, role: str, action: str, target: str | None = None, **details: Any) -> dict[str, Any]:
+    def append(
+        self, user: str, role: str, action: str, target: str | None = None, details: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Record one change (``action`` such as ``enroll.add``; ``target`` e.g. the recipe) durably."""
         entry = {
             "ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
@@ -31,7 +33,7 @@ class AuditLog:
             "role": role,
             "action": action,
             "target": target,
-            "details": details,
+            "details": details or {},
         }
         line = (json.dumps(entry, default=str, separators=(",", ":")) + "\n").encode()
         with self._lock:

@@ -1,0 +1,453 @@
+// Technician station page: plain JS, no build step. Every text from the server goes in through
+// textContent (never innerHTML) so a recipe or sample name can never inject markup.
+"use strict";
+
+const S = { user: null, role: null, csrf: null, cameras: [], timers: [], recipe: null, roi: null,
+            askVerdict: null, conversation: newId() };
+const ROLES = ["operator", "technician", "admin"];
+const $ = (sel) => document.querySelector(sel);
+
+function newId() { return Math.random().toString(36).slice(2, 12); }
+function allows(role) { return ROLES.indexOf(S.role) >= ROLES.indexOf(role); }
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (v !== null && v !== undefined && v !== false) e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const k of kids.flat()) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+  return e;
+}
+
+function toast(msg, info) {
+  const t = $("#toast");
+  t.textContent = msg;
+  t.className = info ? "info" : "";
+  t.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { t.hidden = true; }, info ? 2500 : 8000);
+}
+
+async function api(method, path, body) {
+  const opts = { method, headers: {}, credentials: "same-origin" };
+  if (method !== "GET") {
+    opts.headers["Content-Type"] = "application/json";
+    opts.headers["X-CSRF-Token"] = S.csrf || "";
+    opts.body = JSON.stringify(body || {});
+  }
+  const r = await fetch(path, opts);
+  if (r.status === 401 && path !== "/api/login") { showLogin(); throw new Error("log in first"); }
+  const data = (r.headers.get("Content-Type") || "").startsWith("application/json") ? await r.json() : await r.blob();
+  if (!r.ok) throw new Error((data && data.error) || r.statusText);
+  return data;
+}
+
+// Images come through fetch + object URLs: no flicker, and a failed frame keeps the last one.
+async function loadImg(img, url) {
+  try {
+    const r = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+    if (!r.ok) return false;
+    const u = URL.createObjectURL(await r.blob());
+    img.onload = () => { if (img.dataset.prev) URL.revokeObjectURL(img.dataset.prev); img.dataset.prev = u; };
+    img.src = u;
+    return true;
+  } catch (e) { return false; }
+}
+
+function fmt(v, n) { return v === null || v === undefined ? "–" : Number(v).toPrecision(n || 4); }
+function when(iso) { return iso ? iso.replace("T", " ").slice(0, 23) : "–"; }
+
+// --- session & navigation ------------------------------------------------------------------------
+function showLogin() {
+  S.user = null;
+  for (const p of document.querySelectorAll(".page")) p.hidden = p.id !== "page-login";
+  $("#nav").hidden = true; $("#logout").hidden = true; $("#who").textContent = "";
+}
+
+async function boot() {
+  const s = await api("GET", "/api/session");
+  if (!s.authenticated) { showLogin(); return; }
+  Object.assign(S, { user: s.user, role: s.role, csrf: s.csrf });
+  $("#who").textContent = `${s.user} (${s.role})`;
+  $("#nav").hidden = false; $("#logout").hidden = false;
+  for (const a of document.querySelectorAll("nav a[data-role]")) a.hidden = !allows(a.dataset.role);
+  S.cameras = await api("GET", "/api/cameras");
+  route();
+}
+
+function route() {
+  if (!S.user) return showLogin();
+  const page = (location.hash || "#live").slice(1);
+  for (const t of S.timers) clearInterval(t);
+  S.timers = [];
+  for (const p of document.querySelectorAll(".page")) p.hidden = p.id !== "page-" + page;
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.getAttribute("href") === "#" + page);
+  ({ live: showLive, enroll: showEnroll, history: showHistory, ask: showAsk, system: showSystem }[page] || showLive)();
+}
+
+$("#login-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  try {
+    await api("POST", "/api/login", { username: $("#login-user").value, password: $("#login-pass").value });
+    $("#login-pass").value = "";
+    if (!location.hash || location.hash === "#login") location.hash = "#live";
+    await boot();
+  } catch (e) { toast(e.message); }
+});
+$("#logout").addEventListener("click", async () => { try { await api("POST", "/api/logout"); } finally { showLogin(); } });
+window.addEventListener("hashchange", route);
+
+// --- live view -----------------------------------------------------------------------------------
+function showLive() {
+  const box = $("#live-cams");
+  box.replaceChildren();
+  for (const cam of S.cameras) {
+    const img = el("img", { alt: `camera ${cam.name}`, class: "live-frame", "data-camera": cam.name });
+    const roi = el("div", { class: "roi-box", hidden: true });
+    const heat = el("img", { alt: "heatmap", class: "live-heatmap" });
+    const badge = el("span", { class: "badge" }, "–");
+    const info = el("div", { class: "vinfo" });
+    const head = el("div", { class: "camhead" });
+    box.append(el("div", { class: "cam", id: `cam-${cam.name}` }, head, el("div", { class: "frame" }, img, roi),
+      el("div", { class: "verdict" }, heat, el("div", {}, badge, info))));
+    let lastId = null;
+    const tick = async () => {
+      await loadImg(img, `/api/cameras/${encodeURIComponent(cam.name)}/frame.jpg`);
+      const cams = await api("GET", "/api/cameras").catch(() => null);
+      const c = cams && cams.find((x) => x.name === cam.name);
+      if (c) {
+        head.replaceChildren(el("strong", {}, c.name), ` · ${c.status} · recipe `, el("b", {}, c.recipe || "none"),
+          c.inspect_fps ? ` · ${c.inspect_fps} fps · p50 ${fmt(c.latency_ms_p50, 3)} ms` : "",
+          c.inspection_error ? el("div", { class: "reason" }, c.inspection_error) : "");
+        if (c.roi && c.frame_size && img.clientWidth) {
+          const k = img.clientWidth / c.frame_size[0];
+          Object.assign(roi.style, { left: c.roi[0] * k + "px", top: c.roi[1] * k + "px",
+            width: c.roi[2] * k + "px", height: c.roi[3] * k + "px" });
+          roi.hidden = false;
+        } else roi.hidden = true;
+      }
+      const v = await api("GET", `/api/cameras/${encodeURIComponent(cam.name)}/verdict`).catch(() => null);
+      if (v && v.id !== lastId) {
+        lastId = v.id;
+        badge.textContent = v.verdict; badge.className = "badge " + v.verdict;
+        info.replaceChildren(el("div", {}, `score ${fmt(v.score)} / threshold ${fmt(v.threshold)}`),
+          el("div", {}, v.sentence), el("div", { class: "muted" }, when(v.captured_at)));
+        loadImg(heat, `/api/cameras/${encodeURIComponent(cam.name)}/overlay.jpg`);
+      }
+    };
+    tick();
+    S.timers.push(setInterval(tick, 700));
+  }
+  if (!S.cameras.length) box.append(el("p", {}, "No cameras configured."));
+}
+
+// --- enrollment wizard ---------------------------------------------------------------------------
+const E = { frame: new Image(), drag: null, frameSize: null };
+
+async function showEnroll() {
+  const camSel = $("#enroll-camera");
+  if (!camSel.options.length) for (const c of S.cameras) camSel.append(el("option", { value: c.name }, c.name));
+  const pick = $("#enroll-recipe-pick");
+  const recipes = await api("GET", "/api/recipes");
+  const keep = pick.value;
+  pick.replaceChildren(el("option", { value: "" }, "(new recipe)"), ...recipes.map((r) =>
+    el("option", { value: r.name }, `${r.name}${r.live ? " (live)" : ""}`)));
+  pick.value = keep;
+  drawRoiCanvas();
+  const tick = async () => {
+    const cam = camSel.value;
+    if (!cam || E.drag) return;
+    const r = await fetch(`/api/cameras/${encodeURIComponent(cam)}/frame.jpg`, { cache: "no-store" });
+    if (!r.ok) return;
+    const bmp = await createImageBitmap(await r.blob());
+    E.bitmap = bmp; E.frameSize = [bmp.width, bmp.height];
+    drawRoiCanvas();
+  };
+  tick();
+  S.timers.push(setInterval(tick, 800));
+  if (S.recipe) renderRecipe(await api("GET", `/api/recipes/${encodeURIComponent(S.recipe)}`));
+}
+
+function drawRoiCanvas() {
+  const cv = $("#enroll-canvas");
+  const ctx = cv.getContext("2d");
+  if (E.bitmap) {
+    if (cv.width !== E.bitmap.width || cv.height !== E.bitmap.height) { cv.width = E.bitmap.width; cv.height = E.bitmap.height; }
+    ctx.drawImage(E.bitmap, 0, 0);
+  } else { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, cv.width, cv.height); }
+  const r = E.drag ? E.drag.rect : S.roi;
+  if (r) {
+    ctx.strokeStyle = "#ffd400"; ctx.lineWidth = Math.max(2, cv.width / 320); ctx.setLineDash([8, 4]);
+    ctx.strokeRect(r[0], r[1], r[2], r[3]);
+    ctx.setLineDash([]);
+  }
+}
+
+function canvasPoint(ev) {
+  const cv = $("#enroll-canvas");
+  const b = cv.getBoundingClientRect();
+  const x = Math.round((ev.clientX - b.left) * cv.width / b.width);
+  const y = Math.round((ev.clientY - b.top) * cv.height / b.height);
+  return [Math.max(0, Math.min(cv.width, x)), Math.max(0, Math.min(cv.height, y))];
+}
+
+$("#enroll-canvas").addEventListener("pointerdown", (ev) => {
+  ev.preventDefault();
+  $("#enroll-canvas").setPointerCapture(ev.pointerId);
+  const p = canvasPoint(ev);
+  E.drag = { start: p, rect: [p[0], p[1], 0, 0] };
+});
+$("#enroll-canvas").addEventListener("pointermove", (ev) => {
+  if (!E.drag) return;
+  const [x0, y0] = E.drag.start, [x1, y1] = canvasPoint(ev);
+  E.drag.rect = [Math.min(x0, x1), Math.min(y0, y1), Math.abs(x1 - x0), Math.abs(y1 - y0)];
+  drawRoiCanvas();
+});
+$("#enroll-canvas").addEventListener("pointerup", () => {
+  if (!E.drag) return;
+  const r = E.drag.rect;
+  E.drag = null;
+  if (r[2] >= 8 && r[3] >= 8) S.roi = r;
+  $("#enroll-roi").textContent = S.roi ? `x ${S.roi[0]}, y ${S.roi[1]}, ${S.roi[2]} × ${S.roi[3]} px` : "whole image";
+  drawRoiCanvas();
+});
+$("#enroll-roi-clear").addEventListener("click", () => { S.roi = null; $("#enroll-roi").textContent = "whole image"; drawRoiCanvas(); });
+$("#enroll-recipe-pick").addEventListener("change", async (ev) => {
+  if (!ev.target.value) return;
+  const r = await api("GET", `/api/recipes/${encodeURIComponent(ev.target.value)}`);
+  S.roi = r.roi; $("#enroll-roi").textContent = r.roi ? `x ${r.roi[0]}, y ${r.roi[1]}, ${r.roi[2]} × ${r.roi[3]} px` : "whole image";
+  drawRoiCanvas();
+});
+
+async function busy(fn) {
+  $("#enroll-busy").hidden = false;
+  for (const b of ["#enroll-capture", "#enroll-finish", "#enroll-start"]) $(b).disabled = true;
+  try { return await fn(); } catch (e) { toast(e.message); return null; } finally {
+    $("#enroll-busy").hidden = true;
+    $("#enroll-start").disabled = false;
+    const on = !!S.recipe;
+    $("#enroll-capture").disabled = !on; $("#enroll-finish").disabled = !on; $("#enroll-upload").disabled = !on;
+  }
+}
+
+$("#enroll-start").addEventListener("click", () => busy(async () => {
+  const name = $("#enroll-recipe-pick").value || $("#enroll-recipe-new").value.trim();
+  if (!name) throw new Error("pick a recipe or type a new name");
+  const body = { recipe: name, camera: $("#enroll-camera").value, roi: S.roi,
+                 target_frr: Number($("#enroll-frr").value) };
+  const state = await api("POST", "/api/enroll/start", body);
+  S.recipe = state.name;
+  renderRecipe(state);
+  toast(`enrolling into ${state.name}`, true);
+}));
+
+$("#enroll-capture").addEventListener("click", () => busy(async () => {
+  const res = await api("POST", "/api/enroll/capture", { recipe: S.recipe, camera: $("#enroll-camera").value });
+  renderStep(res);
+}));
+
+$("#enroll-upload").addEventListener("change", (ev) => busy(async () => {
+  const files = [];
+  for (const f of ev.target.files) {
+    const data = await new Promise((ok, bad) => { const r = new FileReader(); r.onload = () => ok(r.result); r.onerror = bad; r.readAsDataURL(f); });
+    files.push({ name: f.name, data });
+  }
+  ev.target.value = "";
+  if (files.length) renderStep(await api("POST", "/api/enroll/upload", { recipe: S.recipe, files }));
+}));
+
+$("#enroll-finish").addEventListener("click", () => busy(async () => {
+  const res = await api("POST", "/api/enroll/finish", { recipe: S.recipe, camera: $("#enroll-camera").value,
+                                                         accept_flagged: $("#enroll-accept").checked });
+  renderStep(res);
+  const live = res.state.live;
+  $("#enroll-result").replaceChildren(el("p", { class: live ? "quality ok" : "quality bad", id: "enroll-status" },
+    live ? `Recipe ${res.recipe} is LIVE on camera ${$("#enroll-camera").value}: ${res.k} golden samples, bank v${res.bank_version}.`
+         : `Recipe ${res.recipe} is NOT live: ${res.k < 2 ? "enroll at least two good parts" : "the quality check flagged samples; remove them or accept them"}.`));
+  S.cameras = await api("GET", "/api/cameras");
+}));
+
+function renderStep(res) {
+  if (res.skipped && res.skipped.length) toast(res.skipped.join("; "), true);
+  renderRecipe(res.state, res);
+}
+
+function renderRecipe(state, step) {
+  S.recipe = state.name;
+  $("#enroll-current").textContent = `recipe ${state.name} · ${state.k} samples · ${state.live ? "LIVE" : "not live"}`;
+  const q = (step && step.quality) || state.quality;
+  const qbox = $("#enroll-quality");
+  qbox.replaceChildren();
+  if (q && q.method) {
+    qbox.className = "quality " + (q.ok ? "ok" : "bad");
+    qbox.append(el("div", {}, `Quality check (${q.method}): ${q.ok ? "passed" : "FAILED"}`));
+    for (const f of q.flagged || []) qbox.append(el("div", {}, `Flagged ${f.name}: ${f.reason}`));
+    if (q.inconsistent) qbox.append(el("div", {}, `Inconsistent: ${q.inconsistent}`));
+  }
+  const list = $("#enroll-samples");
+  list.replaceChildren(...state.samples.map((s) => {
+    const img = el("img", { alt: s.name });
+    loadImg(img, `/api/recipes/${encodeURIComponent(state.name)}/samples/${s.sha256}.png`);
+    return el("div", { class: "sample" + (s.flagged ? " flagged" : ""), "data-name": s.name }, img,
+      el("div", {}, s.name), el("div", {}, s.score === null ? "score –" : `score ${fmt(s.score)}`),
+      s.flagged ? el("div", { class: "reason" }, s.flagged) : null,
+      el("button", { type: "button", class: "remove", onclick: () => busy(async () =>
+        renderStep(await api("POST", "/api/enroll/remove", { recipe: state.name, sample: s.name }))) }, "Remove"));
+  }));
+  const explained = (step && step.threshold_explained) || state.threshold_explained;
+  const warn = ((step && step.threshold) || state.threshold || {}).warnings || [];
+  $("#enroll-threshold").textContent = explained ? explained + (warn.length ? "  (" + warn.join("; ") + ")" : "") : "";
+  const on = !!S.recipe;
+  $("#enroll-capture").disabled = !on; $("#enroll-finish").disabled = !on; $("#enroll-upload").disabled = !on;
+}
+
+// --- history -------------------------------------------------------------------------------------
+function histQuery() {
+  const p = new URLSearchParams();
+  if ($("#hist-camera").value) p.set("camera", $("#hist-camera").value);
+  if ($("#hist-recipe").value) p.set("recipe", $("#hist-recipe").value);
+  if ($("#hist-ng").checked) p.set("ng", "1");
+  // datetime-local is the browser's local time: convert to an absolute instant.
+  if ($("#hist-since").value) p.set("since", String(new Date($("#hist-since").value).getTime() / 1000));
+  if ($("#hist-until").value) p.set("until", String(new Date($("#hist-until").value).getTime() / 1000));
+  p.set("limit", $("#hist-limit").value || "100");
+  return p.toString();
+}
+
+async function showHistory() {
+  const camSel = $("#hist-camera"), recSel = $("#hist-recipe");
+  if (camSel.options.length <= 1) for (const c of S.cameras) camSel.append(el("option", { value: c.name }, c.name));
+  const recipes = await api("GET", "/api/recipes").catch(() => []);
+  const keep = recSel.value;
+  recSel.replaceChildren(el("option", { value: "" }, "all"), ...recipes.map((r) => el("option", { value: r.name }, r.name)));
+  recSel.value = keep;
+  await loadHistory();
+}
+
+async function loadHistory() {
+  const q = histQuery();
+  $("#hist-csv").href = "/api/history.csv?" + q;
+  const rows = await api("GET", "/api/history?" + q);
+  const tb = $("#hist-table tbody");
+  tb.replaceChildren(...rows.map((r) => el("tr", { "data-id": r.id, "data-verdict": r.verdict, onclick: (ev) => {
+    for (const x of tb.children) x.classList.remove("sel");
+    ev.currentTarget.classList.add("sel");
+    showDetail(r.id);
+  } }, el("td", {}, when(r.captured_at)), el("td", {}, r.camera), el("td", {}, r.recipe),
+    el("td", {}, el("span", { class: "badge " + r.verdict }, r.verdict)), el("td", {}, fmt(r.score)), el("td", {}, r.location || ""))));
+  if (!rows.length) tb.append(el("tr", {}, el("td", { colspan: 6 }, "No verdicts match.")));
+}
+$("#hist-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadHistory().catch((e) => toast(e.message)); });
+
+function verdictCard(box, r, withAsk) {
+  const img = el("img", { alt: "inspected image", class: "hist-image" });
+  const heat = el("img", { alt: "heatmap", class: "hist-heatmap" });
+  box.replaceChildren(
+    el("h3", {}, el("span", { class: "badge " + r.verdict }, r.verdict), ` ${r.camera} · ${r.recipe} · ${when(r.captured_at)}`),
+    r.has_image ? el("div", {}, img, heat) : el("p", {}, "(image not kept: OK images are sampled)"),
+    el("dl", { class: "kv" },
+      el("dt", {}, "score"), el("dd", {}, `${fmt(r.score)} (threshold ${fmt(r.threshold)})`),
+      el("dt", {}, "sentence"), el("dd", { class: "sentence" }, r.sentence),
+      el("dt", {}, "regions"), el("dd", {}, (r.regions || []).map((g) => `${g.location} (${fmt(g.area_pct, 2)} %)`).join(", ") || "none"),
+      el("dt", {}, "explanation"), el("dd", { class: "explanation" }, r.explanation || "–"),
+      r.reason ? [el("dt", {}, "reason"), el("dd", {}, r.reason)] : null),
+    withAsk ? el("button", { type: "button", id: "hist-ask", onclick: () => { S.askVerdict = r; S.conversation = newId(); location.hash = "#ask"; } }, "Ask about this") : null);
+  if (r.has_image) {
+    loadImg(img, `/api/history/${r.id}/image.jpg`);
+    loadImg(heat, `/api/history/${r.id}/heatmap.jpg`);
+  }
+}
+
+async function showDetail(id) { verdictCard($("#hist-detail"), await api("GET", `/api/history/${id}`), true); }
+
+// --- ask -----------------------------------------------------------------------------------------
+function showAsk() {
+  if (S.askVerdict) verdictCard($("#ask-subject"), S.askVerdict, false);
+}
+$("#ask-new").addEventListener("click", () => { S.conversation = newId(); $("#ask-log").replaceChildren(); });
+$("#ask-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  if (!S.askVerdict) { toast("pick a verdict in History first"); return; }
+  const q = $("#ask-question").value.trim() || "Is there any anomaly in the image?";
+  $("#ask-question").value = "";
+  const log = $("#ask-log");
+  const answer = el("span", { class: "answer" });
+  const note = el("div", { class: "note" });
+  log.append(el("div", { class: "msg user" }, q), el("div", { class: "msg bot" }, answer, note));
+  $("#ask-send").disabled = true;
+  try {
+    const r = await fetch("/api/ask", { method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf },
+      body: JSON.stringify({ verdict_id: S.askVerdict.id, question: q, conversation: S.conversation }) });
+    if (!r.ok) throw new Error((await r.json()).error || r.statusText);
+    // Streamed NDJSON: each {"t": piece} is shown as it arrives.
+    const reader = r.body.getReader(), dec = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, { stream: true });
+      let i;
+      while ((i = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, i); buf = buf.slice(i + 1);
+        if (!line.trim()) continue;
+        const m = JSON.parse(line);
+        if (m.t !== undefined) answer.textContent += m.t;
+        if (m.done) {
+          answer.textContent = m.done.text;  // the checked answer (a contradicting one is replaced)
+          note.textContent = m.done.source === "llm" ? "" : `(${m.done.source}${m.done.replaced ? ": model answer replaced, " + m.done.replaced : ""}${m.done.note ? ": " + m.done.note : ""})`;
+        }
+        if (m.error) note.textContent = "error: " + m.error;
+      }
+      log.scrollTop = log.scrollHeight;
+    }
+  } catch (e) { toast(e.message); } finally { $("#ask-send").disabled = false; }
+});
+
+// --- system --------------------------------------------------------------------------------------
+function kv(obj) {
+  return el("dl", { class: "kv" }, Object.entries(obj).map(([k, v]) =>
+    [el("dt", {}, k), el("dd", {}, v === null || v === undefined ? "–" : typeof v === "object" ? JSON.stringify(v) : String(v))]));
+}
+
+async function showSystem() {
+  const tick = async () => {
+    const s = await api("GET", "/api/system");
+    const cams = el("table", { id: "sys-cams" }, el("thead", {}, el("tr", {}, ["Camera", "Status", "Recipe", "Inspections/s", "Latency p50 ms", "max ms", "Error"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, s.cameras.map((c) => el("tr", {}, [c.name, c.status, c.recipe || "–", c.inspect_fps ?? "–", c.latency_ms_p50 ?? "–", c.latency_ms_max ?? "–", c.inspection_error || ""].map((v) => el("td", {}, v))))));
+    $("#sys-body").replaceChildren(
+      el("div", { class: "card" }, el("h3", {}, "Versions and engines"), kv({ "AnomalyGPT Edge": s.version, python: s.python, platform: s.platform,
+        onnxruntime: s.onnxruntime, opencv: s.opencv, backend: s.backend, "bundle": s.bundle.path, "bundle sha256": s.bundle.sha256,
+        "bundle source": s.bundle.source, "exported": s.bundle.created_at, engines: s.engines, LLM: s.llm, uptime_s: s.uptime_s })),
+      el("div", { class: "card" }, el("h3", {}, "Cameras"), cams),
+      el("div", { class: "card" }, el("h3", {}, "Delivery"), kv({ "spool depth": s.spool_depth, broker: s.broker })));
+  };
+  await tick().catch((e) => toast(e.message));
+  S.timers.push(setInterval(() => tick().catch(() => {}), 2000));
+  $("#admin").hidden = !allows("admin");
+  if (allows("admin")) await loadAdmin();
+}
+
+async function loadAdmin() {
+  const users = await api("GET", "/api/users");
+  $("#users-table tbody").replaceChildren(...users.map((u) => el("tr", {}, el("td", {}, u.name), el("td", {}, u.role),
+    el("td", {}, u.name === S.user ? "" : el("button", { type: "button", class: "secondary", onclick: async () => {
+      try { await api("POST", "/api/users", { action: "remove", name: u.name }); await loadAdmin(); } catch (e) { toast(e.message); }
+    } }, "Remove")))));
+  const audit = await api("GET", "/api/audit?limit=100");
+  $("#audit-table tbody").replaceChildren(...audit.reverse().map((a) => el("tr", {}, el("td", {}, when(a.ts)), el("td", {}, `${a.user} (${a.role})`),
+    el("td", {}, a.action), el("td", {}, a.target || ""), el("td", {}, a.details && a.details.ok === false ? "failed: " + (a.details.error || "") : "ok"))));
+}
+$("#user-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  try {
+    await api("POST", "/api/users", { action: "set", name: $("#user-name").value, role: $("#user-role").value, password: $("#user-pass").value });
+    $("#user-pass").value = "";
+    await loadAdmin();
+    toast("user saved", true);
+  } catch (e) { toast(e.message); }
+});
+
+boot().catch((e) => toast(e.message));

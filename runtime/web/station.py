@@ -1,0 +1,728 @@
+"""The Station: everything the technician web page needs from the line, behind one small interface.
+
+The web layer (``server.py``) calls only :class:`Station`; it never touches cameras, engines or
+the recipe store itself. :class:`LocalStation` implements it over the real runtime objects
+(``RecipeStore``, ``Enroller``, ``Inspector``, ``Explainer``) with its own camera grabbers and
+inspection loops, so the station also runs next to (or without) the line daemon. A daemon that
+owns cameras and inspection can implement the same interface over its own objects.
+
+Records handed to the web layer are plain JSON-ready dicts; images are JPEG/PNG bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+import platform
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from anomalygpt_edge.calibration.threshold import Threshold
+from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.runtime.enrollment import Enroller
+from anomalygpt_edge.runtime.heatmap import overlay
+from anomalygpt_edge.runtime.inspector import Inspector
+from anomalygpt_edge.runtime.preprocess import ImageError, crop_roi
+from anomalygpt_edge.runtime.recipes import Recipe, RecipeError, RecipeStore
+from anomalygpt_edge.runtime.verdict import Region, Verdict
+
+log = logging.getLogger(__name__)
+
+JPEG_QUALITY = 85
+#: Verdicts kept in memory for the history page (images only for NG/ERROR and a sample of OK).
+HISTORY_SIZE = 2000
+KEEP_OK_IMAGE_EVERY = 10
+MAX_UPLOAD_IMAGES = 64
+
+
+class StationError(ValueError):
+    """A request the station cannot do (unknown camera or recipe, no frame yet, bad image); says why."""
+
+
+class NotFoundError(StationError):
+    """The named camera, recipe, sample or verdict does not exist."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The newest image of one camera."""
+
+    image: np.ndarray  # BGR
+    seq: int
+    captured_at: float  # time.time()
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """Filters of the history page; ``None`` means any."""
+
+    camera: str | None = None
+    recipe: str | None = None
+    ng_only: bool = False
+    since: float | None = None  # epoch seconds
+    until: float | None = None
+    limit: int = 100
+
+
+class Station(Protocol):
+    """What the technician station's web layer needs from the line (all methods thread-safe)."""
+
+    def cameras(self) -> list[dict[str, Any]]:
+        """Each camera: name, status, active recipe, ROI, measured fps and latency."""
+
+    def latest_jpeg(self, camera: str) -> bytes:
+        """The camera's newest frame as JPEG (raises NotFoundError/StationError when there is none)."""
+
+    def last_verdict(self, camera: str) -> dict[str, Any] | None:
+        """The camera's newest verdict record, or None before the first."""
+
+    def recipes(self) -> list[dict[str, Any]]:
+        """Every recipe's state (see :meth:`recipe`)."""
+
+    def recipe(self, name: str) -> dict[str, Any]:
+        """One recipe: settings, samples with quality flags, threshold and its plain-words explanation."""
+
+    def sample_png(self, recipe: str, sha256: str) -> bytes:
+        """A golden sample's stored image (ROI applied)."""
+
+    def enroll_start(
+        self, recipe: str, camera: str | None, roi: tuple[int, int, int, int] | None, **settings: Any
+    ) -> dict[str, Any]:
+        """Create (or pick) a recipe for enrollment; a new or empty recipe takes ``roi``."""
+
+    def enroll_capture(self, recipe: str, camera: str) -> dict[str, Any]:
+        """Add the camera's current frame as a golden sample; returns the enrollment step result."""
+
+    def enroll_upload(self, recipe: str, files: list[tuple[str, bytes]]) -> dict[str, Any]:
+        """Add uploaded image files as golden samples."""
+
+    def enroll_remove(self, recipe: str, sample: str) -> dict[str, Any]:
+        """Remove one golden sample (name or sha256 prefix) and rebuild."""
+
+    def enroll_finish(self, recipe: str, camera: str | None, accept_flagged: bool = False) -> dict[str, Any]:
+        """Rebuild bank and threshold; when live, the camera starts inspecting with the recipe."""
+
+    def assign(self, camera: str, recipe: str | None) -> dict[str, Any]:
+        """Make ``recipe`` the one ``camera`` inspects with (None: stop inspecting)."""
+
+    def delete_recipe(self, recipe: str) -> None:
+        """Remove a recipe and its bank (cameras using it stop inspecting)."""
+
+    def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
+        """Recent verdict records, newest first, filtered."""
+
+    def history_item(self, verdict_id: str) -> dict[str, Any]:
+        """One verdict record."""
+
+    def history_image(self, verdict_id: str, kind: str) -> bytes:
+        """JPEG of a verdict's ``image`` (the inspected ROI) or its ``heatmap`` overlay."""
+
+    def ask(self, conversation: str, verdict_id: str, question: str, on_text: Callable[[str], None]) -> dict[str, Any]:
+        """Answer ``question`` about a verdict, streaming text pieces to ``on_text``; multi-turn per conversation."""
+
+    def system(self) -> dict[str, Any]:
+        """Versions, engines, backend, per-camera rates and latencies, spool depth, broker connection."""
+
+
+# --- cameras --------------------------------------------------------------------------------------
+
+
+@dataclass
+class CameraSpec:
+    """A frame source: ``kind`` is ``video_file``, ``image_folder`` or ``opencv`` (index, device or URL)."""
+
+    name: str
+    kind: str
+    source: str
+    fps: float = 10.0
+    loop: bool = True
+
+
+class FrameGrabber:
+    """A thread that keeps only the newest frame of one source (a slow reader never builds a backlog).
+
+    File sources are paced at their ``fps`` and loop; a source that fails is reopened with backoff.
+    """
+
+    def __init__(self, spec: CameraSpec):
+        self.spec = spec
+        self.status = "starting"
+        self._frame: Frame | None = None
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"grab-{spec.name}", daemon=True)
+
+    def start(self) -> FrameGrabber:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def latest(self) -> Frame | None:
+        with self._lock:
+            return self._frame
+
+    def _publish(self, image: np.ndarray) -> None:
+        with self._lock:
+            self._seq += 1
+            self._frame = Frame(image, self._seq, time.time())
+
+    def _images(self) -> Iterable[np.ndarray]:
+        spec = self.spec
+        if spec.kind == "image_folder":
+            files = sorted(
+                p for p in Path(spec.source).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}
+            )
+            if not files:
+                raise OSError(f"{spec.source}: no images")
+            for p in files:
+                image = cv2.imread(str(p), cv2.IMREAD_COLOR)
+                if image is not None:
+                    yield image
+            return
+        src: int | str = int(spec.source) if spec.source.isdigit() else spec.source
+        cap = cv2.VideoCapture(src)
+        try:
+            if not cap.isOpened():
+                raise OSError(f"cannot open {spec.source}")
+            while not self._stop.is_set():
+                ok, image = cap.read()
+                if not ok:
+                    return
+                yield image
+        finally:
+            cap.release()
+
+    def _run(self) -> None:
+        backoff = 0.5
+        paced = self.spec.kind in ("video_file", "image_folder")
+        period = 1.0 / self.spec.fps if self.spec.fps > 0 else 0.0
+        while not self._stop.is_set():
+            got = False
+            try:
+                next_t = time.monotonic()
+                for image in self._images():
+                    got = True
+                    self.status = "ok"
+                    self._publish(image)
+                    if paced:  # replay at the camera's rate, like a live line would deliver frames
+                        next_t += period
+                        if self._stop.wait(max(0.0, next_t - time.monotonic())):
+                            return
+                    if self._stop.is_set():
+                        return
+            except Exception as exc:  # a camera error must never end the grabber: report and retry
+                self.status = f"error: {exc}"
+                log.warning("camera %s: %s", self.spec.name, exc)
+            if got and paced and self.spec.loop:
+                backoff = 0.5
+                continue
+            if got and paced:
+                self.status = "ended"
+                return
+            if not self.status.startswith("error"):
+                self.status = "reconnecting"
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, 10.0)
+
+
+# --- records --------------------------------------------------------------------------------------
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise StationError("cannot encode image as JPEG")
+    return buf.tobytes()
+
+
+def verdict_from_record(record: dict[str, Any]) -> Verdict:
+    """Rebuild a :class:`Verdict` (without its map) from a record, for the LLM."""
+    regions = [
+        Region(tuple(r["bbox"]), float(r["area_pct"]), float(r["peak"]), r["location"])
+        for r in record.get("regions") or []
+    ]
+    nan = float("nan")
+    return Verdict(
+        verdict=record["verdict"],
+        score=nan if record.get("score") is None else float(record["score"]),
+        threshold=nan if record.get("threshold") is None else float(record["threshold"]),
+        recipe=record.get("recipe") or "",
+        regions=regions,
+        sentence=record.get("sentence") or "",
+        reason=record.get("reason"),
+    )
+
+
+@dataclass
+class _CameraState:
+    spec: CameraSpec
+    grabber: FrameGrabber
+    recipe: str | None = None
+    inspect_fps: float = 5.0
+    last: dict[str, Any] | None = None
+    last_overlay: bytes | None = None
+    done_seq: int = 0
+    times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
+    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
+    error: str | None = None
+
+
+class LocalStation:
+    """A :class:`Station` over the runtime's own objects: grabbers, one inspection loop per camera,
+    the recipe store and enroller, an in-memory history and an optional LLM for ``ask``.
+
+    ``explainer_factory`` returns an object with ``explain(verdict, question, on_text)`` and
+    ``follow_up(question, on_text)`` (e.g. ``Explainer.default``); it is called once, on first use.
+    ``explain_ng`` explains NG verdicts in the background for the history page.
+    """
+
+    def __init__(
+        self,
+        store: RecipeStore,
+        bundle: EngineBundle,
+        cameras: list[CameraSpec],
+        bindings: dict[str, str] | None = None,
+        inspect_fps: float = 5.0,
+        explainer_factory: Callable[[], Any] | None = None,
+        explain_ng: bool = False,
+        extra_status: Callable[[], dict[str, Any]] | None = None,
+    ):
+        self.store = store
+        self.bundle = bundle
+        self.enroller = Enroller(store, bundle)
+        self._enroll_lock = threading.Lock()  # the enroller rebuilds one recipe at a time
+        self._cams: dict[str, _CameraState] = {
+            c.name: _CameraState(c, FrameGrabber(c), (bindings or {}).get(c.name), inspect_fps) for c in cameras
+        }
+        self._inspectors: dict[tuple[str, int, str], Inspector] = {}
+        self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY_SIZE)
+        self._images: dict[str, tuple[bytes, bytes | None]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._explainer_factory = explainer_factory
+        self._explainer: Any = None
+        self._explainer_error: str | None = None
+        self._llm_lock = threading.Lock()
+        self._conversation: tuple[str, str] | None = None
+        self._explain_ng = explain_ng and explainer_factory is not None
+        self._explain_queue: collections.deque[str] = collections.deque(maxlen=8)
+        self._explain_event = threading.Event()
+        self._extra_status = extra_status
+        self._started = time.time()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> LocalStation:
+        """Start grabbers and inspection loops."""
+        for name, cam in self._cams.items():
+            cam.grabber.start()
+            t = threading.Thread(target=self._inspect_loop, args=(name,), name=f"inspect-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self._explain_ng:
+            t = threading.Thread(target=self._explain_loop, name="station-explain", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._explain_event.set()
+        for cam in self._cams.values():
+            cam.grabber.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    # -- cameras -------------------------------------------------------------------------------
+    def _cam(self, name: str) -> _CameraState:
+        cam = self._cams.get(name)
+        if cam is None:
+            raise NotFoundError(f"no camera '{name}' (cameras: {', '.join(self._cams) or 'none'})")
+        return cam
+
+    def cameras(self) -> list[dict[str, Any]]:
+        out = []
+        for name, cam in self._cams.items():
+            frame = cam.grabber.latest()
+            roi = None
+            if cam.recipe and self.store.exists(cam.recipe):
+                roi = self.store.load(cam.recipe).roi
+            out.append(
+                {
+                    "name": name,
+                    "kind": cam.spec.kind,
+                    "status": cam.grabber.status,
+                    "recipe": cam.recipe,
+                    "roi": list(roi) if roi else None,
+                    "frame_size": list(frame.image.shape[1::-1]) if frame else None,
+                    "frame_seq": frame.seq if frame else None,
+                    "inspection_error": cam.error,
+                    **self._rates(cam),
+                }
+            )
+        return out
+
+    def _rates(self, cam: _CameraState) -> dict[str, Any]:
+        times = list(cam.times)
+        fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 and times[-1] > times[0] else None
+        lat = sorted(cam.latencies)
+        return {
+            "inspect_fps": round(fps, 2) if fps else None,
+            "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
+            "latency_ms_max": round(lat[-1], 1) if lat else None,
+        }
+
+    def latest_frame(self, camera: str) -> Frame:
+        frame = self._cam(camera).grabber.latest()
+        if frame is None:
+            raise StationError(f"camera '{camera}' has no frame yet ({self._cams[camera].grabber.status})")
+        return frame
+
+    def latest_jpeg(self, camera: str) -> bytes:
+        return _jpeg(self.latest_frame(camera).image)
+
+    def last_verdict(self, camera: str) -> dict[str, Any] | None:
+        return self._cam(camera).last
+
+    def last_overlay(self, camera: str) -> bytes | None:
+        """JPEG heatmap overlay of the camera's last verdict."""
+        return self._cam(camera).last_overlay
+
+    # -- inspection ----------------------------------------------------------------------------
+    def _inspector(self, name: str) -> Inspector:
+        recipe = self.store.load(name)
+        key = (name, recipe.bank_version, recipe.updated_at)
+        with self._lock:
+            ins = self._inspectors.get(key)
+        if ins is None:
+            pipeline = self.enroller.pipeline  # one set of engines for every camera and the enroller
+            ins = Inspector(self.bundle, recipe, self.store, pipeline)
+            with self._lock:
+                self._inspectors = {k: v for k, v in self._inspectors.items() if k[0] != name}
+                self._inspectors[key] = ins
+        return ins
+
+    def _inspect_loop(self, name: str) -> None:
+        cam = self._cams[name]
+        period = 1.0 / cam.inspect_fps
+        while not self._stop.wait(period):
+            frame = cam.grabber.latest()
+            if cam.recipe is None or frame is None or frame.seq == cam.done_seq:
+                continue
+            cam.done_seq = frame.seq
+            try:
+                self._inspect(name, cam, frame)
+                cam.error = None
+            except (RecipeError, ImageError) as exc:  # not live yet, ROI off the frame: say so on the page
+                cam.error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything one frame does
+                cam.error = f"{type(exc).__name__}: {exc}"
+                log.exception("inspection on %s failed", name)
+
+    def _inspect(self, name: str, cam: _CameraState, frame: Frame) -> None:
+        recipe_name = cam.recipe
+        assert recipe_name is not None
+        inspector = self._inspector(recipe_name)
+        t0 = time.perf_counter()
+        verdict = inspector.inspect(frame.image, f"{name}#{frame.seq}")
+        roi_image = crop_roi(frame.image, inspector.recipe.roi, name)
+        record = {
+            "id": uuid.uuid4().hex,
+            "camera": name,
+            **verdict.to_json(),
+            "frame_seq": frame.seq,
+            "captured_at": _iso(frame.captured_at),
+            "ts": frame.captured_at,
+            "explanation": None,
+        }
+        record["latency_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 3)
+        overlay_jpeg = _jpeg(overlay(roi_image, verdict))
+        keep = verdict.verdict != "OK" or frame.seq % KEEP_OK_IMAGE_EVERY == 0
+        record["has_image"] = keep
+        with self._lock:
+            if len(self._history) == self._history.maxlen:
+                self._images.pop(self._history[0]["id"], None)
+            self._history.append(record)
+            if keep:
+                self._images[record["id"]] = (_jpeg(roi_image), overlay_jpeg)
+            cam.last = record
+            cam.last_overlay = overlay_jpeg
+            cam.times.append(time.monotonic())
+            cam.latencies.append(1e3 * (time.time() - frame.captured_at))
+        if self._explain_ng and verdict.verdict == "NG":
+            self._explain_queue.append(record["id"])
+            self._explain_event.set()
+
+    def _explain_loop(self) -> None:
+        # Explanations run here, never in the inspection loop: a slow LLM must not delay verdicts.
+        while not self._stop.is_set():
+            self._explain_event.wait(1.0)
+            self._explain_event.clear()
+            while self._explain_queue and not self._stop.is_set():
+                vid = self._explain_queue.pop()  # newest first; older ones may be dropped by maxlen
+                try:
+                    record = self.history_item(vid)
+                    explainer = self._get_explainer()
+                    with self._llm_lock:
+                        self._conversation = None  # this run replaces any chat's context in the model
+                        result = explainer.explain(verdict_from_record(record), on_text=None)
+                    record["explanation"] = result.text
+                except Exception as exc:  # noqa: BLE001 - an LLM failure leaves the record unexplained
+                    log.warning("explanation of %s failed: %s", vid, exc)
+
+    # -- recipes and enrollment ------------------------------------------------------------------
+    def recipes(self) -> list[dict[str, Any]]:
+        out = []
+        for n in self.store.names():
+            try:
+                out.append(self.recipe(n))
+            except RecipeError as exc:
+                out.append({"name": n, "error": str(exc)})
+        return out
+
+    def recipe(self, name: str) -> dict[str, Any]:
+        if not self.store.exists(name):
+            raise NotFoundError(f"no recipe '{name}'")
+        return recipe_state(self.store.load(name), [c for c, s in self._cams.items() if s.recipe == name])
+
+    def sample_png(self, recipe: str, sha256: str) -> bytes:
+        r = self.store.load(recipe)
+        if not any(s.sha256 == sha256 for s in r.samples):
+            raise NotFoundError(f"recipe {recipe} has no sample {sha256[:12]}")
+        return self.store.sample_path(recipe, sha256, "png").read_bytes()
+
+    def enroll_start(
+        self, recipe: str, camera: str | None, roi: tuple[int, int, int, int] | None, **settings: Any
+    ) -> dict[str, Any]:
+        if camera is not None:
+            self._cam(camera)
+        if roi is not None and camera is not None:
+            frame = self._cam(camera).grabber.latest()
+            if frame is not None:
+                crop_roi(frame.image, roi, f"camera {camera}")  # refuse an ROI off the image now, not later
+        with self._enroll_lock:
+            if self.store.exists(recipe):
+                current = self.enroller.open_or_create(recipe)
+                if roi is not None and tuple(roi) != current.roi:
+                    if current.samples:
+                        raise StationError(
+                            f"recipe {recipe} already has {len(current.samples)} golden samples taken with "
+                            f"ROI {current.roi}; remove them or create a new recipe to change the ROI"
+                        )
+                    self.store.commit(replace(current, roi=tuple(roi)))
+            else:
+                self.enroller.create(recipe, roi=tuple(roi) if roi else None, **settings)
+        return self.recipe(recipe)
+
+    def _step(self, recipe: str, result: Any) -> dict[str, Any]:
+        return {**result.to_json(), "state": self.recipe(recipe)}
+
+    def enroll_capture(self, recipe: str, camera: str) -> dict[str, Any]:
+        frame = self.latest_frame(camera)
+        with self._enroll_lock:
+            result = self.enroller.add(recipe, [(f"{camera}-{frame.seq:06d}.png", frame.image)])
+        return self._step(recipe, result)
+
+    def enroll_upload(self, recipe: str, files: list[tuple[str, bytes]]) -> dict[str, Any]:
+        if not files:
+            raise StationError("no files uploaded")
+        if len(files) > MAX_UPLOAD_IMAGES:
+            raise StationError(f"at most {MAX_UPLOAD_IMAGES} images per upload")
+        images = []
+        for fname, data in files:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+            if image is None:
+                raise StationError(f"{fname}: not a decodable image")
+            images.append((Path(fname).name or "upload", image))
+        with self._enroll_lock:
+            result = self.enroller.add(recipe, images)
+        return self._step(recipe, result)
+
+    def enroll_remove(self, recipe: str, sample: str) -> dict[str, Any]:
+        with self._enroll_lock:
+            result = self.enroller.remove(recipe, sample)
+        return self._step(recipe, result)
+
+    def enroll_finish(self, recipe: str, camera: str | None, accept_flagged: bool = False) -> dict[str, Any]:
+        with self._enroll_lock:
+            result = self.enroller.rebuild(recipe, accept_flagged)
+        if result.recipe.live and camera is not None:
+            self.assign(camera, recipe)
+        return self._step(recipe, result)
+
+    def assign(self, camera: str, recipe: str | None) -> dict[str, Any]:
+        cam = self._cam(camera)
+        if recipe is not None:
+            r = self.store.load(recipe)
+            if not r.live:
+                raise StationError(f"recipe {recipe} is not live yet: finish its enrollment first")
+        cam.recipe = recipe
+        cam.error = None
+        return {"camera": camera, "recipe": recipe}
+
+    def delete_recipe(self, recipe: str) -> None:
+        if not self.store.exists(recipe):
+            raise NotFoundError(f"no recipe '{recipe}'")
+        for cam in self._cams.values():
+            if cam.recipe == recipe:
+                cam.recipe = None
+        with self._enroll_lock:
+            self.store.delete(recipe)
+
+    # -- history ---------------------------------------------------------------------------------
+    def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
+        with self._lock:
+            items = list(self._history)
+        out = []
+        for r in reversed(items):
+            if query.camera and r["camera"] != query.camera:
+                continue
+            if query.recipe and r["recipe"] != query.recipe:
+                continue
+            if query.ng_only and r["verdict"] == "OK":
+                continue
+            if query.since is not None and r["ts"] < query.since:
+                continue
+            if query.until is not None and r["ts"] >= query.until:
+                continue
+            out.append(r)
+            if len(out) >= query.limit:
+                break
+        return out
+
+    def history_item(self, verdict_id: str) -> dict[str, Any]:
+        with self._lock:
+            for r in reversed(self._history):
+                if r["id"] == verdict_id:
+                    return r
+        raise NotFoundError(f"no verdict '{verdict_id}' in the recent history")
+
+    def history_image(self, verdict_id: str, kind: str) -> bytes:
+        with self._lock:
+            pair = self._images.get(verdict_id)
+        if pair is None:
+            raise NotFoundError(f"no image kept for verdict '{verdict_id}' (OK images are sampled)")
+        data = pair[0] if kind == "image" else pair[1]
+        if data is None:
+            raise NotFoundError(f"no {kind} for verdict '{verdict_id}'")
+        return data
+
+    # -- ask -------------------------------------------------------------------------------------
+    def _get_explainer(self) -> Any:
+        with self._llm_lock:
+            if self._explainer is None and self._explainer_error is None:
+                if self._explainer_factory is None:
+                    self._explainer_error = "no LLM configured for this station"
+                else:
+                    try:
+                        self._explainer = self._explainer_factory()
+                    except Exception as exc:  # noqa: BLE001 - a missing model degrades ask, nothing else
+                        self._explainer_error = f"{type(exc).__name__}: {exc}"
+            if self._explainer is None:
+                raise StationError(f"the LLM is not available: {self._explainer_error}")
+            return self._explainer
+
+    def ask(self, conversation: str, verdict_id: str, question: str, on_text: Callable[[str], None]) -> dict[str, Any]:
+        record = self.history_item(verdict_id)
+        verdict = verdict_from_record(record)
+        question = question.strip() or "Is there any anomaly in the image?"
+        try:
+            explainer = self._get_explainer()
+        except StationError as exc:
+            # Without a model the operator still gets the vision system's own answer.
+            on_text(verdict.sentence)
+            return {"text": verdict.sentence, "source": "template", "note": str(exc), "turn": "first"}
+        with self._llm_lock:
+            # One model, one context: a follow-up continues only if nothing else used the model since.
+            follow = self._conversation == (conversation, verdict_id)
+            if follow:
+                result = explainer.follow_up(question, on_text=on_text)
+            else:
+                result = explainer.explain(verdict, question, on_text=on_text)
+            self._conversation = (conversation, verdict_id)
+        out = result.to_json() if hasattr(result, "to_json") else {"text": str(result)}
+        out["turn"] = "follow-up" if follow else "first"
+        return out
+
+    # -- system ----------------------------------------------------------------------------------
+    def system(self) -> dict[str, Any]:
+        import onnxruntime
+
+        import anomalygpt_edge
+
+        m = self.bundle.manifest
+        engines = {}
+        for (graph, precision), engine in list(self.bundle._engines.items()):
+            engines[f"{graph}/{precision}"] = engine.describe()
+        status: dict[str, Any] = {
+            "version": anomalygpt_edge.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "onnxruntime": onnxruntime.__version__,
+            "opencv": cv2.__version__,
+            "bundle": {
+                "path": str(self.bundle.path),
+                "sha256": self.bundle.sha256,
+                "source": m.source,
+                "exporter": m.exporter,
+                "created_at": m.created_at,
+                "schema_version": m.schema_version,
+            },
+            "backend": self.bundle.backend,
+            "engines": engines,
+            "cameras": self.cameras(),
+            "spool_depth": None,
+            "broker": {"connected": None, "note": "standalone station: no MQTT broker attached"},
+            "llm": {
+                "loaded": self._explainer is not None,
+                "error": self._explainer_error,
+                "configured": self._explainer_factory is not None,
+            },
+            "uptime_s": round(time.time() - self._started, 1),
+        }
+        if self._extra_status is not None:
+            status.update(self._extra_status())
+        return status
+
+
+def recipe_state(recipe: Recipe, cameras: list[str]) -> dict[str, Any]:
+    """A recipe as the enrollment page shows it, with the threshold explained in plain words."""
+    t: Threshold | None = recipe.threshold
+    return {
+        "name": recipe.name,
+        "live": recipe.live,
+        "roi": list(recipe.roi) if recipe.roi else None,
+        "source": recipe.source,
+        "target_frr": recipe.target_frr,
+        "k": len(recipe.samples),
+        "samples": [
+            {"name": s.name, "sha256": s.sha256, "score": s.score, "flagged": s.flagged, "added_at": s.added_at}
+            for s in recipe.samples
+        ],
+        "quality": recipe.quality or None,
+        "threshold": t.to_json() if t else None,
+        "threshold_explained": t.explain() if t else None,
+        "bank_version": recipe.bank_version,
+        "bundle_sha256": recipe.bundle_sha256,
+        "cameras": cameras,
+        "updated_at": recipe.updated_at,
+    }
