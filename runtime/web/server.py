@@ -376,9 +376,12 @@ class StationHandler(BaseHTTPRequestHandler):
         self._send_bytes(200, self.server.station.latest_jpeg(camera), "image/jpeg")
 
     def get_overlay(self, camera: str) -> None:
-        data = getattr(self.server.station, "last_overlay", lambda c: None)(camera)
+        vid = self.query.get("id")
+        if vid is not None and not re.match(r"^[0-9a-f]{8,64}$", vid):
+            raise HttpError(400, "id must be a verdict id")
+        data = self.server.station.last_overlay(camera, vid)
         if data is None:
-            raise HttpError(404, f"camera {camera} has no verdict yet")
+            raise HttpError(404, f"camera {camera}: no overlay {'for verdict ' + vid if vid else 'yet'}")
         self._send_bytes(200, data, "image/jpeg")
 
     def get_last_verdict(self, camera: str) -> None:

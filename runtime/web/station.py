@@ -86,6 +86,9 @@ class Station(Protocol):
     def last_verdict(self, camera: str) -> dict[str, Any] | None:
         """The camera's newest verdict record, or None before the first."""
 
+    def last_overlay(self, camera: str, verdict_id: str | None = None) -> bytes | None:
+        """JPEG heatmap overlay of the camera's last verdict (or of a recent one, by id); None if none."""
+
     def recipes(self) -> list[dict[str, Any]]:
         """Every recipe's state (see :meth:`recipe`)."""
 
@@ -279,7 +282,7 @@ class _CameraState:
     recipe: str | None = None
     inspect_fps: float = 5.0
     last: dict[str, Any] | None = None
-    last_overlay: bytes | None = None
+    overlays: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # id -> JPEG, newest last
     done_seq: int = 0
     times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
     latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
@@ -403,9 +406,17 @@ class LocalStation:
     def last_verdict(self, camera: str) -> dict[str, Any] | None:
         return self._cam(camera).last
 
-    def last_overlay(self, camera: str) -> bytes | None:
-        """JPEG heatmap overlay of the camera's last verdict."""
-        return self._cam(camera).last_overlay
+    def last_overlay(self, camera: str, verdict_id: str | None = None) -> bytes | None:
+        """JPEG heatmap overlay of the camera's last verdict, or of one of its last few by id.
+
+        The page asks by id: between reading the last verdict and fetching its overlay the camera
+        may have inspected another part, and a heatmap must never sit next to another part's text.
+        """
+        cam = self._cam(camera)
+        with self._lock:
+            if verdict_id is None:
+                return next(reversed(cam.overlays.values()), None)
+            return cam.overlays.get(verdict_id)
 
     # -- inspection ----------------------------------------------------------------------------
     def _inspector(self, name: str) -> Inspector:
@@ -465,7 +476,9 @@ class LocalStation:
             if keep:
                 self._images[record["id"]] = (_jpeg(roi_image), overlay_jpeg)
             cam.last = record
-            cam.last_overlay = overlay_jpeg
+            cam.overlays[record["id"]] = overlay_jpeg
+            while len(cam.overlays) > 8:
+                cam.overlays.popitem(last=False)
             cam.times.append(time.monotonic())
             cam.latencies.append(1e3 * (time.time() - frame.captured_at))
         if self._explain_ng and verdict.verdict == "NG":

@@ -17,7 +17,7 @@ function el(tag, attrs, ...kids) {
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else if (v !== null && v !== undefined && v !== false) e.setAttribute(k, v === true ? "" : v);
   }
-  for (const k of kids.flat()) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+  for (const k of kids.flat(Infinity)) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
   return e;
 }
 
@@ -110,8 +110,11 @@ function showLive() {
     const badge = el("span", { class: "badge" }, "–");
     const info = el("div", { class: "vinfo" });
     const head = el("div", { class: "camhead" });
+    // Technicians switch the camera's recipe here (any live recipe), audited like every recipe change.
+    const assign = allows("technician") ? el("div", { class: "row assign" }) : null;
     box.append(el("div", { class: "cam", id: `cam-${cam.name}` }, head, el("div", { class: "frame" }, img, roi),
-      el("div", { class: "verdict" }, heat, el("div", {}, badge, info))));
+      el("div", { class: "verdict" }, heat, el("div", {}, badge, info)), assign));
+    if (assign) fillAssign(assign, cam.name);
     let lastId = null;
     const tick = async () => {
       await loadImg(img, `/api/cameras/${encodeURIComponent(cam.name)}/frame.jpg`);
@@ -134,13 +137,30 @@ function showLive() {
         badge.textContent = v.verdict; badge.className = "badge " + v.verdict;
         info.replaceChildren(el("div", {}, `score ${fmt(v.score)} / threshold ${fmt(v.threshold)}`),
           el("div", {}, v.sentence), el("div", { class: "muted" }, when(v.captured_at)));
-        loadImg(heat, `/api/cameras/${encodeURIComponent(cam.name)}/overlay.jpg`);
+        // Ask for this verdict's overlay by id: the camera may have moved on since.
+        loadImg(heat, `/api/cameras/${encodeURIComponent(cam.name)}/overlay.jpg?id=${v.id}`);
       }
     };
     tick();
     S.timers.push(setInterval(tick, 700));
   }
   if (!S.cameras.length) box.append(el("p", {}, "No cameras configured."));
+}
+
+async function fillAssign(box, camera) {
+  const recipes = (await api("GET", "/api/recipes").catch(() => [])).filter((r) => r.live);
+  const sel = el("select", { id: `assign-${camera}` }, el("option", { value: "" }, "(no recipe)"),
+    ...recipes.map((r) => el("option", { value: r.name }, r.name)));
+  const current = S.cameras.find((c) => c.name === camera);
+  sel.value = (current && current.recipe) || "";
+  box.replaceChildren(el("label", {}, "Recipe on this camera", sel), el("button", { type: "button", id: `assign-btn-${camera}`,
+    onclick: async () => {
+      try {
+        await api("POST", "/api/recipes/assign", { camera, recipe: sel.value || null });
+        S.cameras = await api("GET", "/api/cameras");
+        toast(`camera ${camera}: recipe ${sel.value || "none"}`, true);
+      } catch (e) { toast(e.message); }
+    } }, "Use"));
 }
 
 // --- enrollment wizard ---------------------------------------------------------------------------
@@ -297,7 +317,8 @@ function renderRecipe(state, step) {
         renderStep(await api("POST", "/api/enroll/remove", { recipe: state.name, sample: s.name }))) }, "Remove"));
   }));
   const explained = (step && step.threshold_explained) || state.threshold_explained;
-  const warn = ((step && step.threshold) || state.threshold || {}).warnings || [];
+  // The first warning ("only N scores ...") says what explain() already says in plain words.
+  const warn = (((step && step.threshold) || state.threshold || {}).warnings || []).filter((w) => !w.startsWith("only "));
   $("#enroll-threshold").textContent = explained ? explained + (warn.length ? "  (" + warn.join("; ") + ")" : "") : "";
   const on = !!S.recipe;
   $("#enroll-capture").disabled = !on; $("#enroll-finish").disabled = !on; $("#enroll-upload").disabled = !on;
@@ -344,7 +365,7 @@ $("#hist-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadHi
 function verdictCard(box, r, withAsk) {
   const img = el("img", { alt: "inspected image", class: "hist-image" });
   const heat = el("img", { alt: "heatmap", class: "hist-heatmap" });
-  box.replaceChildren(
+  box.replaceChildren(...[
     el("h3", {}, el("span", { class: "badge " + r.verdict }, r.verdict), ` ${r.camera} · ${r.recipe} · ${when(r.captured_at)}`),
     r.has_image ? el("div", {}, img, heat) : el("p", {}, "(image not kept: OK images are sampled)"),
     el("dl", { class: "kv" },
@@ -353,7 +374,8 @@ function verdictCard(box, r, withAsk) {
       el("dt", {}, "regions"), el("dd", {}, (r.regions || []).map((g) => `${g.location} (${fmt(g.area_pct, 2)} %)`).join(", ") || "none"),
       el("dt", {}, "explanation"), el("dd", { class: "explanation" }, r.explanation || "–"),
       r.reason ? [el("dt", {}, "reason"), el("dd", {}, r.reason)] : null),
-    withAsk ? el("button", { type: "button", id: "hist-ask", onclick: () => { S.askVerdict = r; S.conversation = newId(); location.hash = "#ask"; } }, "Ask about this") : null);
+    withAsk ? el("button", { type: "button", id: "hist-ask", onclick: () => { S.askVerdict = r; S.conversation = newId(); $("#ask-log").replaceChildren(); location.hash = "#ask"; } }, "Ask about this") : null,
+  ].filter((x) => x));
   if (r.has_image) {
     loadImg(img, `/api/history/${r.id}/image.jpg`);
     loadImg(heat, `/api/history/${r.id}/heatmap.jpg`);
@@ -408,8 +430,11 @@ $("#ask-form").addEventListener("submit", async (ev) => {
 
 // --- system --------------------------------------------------------------------------------------
 function kv(obj) {
+  // Nested objects (engines, source, broker) become nested lists rather than raw JSON.
   return el("dl", { class: "kv" }, Object.entries(obj).map(([k, v]) =>
-    [el("dt", {}, k), el("dd", {}, v === null || v === undefined ? "–" : typeof v === "object" ? JSON.stringify(v) : String(v))]));
+    [el("dt", {}, k), el("dd", {}, v === null || v === undefined ? "–"
+      : Array.isArray(v) ? v.map((x) => (typeof x === "object" && x !== null ? JSON.stringify(x) : String(x))).join(", ")
+      : typeof v === "object" ? kv(v) : String(v))]));
 }
 
 async function showSystem() {

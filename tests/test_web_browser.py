@@ -1,0 +1,291 @@
+"""The technician station in a real browser: headless Chromium drives the whole enrollment flow
+against a running station with video-file cameras, then checks the verdicts that follow.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (installed by the set-up script); nothing is
+installed or downloaded here. Screenshots go to the test's tmp dir and /tmp/station-screens.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+from station_http import Client
+from station_scene import BLOCK, PART_ROI, is_defective, read_video, write_video
+from webdriver import Browser, chromium_binary
+
+from anomalygpt_edge.runtime.web.auth import UserStore
+from anomalygpt_edge.runtime.web.server import StationServer, WebConfig
+
+SCREENS = Path("/tmp/station-screens")
+VIDEO_FRAMES = 40
+
+_missing = [
+    pkg
+    for pkg, found in (("chromium", chromium_binary()), ("chromium-driver", shutil.which("chromedriver")))
+    if not found
+]
+pytestmark = pytest.mark.skipif(
+    bool(_missing),
+    reason=f"browser test needs Debian package(s) {' '.join(_missing)}: apt-get install -y chromium chromium-driver",
+)
+
+
+def _llm_factory():
+    """The embedded SmolLM2 explainer when the [llm] extra is installed, else None (ask falls back)."""
+    try:
+        from anomalygpt_edge.runtime.explain import Explainer, default_model_path
+
+        default_model_path()
+    except Exception:  # noqa: BLE001 - no model: the station answers with the verdict's sentence
+        return None
+    return lambda: Explainer.default(n_threads=1)
+
+
+@pytest.fixture()
+def station(default_bundle_dir, tmp_path):
+    """A running station: cam1 replays good parts, cam2 a line with defective blocks; no recipe yet."""
+    from anomalygpt_edge.engines.bundle import EngineBundle
+    from anomalygpt_edge.runtime.recipes import RecipeStore
+    from anomalygpt_edge.runtime.web.station import CameraSpec, LocalStation
+
+    good = write_video(tmp_path / "line1-good.avi", VIDEO_FRAMES, mixed=False, seed0=0)
+    mixed = write_video(tmp_path / "line2-mixed.avi", VIDEO_FRAMES, mixed=True, seed0=1000)
+    st = LocalStation(
+        RecipeStore(tmp_path / "store"),
+        EngineBundle.open(default_bundle_dir),
+        [CameraSpec("cam1", "video_file", str(good), fps=10), CameraSpec("cam2", "video_file", str(mixed), fps=10)],
+        inspect_fps=4,
+        explainer_factory=_llm_factory(),
+    ).start()
+    UserStore(tmp_path / "users.json").set("tina", "technician", "tina-password")
+    server = StationServer(st, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0)).start()
+    yield server, st
+    server.stop()
+    st.stop()
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    b = Browser(
+        chromium_binary(), shutil.which("chromedriver"), tmp_path / "chromium-profile", tmp_path / "chromedriver.log"
+    )
+    yield b
+    b.quit()
+
+
+def _shot(b: Browser, tmp_path: Path, name: str) -> None:
+    path = b.screenshot(tmp_path / name)
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, SCREENS / name)
+
+
+def _img_loaded(b: Browser, css: str) -> bool:
+    return bool(b.js(f"const i = document.querySelector({css!r}); return !!i && i.complete && i.naturalWidth > 0;"))
+
+
+def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, browser, tmp_path):
+    server, st = station
+    b = browser
+    b.get(server.url + "/#live")
+
+    # Log in.
+    b.wait("the login form", lambda: b.js("return !document.querySelector('#page-login').hidden"))
+    b.type("#login-user", "tina")
+    b.type("#login-pass", "tina-password")
+    b.click("#login-btn")
+    b.wait("the live page", lambda: b.js("return !document.querySelector('#page-live').hidden"))
+    b.wait(
+        "live frames of both cameras",
+        lambda: _img_loaded(b, "#cam-cam1 img.live-frame") and _img_loaded(b, "#cam-cam2 img.live-frame"),
+    )
+
+    # Enrollment wizard: new recipe on cam1, ROI dragged on the live image.
+    b.click('nav a[href="#enroll"]')
+    b.wait("the enrollment page", lambda: b.js("return !document.querySelector('#page-enroll').hidden"))
+    b.type("#enroll-recipe-new", "plate-a")
+    b.wait(
+        "a camera frame on the ROI canvas",
+        lambda: b.js("return document.querySelector('#enroll-canvas').width === 320"),
+    )
+    rect = b.js(
+        "const c = document.querySelector('#enroll-canvas'); c.scrollIntoView({block: 'center'});"
+        "const r = c.getBoundingClientRect(); return [r.left, r.top, r.width / c.width, r.height / c.height];"
+    )
+    left, top, sx, sy = rect
+    x, y, w, h = PART_ROI
+    b.drag(left + x * sx, top + y * sy, left + (x + w) * sx, top + (y + h) * sy)
+    roi = b.js("return S.roi")
+    assert roi and all(abs(a - e) <= 2 for a, e in zip(roi, PART_ROI)), roi
+    b.click("#enroll-start")
+    b.wait(
+        "the recipe to be created",
+        lambda: "recipe plate-a" in b.js("return document.querySelector('#enroll-current').textContent"),
+    )
+
+    # Capture golden parts one by one from the camera.
+    captures = 8
+    for i in range(captures):
+        b.click("#enroll-capture")
+        b.wait(
+            f"capture {i + 1}",
+            lambda i=i: b.js("return document.querySelectorAll('#enroll-samples .sample').length") >= i + 1,
+        )
+        b.wait("the wizard to be idle", lambda: b.js("return document.querySelector('#enroll-busy').hidden"))
+        time.sleep(0.25)  # the next capture must see another frame of the 10 fps line
+
+    # Upload a defective part by mistake: the quality check must flag it, the technician removes it.
+    bad_frame = read_video(tmp_path / "line2-mixed.avi")[BLOCK]
+    assert is_defective(BLOCK, mixed=True)
+    bad_png = tmp_path / "defective-part.png"
+    assert cv2.imwrite(str(bad_png), bad_frame)
+    b.upload("#enroll-upload", bad_png)
+    b.wait(
+        "the uploaded sample",
+        lambda: b.js("return !!document.querySelector('.sample[data-name=\"defective-part.png\"]')"),
+    )
+    b.wait("the wizard to be idle", lambda: b.js("return document.querySelector('#enroll-busy').hidden"))
+    flagged = b.js("return [...document.querySelectorAll('.sample.flagged')].map(e => e.dataset.name)")
+    assert "defective-part.png" in flagged, flagged
+    assert "FAILED" in b.js("return document.querySelector('#enroll-quality').textContent")
+    _shot(b, tmp_path, "2-enrollment-flagged.png")
+    for name in flagged:  # a technician removes every flagged sample
+        b.click(f'.sample[data-name="{name}"] button.remove')
+        b.wait(
+            f"{name} to be removed",
+            lambda name=name: not b.js(f"return !!document.querySelector('.sample[data-name=\"{name}\"]')"),
+        )
+        b.wait("the wizard to be idle", lambda: b.js("return document.querySelector('#enroll-busy').hidden"))
+    assert b.js("return document.querySelectorAll('.sample.flagged').length") == 0
+
+    # Finish: bank and automatic threshold, explained in plain words; cam1 goes live.
+    b.click("#enroll-finish")
+    status = b.wait(
+        "the enrollment result",
+        lambda: b.js("const e = document.querySelector('#enroll-status'); return e && e.textContent"),
+    )
+    assert "is LIVE on camera cam1" in status, status
+    explained = b.js("return document.querySelector('#enroll-threshold').textContent")
+    assert explained.startswith("Threshold ") and "golden-sample scores" in explained and "%" in explained
+    recipe = st.recipe("plate-a")
+    assert recipe["live"] and recipe["k"] >= 5 and recipe["roi"] == roi
+    _shot(b, tmp_path, "3-enrollment.png")
+
+    # Put the recipe on the second line camera from the live view.
+    b.click('nav a[href="#live"]')
+    b.wait(
+        "the recipe picker of cam2",
+        lambda: b.js("return [...document.querySelectorAll('#assign-cam2 option')].some(o => o.value === 'plate-a')"),
+    )
+    b.js("document.querySelector('#assign-cam2').value = 'plate-a'")
+    b.click("#assign-btn-cam2")
+    b.wait(
+        "cam2 to inspect with plate-a",
+        lambda: any(c["name"] == "cam2" and c["recipe"] == "plate-a" for c in st.cameras()),
+    )
+
+    # The verdicts that follow: every defective part NG, good parts (nearly all) OK.
+    api = Client(server.url)
+    api.login("tina", "tina-password")
+
+    def enough() -> list[dict] | None:
+        rows = api.get("/api/history?camera=cam2&limit=1000").json()
+        ng = sum(r["verdict"] == "NG" for r in rows)
+        return rows if ng >= 4 and len(rows) - ng >= 4 else None
+
+    rows = b.wait("verdicts from cam2", enough, timeout=40, every=0.5)
+    truth = [is_defective((r["frame_seq"] - 1) % VIDEO_FRAMES, mixed=True) for r in rows]
+    escapes = [r["frame_seq"] for r, t in zip(rows, truth) if t and r["verdict"] != "NG"]
+    false_rejects = [r["frame_seq"] for r, t in zip(rows, truth) if not t and r["verdict"] == "NG"]
+    assert not escapes, f"defective parts passed: frames {escapes}"
+    assert len(false_rejects) <= max(1, 0.2 * truth.count(False)), (
+        f"false rejects {false_rejects} of {truth.count(False)}"
+    )
+    cam1 = api.get("/api/history?camera=cam1&limit=1000").json()
+    assert cam1, "cam1 inspects with the recipe it was enrolled on"
+    assert sum(r["verdict"] == "NG" for r in cam1) <= max(1, 0.2 * len(cam1))
+    b.wait(
+        "the live view to show an NG verdict with its heatmap",
+        lambda: (
+            b.js("return document.querySelector('#cam-cam2 .badge').textContent !== '–'")
+            and _img_loaded(b, "#cam-cam2 img.live-heatmap")
+        ),
+        timeout=20,
+    )
+    b.wait(
+        "an NG on the live view",
+        lambda: b.js("return document.querySelector('#cam-cam2 .badge').textContent === 'NG'"),
+        timeout=20,
+        every=0.1,
+    )
+    _shot(b, tmp_path, "1-live.png")
+
+    # History: filter NG on cam2, open one, see image, heatmap, regions and sentence.
+    b.click('nav a[href="#history"]')
+    b.wait(
+        "the history filters",
+        lambda: b.js("return [...document.querySelectorAll('#hist-camera option')].some(o => o.value === 'cam2')"),
+    )
+    b.js("document.querySelector('#hist-camera').value = 'cam2'; document.querySelector('#hist-ng').checked = true;")
+    b.click("#hist-refresh")
+    b.wait(
+        "NG rows",
+        lambda: b.js(
+            "const r = [...document.querySelectorAll('#hist-table tbody tr[data-verdict]')];"
+            "return r.length > 0 && r.every(x => x.dataset.verdict === 'NG')"
+        ),
+    )
+    assert b.js("return document.querySelector('#hist-csv').getAttribute('href')").endswith("limit=100")
+    assert "ng=1" in b.js("return document.querySelector('#hist-csv').getAttribute('href')")
+    b.click("#hist-table tbody tr[data-verdict]")
+    b.wait(
+        "the verdict's image and heatmap",
+        lambda: _img_loaded(b, "#hist-detail img.hist-image") and _img_loaded(b, "#hist-detail img.hist-heatmap"),
+    )
+    sentence = b.js("return document.querySelector('#hist-detail .sentence').textContent")
+    assert sentence.startswith("Yes, there"), sentence
+    _shot(b, tmp_path, "4-history.png")
+
+    # Ask about it: the answer streams into the chat.
+    b.click("#hist-ask")
+    b.wait("the ask page", lambda: b.js("return !document.querySelector('#page-ask').hidden"))
+    b.type("#ask-question", "Where is the defect?")
+    b.click("#ask-send")
+    answer = b.wait(
+        "an answer",
+        lambda: b.js(
+            "if (document.querySelector('#ask-send').disabled) return '';"
+            "return (document.querySelector('.msg.bot .answer') || {}).textContent"
+        ),
+        timeout=60,
+    )
+    assert answer.strip()
+    _shot(b, tmp_path, "5-ask.png")
+
+    b.click('nav a[href="#system"]')
+    b.wait("the system page", lambda: b.js("return !!document.querySelector('#sys-cams tbody tr')"))
+    assert "cam2" in b.js("return document.querySelector('#sys-cams').textContent")
+    system_text = b.js("return document.querySelector('#sys-body').textContent")
+    assert st.bundle.sha256 in system_text and "onnxruntime" in system_text and "spool depth" in system_text
+    _shot(b, tmp_path, "6-system.png")
+    # No page shows a rendering slip to the technician.
+    for page in ("#live", "#enroll", "#history", "#ask", "#system"):
+        b.click(f'nav a[href="{page}"]')
+        text = b.wait(
+            f"{page} to render",
+            lambda page=page: b.js(
+                f"const p = document.querySelector('#page-{page[1:]}'); return !p.hidden && p.innerText"
+            ),
+        )
+        for slip in ("[object", "undefined", "NaN", "\nnull"):
+            assert slip not in text, (page, slip)
+
+    audit = [line for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert sum('"enroll.capture"' in a for a in audit) == captures
+    assert any('"enroll.remove"' in a and "defective-part.png" in a for a in audit)
+    assert any('"recipe.assign"' in a and '"cam2"' in a for a in audit)
+    for name in ("1-live.png", "3-enrollment.png", "4-history.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
