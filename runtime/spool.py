@@ -170,6 +170,17 @@ class VerdictSpool:
                 "UPDATE spool SET attempts = attempts + 1, last_attempt = ? WHERE seq = ?", (self._clock(), int(seq))
             )
 
+    def mark_attempts(self, seqs: list[int]) -> None:
+        """:meth:`mark_attempt` for several verdicts in one transaction (one fsync for a resend batch)."""
+        if not seqs:
+            return
+        now = self._clock()
+        with self._lock, self._tx():
+            self._db.executemany(
+                "UPDATE spool SET attempts = attempts + 1, last_attempt = ? WHERE seq = ?",
+                [(now, int(s)) for s in seqs],
+            )
+
     def ack(self, seq: int) -> bool:
         """The broker acknowledged ``seq``: remove it. Returns False if it was not there (already acked/dropped)."""
         with self._lock, self._tx():

@@ -60,6 +60,14 @@ def test_attempted_items_are_flagged_as_redelivered_and_restamped(tmp_path: Path
         assert restamped == {"id": "v1", "verdict": "OK", "redelivered": True}
 
 
+def test_a_batch_of_attempts_is_recorded_together(tmp_path: Path) -> None:
+    with VerdictSpool(tmp_path / "spool.db") as spool:
+        seqs = [spool.put(f"v{i}", "t", payload(i)) for i in range(4)]
+        spool.mark_attempts(seqs[:3])
+        spool.mark_attempts([])
+        assert [it.attempts for it in spool.pending()] == [1, 1, 1, 0]
+
+
 def test_restamping_leaves_non_json_payloads_untouched() -> None:
     assert mark_redelivered(b"\xff\x00not json") == b"\xff\x00not json"
     assert mark_redelivered(b"[1, 2]") == b"[1, 2]"
