@@ -61,6 +61,10 @@ class RecipeBinding:
 class EnginesConfig:
     bundle: Path = Path("data/bundles/default")
     backend: str = "auto"
+    # CPU (onnxruntime) threads per inspection worker; 0 = the backend's default (every core).
+    # One thread leaves the other cores to the camera, MQTT and archive threads and avoids the
+    # spin-waiting of two ONNX Runtime thread pools (encoder and matcher) fighting for two cores.
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,11 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         **r.fields(
             top.get("engines", _empty()),
             "engines",
-            {"bundle": r.path, "backend": r.string},
+            {
+                "bundle": r.path,
+                "backend": r.string,
+                "threads": lambda n, q: r.number(n, q, 0, 256, integer=True),
+            },
             (),
         )
     )

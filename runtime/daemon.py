@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 import anomalygpt_edge
+from anomalygpt_edge.engines.base import create_engine, resolve_backend
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.runtime.cameras.base import Camera, Frame, create_source
 from anomalygpt_edge.runtime.cameras.image_folder import list_images
@@ -148,7 +149,7 @@ class Daemon:
                 # One bundle, one pipeline, one worker: cameras sharing a bundle share its engines.
                 bundle = EngineBundle.open(key, backend=self.config.engines.backend)
                 self.bundles[key] = bundle
-                self.pipelines[key] = VisionPipeline(bundle)
+                self.pipelines[key] = self._pipeline(bundle)
                 self.enrollers[key] = Enroller(self.store, bundle, self.pipelines[key])
                 self.queues[key] = WorkQueue()
         for b in self.config.recipes:
@@ -156,6 +157,19 @@ class Daemon:
             # triggers with ERROR (reason in the status) until a technician enrolls it over MQTT.
             with contextlib.suppress(RecipeError):
                 self.load_recipe(b.camera, b.recipe)
+
+    def _pipeline(self, bundle: EngineBundle) -> VisionPipeline:
+        """The bundle's pipeline; on the CPU backend with ``engines.threads`` ONNX Runtime threads."""
+        pipeline = VisionPipeline(bundle)
+        threads = self.config.engines.threads
+        if threads and resolve_backend(self.config.engines.backend) == "onnxruntime":
+            for attr, graph in (("encoder", "encoder"), ("matcher", "bank_matcher")):
+                entry = bundle.graph(graph)
+                engine = create_engine(
+                    bundle.path / entry.file, entry.inputs, entry.outputs, "onnxruntime", threads=threads
+                )
+                setattr(pipeline, attr, engine)
+        return pipeline
 
     def load_recipe(self, camera: str, name: str) -> Inspector:
         """Make ``name`` the camera's recipe; a recipe that cannot go live leaves the camera answering ERROR."""

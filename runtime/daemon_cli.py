@@ -34,6 +34,9 @@ def add_bench_target(targets: argparse._SubParsersAction) -> None:
     b.add_argument("--triggers", type=int, default=20, help="PLC triggers sent during the run (default 20)")
     b.add_argument("--bundle", type=Path, default=None, help="engine bundle (default: the default bundle)")
     b.add_argument("--backend", default="auto")
-    b.add_argument("--deadline-ms", type=float, default=100.0, help="recipe deadline (default 100)")
+    b.add_argument(
+        "--deadline-ms", type=float, default=300.0, help="recipe deadline, trigger or capture to verdict (default 300)"
+    )
+    b.add_argument("--threads", type=int, default=1, help="engines.threads: ONNX Runtime threads (default 1; 0 = all)")
     b.add_argument("--workdir", type=Path, default=Path("out/bench-line"))
     b.set_defaults(handler="anomalygpt_edge.runtime.line_bench:run")

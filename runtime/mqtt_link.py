@@ -155,7 +155,10 @@ class MqttLink:
         self.connected.clear()
         with self._lock:
             self._inflight.clear()  # unacked verdicts stay in the spool and are resent on reconnect
-        log.warning("MQTT disconnected: %s", reason)
+        if reason.is_failure:
+            log.warning("MQTT connection lost: %s; reconnecting", reason)
+        else:
+            log.info("MQTT disconnected")
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         with self._lock:
