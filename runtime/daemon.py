@@ -527,7 +527,7 @@ class Daemon:
             **explanation.to_json(),
         }
         if target is not None:
-            self.link.reply(target, {"command": "ask", "ok": True, **body})
+            self.link.reply(target, {"command": "ask", "ok": True, "correlation_id": target.correlation_text, **body})
         else:
             self.link.publish_json(self.link.topic(body["camera"], "explanation"), body, qos=1)
 
