@@ -4,8 +4,9 @@
   ``online`` status; the Last Will publishes a retained ``offline`` status if the link dies.
 * Verdicts go out with QoS 1 through :meth:`MqttLink.publish_verdict`: when a
   :class:`~anomalygpt_edge.runtime.spool.VerdictSpool` is attached, each verdict is committed to it
-  first, its ``mid`` is tracked, and the broker's PUBACK (``on_publish``) removes it; after a
-  reconnect whatever is still spooled is sent again (marked ``redelivered``).
+  and published by the :class:`~anomalygpt_edge.runtime.verdict_sender.VerdictSender` thread in
+  capture order; the broker's PUBACK removes it, and after a reconnect whatever is still spooled
+  is sent again (marked ``redelivered``).
 * Commands arrive on paho's network thread and are handed to ``on_command`` at once; handlers must
   not block (the daemon queues slow ones on its own thread).
 * Replies go to the request's MQTT 5 Response Topic with its Correlation Data echoed, else to
@@ -30,7 +31,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from anomalygpt_edge.runtime.config import MqttConfig
-from anomalygpt_edge.runtime.spool import VerdictSpool, mark_redelivered
+from anomalygpt_edge.runtime.spool import VerdictSpool
+from anomalygpt_edge.runtime.verdict_sender import VerdictSender
 
 log = logging.getLogger(__name__)
 COMMANDS = ("trigger", "enroll", "recipe", "ask")
@@ -78,8 +80,7 @@ class MqttLink:
         self.v5 = config.protocol == "5"
         self.connected = threading.Event()
         self.stats = {"published": 0, "acked": 0, "resent": 0, "commands": 0, "connects": 0}
-        self._lock = threading.Lock()
-        self._inflight: dict[int, int] = {}  # mid -> spool seq
+        self._lock = threading.Lock()  # stats only; never held while calling into paho
         client_id = config.client_id or f"anomalygpt-edge-{device}"
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -109,6 +110,7 @@ class MqttLink:
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self.client.on_subscribe = self._on_subscribe
+        self.sender = VerdictSender(self.client, spool, config.qos) if spool is not None and config.qos > 0 else None
 
     def topic(self, *parts: str) -> str:
         return "/".join((self.base, *parts))
@@ -116,12 +118,21 @@ class MqttLink:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, wait_s: float = 10.0) -> bool:
         """Connect in the background (reconnecting forever); True if connected within ``wait_s``."""
+        if self.sender is not None:
+            self.sender.start()
         self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
         self.client.loop_start()
         return self.connected.wait(wait_s)
 
-    def stop(self) -> None:
-        """Publish the retained ``offline`` status ourselves (a clean exit sends no Will) and disconnect."""
+    def stop(self, drain_s: float = 2.0) -> None:
+        """Let spooled verdicts reach the broker (up to ``drain_s``), publish the retained ``offline``
+        status ourselves (a clean exit sends no Will) and disconnect. What is not acknowledged stays
+        in the spool for the next start."""
+        if self.sender is not None:
+            end = time.monotonic() + drain_s
+            while self.connected.is_set() and not self.sender.idle() and time.monotonic() < end:
+                time.sleep(0.02)
+            self.sender.stop()
         if self.connected.is_set():
             info = self.client.publish(self.topic("status"), self._offline_payload(), qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
@@ -140,6 +151,8 @@ class MqttLink:
             log.warning("MQTT connect to %s:%s refused: %s", self.config.host, self.config.port, reason)
             return
         self.stats["connects"] += 1
+        if self.sender is not None:
+            self.sender.on_connect()  # drops paho's own resend queue: the spool is the only resend source
         log.info("MQTT connected to %s:%s (%s)", self.config.host, self.config.port, "v5" if self.v5 else "v3.1.1")
         client.subscribe(self.topic("cmd", "+"), qos=1)
 
@@ -148,24 +161,21 @@ class MqttLink:
         # retained "online" status may send a trigger at once, and it must not be lost.
         self.publish_status()
         self.connected.set()
-        if self.spool is not None:
-            threading.Thread(target=self._resend_spooled, name="mqtt-resend", daemon=True).start()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
-        with self._lock:
-            self._inflight.clear()  # unacked verdicts stay in the spool and are resent on reconnect
+        if self.sender is not None:
+            self.sender.on_disconnect()  # unacknowledged verdicts stay in the spool, resent on reconnect
         if reason.is_failure:
             log.warning("MQTT connection lost: %s; reconnecting", reason)
         else:
             log.info("MQTT disconnected")
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        with self._lock:
-            seq = self._inflight.pop(mid, None)
-            self.stats["acked"] += 1
-        if seq is not None and self.spool is not None:
-            self.spool.ack(seq)
+        # paho holds its message lock here: take no lock that is held around a publish elsewhere.
+        self.stats["acked"] += 1
+        if self.sender is not None:
+            self.sender.on_publish(mid, reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         name = msg.topic.rsplit("/", 1)[-1]
@@ -195,19 +205,11 @@ class MqttLink:
         self.publish_json(self.topic("status"), self.status(), qos=1, retain=True)
 
     def publish_verdict(self, verdict_id: str, topic: str, payload: bytes) -> int:
-        """QoS 1 verdict; durable in the spool first when one is attached, removed on PUBACK."""
-        qos = self.config.qos
-        if self.spool is None or qos == 0:
-            return self.publish(topic, payload, qos)
-        seq = self.spool.put(verdict_id, topic, payload)
-        # Hold the lock across publish + bookkeeping so the PUBACK callback cannot see the mid first.
-        with self._lock:
-            info = self.client.publish(topic, payload, qos=qos)
-            self.stats["published"] += 1
-            if info.rc == mqtt.MQTT_ERR_SUCCESS and self.connected.is_set():
-                self._inflight[info.mid] = seq
-        self.spool.mark_attempt(seq)
-        return info.mid
+        """QoS 1 verdict: durable in the spool, then published by the sender thread; returns the spool seq
+        (or the paho mid when no spool is attached or QoS is 0)."""
+        if self.sender is None:
+            return self.publish(topic, payload, self.config.qos)
+        return self.sender.submit(verdict_id, topic, payload)
 
     def publish_heatmap(self, camera: str, verdict_id: str, jpeg: bytes) -> int:
         """JPEG overlay on ``<camera>/heatmap``; MQTT 5 links it to its verdict with a user property."""
@@ -217,27 +219,6 @@ class MqttLink:
             props.ContentType = "image/jpeg"
             props.UserProperty = [("verdict_id", verdict_id)]
         return self.publish(self.topic(camera, "heatmap"), jpeg, qos=0, properties=props)
-
-    def _resend_spooled(self) -> None:
-        """After a reconnect: publish again what the broker never acknowledged, oldest first."""
-        assert self.spool is not None
-        with self._lock:
-            busy = set(self._inflight.values())
-        after = 0
-        while self.connected.is_set():
-            items = self.spool.pending(limit=100, after_seq=after)
-            if not items:
-                return
-            for item in items:
-                after = item.seq
-                if item.seq in busy:
-                    continue
-                payload = mark_redelivered(item.payload) if item.redelivered else item.payload
-                with self._lock:
-                    info = self.client.publish(item.topic, payload, qos=max(1, self.config.qos))
-                    self._inflight[info.mid] = item.seq
-                    self.stats["resent"] += 1
-                self.spool.mark_attempt(item.seq)
 
     def reply(self, cmd: Command, body: dict[str, Any]) -> None:
         """Answer a command on its response topic (correlation data echoed) or the reply topic."""
