@@ -90,7 +90,6 @@ class MqttLink:
             # that got no answer has already failed safe, so stale triggers must not run later.
             clean_session=None if self.v5 else True,
         )
-        self.client.enable_logger(logging.getLogger("paho"))
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_inflight_messages_set(100)
         if config.username:
