@@ -1,5 +1,6 @@
 """The technician station in a real browser: headless Chromium drives the whole enrollment flow
-against a running station with video-file cameras, then checks the verdicts that follow.
+against the running line daemon (video-file cameras, local MQTT broker), then checks the verdicts
+that follow, as the page shows them and as a PLC subscriber receives them.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (installed by the set-up script); nothing is
 installed or downloaded here. Screenshots go to the test's tmp dir and /tmp/station-screens.
@@ -7,7 +8,9 @@ installed or downloaded here. Screenshots go to the test's tmp dir and /tmp/stat
 
 from __future__ import annotations
 
+import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from station_scene import BLOCK, PART_ROI, is_defective, read_video, write_video
 from webdriver import Browser, chromium_binary
 
 from anomalygpt_edge.runtime.web.auth import UserStore
-from anomalygpt_edge.runtime.web.server import StationServer, WebConfig
+from anomalygpt_edge.runtime.web.server import WebConfig
 
 SCREENS = Path("/tmp/station-screens")
 VIDEO_FRAMES = 40
@@ -34,38 +37,78 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _llm_factory():
-    """The embedded SmolLM2 explainer when the [llm] extra is installed, else None (ask falls back)."""
-    try:
-        from anomalygpt_edge.runtime.explain import Explainer, default_model_path
+class VerdictSubscriber:
+    """A PLC stand-in: a separate MQTT client recording the verdict ids the daemon publishes."""
 
-        default_model_path()
-    except Exception:  # noqa: BLE001 - no model: the station answers with the verdict's sentence
-        return None
-    return lambda: Explainer.default(n_threads=1)
+    def __init__(self, host: str, port: int, protocol: str, topic: str):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.ids: set[str] = set()
+        self.ready = threading.Event()
+        version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=version)
+        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self.ready.set()
+        self.client.on_message = lambda c, u, m: self.ids.add(json.loads(m.payload)["id"])
+        self.client.connect(host, port, 10)
+        self.client.loop_start()
+        assert self.ready.wait(10), "subscriber could not subscribe"
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
 
 
 @pytest.fixture()
 def station(default_bundle_dir, tmp_path):
-    """A running station: cam1 replays good parts, cam2 a line with defective blocks; no recipe yet."""
-    from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.recipes import RecipeStore
-    from anomalygpt_edge.runtime.web.station import CameraSpec, LocalStation
+    """The line daemon running from a config: cam1 replays good parts, cam2 a line with defective
+    blocks, both bound to a recipe that does not exist yet; a local MQTT broker; the station page."""
+    from anomalygpt_edge.runtime.config import load_config
+    from anomalygpt_edge.runtime.daemon import Daemon
+    from anomalygpt_edge.runtime.local_broker import start_local_broker
+    from anomalygpt_edge.runtime.web.daemon_station import attach
 
     good = write_video(tmp_path / "line1-good.avi", VIDEO_FRAMES, mixed=False, seed0=0)
     mixed = write_video(tmp_path / "line2-mixed.avi", VIDEO_FRAMES, mixed=True, seed0=1000)
-    st = LocalStation(
-        RecipeStore(tmp_path / "store"),
-        EngineBundle.open(default_bundle_dir),
-        [CameraSpec("cam1", "video_file", str(good), fps=10), CameraSpec("cam2", "video_file", str(mixed), fps=10)],
-        inspect_fps=4,
-        explainer_factory=_llm_factory(),
-    ).start()
+    broker = start_local_broker()
+    protocol = broker.protocols[0]
+    binding = {"recipe": "plate-a", "trigger": "free_run", "fps": 4, "deadline_ms": 3000}
+    config = {
+        "device": {"id": "station-test"},
+        "cameras": {
+            "cam1": {"type": "video_file", "source": str(good), "fps": 10, "loop": True},
+            "cam2": {"type": "video_file", "source": str(mixed), "fps": 10, "loop": True},
+        },
+        "recipes": [{"camera": "cam1", **binding}, {"camera": "cam2", **binding}],
+        "engines": {"bundle": str(default_bundle_dir), "backend": "onnxruntime"},
+        "mqtt": {"host": broker.host, "port": broker.port, "protocol": protocol, "keepalive": 10},
+        "storage": {"store": str(tmp_path / "store"), "data": str(tmp_path / "state")},
+        "llm": {"enabled": _llm_installed(), "threads": 1},
+    }
+    (tmp_path / "line.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
+    plc = VerdictSubscriber(broker.host, broker.port, protocol, "anomalygpt/station-test/+/verdict")
+    daemon = Daemon(load_config(tmp_path / "line.yaml")).start()
     UserStore(tmp_path / "users.json").set("tina", "technician", "tina-password")
-    server = StationServer(st, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0)).start()
-    yield server, st
+    server, st = attach(daemon, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0))
+    yield server, st, plc
     server.stop()
     st.stop()
+    daemon.stop()
+    plc.close()
+    broker.stop()
+
+
+def _llm_installed() -> bool:
+    """Whether the embedded SmolLM2 model ([llm] extra) is installed: ask then uses it."""
+    try:
+        from anomalygpt_edge.runtime.explain import default_model_path
+
+        default_model_path()
+        import llama_cpp  # noqa: F401
+    except Exception:  # noqa: BLE001 - no model: the station answers with the verdict's sentence
+        return False
+    return True
 
 
 @pytest.fixture()
@@ -88,7 +131,7 @@ def _img_loaded(b: Browser, css: str) -> bool:
 
 
 def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, browser, tmp_path):
-    server, st = station
+    server, st, plc = station
     b = browser
     b.get(server.url + "/#live")
 
@@ -184,7 +227,7 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     b.click("#assign-btn-cam2")
     b.wait(
         "cam2 to inspect with plate-a",
-        lambda: any(c["name"] == "cam2" and c["recipe"] == "plate-a" for c in st.cameras()),
+        lambda: any(c["name"] == "cam2" and c["recipe"] == "plate-a" and c["live"] for c in st.cameras()),
     )
 
     # The verdicts that follow: every defective part NG, good parts (nearly all) OK.
@@ -201,6 +244,8 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     escapes = [r["frame_seq"] for r, t in zip(rows, truth) if t and r["verdict"] != "NG"]
     false_rejects = [r["frame_seq"] for r, t in zip(rows, truth) if not t and r["verdict"] == "NG"]
     assert not escapes, f"defective parts passed: frames {escapes}"
+    # The page shows what the PLC got: every verdict in the history was published over MQTT.
+    b.wait("the PLC to have every verdict the page shows", lambda: {r["id"] for r in rows} <= plc.ids, timeout=10)
     assert len(false_rejects) <= max(1, 0.2 * truth.count(False)), (
         f"false rejects {false_rejects} of {truth.count(False)}"
     )
@@ -240,13 +285,26 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     )
     assert b.js("return document.querySelector('#hist-csv').getAttribute('href')").endswith("limit=100")
     assert "ng=1" in b.js("return document.querySelector('#hist-csv').getAttribute('href')")
-    b.click("#hist-table tbody tr[data-verdict]")
+    row = "#hist-table tbody tr[data-verdict]"
+    if st.daemon.explainer is not None:
+        # The daemon's LLM explains NG verdicts after they are published: open one that has its words.
+        def explained() -> str | None:
+            done = [r for r in api.get("/api/history?camera=cam2&ng=1&limit=200").json() if r.get("explanation")]
+            return done[0]["id"] if done else None
+
+        vid = b.wait("an LLM explanation of an NG verdict", explained, timeout=45, every=0.5)
+        b.click("#hist-refresh")
+        row = f'#hist-table tbody tr[data-id="{vid}"]'
+        b.wait("the explained verdict in the table", lambda: b.js(f"return !!document.querySelector('{row}')"))
+    b.click(row)
     b.wait(
         "the verdict's image and heatmap",
         lambda: _img_loaded(b, "#hist-detail img.hist-image") and _img_loaded(b, "#hist-detail img.hist-heatmap"),
     )
     sentence = b.js("return document.querySelector('#hist-detail .sentence').textContent")
     assert sentence.startswith("Yes, there"), sentence
+    if st.daemon.explainer is not None:
+        assert b.js("return document.querySelector('#hist-detail .explanation').textContent") not in ("", "–")
     _shot(b, tmp_path, "4-history.png")
 
     # Ask about it: the answer streams into the chat.
@@ -269,7 +327,11 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     b.wait("the system page", lambda: b.js("return !!document.querySelector('#sys-cams tbody tr')"))
     assert "cam2" in b.js("return document.querySelector('#sys-cams').textContent")
     system_text = b.js("return document.querySelector('#sys-body').textContent")
-    assert st.bundle.sha256 in system_text and "onnxruntime" in system_text and "spool depth" in system_text
+    assert (
+        next(iter(st.daemon.bundles.values())).sha256 in system_text
+        and "onnxruntime" in system_text
+        and "spool depth" in system_text
+    )
     _shot(b, tmp_path, "6-system.png")
     # No page shows a rendering slip to the technician.
     for page in ("#live", "#enroll", "#history", "#ask", "#system"):

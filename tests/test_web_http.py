@@ -148,7 +148,7 @@ def test_every_read_route_needs_a_login(fake_server):
     samples = {
         r"([A-Za-z0-9][A-Za-z0-9_.@-]{0,63})": "cam1",
         "([0-9a-f]{64})": "0" * 64,
-        "([0-9a-f]{8,64})": VID,
+        "([0-9a-f-]{8,64})": VID,
         "(image|heatmap)": "image",
     }
     checked = 0

@@ -23,16 +23,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     w = sub.add_parser(
         "web",
         help="serve the technician station web page (live view, enrollment, history, ask, system)",
-        description="Runs cameras and inspection from the daemon config and serves the station page. "
-        "Binds to 127.0.0.1 unless --bind names another address.",
+        description="Runs the line daemon from its config (cameras, recipes, MQTT) and serves the station "
+        "page for it. Binds to 127.0.0.1 unless --bind names another address.",
     )
     w.add_argument("--config", type=Path, required=True, help="the daemon's YAML config (cameras, recipes, storage)")
     w.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, default=8080)
     w.add_argument("--users", type=Path, help="users file (default <storage.data>/web/users.json)")
     w.add_argument("--audit", type=Path, help="audit log (default <storage.data>/web/audit.jsonl)")
-    w.add_argument("--inspect-fps", type=float, default=5.0, help="inspections per second per camera (default 5)")
-    w.add_argument("--llm", action="store_true", help="load the LLM for ask and NG explanations")
+    w.add_argument(
+        "--standalone",
+        action="store_true",
+        help="run the station's own cameras and inspection instead of the line daemon (no MQTT)",
+    )
+    w.add_argument("--inspect-fps", type=float, default=5.0, help="--standalone: inspections/s per camera")
+    w.add_argument("--llm", action="store_true", help="--standalone: load the LLM for ask and NG explanations")
     w.set_defaults(handler="anomalygpt_edge.runtime.web.cli:run_web")
 
     u = sub.add_parser("web-user", help="add, remove or list station users (password read from stdin)")
@@ -127,12 +132,27 @@ def build_station(config_path: Path, inspect_fps: float = 5.0, llm: bool = False
 
 
 def run_web(args: argparse.Namespace) -> int:
-    """Handler of ``anomalygpt-edge web``: serve until SIGINT/SIGTERM."""
+    """Handler of ``anomalygpt-edge web``: the line daemon plus the station page, until SIGINT/SIGTERM.
+
+    ``--standalone`` runs the station's own cameras and inspection instead (no MQTT), for a bench.
+    """
+    from anomalygpt_edge.runtime.config import load_config
     from anomalygpt_edge.runtime.web.server import StationServer, WebConfig
 
+    daemon = None
     try:
-        cfg, station = build_station(args.config, args.inspect_fps, args.llm)
+        cfg = load_config(args.config)
+        if args.standalone:
+            cfg, station = build_station(args.config, args.inspect_fps, args.llm)
+        else:
+            from anomalygpt_edge.runtime.daemon import Daemon
+            from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
+
+            daemon = Daemon(cfg).start()
+            station = DaemonStation(daemon)
     except Exception as exc:  # noqa: BLE001 - config/bundle errors end with a message, not a traceback
+        if daemon is not None:
+            daemon.stop()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     web_dir = cfg.storage.data / "web"
@@ -146,6 +166,8 @@ def run_web(args: argparse.Namespace) -> int:
         server = StationServer(station, config)
     except OSError as exc:
         station.stop()
+        if daemon is not None:
+            daemon.stop()
         print(f"error: cannot listen on {args.bind}:{args.port}: {exc}", file=sys.stderr)
         return 2
     if not config.users_file.exists():
@@ -160,4 +182,6 @@ def run_web(args: argparse.Namespace) -> int:
     done.wait()
     server.stop()
     station.stop()
+    if daemon is not None:
+        daemon.stop()
     return 0

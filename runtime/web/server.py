@@ -116,8 +116,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/recipes/delete", "admin", "post_delete_recipe", "recipe.delete"),
     Route("GET", "/api/history", "operator", "get_history"),
     Route("GET", "/api/history.csv", "operator", "get_history_csv"),
-    Route("GET", "/api/history/([0-9a-f]{8,64})", "operator", "get_history_item"),
-    Route("GET", "/api/history/([0-9a-f]{8,64})/(image|heatmap).jpg", "operator", "get_history_image"),
+    Route("GET", "/api/history/([0-9a-f-]{8,64})", "operator", "get_history_item"),
+    Route("GET", "/api/history/([0-9a-f-]{8,64})/(image|heatmap).jpg", "operator", "get_history_image"),
     Route("POST", "/api/ask", "operator", "post_ask"),
     Route("GET", "/api/system", "operator", "get_system"),
     Route("GET", "/api/audit", "admin", "get_audit"),
@@ -377,7 +377,7 @@ class StationHandler(BaseHTTPRequestHandler):
 
     def get_overlay(self, camera: str) -> None:
         vid = self.query.get("id")
-        if vid is not None and not re.match(r"^[0-9a-f]{8,64}$", vid):
+        if vid is not None and not re.match(r"^[0-9a-f-]{8,64}$", vid):
             raise HttpError(400, "id must be a verdict id")
         data = self.server.station.last_overlay(camera, vid)
         if data is None:
@@ -557,7 +557,7 @@ class StationHandler(BaseHTTPRequestHandler):
 
     # -- ask: streamed answer --------------------------------------------------------------------
     def post_ask(self, body: dict[str, Any]) -> None:
-        vid = _str(body, "verdict_id", pattern=r"^[0-9a-f]{8,64}$")
+        vid = _str(body, "verdict_id", pattern=r"^[0-9a-f-]{8,64}$")
         question = body.get("question", "")
         if not isinstance(question, str) or len(question) > 1000:
             raise HttpError(400, "question must be text of at most 1000 characters")

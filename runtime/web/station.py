@@ -1,10 +1,11 @@
 """The Station: everything the technician web page needs from the line, behind one small interface.
 
 The web layer (``server.py``) calls only :class:`Station`; it never touches cameras, engines or
-the recipe store itself. :class:`LocalStation` implements it over the real runtime objects
-(``RecipeStore``, ``Enroller``, ``Inspector``, ``Explainer``) with its own camera grabbers and
-inspection loops, so the station also runs next to (or without) the line daemon. A daemon that
-owns cameras and inspection can implement the same interface over its own objects.
+the recipe store itself. :class:`StationBase` holds what every implementation shares (recipes and
+enrollment through the real ``Enroller``, the recent-verdict log, ``ask`` through the real
+``Explainer``). :class:`LocalStation` runs its own cameras and inspection loops (no MQTT), for a
+bench or a laptop; ``daemon_station.DaemonStation`` serves the running line daemon's own cameras,
+engines, verdicts and explanations.
 
 Records handed to the web layer are plain JSON-ready dicts; images are JPEG/PNG bytes.
 """
@@ -12,6 +13,7 @@ Records handed to the web layer are plain JSON-ready dicts; images are JPEG/PNG 
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import logging
 import platform
@@ -20,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -275,23 +277,402 @@ def verdict_from_record(record: dict[str, Any]) -> Verdict:
     )
 
 
+class VerdictLog:
+    """Recent verdicts for the web page: records (newest last), their JPEGs, per-camera last verdict,
+    recent overlays and rates. Thread-safe; bounded (:data:`HISTORY_SIZE` records)."""
+
+    def __init__(self, size: int = HISTORY_SIZE):
+        self._records: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self._by_id: dict[str, dict[str, Any]] = {}
+        self._images: dict[str, tuple[bytes, bytes | None]] = {}
+        self._last: dict[str, dict[str, Any]] = {}
+        self._overlays: dict[str, collections.OrderedDict[str, bytes]] = collections.defaultdict(
+            collections.OrderedDict
+        )
+        self._times: dict[str, collections.deque[float]] = collections.defaultdict(lambda: collections.deque(maxlen=50))
+        self._latencies: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=50)
+        )
+        self._lock = threading.Lock()
+
+    def add(
+        self,
+        record: dict[str, Any],
+        roi_image: np.ndarray | None,
+        verdict: Verdict,
+        keep_image: bool,
+    ) -> dict[str, Any]:
+        """Store one verdict record (``id``, ``camera``, ``captured_at_epoch`` …) with its images."""
+        camera = record["camera"]
+        overlay_jpeg = _jpeg(overlay(roi_image, verdict)) if roi_image is not None else None
+        record["has_image"] = bool(keep_image and roi_image is not None)
+        image_jpeg = _jpeg(roi_image) if record["has_image"] else None
+        now = time.time()
+        with self._lock:
+            if len(self._records) == self._records.maxlen:
+                old = self._records[0]["id"]
+                self._images.pop(old, None)
+                self._by_id.pop(old, None)
+            self._records.append(record)
+            self._by_id[record["id"]] = record
+            if image_jpeg is not None:
+                self._images[record["id"]] = (image_jpeg, overlay_jpeg)
+            self._last[camera] = record
+            if overlay_jpeg is not None:
+                ring = self._overlays[camera]
+                ring[record["id"]] = overlay_jpeg
+                while len(ring) > 8:
+                    ring.popitem(last=False)
+            self._times[camera].append(time.monotonic())
+            if record.get("ts"):
+                self._latencies[camera].append(1e3 * (now - record["ts"]))
+        return record
+
+    def explain(self, verdict_id: str, text: str) -> None:
+        """Attach an LLM explanation to a recorded verdict (it comes later, asynchronously)."""
+        with self._lock:
+            r = self._by_id.get(verdict_id)
+            if r is not None:
+                r["explanation"] = text
+
+    def last(self, camera: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._last.get(camera)
+
+    def overlay(self, camera: str, verdict_id: str | None) -> bytes | None:
+        with self._lock:
+            ring = self._overlays.get(camera)
+            if not ring:
+                return None
+            return next(reversed(ring.values())) if verdict_id is None else ring.get(verdict_id)
+
+    def rates(self, camera: str) -> dict[str, Any]:
+        """Verdicts per second and capture-to-verdict latency over the camera's last 50 verdicts."""
+        with self._lock:
+            times = list(self._times.get(camera, ()))
+            lat = sorted(self._latencies.get(camera, ()))
+        fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 and times[-1] > times[0] else None
+        return {
+            "inspect_fps": round(fps, 2) if fps else None,
+            "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
+            "latency_ms_max": round(lat[-1], 1) if lat else None,
+        }
+
+    def query(self, q: HistoryQuery) -> list[dict[str, Any]]:
+        with self._lock:
+            items = list(self._records)
+        out = []
+        for r in reversed(items):
+            if q.camera and r["camera"] != q.camera:
+                continue
+            if q.recipe and r["recipe"] != q.recipe:
+                continue
+            if q.ng_only and r["verdict"] == "OK":
+                continue
+            if q.since is not None and r["ts"] < q.since:
+                continue
+            if q.until is not None and r["ts"] >= q.until:
+                continue
+            out.append(r)
+            if len(out) >= q.limit:
+                break
+        return out
+
+    def item(self, verdict_id: str) -> dict[str, Any]:
+        with self._lock:
+            r = self._by_id.get(verdict_id)
+        if r is None:
+            raise NotFoundError(f"no verdict '{verdict_id}' in the recent history")
+        return r
+
+    def image(self, verdict_id: str, kind: str) -> bytes:
+        with self._lock:
+            pair = self._images.get(verdict_id)
+        if pair is None:
+            raise NotFoundError(f"no image kept for verdict '{verdict_id}' (OK images are sampled)")
+        data = pair[0] if kind == "image" else pair[1]
+        if data is None:
+            raise NotFoundError(f"no {kind} for verdict '{verdict_id}'")
+        return data
+
+
+class StationBase:
+    """What every station shares: recipes and enrollment through an ``Enroller``, the verdict log,
+    and ``ask`` through an explainer. Subclasses say where frames, cameras and engines come from."""
+
+    def __init__(self, store: RecipeStore, explainer_factory: Callable[[], Any] | None = None):
+        self.store = store
+        self.log = VerdictLog()
+        self._enroll_lock = threading.Lock()  # an enroller rebuilds one recipe at a time
+        self._last_capture: dict[tuple[str, str], int] = {}
+        self._explainer_factory = explainer_factory
+        self._explainer: Any = None
+        self._explainer_error: str | None = None
+        self._llm_lock = threading.Lock()
+        self._conversation: tuple[str, str, Any] | None = None
+        self._started = time.time()
+
+    # -- what a subclass provides ------------------------------------------------------------------
+    def camera_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def latest_frame(self, camera: str) -> Frame:
+        """The camera's newest frame (StationError when there is none)."""
+        raise NotImplementedError
+
+    def next_frame(self, camera: str, newer_than_seq: int) -> Frame:
+        """A frame newer than ``newer_than_seq`` (waits briefly), so two captures never take the same frame."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            frame = self.latest_frame(camera)
+            if frame.seq > newer_than_seq or time.monotonic() > deadline:
+                return frame
+            time.sleep(0.02)
+
+    def enroller_for(self, camera: str | None) -> Enroller:
+        raise NotImplementedError
+
+    def camera_recipe(self, camera: str) -> str | None:
+        raise NotImplementedError
+
+    def assign(self, camera: str, recipe: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- cameras -------------------------------------------------------------------------------
+    def _check_camera(self, camera: str) -> None:
+        if camera not in self.camera_names():
+            raise NotFoundError(f"no camera '{camera}' (cameras: {', '.join(self.camera_names()) or 'none'})")
+
+    def latest_jpeg(self, camera: str) -> bytes:
+        return _jpeg(self.latest_frame(camera).image)
+
+    def last_verdict(self, camera: str) -> dict[str, Any] | None:
+        self._check_camera(camera)
+        return self.log.last(camera)
+
+    def last_overlay(self, camera: str, verdict_id: str | None = None) -> bytes | None:
+        self._check_camera(camera)
+        return self.log.overlay(camera, verdict_id)
+
+    # -- recipes and enrollment ------------------------------------------------------------------
+    def recipes(self) -> list[dict[str, Any]]:
+        out = []
+        for n in self.store.names():
+            try:
+                out.append(self.recipe(n))
+            except RecipeError as exc:
+                out.append({"name": n, "error": str(exc)})
+        return out
+
+    def recipe(self, name: str) -> dict[str, Any]:
+        if not self.store.exists(name):
+            raise NotFoundError(f"no recipe '{name}'")
+        users = [c for c in self.camera_names() if self.camera_recipe(c) == name]
+        return recipe_state(self.store.load(name), users)
+
+    def sample_png(self, recipe: str, sha256: str) -> bytes:
+        r = self.store.load(recipe)
+        if not any(s.sha256 == sha256 for s in r.samples):
+            raise NotFoundError(f"recipe {recipe} has no sample {sha256[:12]}")
+        return self.store.sample_path(recipe, sha256, "png").read_bytes()
+
+    def enroll_start(
+        self, recipe: str, camera: str | None, roi: tuple[int, int, int, int] | None, **settings: Any
+    ) -> dict[str, Any]:
+        if camera is not None:
+            self._check_camera(camera)
+            if roi is not None:
+                with contextlib.suppress(StationError):  # no frame yet: the ROI is checked at capture
+                    crop_roi(self.latest_frame(camera).image, roi, f"camera {camera}")  # refuse an ROI off the image
+        enroller = self.enroller_for(camera)
+        with self._enroll_lock:
+            if self.store.exists(recipe):
+                current = enroller.open_or_create(recipe)
+                if roi is not None and tuple(roi) != current.roi:
+                    if current.samples:
+                        raise StationError(
+                            f"recipe {recipe} already has {len(current.samples)} golden samples taken with "
+                            f"ROI {current.roi}; remove them or create a new recipe to change the ROI"
+                        )
+                    self.store.commit(replace(current, roi=tuple(roi)))
+            else:
+                enroller.create(recipe, roi=tuple(roi) if roi else None, **settings)
+        return self.recipe(recipe)
+
+    def _step(self, recipe: str, result: Any) -> dict[str, Any]:
+        return {**result.to_json(), "state": self.recipe(recipe)}
+
+    def enroll_capture(self, recipe: str, camera: str) -> dict[str, Any]:
+        self._check_camera(camera)
+        key = (recipe, camera)
+        frame = self.next_frame(camera, self._last_capture.get(key, -1))
+        self._last_capture[key] = frame.seq
+        with self._enroll_lock:
+            result = self.enroller_for(camera).add(recipe, [(f"{camera}-{frame.seq:06d}.png", frame.image)])
+        return self._step(recipe, result)
+
+    def enroll_upload(self, recipe: str, files: list[tuple[str, bytes]]) -> dict[str, Any]:
+        if not files:
+            raise StationError("no files uploaded")
+        if len(files) > MAX_UPLOAD_IMAGES:
+            raise StationError(f"at most {MAX_UPLOAD_IMAGES} images per upload")
+        images = []
+        for fname, data in files:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+            if image is None:
+                raise StationError(f"{fname}: not a decodable image")
+            images.append((Path(fname).name or "upload", image))
+        with self._enroll_lock:
+            result = self.enroller_for(None).add(recipe, images)
+        return self._step(recipe, result)
+
+    def enroll_remove(self, recipe: str, sample: str) -> dict[str, Any]:
+        with self._enroll_lock:
+            result = self.enroller_for(None).remove(recipe, sample)
+        return self._step(recipe, result)
+
+    def enroll_finish(self, recipe: str, camera: str | None, accept_flagged: bool = False) -> dict[str, Any]:
+        with self._enroll_lock:
+            result = self.enroller_for(camera).rebuild(recipe, accept_flagged)
+        if result.recipe.live and camera is not None:
+            self.assign(camera, recipe)
+        return self._step(recipe, result)
+
+    def delete_recipe(self, recipe: str) -> None:
+        if not self.store.exists(recipe):
+            raise NotFoundError(f"no recipe '{recipe}'")
+        used = [c for c in self.camera_names() if self.camera_recipe(c) == recipe]
+        if used:
+            raise StationError(f"recipe {recipe} is in use on {', '.join(used)}: put another recipe on them first")
+        with self._enroll_lock:
+            self.store.delete(recipe)
+
+    # -- history ---------------------------------------------------------------------------------
+    def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
+        return self.log.query(query)
+
+    def history_item(self, verdict_id: str) -> dict[str, Any]:
+        return self.log.item(verdict_id)
+
+    def history_image(self, verdict_id: str, kind: str) -> bytes:
+        return self.log.image(verdict_id, kind)
+
+    # -- ask -------------------------------------------------------------------------------------
+    def _get_explainer(self) -> Any:
+        with self._llm_lock:
+            if self._explainer is None and self._explainer_error is None:
+                if self._explainer_factory is None:
+                    self._explainer_error = "no LLM configured for this station"
+                else:
+                    try:
+                        self._explainer = self._explainer_factory()
+                    except Exception as exc:  # noqa: BLE001 - a missing model degrades ask, nothing else
+                        self._explainer_error = f"{type(exc).__name__}: {exc}"
+            if self._explainer is None:
+                raise StationError(f"the LLM is not available: {self._explainer_error}")
+            return self._explainer
+
+    def ask(self, conversation: str, verdict_id: str, question: str, on_text: Callable[[str], None]) -> dict[str, Any]:
+        record = self.history_item(verdict_id)
+        verdict = verdict_from_record(record)
+        question = question.strip() or "Is there any anomaly in the image?"
+        try:
+            explainer = self._get_explainer()
+        except StationError as exc:
+            # Without a model the operator still gets the vision system's own answer.
+            on_text(verdict.sentence)
+            return {"text": verdict.sentence, "source": "template", "note": str(exc), "turn": "first"}
+        with self._llm_lock:
+            # One model, one context: a follow-up continues only while nothing else (another chat,
+            # or the explanation worker, which sets the explainer's verdict) has used the model since.
+            follow = (
+                self._conversation is not None
+                and self._conversation[:2] == (conversation, verdict_id)
+                and getattr(explainer, "_verdict", None) is self._conversation[2]
+            )
+            if follow:
+                result = explainer.follow_up(question, on_text=on_text)
+            else:
+                result = explainer.explain(verdict, question, on_text=on_text)
+            self._conversation = (conversation, verdict_id, getattr(explainer, "_verdict", None))
+        out = result.to_json() if hasattr(result, "to_json") else {"text": str(result)}
+        out["turn"] = "follow-up" if follow else "first"
+        return out
+
+    # -- system ----------------------------------------------------------------------------------
+    def _versions(self) -> dict[str, Any]:
+        import onnxruntime
+
+        import anomalygpt_edge
+
+        return {
+            "version": anomalygpt_edge.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "onnxruntime": onnxruntime.__version__,
+            "opencv": cv2.__version__,
+            "uptime_s": round(time.time() - self._started, 1),
+        }
+
+    def _llm_status(self) -> dict[str, Any]:
+        return {
+            "loaded": self._explainer is not None,
+            "error": self._explainer_error,
+            "configured": self._explainer_factory is not None,
+        }
+
+
+def bundle_status(bundle: EngineBundle) -> dict[str, Any]:
+    """The engine bundle as the system page shows it."""
+    m = bundle.manifest
+    return {
+        "path": str(bundle.path),
+        "sha256": bundle.sha256,
+        "source": m.source,
+        "exporter": m.exporter,
+        "created_at": m.created_at,
+        "schema_version": m.schema_version,
+    }
+
+
+def make_record(
+    camera: str,
+    verdict: Verdict,
+    frame_seq: int | None,
+    captured_at: float,
+    verdict_id: str | None = None,
+    message: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The history record of one verdict: the published message when there is one, else the verdict's JSON."""
+    base = dict(message) if message is not None else verdict.to_json()
+    return {
+        **base,
+        "id": verdict_id or uuid.uuid4().hex,
+        "camera": camera,
+        "recipe": verdict.recipe,
+        "verdict": verdict.verdict,
+        "regions": base.get("regions", [r.to_json() for r in verdict.regions]),
+        "sentence": verdict.sentence,
+        "frame_seq": frame_seq,
+        "captured_at": _iso(captured_at),
+        "ts": captured_at,
+        "explanation": None,
+    }
+
+
 @dataclass
 class _CameraState:
     spec: CameraSpec
     grabber: FrameGrabber
     recipe: str | None = None
     inspect_fps: float = 5.0
-    last: dict[str, Any] | None = None
-    overlays: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # id -> JPEG, newest last
     done_seq: int = 0
-    times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
-    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
     error: str | None = None
 
 
-class LocalStation:
-    """A :class:`Station` over the runtime's own objects: grabbers, one inspection loop per camera,
-    the recipe store and enroller, an in-memory history and an optional LLM for ``ask``.
+class LocalStation(StationBase):
+    """A :class:`Station` that runs its own cameras and inspection (no MQTT): grabbers, one
+    inspection loop per camera, the recipe store and an enroller, and an optional LLM.
 
     ``explainer_factory`` returns an object with ``explain(verdict, question, on_text)`` and
     ``follow_up(question, on_text)`` (e.g. ``Explainer.default``); it is called once, on first use.
@@ -307,31 +688,20 @@ class LocalStation:
         inspect_fps: float = 5.0,
         explainer_factory: Callable[[], Any] | None = None,
         explain_ng: bool = False,
-        extra_status: Callable[[], dict[str, Any]] | None = None,
     ):
-        self.store = store
+        super().__init__(store, explainer_factory)
         self.bundle = bundle
         self.enroller = Enroller(store, bundle)
-        self._enroll_lock = threading.Lock()  # the enroller rebuilds one recipe at a time
         self._cams: dict[str, _CameraState] = {
             c.name: _CameraState(c, FrameGrabber(c), (bindings or {}).get(c.name), inspect_fps) for c in cameras
         }
         self._inspectors: dict[tuple[str, int, str], Inspector] = {}
-        self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY_SIZE)
-        self._images: dict[str, tuple[bytes, bytes | None]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._explainer_factory = explainer_factory
-        self._explainer: Any = None
-        self._explainer_error: str | None = None
-        self._llm_lock = threading.Lock()
-        self._conversation: tuple[str, str] | None = None
         self._explain_ng = explain_ng and explainer_factory is not None
         self._explain_queue: collections.deque[str] = collections.deque(maxlen=8)
         self._explain_event = threading.Event()
-        self._extra_status = extra_status
-        self._started = time.time()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> LocalStation:
@@ -356,11 +726,18 @@ class LocalStation:
             t.join(timeout=5)
 
     # -- cameras -------------------------------------------------------------------------------
+    def camera_names(self) -> list[str]:
+        return list(self._cams)
+
     def _cam(self, name: str) -> _CameraState:
-        cam = self._cams.get(name)
-        if cam is None:
-            raise NotFoundError(f"no camera '{name}' (cameras: {', '.join(self._cams) or 'none'})")
-        return cam
+        self._check_camera(name)
+        return self._cams[name]
+
+    def camera_recipe(self, camera: str) -> str | None:
+        return self._cam(camera).recipe
+
+    def enroller_for(self, camera: str | None) -> Enroller:
+        return self.enroller
 
     def cameras(self) -> list[dict[str, Any]]:
         out = []
@@ -379,44 +756,16 @@ class LocalStation:
                     "frame_size": list(frame.image.shape[1::-1]) if frame else None,
                     "frame_seq": frame.seq if frame else None,
                     "inspection_error": cam.error,
-                    **self._rates(cam),
+                    **self.log.rates(name),
                 }
             )
         return out
-
-    def _rates(self, cam: _CameraState) -> dict[str, Any]:
-        times = list(cam.times)
-        fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 and times[-1] > times[0] else None
-        lat = sorted(cam.latencies)
-        return {
-            "inspect_fps": round(fps, 2) if fps else None,
-            "latency_ms_p50": round(lat[len(lat) // 2], 1) if lat else None,
-            "latency_ms_max": round(lat[-1], 1) if lat else None,
-        }
 
     def latest_frame(self, camera: str) -> Frame:
         frame = self._cam(camera).grabber.latest()
         if frame is None:
             raise StationError(f"camera '{camera}' has no frame yet ({self._cams[camera].grabber.status})")
         return frame
-
-    def latest_jpeg(self, camera: str) -> bytes:
-        return _jpeg(self.latest_frame(camera).image)
-
-    def last_verdict(self, camera: str) -> dict[str, Any] | None:
-        return self._cam(camera).last
-
-    def last_overlay(self, camera: str, verdict_id: str | None = None) -> bytes | None:
-        """JPEG heatmap overlay of the camera's last verdict, or of one of its last few by id.
-
-        The page asks by id: between reading the last verdict and fetching its overlay the camera
-        may have inspected another part, and a heatmap must never sit next to another part's text.
-        """
-        cam = self._cam(camera)
-        with self._lock:
-            if verdict_id is None:
-                return next(reversed(cam.overlays.values()), None)
-            return cam.overlays.get(verdict_id)
 
     # -- inspection ----------------------------------------------------------------------------
     def _inspector(self, name: str) -> Inspector:
@@ -450,37 +799,15 @@ class LocalStation:
                 log.exception("inspection on %s failed", name)
 
     def _inspect(self, name: str, cam: _CameraState, frame: Frame) -> None:
-        recipe_name = cam.recipe
-        assert recipe_name is not None
-        inspector = self._inspector(recipe_name)
+        assert cam.recipe is not None
+        inspector = self._inspector(cam.recipe)
         t0 = time.perf_counter()
         verdict = inspector.inspect(frame.image, f"{name}#{frame.seq}")
-        roi_image = crop_roi(frame.image, inspector.recipe.roi, name)
-        record = {
-            "id": uuid.uuid4().hex,
-            "camera": name,
-            **verdict.to_json(),
-            "frame_seq": frame.seq,
-            "captured_at": _iso(frame.captured_at),
-            "ts": frame.captured_at,
-            "explanation": None,
-        }
+        record = make_record(name, verdict, frame.seq, frame.captured_at)
         record["latency_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 3)
-        overlay_jpeg = _jpeg(overlay(roi_image, verdict))
+        roi_image = crop_roi(frame.image, inspector.recipe.roi, name)
         keep = verdict.verdict != "OK" or frame.seq % KEEP_OK_IMAGE_EVERY == 0
-        record["has_image"] = keep
-        with self._lock:
-            if len(self._history) == self._history.maxlen:
-                self._images.pop(self._history[0]["id"], None)
-            self._history.append(record)
-            if keep:
-                self._images[record["id"]] = (_jpeg(roi_image), overlay_jpeg)
-            cam.last = record
-            cam.overlays[record["id"]] = overlay_jpeg
-            while len(cam.overlays) > 8:
-                cam.overlays.popitem(last=False)
-            cam.times.append(time.monotonic())
-            cam.latencies.append(1e3 * (time.time() - frame.captured_at))
+        self.log.add(record, roi_image, verdict, keep)
         if self._explain_ng and verdict.verdict == "NG":
             self._explain_queue.append(record["id"])
             self._explain_event.set()
@@ -496,91 +823,10 @@ class LocalStation:
                     record = self.history_item(vid)
                     explainer = self._get_explainer()
                     with self._llm_lock:
-                        self._conversation = None  # this run replaces any chat's context in the model
                         result = explainer.explain(verdict_from_record(record), on_text=None)
-                    record["explanation"] = result.text
+                    self.log.explain(vid, result.text)
                 except Exception as exc:  # noqa: BLE001 - an LLM failure leaves the record unexplained
                     log.warning("explanation of %s failed: %s", vid, exc)
-
-    # -- recipes and enrollment ------------------------------------------------------------------
-    def recipes(self) -> list[dict[str, Any]]:
-        out = []
-        for n in self.store.names():
-            try:
-                out.append(self.recipe(n))
-            except RecipeError as exc:
-                out.append({"name": n, "error": str(exc)})
-        return out
-
-    def recipe(self, name: str) -> dict[str, Any]:
-        if not self.store.exists(name):
-            raise NotFoundError(f"no recipe '{name}'")
-        return recipe_state(self.store.load(name), [c for c, s in self._cams.items() if s.recipe == name])
-
-    def sample_png(self, recipe: str, sha256: str) -> bytes:
-        r = self.store.load(recipe)
-        if not any(s.sha256 == sha256 for s in r.samples):
-            raise NotFoundError(f"recipe {recipe} has no sample {sha256[:12]}")
-        return self.store.sample_path(recipe, sha256, "png").read_bytes()
-
-    def enroll_start(
-        self, recipe: str, camera: str | None, roi: tuple[int, int, int, int] | None, **settings: Any
-    ) -> dict[str, Any]:
-        if camera is not None:
-            self._cam(camera)
-        if roi is not None and camera is not None:
-            frame = self._cam(camera).grabber.latest()
-            if frame is not None:
-                crop_roi(frame.image, roi, f"camera {camera}")  # refuse an ROI off the image now, not later
-        with self._enroll_lock:
-            if self.store.exists(recipe):
-                current = self.enroller.open_or_create(recipe)
-                if roi is not None and tuple(roi) != current.roi:
-                    if current.samples:
-                        raise StationError(
-                            f"recipe {recipe} already has {len(current.samples)} golden samples taken with "
-                            f"ROI {current.roi}; remove them or create a new recipe to change the ROI"
-                        )
-                    self.store.commit(replace(current, roi=tuple(roi)))
-            else:
-                self.enroller.create(recipe, roi=tuple(roi) if roi else None, **settings)
-        return self.recipe(recipe)
-
-    def _step(self, recipe: str, result: Any) -> dict[str, Any]:
-        return {**result.to_json(), "state": self.recipe(recipe)}
-
-    def enroll_capture(self, recipe: str, camera: str) -> dict[str, Any]:
-        frame = self.latest_frame(camera)
-        with self._enroll_lock:
-            result = self.enroller.add(recipe, [(f"{camera}-{frame.seq:06d}.png", frame.image)])
-        return self._step(recipe, result)
-
-    def enroll_upload(self, recipe: str, files: list[tuple[str, bytes]]) -> dict[str, Any]:
-        if not files:
-            raise StationError("no files uploaded")
-        if len(files) > MAX_UPLOAD_IMAGES:
-            raise StationError(f"at most {MAX_UPLOAD_IMAGES} images per upload")
-        images = []
-        for fname, data in files:
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-            if image is None:
-                raise StationError(f"{fname}: not a decodable image")
-            images.append((Path(fname).name or "upload", image))
-        with self._enroll_lock:
-            result = self.enroller.add(recipe, images)
-        return self._step(recipe, result)
-
-    def enroll_remove(self, recipe: str, sample: str) -> dict[str, Any]:
-        with self._enroll_lock:
-            result = self.enroller.remove(recipe, sample)
-        return self._step(recipe, result)
-
-    def enroll_finish(self, recipe: str, camera: str | None, accept_flagged: bool = False) -> dict[str, Any]:
-        with self._enroll_lock:
-            result = self.enroller.rebuild(recipe, accept_flagged)
-        if result.recipe.live and camera is not None:
-            self.assign(camera, recipe)
-        return self._step(recipe, result)
 
     def assign(self, camera: str, recipe: str | None) -> dict[str, Any]:
         cam = self._cam(camera)
@@ -592,129 +838,19 @@ class LocalStation:
         cam.error = None
         return {"camera": camera, "recipe": recipe}
 
-    def delete_recipe(self, recipe: str) -> None:
-        if not self.store.exists(recipe):
-            raise NotFoundError(f"no recipe '{recipe}'")
-        for cam in self._cams.values():
-            if cam.recipe == recipe:
-                cam.recipe = None
-        with self._enroll_lock:
-            self.store.delete(recipe)
-
-    # -- history ---------------------------------------------------------------------------------
-    def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
-        with self._lock:
-            items = list(self._history)
-        out = []
-        for r in reversed(items):
-            if query.camera and r["camera"] != query.camera:
-                continue
-            if query.recipe and r["recipe"] != query.recipe:
-                continue
-            if query.ng_only and r["verdict"] == "OK":
-                continue
-            if query.since is not None and r["ts"] < query.since:
-                continue
-            if query.until is not None and r["ts"] >= query.until:
-                continue
-            out.append(r)
-            if len(out) >= query.limit:
-                break
-        return out
-
-    def history_item(self, verdict_id: str) -> dict[str, Any]:
-        with self._lock:
-            for r in reversed(self._history):
-                if r["id"] == verdict_id:
-                    return r
-        raise NotFoundError(f"no verdict '{verdict_id}' in the recent history")
-
-    def history_image(self, verdict_id: str, kind: str) -> bytes:
-        with self._lock:
-            pair = self._images.get(verdict_id)
-        if pair is None:
-            raise NotFoundError(f"no image kept for verdict '{verdict_id}' (OK images are sampled)")
-        data = pair[0] if kind == "image" else pair[1]
-        if data is None:
-            raise NotFoundError(f"no {kind} for verdict '{verdict_id}'")
-        return data
-
-    # -- ask -------------------------------------------------------------------------------------
-    def _get_explainer(self) -> Any:
-        with self._llm_lock:
-            if self._explainer is None and self._explainer_error is None:
-                if self._explainer_factory is None:
-                    self._explainer_error = "no LLM configured for this station"
-                else:
-                    try:
-                        self._explainer = self._explainer_factory()
-                    except Exception as exc:  # noqa: BLE001 - a missing model degrades ask, nothing else
-                        self._explainer_error = f"{type(exc).__name__}: {exc}"
-            if self._explainer is None:
-                raise StationError(f"the LLM is not available: {self._explainer_error}")
-            return self._explainer
-
-    def ask(self, conversation: str, verdict_id: str, question: str, on_text: Callable[[str], None]) -> dict[str, Any]:
-        record = self.history_item(verdict_id)
-        verdict = verdict_from_record(record)
-        question = question.strip() or "Is there any anomaly in the image?"
-        try:
-            explainer = self._get_explainer()
-        except StationError as exc:
-            # Without a model the operator still gets the vision system's own answer.
-            on_text(verdict.sentence)
-            return {"text": verdict.sentence, "source": "template", "note": str(exc), "turn": "first"}
-        with self._llm_lock:
-            # One model, one context: a follow-up continues only if nothing else used the model since.
-            follow = self._conversation == (conversation, verdict_id)
-            if follow:
-                result = explainer.follow_up(question, on_text=on_text)
-            else:
-                result = explainer.explain(verdict, question, on_text=on_text)
-            self._conversation = (conversation, verdict_id)
-        out = result.to_json() if hasattr(result, "to_json") else {"text": str(result)}
-        out["turn"] = "follow-up" if follow else "first"
-        return out
-
     # -- system ----------------------------------------------------------------------------------
     def system(self) -> dict[str, Any]:
-        import onnxruntime
-
-        import anomalygpt_edge
-
-        m = self.bundle.manifest
-        engines = {}
-        for (graph, precision), engine in list(self.bundle._engines.items()):
-            engines[f"{graph}/{precision}"] = engine.describe()
-        status: dict[str, Any] = {
-            "version": anomalygpt_edge.__version__,
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "onnxruntime": onnxruntime.__version__,
-            "opencv": cv2.__version__,
-            "bundle": {
-                "path": str(self.bundle.path),
-                "sha256": self.bundle.sha256,
-                "source": m.source,
-                "exporter": m.exporter,
-                "created_at": m.created_at,
-                "schema_version": m.schema_version,
-            },
+        engines = {f"{g}/{p}": e.describe() for (g, p), e in list(self.bundle._engines.items())}
+        return {
+            **self._versions(),
+            "bundle": bundle_status(self.bundle),
             "backend": self.bundle.backend,
             "engines": engines,
             "cameras": self.cameras(),
             "spool_depth": None,
             "broker": {"connected": None, "note": "standalone station: no MQTT broker attached"},
-            "llm": {
-                "loaded": self._explainer is not None,
-                "error": self._explainer_error,
-                "configured": self._explainer_factory is not None,
-            },
-            "uptime_s": round(time.time() - self._started, 1),
+            "llm": self._llm_status(),
         }
-        if self._extra_status is not None:
-            status.update(self._extra_status())
-        return status
 
 
 def recipe_state(recipe: Recipe, cameras: list[str]) -> dict[str, Any]:

@@ -1,0 +1,241 @@
+"""The station over the running line daemon: its cameras, engines, recipes, verdicts and LLM.
+
+The page sees exactly what the PLC gets: every verdict the daemon publishes is recorded here
+(with its image and heatmap overlay) from the daemon's after-verdict step, and LLM explanations
+the daemon publishes are attached to their verdicts. Enrollment uses the daemon's own enroller for
+the camera's bundle, and finishing it switches the camera's recipe in the daemon, as the MQTT
+``cmd/recipe switch`` does.
+
+The daemon has no listener API yet, so :class:`DaemonStation` wraps the daemon's
+``_after_verdict`` on the instance and its explanation worker's result callback; both wrappers
+call the daemon's own code first and never let a station error reach the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from anomalygpt_edge.runtime.enrollment import Enroller
+from anomalygpt_edge.runtime.recipes import RecipeError
+from anomalygpt_edge.runtime.verdict import Verdict
+from anomalygpt_edge.runtime.web.station import (
+    KEEP_OK_IMAGE_EVERY,
+    Frame,
+    StationBase,
+    StationError,
+    bundle_status,
+    make_record,
+)
+
+if TYPE_CHECKING:
+    from anomalygpt_edge.runtime.daemon import Daemon
+
+log = logging.getLogger(__name__)
+#: Verdicts waiting for JPEG encoding; beyond this the page skips some (the PLC path never waits).
+LOG_QUEUE = 32
+
+
+class DaemonStation(StationBase):
+    """A :class:`~anomalygpt_edge.runtime.web.station.Station` over a started :class:`Daemon`."""
+
+    def __init__(self, daemon: Daemon):
+        super().__init__(daemon.store, self._daemon_explainer if daemon.config.llm.enabled else None)
+        self.daemon = daemon
+        self.dropped = 0
+        self._queue: queue.Queue[tuple | None] = queue.Queue(LOG_QUEUE)
+        self._thread = threading.Thread(target=self._log_loop, name="station-log", daemon=True)
+        self._thread.start()
+        self._install_hooks()
+
+    def _daemon_explainer(self) -> Any:
+        """The daemon's own explainer: one model in memory, shared with its explanation worker."""
+        if self.daemon.explainer is None:
+            raise StationError("the daemon's LLM did not load")
+        return self.daemon.explainer
+
+    # -- hooks into the daemon ---------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        d = self.daemon
+        after = d._after_verdict
+
+        def after_verdict(job: Any, vid: str, verdict: Verdict, msg: dict, image: np.ndarray | None) -> None:
+            after(job, vid, verdict, msg, image)
+            # Encoding JPEGs happens on the station's thread: the inspection worker only enqueues.
+            try:
+                captured = msg.get("captured_at_epoch") or job.captured_at or time.time()
+                self._queue.put_nowait((job.camera, vid, verdict, dict(msg), image, captured))
+            except queue.Full:
+                self.dropped += 1
+
+        d._after_verdict = after_verdict  # type: ignore[method-assign]
+        if d.explanations is None:
+            return
+        # The worker holds the callback it was built with (bound before this station existed).
+        explained = d.explanations._on_result
+
+        def on_explanation(request: Any, explanation: Any) -> None:
+            explained(request, explanation)
+            if request.verdict_id and not request.key.startswith("ask"):  # MQTT questions are not history
+                self.log.explain(request.verdict_id, explanation.text)
+
+        d.explanations._on_result = on_explanation
+
+    def _log_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            camera, vid, verdict, msg, image, captured_at = item
+            try:
+                record = make_record(camera, verdict, msg.get("frame_seq"), captured_at, vid, msg)
+                seq = record["frame_seq"] or 0
+                keep = verdict.verdict != "OK" or seq % KEEP_OK_IMAGE_EVERY == 0
+                self.log.add(record, image, verdict, keep)
+            except Exception:  # noqa: BLE001 - the page may miss a verdict; the line must not notice
+                log.exception("station: recording verdict %s failed", vid)
+
+    def stop(self) -> None:
+        """Stop the station's recorder thread (the daemon is stopped by its owner)."""
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    # -- cameras -------------------------------------------------------------------------------
+    def camera_names(self) -> list[str]:
+        return list(self.daemon.config.cameras)
+
+    def _camera(self, name: str) -> Any:
+        self._check_camera(name)
+        cam = self.daemon.cameras.get(name)
+        if cam is None:
+            raise StationError(f"camera '{name}' is a watched folder: it has no live image")
+        return cam
+
+    def latest_frame(self, camera: str) -> Frame:
+        cam = self._camera(camera)
+        frame = cam.latest()
+        if frame is None:
+            why = f"{cam.status}: {cam.reason}" if cam.reason else cam.status
+            raise StationError(f"camera '{camera}' has no frame ({why})")
+        return frame
+
+    def next_frame(self, camera: str, newer_than_seq: int) -> Frame:
+        cam = self._camera(camera)
+        frame = cam.wait_frame(newer_than_seq=newer_than_seq, timeout=2.0)
+        if frame is None:
+            raise StationError(f"camera '{camera}' delivered no new frame ({cam.status})")
+        return frame
+
+    def camera_recipe(self, camera: str) -> str | None:
+        return self.daemon.recipe_names.get(camera)
+
+    def enroller_for(self, camera: str | None) -> Enroller:
+        d = self.daemon
+        if camera is not None:
+            return d.enrollers[d.bundle_key(camera)]
+        default = d.config.engines.bundle.resolve()
+        return d.enrollers.get(default) or next(iter(d.enrollers.values()))
+
+    def cameras(self) -> list[dict[str, Any]]:
+        d = self.daemon
+        status = d.status()["cameras"]
+        out = []
+        for name in self.camera_names():
+            s = status.get(name, {})
+            cam = d.cameras.get(name)
+            frame = cam.latest() if cam is not None else None
+            inspector = d.inspectors.get(name)
+            roi = inspector.recipe.roi if inspector is not None else None
+            out.append(
+                {
+                    "name": name,
+                    "kind": s.get("type"),
+                    "status": s.get("status"),
+                    "recipe": s.get("recipe"),
+                    "live": s.get("live"),
+                    "roi": list(roi) if roi else None,
+                    "frame_size": list(frame.image.shape[1::-1]) if frame is not None else None,
+                    "frame_seq": frame.seq if frame is not None else None,
+                    "trigger": s.get("trigger"),
+                    "inspection_error": s.get("problem"),
+                    **self.log.rates(name),
+                }
+            )
+        return out
+
+    def assign(self, camera: str, recipe: str | None) -> dict[str, Any]:
+        """Switch the daemon's recipe for ``camera``; a recipe that cannot inspect keeps the previous one."""
+        self._check_camera(camera)
+        if recipe is None:
+            raise StationError("the line daemon keeps a recipe on every bound camera: pick another recipe instead")
+        d = self.daemon
+        if not self.store.exists(recipe):
+            raise StationError(f"unknown recipe '{recipe}'")
+        previous = d.recipe_names.get(camera)
+        try:
+            d.load_recipe(camera, recipe)
+        except RecipeError as exc:
+            if previous and previous != recipe:
+                try:
+                    d.load_recipe(camera, previous)  # keep inspecting with the old recipe
+                except RecipeError:
+                    log.warning("camera %s: previous recipe %s cannot inspect either", camera, previous)
+            raise StationError(f"recipe '{recipe}' cannot inspect: {exc}") from None
+        if d.link is not None and d.link.connected.is_set():
+            d.link.publish_status()
+        return {"camera": camera, "recipe": recipe, "previous": previous}
+
+    # -- system ----------------------------------------------------------------------------------
+    def system(self) -> dict[str, Any]:
+        d = self.daemon
+        first = next(iter(d.bundles.values()), None)
+        engines = {}
+        for key, pipeline in d.pipelines.items():
+            engines[f"{key.name} encoder"] = pipeline.encoder.describe()
+            engines[f"{key.name} matcher"] = pipeline.matcher.describe()
+        link = d.link
+        spool = d.spool.stats() if d.spool is not None else None
+        archive = d.archive.archive.stats.to_json() if d.archive is not None else None
+        return {
+            **self._versions(),
+            "device": d.config.device_id,
+            "bundle": bundle_status(first) if first is not None else None,
+            "bundles": [bundle_status(b) for b in d.bundles.values()],
+            "backend": d.config.engines.backend,
+            "engines": engines,
+            "cameras": self.cameras(),
+            "spool_depth": spool["depth"] if spool else None,
+            "spool": spool,
+            "broker": {
+                "host": d.config.mqtt.host,
+                "port": d.config.mqtt.port,
+                "protocol": d.config.mqtt.protocol,
+                "connected": link.connected.is_set() if link is not None else False,
+                **(dict(link.stats) if link is not None else {}),
+            },
+            "archive": archive,
+            "llm": {**self._llm_status(), "loaded": d.explainer is not None},
+            "station_dropped": self.dropped,
+        }
+
+
+def attach(daemon: Daemon, config: Any) -> tuple[Any, DaemonStation]:
+    """Serve the station for a started daemon: returns the running server and the station.
+
+    ``config`` is a :class:`~anomalygpt_edge.runtime.web.server.WebConfig`. Stop with
+    ``server.stop(); station.stop()`` before ``daemon.stop()``.
+    """
+    from anomalygpt_edge.runtime.web.server import StationServer
+
+    station = DaemonStation(daemon)
+    try:
+        server = StationServer(station, config).start()
+    except BaseException:
+        station.stop()
+        raise
+    return server, station
