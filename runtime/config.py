@@ -118,6 +118,12 @@ class LlmConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    heartbeat_s: float = 10.0  # the status topic is republished with rolling figures this often
+    metrics_bind: str | None = None  # e.g. "127.0.0.1:9108" for Prometheus /metrics; off by default
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     device_id: str
     cameras: dict[str, CameraConfig]
@@ -126,6 +132,7 @@ class DaemonConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     source: str = "<config>"
 
     def binding(self, camera: str) -> RecipeBinding | None:
@@ -260,7 +267,7 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
     if root is None:
         raise ConfigError(f"{origin}: the config file is empty")
     r = _Reader(origin, base or Path.cwd())
-    top = r.mapping(root, "", {"device", "cameras", "recipes", "engines", "mqtt", "storage", "llm"})
+    top = r.mapping(root, "", {"device", "cameras", "recipes", "engines", "mqtt", "storage", "llm", "health"})
     for key in ("device", "cameras", "recipes"):
         if key not in top:
             raise r.fail(root, "", f"missing required section '{key}'")
@@ -369,6 +376,11 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         "max_queue": lambda n, q: r.number(n, q, 1, 1000, integer=True),
     }
     llm = LlmConfig(**r.fields(top.get("llm", _empty()), "llm", llm_spec, ()))
+    health_spec: dict[str, Callable[[yaml.Node, str], Any]] = {
+        "heartbeat_s": lambda n, q: r.number(n, q, 0.5, 3600),
+        "metrics_bind": lambda n, q: r.string(n, q, optional=True),
+    }
+    health = HealthConfig(**r.fields(top.get("health", _empty()), "health", health_spec, ()))
     return DaemonConfig(
         device_id=device["id"],
         cameras=cameras,
@@ -377,6 +389,7 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         mqtt=mqtt,
         storage=storage,
         llm=llm,
+        health=health,
         source=origin,
     )
 

@@ -129,6 +129,12 @@ class Daemon:
         self.explainer = None
         self.explanations = None
         self.watchdog: DeadlineWatchdog | None = None
+        from anomalygpt_edge.runtime.daemon_health import DaemonHealth
+
+        # Heartbeat, systemd READY/WATCHDOG/STATUS and optional metrics (runtime/daemon_health.py).
+        self.health = DaemonHealth(
+            config.device_id, heartbeat_s=config.health.heartbeat_s, metrics_bind=config.health.metrics_bind
+        )
         from anomalygpt_edge.runtime.daemon_commands import CommandCenter
 
         self.commands = CommandCenter(self)
@@ -242,7 +248,15 @@ class Daemon:
             cam = Camera(create_source(cam_cfg), on_frame=self._on_frame, on_status=self._on_camera_status)
             self.cameras[name] = cam
             cam.start()
+        if self.spool is not None:
+            self.health.add_source("spool", self.spool.stats)
+        self.health.start(self.status, self._publish_heartbeat)
+        self.health.ready()
         return self
+
+    def _publish_heartbeat(self, body: dict[str, Any]) -> None:
+        if self.link is not None and self.link.connected.is_set():
+            self.link.publish_json(self.link.topic("status"), body, qos=1, retain=True)
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -252,6 +266,7 @@ class Daemon:
     def stop(self) -> None:
         """Stop cameras first (no new work), then workers, then say ``offline`` and disconnect."""
         self._stop.set()
+        self.health.stop()
         for cam in self.cameras.values():
             cam.stop()
         for q in self.queues.values():
@@ -355,6 +370,7 @@ class Daemon:
             for job in lost:
                 self.answer_error(job, f"camera {camera} lost during the trigger ({status}: {reason})")
         self.counts[camera][f"status_{status}"] += 1
+        self.health.camera_state(camera, status, reason)
         if self.link is not None and self.link.connected.is_set():
             self.link.publish_status()
 
@@ -372,7 +388,9 @@ class Daemon:
         folder = Path(self.config.cameras[binding.camera].source)
         seen = set(list_images(folder)) if folder.is_dir() else set()
         sizes: dict[Path, int] = {}
+        loop = threading.current_thread().name
         while not self._stop.wait(FOLDER_POLL_S):
+            self.health.tick(loop)
             if not folder.is_dir():
                 continue
             for path in list_images(folder):
@@ -405,7 +423,11 @@ class Daemon:
 
     # -- inspection ------------------------------------------------------------------------------
     def _work(self, queue: WorkQueue) -> None:
+        loop = threading.current_thread().name
         while not self._stop.is_set():
+            # Fed every iteration (get() wakes at least every 0.2 s): a hung engine stops the
+            # systemd watchdog pings, and systemd restarts the daemon.
+            self.health.tick(loop)
             job = queue.get(0.2)
             if job is None or job.answered:
                 continue
@@ -440,6 +462,7 @@ class Daemon:
             if job.kind == "trigger" and job.frame is not None:
                 verdict.latency_ms["frame_wait"] = (job.frame.captured_mono - job.created_mono) * 1e3
             self.answer(job, verdict, image)
+        self.health.forget_loop(loop)
 
     def answer_error(self, job: Job, reason: str) -> None:
         recipe = self.recipe_names.get(job.camera, "")
@@ -477,6 +500,7 @@ class Daemon:
         link = self.link
         assert link is not None
         payload = finish_and_encode(msg, t0)
+        self.health.frame(job.camera, msg["latency_ms"].get("total"), verdict.verdict)
         link.publish_verdict(vid, link.topic(job.camera, "verdict"), payload)
         if job.command is not None:
             link.reply(job.command, {**msg, "command": "trigger", "ok": verdict.verdict != "ERROR"})
@@ -547,7 +571,7 @@ class Daemon:
                 "fps": b.fps if b else None,
                 "deadline_ms": b.deadline_ms if b else None,
             }
-        return {
+        base = {
             "schema": STATUS_SCHEMA,
             "state": "online",
             "device": self.config.device_id,
@@ -564,6 +588,7 @@ class Daemon:
             "llm": self.config.llm.enabled,
             "spool": self.spool.stats() if self.spool is not None else None,
         }
+        return self.health.status(base)
 
     def _uncamera_status(self, camera: str) -> str:
         """Status of a camera without a grabbing thread: a watched folder, or one not started yet."""
