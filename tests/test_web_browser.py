@@ -321,6 +321,23 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
         timeout=60,
     )
     assert answer.strip()
+    # A follow-up continues the same conversation (the model keeps its context).
+    b.type("#ask-question", "Is the part good?")
+    b.click("#ask-send")
+    b.wait(
+        "the follow-up answer",
+        lambda: b.js(
+            "const m = document.querySelectorAll('.msg.bot');"
+            "if (document.querySelector('#ask-send').disabled) return '';"
+            "return m.length === 2 && m[1].querySelector('.answer').textContent"
+        ),
+        timeout=60,
+    )
+    turns = b.js("return [...document.querySelectorAll('.msg.bot')].map(m => m.dataset.turn)")
+    if st.daemon.explainer is not None:
+        # The explanation worker may use the shared model between the two questions; then the
+        # station starts the conversation again rather than continue someone else's context.
+        assert turns[0] == "first" and turns[1] in ("follow-up", "first"), turns
     _shot(b, tmp_path, "5-ask.png")
 
     b.click('nav a[href="#system"]')

@@ -362,3 +362,69 @@ def test_enrollment_over_http_then_verdicts_history_csv_and_ask(default_bundle_d
     finally:
         server.stop()
         station.stop()
+
+
+class FakeExplainer:
+    """Records explain / follow_up calls like the real Explainer's conversation state."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._verdict = None
+
+    def explain(self, verdict, question, on_text=None):
+        from anomalygpt_edge.runtime.explain import Explanation
+
+        self.calls.append(f"explain:{question}")
+        self._verdict = verdict
+        on_text("first answer")
+        return Explanation("first answer", "llm")
+
+    def follow_up(self, question, on_text=None):
+        from anomalygpt_edge.runtime.explain import Explanation
+
+        self.calls.append(f"follow_up:{question}")
+        on_text("more")
+        return Explanation("more", "llm")
+
+
+def test_ask_continues_a_conversation_only_while_the_model_still_holds_it(tmp_path):
+    from anomalygpt_edge.runtime.recipes import RecipeStore
+    from anomalygpt_edge.runtime.verdict import Verdict
+    from anomalygpt_edge.runtime.web.station import StationBase, make_record
+
+    explainer = FakeExplainer()
+    st = StationBase(RecipeStore(tmp_path), explainer_factory=lambda: explainer)
+    v = Verdict("NG", 0.3, 0.1, "plate")
+    a = st.log.add(make_record("cam1", v, 1, time.time(), "a" * 32), None, v, False)
+    b = st.log.add(make_record("cam1", v, 2, time.time(), "b" * 32), None, v, False)
+    pieces: list[str] = []
+    assert st.ask("c1", a["id"], "why?", pieces.append)["turn"] == "first"
+    assert st.ask("c1", a["id"], "where?", pieces.append)["turn"] == "follow-up"
+    assert st.ask("c2", a["id"], "hi", pieces.append)["turn"] == "first", "another conversation starts afresh"
+    assert st.ask("c2", b["id"], "and this one?", pieces.append)["turn"] == "first", "another verdict too"
+    explainer._verdict = object()  # the explanation worker used the model in between
+    assert st.ask("c2", b["id"], "again?", pieces.append)["turn"] == "first"
+    assert explainer.calls == [
+        "explain:why?",
+        "follow_up:where?",
+        "explain:hi",
+        "explain:and this one?",
+        "explain:again?",
+    ]
+    assert pieces == ["first answer", "more", "first answer", "first answer", "first answer"]
+
+
+def test_ask_without_a_model_streams_the_verdicts_own_sentence(tmp_path):
+    from anomalygpt_edge.runtime.recipes import RecipeStore
+    from anomalygpt_edge.runtime.verdict import Verdict
+    from anomalygpt_edge.runtime.web.station import StationBase, make_record
+
+    def broken():
+        raise FileNotFoundError("no gguf")
+
+    st = StationBase(RecipeStore(tmp_path), explainer_factory=broken)
+    v = Verdict("OK", 0.01, 0.1, "plate")
+    r = st.log.add(make_record("cam1", v, 1, time.time()), None, v, False)
+    pieces: list[str] = []
+    out = st.ask("c", r["id"], "", pieces.append)
+    assert pieces == [v.sentence] and out["source"] == "template" and "no gguf" in out["note"]

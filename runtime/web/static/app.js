@@ -419,6 +419,7 @@ $("#ask-form").addEventListener("submit", async (ev) => {
         if (m.t !== undefined) answer.textContent += m.t;
         if (m.done) {
           answer.textContent = m.done.text;  // the checked answer (a contradicting one is replaced)
+          answer.parentElement.dataset.turn = m.done.turn || "";
           note.textContent = m.done.source === "llm" ? "" : `(${m.done.source}${m.done.replaced ? ": model answer replaced, " + m.done.replaced : ""}${m.done.note ? ": " + m.done.note : ""})`;
         }
         if (m.error) note.textContent = "error: " + m.error;
