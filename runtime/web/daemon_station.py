@@ -168,6 +168,22 @@ class DaemonStation(StationBase):
             )
         return out
 
+    def enroll_start(
+        self, recipe: str, camera: str | None, roi: tuple[int, int, int, int] | None, **settings: Any
+    ) -> dict[str, Any]:
+        """As :meth:`StationBase.enroll_start`, but a camera whose ROI the config fixes keeps that ROI."""
+        binding = self.daemon.binding(camera) if camera is not None else None
+        if binding is not None and binding.roi is not None:
+            # The daemon inspects this camera with the config's ROI whatever the recipe says; a
+            # different drawn ROI would enroll parts the line never looks at in that way.
+            if roi is not None and tuple(roi) != tuple(binding.roi):
+                raise StationError(
+                    f"camera {camera}'s ROI is fixed by the daemon config at {list(binding.roi)}: "
+                    "change it there, or enroll without drawing one"
+                )
+            roi = tuple(binding.roi)
+        return super().enroll_start(recipe, camera, roi, **settings)
+
     def assign(self, camera: str, recipe: str | None) -> dict[str, Any]:
         """Switch the daemon's recipe for ``camera``; a recipe that cannot inspect keeps the previous one."""
         self._check_camera(camera)

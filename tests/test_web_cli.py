@@ -1,0 +1,132 @@
+"""The station's commands as a technician runs them: ``web-user add`` (password on stdin) and
+``web --config`` serving the page for the line daemon, on loopback, until SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from station_http import Client
+from station_scene import PART_ROI, write_video
+
+from anomalygpt_edge.runtime.local_broker import start_local_broker
+from anomalygpt_edge.runtime.web.auth import User, UserStore
+
+STATION = [sys.executable, "-m", "anomalygpt_edge.runtime.web"]
+
+
+def _config(tmp_path: Path, bundle: Path, broker) -> Path:
+    video = write_video(tmp_path / "line.avi", 20, mixed=False)
+    cfg = {
+        "device": {"id": "cli-test"},
+        "cameras": {"cam1": {"type": "video_file", "source": str(video), "fps": 10, "loop": True}},
+        "recipes": [{"camera": "cam1", "recipe": "plate", "trigger": "free_run", "fps": 2, "roi": list(PART_ROI)}],
+        "engines": {"bundle": str(bundle), "backend": "onnxruntime"},
+        "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocols[0]},
+        "storage": {"store": str(tmp_path / "store"), "data": str(tmp_path / "state")},
+    }
+    path = tmp_path / "line.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _lines(proc: subprocess.Popen) -> queue.Queue:
+    q: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            q.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return q
+
+
+def test_web_user_add_from_stdin_then_web_serves_the_daemon_on_loopback_until_sigterm(default_bundle_dir, tmp_path):
+    broker = start_local_broker()
+    try:
+        config = _config(tmp_path, default_bundle_dir, broker)
+        added = subprocess.run(
+            [*STATION, "web-user", "add", "tina", "--role", "technician", "--config", str(config)],
+            input="tina-password\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert added.returncode == 0, added.stderr
+        users_file = tmp_path / "state" / "web" / "users.json"
+        assert UserStore(users_file).get("tina") == User("tina", "technician")
+        assert "tina-password" not in added.stdout + added.stderr + users_file.read_text()
+
+        proc = subprocess.Popen(
+            [*STATION, "web", "--config", str(config), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            lines = _lines(proc)
+            url = None
+            deadline = time.monotonic() + 60
+            while url is None and time.monotonic() < deadline:
+                try:
+                    line = lines.get(timeout=1)
+                except queue.Empty:
+                    assert proc.poll() is None, "web exited early"
+                    continue
+                if line.startswith("station: "):
+                    url = line.split()[1].rstrip("/")
+            assert url and url.startswith("http://127.0.0.1:"), "the station binds to loopback by default"
+            c = Client(url)
+            assert c.post("/api/enroll/start", {"recipe": "plate", "camera": "cam1"}, csrf=False).status == 401
+            assert c.login("tina", "tina-password").status == 200
+            for _ in range(100):
+                cams = c.get("/api/cameras").json()
+                if cams[0]["status"] == "online":
+                    break
+                time.sleep(0.1)
+            assert cams[0]["name"] == "cam1" and cams[0]["status"] == "online" and cams[0]["recipe"] == "plate"
+            assert "no recipe" in (cams[0]["inspection_error"] or ""), "the daemon says why cam1 cannot inspect yet"
+            assert c.get("/api/cameras/cam1/frame.jpg").body[:2] == b"\xff\xd8"
+            # The config fixes cam1's ROI: the station enrolls with it and refuses another one.
+            other = c.post("/api/enroll/start", {"recipe": "plate", "camera": "cam1", "roi": [0, 0, 64, 64]})
+            assert other.status == 400 and "fixed by the daemon config" in other.json()["error"]
+            state = c.post("/api/enroll/start", {"recipe": "plate", "camera": "cam1"}).json()
+            assert state["roi"] == list(PART_ROI) and state["k"] == 0
+            audit = (tmp_path / "state" / "web" / "audit.jsonl").read_text()
+            assert '"enroll.start"' in audit and '"ok":false' in audit and '"user":"tina"' in audit
+            system = c.get("/api/system").json()
+            assert system["broker"]["connected"] is True and system["device"] == "cli-test"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    finally:
+        broker.stop()
+
+
+def test_web_refuses_a_broken_config_with_a_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("device: {id: x}\ncameras: {}\nrecipes: []\n")
+    r = subprocess.run([*STATION, "web", "--config", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("role", ["root", ""])
+def test_web_user_refuses_an_unknown_role(tmp_path, role):
+    r = subprocess.run(
+        [*STATION, "web-user", "add", "x", "--role", role, "--users", str(tmp_path / "u.json")],
+        input="long-enough\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and not (tmp_path / "u.json").exists()
