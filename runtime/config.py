@@ -91,9 +91,11 @@ class MqttConfig:
 
     @property
     def password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        return self.password_file.read_text().strip()
+        """From ``password_file``, else ``$ANOMALYGPT_EDGE_MQTT_PASSWORD`` (or ``..._FILE``); see runtime/secrets.py."""
+        from anomalygpt_edge.runtime.secrets import resolve_secret
+
+        ref = {"password_file": str(self.password_file)} if self.password_file else {}
+        return resolve_secret(ref, "password", "mqtt")
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,12 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         "tls": lambda n, q: _tls(r, n, q),
         "max_payload_bytes": lambda n, q: r.number(n, q, 256, 256 * 1024 * 1024, integer=True),
     }
-    mqtt = MqttConfig(**r.fields(top.get("mqtt", _empty()), "mqtt", mqtt_spec, ()))
+    mqtt_node = top.get("mqtt", _empty())
+    for key_node, _ in mqtt_node.value if isinstance(mqtt_node, yaml.MappingNode) else ():
+        if key_node.value == "password":  # a password in clear would leak with every copy of the file
+            raise r.fail(key_node, "mqtt.password", "not accepted in clear; use password_file: PATH "
+                         "or the environment variable ANOMALYGPT_EDGE_MQTT_PASSWORD")  # fmt: skip
+    mqtt = MqttConfig(**r.fields(mqtt_node, "mqtt", mqtt_spec, ()))
 
     storage = StorageConfig(
         **r.fields(

@@ -250,6 +250,9 @@ class Daemon:
             cam.start()
         if self.spool is not None:
             self.health.add_source("spool", self.spool.stats)
+        if self.archive is not None:
+            archive = self.archive.archive
+            self.health.add_source("archive", lambda: archive.stats.to_json())
         self.health.start(self.status, self._publish_heartbeat)
         self.health.ready()
         return self
@@ -535,7 +538,8 @@ class Daemon:
 
             self.explanations.submit(ExplainRequest(verdict, key=job.camera, verdict_id=vid))
         if self.archive is not None:
-            self.archive.submit(msg, image if verdict.verdict != "OK" else None, heat)
+            # The archive decides which images it keeps (NG/ERROR always, OK at its sample rate).
+            self.archive.submit(msg, image, heat)
 
     def _on_explanation(self, request: Any, explanation: Any) -> None:
         if self.link is None:

@@ -76,6 +76,10 @@ def test_defaults_fill_the_optional_sections() -> None:
             "folder_watch needs a camera of type image_folder",
         ),
         (("recipes:", "recipez:"), "line.yaml:7: recipez: unknown key"),
+        (
+            ("  port: 1883", "  password: hunter2"),
+            "line.yaml:11: mqtt.password: not accepted in clear; use password_file",
+        ),
         (("  port: 1883", "  port: [1883"), "line.yaml:12: not valid YAML"),
     ],
 )
@@ -102,3 +106,17 @@ def test_run_check_validates_and_reports_errors_without_a_traceback(
     bad.write_text(VALID.replace("  port: 1883", "  port: 0"))
     assert cli_main(["run", "--config", str(bad), "--check"]) == 2
     assert "bad.yaml:11: mqtt.port: must be an integer between 1 and 65535, got 0" in capsys.readouterr().err
+
+
+def test_the_mqtt_password_comes_from_its_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    cfg = parse_config(VALID.replace("  port: 1883", f"  password_file: {secret}"), "line.yaml", tmp_path)
+    assert cfg.mqtt.password == "s3cret"
+    monkeypatch.setenv("ANOMALYGPT_EDGE_MQTT_PASSWORD", "from-env")
+    assert parse_config(VALID, "line.yaml").mqtt.password == "from-env"
+    with pytest.raises(ConfigError, match="line.yaml:11: mqtt.password_file: .*does not exist"):
+        parse_config(VALID.replace("  port: 1883", "  password_file: /nonexistent/pw"), "line.yaml")

@@ -179,3 +179,36 @@ def test_a_trigger_on_a_camera_that_is_gone_gets_an_error_verdict(tmp_path: Path
     assert verdict["verdict"] == "ERROR" and verdict["part_id"] == "P9"
     assert "not delivering frames" in verdict["reason"] and "not found" in verdict["reason"]
     assert status["cameras"]["cam1"]["status"] == "reconnecting"
+
+
+def test_cameras_sharing_a_bundle_share_its_engines_and_both_get_verdicts(
+    tmp_path: Path, broker: Any, line: dict
+) -> None:
+    import cv2
+
+    from anomalygpt_edge.runtime import synthetic
+
+    folder = tmp_path / "cam2"
+    folder.mkdir()
+    for i, image in enumerate(synthetic.read_video_frames(line["video"])[:10]):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), image)
+    cameras = {
+        "cam1": {"type": "video_file", "source": str(line["video"]), "fps": 10},
+        "cam2": {"type": "image_folder", "source": str(folder), "fps": 5},
+    }
+    recipes = [
+        {"camera": "cam1", "recipe": "bracket", "fps": 5, "deadline_ms": 2000},
+        {"camera": "cam2", "recipe": "bracket", "fps": 5, "deadline_ms": 2000},
+    ]
+    cfg = write_config(tmp_path / "two.yaml", broker, cameras, recipes, line["store"], line["bundle"], device="two")
+    sub = Subscriber(broker, ["anomalygpt/two/+/verdict"])
+    daemon = Daemon(load_config(cfg)).start()
+    try:
+        sub.wait_for(topic_is("/cam1/verdict"), count=3)
+        sub.wait_for(topic_is("/cam2/verdict"), count=3)
+        workers = [t.name for t in daemon._threads if t.name.startswith("inspect-")]
+    finally:
+        daemon.stop()
+        sub.close()
+    assert len(daemon.pipelines) == 1 and workers == ["inspect-0"]
+    assert daemon.inspectors["cam1"].pipeline is daemon.inspectors["cam2"].pipeline
