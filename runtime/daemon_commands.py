@@ -14,6 +14,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from anomalygpt_edge.runtime.messages import reply
@@ -63,7 +64,8 @@ class CommandCenter:
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
         self.sessions: dict[str, EnrollSession] = {}
-        self.ask_targets: dict[int, Command] = {}
+        self.ask_targets: dict[int, Command] = {}  # explanation request id -> the ask awaiting it
+        self._ask_started: dict[int, float] = {}
         self.errors = 0
         self._queue: queue.Queue[tuple[Command, dict[str, Any]] | None] = queue.Queue(maxsize=16)
         self._ask_ids = itertools.count()
@@ -143,7 +145,11 @@ class CommandCenter:
     # -- slow commands (the ``commands`` thread) -------------------------------------------------
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                self._expire_asks()
+                continue
             if item is None:
                 return
             cmd, data = item
@@ -271,5 +277,19 @@ class CommandCenter:
         vid, verdict = last
         req = ExplainRequest(verdict, question[:500], key=f"ask{next(self._ask_ids)}:{camera}", verdict_id=vid)
         self.ask_targets[id(req)] = cmd
+        self._ask_started[id(req)] = time.monotonic()
         d.explanations.submit(req)
         return None  # answered by the explanation worker when the text is ready
+
+    def _expire_asks(self) -> None:
+        """An ask whose request the explanation worker dropped (busy, stale) still gets a reply."""
+        worker = self.daemon.explanations
+        limit = (worker.max_age_s if worker is not None else 10.0) + 60.0
+        now = time.monotonic()
+        for key, started in list(self._ask_started.items()):
+            cmd = self.ask_targets.get(key)
+            if cmd is None:
+                self._ask_started.pop(key, None)
+            elif now - started > limit and self.ask_targets.pop(key, None) is not None:
+                self._ask_started.pop(key, None)
+                self.fail(cmd, {}, "no answer: the LLM was busy and the question was dropped; ask again")
