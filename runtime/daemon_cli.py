@@ -17,6 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--workdir", type=Path, default=Path("out/demo"), help="where the demo writes (default out/demo)")
     d.add_argument("--config", type=Path, help="take the MQTT broker from this config (default: start a local one)")
     d.add_argument("--parts", type=int, default=24, help="parts on the synthetic line (default 24)")
+    d.add_argument("--bundle", type=Path, help="engine bundle (default: the default bundle, exported if missing)")
     d.add_argument(
         "--embedded-broker", action="store_true", help="use the embedded Python broker even if mosquitto is installed"
     )

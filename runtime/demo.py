@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     for old in ("store", "state"):
         shutil.rmtree(work / old, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    bundle = ensure_bundle(DEFAULT_BUNDLE.resolve())
+    bundle = ensure_bundle((getattr(args, "bundle", None) or DEFAULT_BUNDLE).resolve())
 
     say(f"[demo] rendering the synthetic line: {args.parts} brackets, {FRAMES_PER_PART} frames each at {FPS:g} fps")
     parts = synthetic.write_line_video(work / "line.avi", n_parts=args.parts, frames_per_part=FRAMES_PER_PART, fps=FPS)
@@ -314,4 +314,6 @@ def summarize(
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run(argparse.Namespace(workdir=Path("out/demo"), config=None, parts=24, embedded_broker=False)))
+    sys.exit(
+        run(argparse.Namespace(workdir=Path("out/demo"), config=None, parts=24, embedded_broker=False, bundle=None))
+    )
