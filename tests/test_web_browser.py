@@ -349,7 +349,9 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
         and "onnxruntime" in system_text
         and "spool depth" in system_text
     )
+    b.cmd("POST", "/window/rect", {"width": 1400, "height": 1500})  # the whole system page in one shot
     _shot(b, tmp_path, "6-system.png")
+    b.cmd("POST", "/window/rect", {"width": 1400, "height": 1000})
     # No page shows a rendering slip to the technician.
     for page in ("#live", "#enroll", "#history", "#ask", "#system"):
         b.click(f'nav a[href="{page}"]')

@@ -164,6 +164,8 @@ class DaemonStation(StationBase):
                     "trigger": s.get("trigger"),
                     "inspection_error": s.get("problem"),
                     **self.log.rates(name),
+                    # The daemon's own rolling figures (what its heartbeat publishes) win over ours.
+                    **_daemon_rates(s),
                 }
             )
         return out
@@ -238,6 +240,18 @@ class DaemonStation(StationBase):
             "llm": {**self._llm_status(), "loaded": d.explainer is not None},
             "station_dropped": self.dropped,
         }
+
+
+def _daemon_rates(status: dict[str, Any]) -> dict[str, Any]:
+    """Per-camera fps and latency percentiles from the daemon's health figures, when it has them."""
+    out: dict[str, Any] = {}
+    if status.get("inspected_fps") is not None:
+        out["inspect_fps"] = status["inspected_fps"]
+    lat = status.get("latency_ms")
+    if isinstance(lat, dict):
+        out["latency_ms_p50"] = lat.get("p50")
+        out["latency_ms_p99"] = lat.get("p99")
+    return out
 
 
 def attach(daemon: Daemon, config: Any) -> tuple[Any, DaemonStation]:

@@ -441,14 +441,14 @@ function kv(obj) {
 async function showSystem() {
   const tick = async () => {
     const s = await api("GET", "/api/system");
-    const cams = el("table", { id: "sys-cams" }, el("thead", {}, el("tr", {}, ["Camera", "Status", "Recipe", "Inspections/s", "Latency p50 ms", "max ms", "Error"].map((h) => el("th", {}, h)))),
-      el("tbody", {}, s.cameras.map((c) => el("tr", {}, [c.name, c.status, c.recipe || "–", c.inspect_fps ?? "–", c.latency_ms_p50 ?? "–", c.latency_ms_max ?? "–", c.inspection_error || ""].map((v) => el("td", {}, v))))));
+    const cams = el("table", { id: "sys-cams" }, el("thead", {}, el("tr", {}, ["Camera", "Status", "Recipe", "Inspections/s", "Latency p50 ms", "p99 (or max) ms", "Error"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, s.cameras.map((c) => el("tr", {}, [c.name, c.status, c.recipe || "–", c.inspect_fps ?? "–", c.latency_ms_p50 ?? "–", c.latency_ms_p99 ?? c.latency_ms_max ?? "–", c.inspection_error || ""].map((v) => el("td", {}, v))))));
     $("#sys-body").replaceChildren(
       el("div", { class: "card" }, el("h3", {}, "Versions and engines"), kv({ "AnomalyGPT Edge": s.version, python: s.python, platform: s.platform,
         onnxruntime: s.onnxruntime, opencv: s.opencv, backend: s.backend, "bundle": s.bundle.path, "bundle sha256": s.bundle.sha256,
         "bundle source": s.bundle.source, "exported": s.bundle.created_at, engines: s.engines, LLM: s.llm, uptime_s: s.uptime_s })),
       el("div", { class: "card" }, el("h3", {}, "Cameras"), cams),
-      el("div", { class: "card" }, el("h3", {}, "Delivery"), kv({ "spool depth": s.spool_depth, broker: s.broker })));
+      el("div", { class: "card" }, el("h3", {}, "Delivery"), kv({ "spool depth": s.spool_depth, broker: s.broker, ...(s.archive ? { archive: s.archive } : {}) })));
   };
   await tick().catch((e) => toast(e.message));
   S.timers.push(setInterval(() => tick().catch(() => {}), 2000));
