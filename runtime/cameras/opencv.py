@@ -38,7 +38,7 @@ class OpenCVSource(CameraSource):
 
     def open(self) -> None:
         target, api = self._target()
-        if api == cv2.CAP_GSTREAMER and "GStreamer:                   YES" not in cv2.getBuildInformation():
+        if api == cv2.CAP_GSTREAMER and not re.search(r"GStreamer:\s*YES", cv2.getBuildInformation()):
             raise CameraError(f"camera {self.config.name}: this OpenCV build has no GStreamer support")
         cap = cv2.VideoCapture(target, api)
         if not cap.isOpened():
