@@ -13,6 +13,7 @@ call the daemon's own code first and never let a station error reach the daemon.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -27,6 +28,8 @@ from anomalygpt_edge.runtime.verdict import Verdict
 from anomalygpt_edge.runtime.web.station import (
     KEEP_OK_IMAGE_EVERY,
     Frame,
+    HistoryQuery,
+    NotFoundError,
     StationBase,
     StationError,
     bundle_status,
@@ -39,6 +42,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 #: Verdicts waiting for JPEG encoding; beyond this the page skips some (the PLC path never waits).
 LOG_QUEUE = 32
+#: History beyond memory: archive windows scanned backwards (first window, how far, how many at most).
+ARCHIVE_WINDOW_S = 120.0
+ARCHIVE_LOOKBACK_S = 7 * 86400.0
+ARCHIVE_MAX_WINDOWS = 64
+#: Archive records the page has listed, kept so their detail and images can be opened.
+ARCHIVE_CACHE = 5000
 
 
 class DaemonStation(StationBase):
@@ -49,6 +58,8 @@ class DaemonStation(StationBase):
         self.daemon = daemon
         self.dropped = 0
         self._queue: queue.Queue[tuple | None] = queue.Queue(LOG_QUEUE)
+        self._archived: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._archived_lock = threading.Lock()
         self._thread = threading.Thread(target=self._log_loop, name="station-log", daemon=True)
         self._thread.start()
         self._install_hooks()
@@ -207,6 +218,74 @@ class DaemonStation(StationBase):
         if d.link is not None and d.link.connected.is_set():
             d.link.publish_status()
         return {"camera": camera, "recipe": recipe, "previous": previous}
+
+    # -- history: recent verdicts in memory, older ones from the daemon's archive ----------------------
+    def _archive(self) -> Any:
+        writer = self.daemon.archive
+        return writer.archive if writer is not None else None
+
+    def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
+        """Newest first: the in-memory log, then the archive (which survives restarts) further back."""
+        rows = self.log.query(query)
+        archive = self._archive()
+        if archive is None or len(rows) >= query.limit:
+            return rows
+        seen = {r["id"] for r in rows}
+        # The archive answers oldest-first within a time window: walk windows backwards from the
+        # oldest row we have (or `until`), doubling an empty window, until enough rows are found.
+        end = min([r["ts"] for r in rows] + ([query.until] if query.until is not None else [time.time() + 1]))
+        floor = query.since if query.since is not None else end - ARCHIVE_LOOKBACK_S
+        span, scanned = ARCHIVE_WINDOW_S, 0
+        verdicts = ("NG", "ERROR") if query.ng_only else (None,)
+        while len(rows) < query.limit and end > floor and scanned < ARCHIVE_MAX_WINDOWS:
+            start = max(floor, end - span)
+            found: list[dict[str, Any]] = []
+            for v in verdicts:
+                found += archive.query(start, end, camera=query.camera, recipe=query.recipe, verdict=v)
+            found = [self._from_archive(r) for r in found if r.get("id") not in seen]
+            found.sort(key=lambda r: r["ts"], reverse=True)
+            rows += found[: query.limit - len(rows)]
+            seen.update(r["id"] for r in found)
+            span = ARCHIVE_WINDOW_S if found else span * 2
+            end, scanned = start, scanned + 1
+        return rows
+
+    def _from_archive(self, row: dict[str, Any]) -> dict[str, Any]:
+        record = {**row, "ts": row.get("captured_at_epoch") or 0.0, "explanation": None}
+        record["has_image"] = bool(row.get("image"))
+        with self._archived_lock:
+            self._archived[record["id"]] = record
+            while len(self._archived) > ARCHIVE_CACHE:
+                self._archived.popitem(last=False)
+        return record
+
+    def history_item(self, verdict_id: str) -> dict[str, Any]:
+        try:
+            return self.log.item(verdict_id)
+        except NotFoundError:
+            with self._archived_lock:
+                record = self._archived.get(verdict_id)
+            if record is None:
+                raise
+            return record
+
+    def history_image(self, verdict_id: str, kind: str) -> bytes:
+        try:
+            return self.log.image(verdict_id, kind)
+        except NotFoundError:
+            with self._archived_lock:
+                record = self._archived.get(verdict_id)
+            archive = self._archive()
+            rel = record.get(kind) if record is not None else None
+            if not rel or archive is None:
+                raise
+            path = (archive.images_dir / rel).resolve()
+            if archive.images_dir.resolve() not in path.parents:  # the archive's own paths only
+                raise NotFoundError(f"no {kind} for verdict '{verdict_id}'") from None
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                raise NotFoundError(f"the {kind} of verdict '{verdict_id}' was evicted from the archive") from None
 
     # -- system ----------------------------------------------------------------------------------
     def system(self) -> dict[str, Any]:

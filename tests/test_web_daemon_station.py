@@ -1,0 +1,100 @@
+"""DaemonStation's history: verdicts the daemon publishes are recorded from its after-verdict step,
+and history reaches back into the daemon's archive (which survives restarts), newest first."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from anomalygpt_edge.runtime.archive import Archive
+from anomalygpt_edge.runtime.recipes import RecipeStore
+from anomalygpt_edge.runtime.verdict import Region, Verdict
+from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
+from anomalygpt_edge.runtime.web.station import HistoryQuery, NotFoundError
+
+
+def _fake_daemon(tmp_path, archive: Archive | None) -> SimpleNamespace:
+    published: list[str] = []
+    return SimpleNamespace(
+        store=RecipeStore(tmp_path / "store"),
+        config=SimpleNamespace(llm=SimpleNamespace(enabled=False), cameras={"cam1": None, "cam2": None}),
+        _after_verdict=lambda job, vid, verdict, msg, image: published.append(vid),
+        explanations=None,
+        archive=SimpleNamespace(archive=archive) if archive is not None else None,
+        published=published,
+    )
+
+
+def _archive_rows(archive: Archive, now: float) -> list[str]:
+    """Two hours of verdicts on two cameras, one every 30 s, every fourth NG (with images)."""
+    ids = []
+    image = np.full((32, 32, 3), 90, np.uint8)
+    for i in range(240):
+        ts = now - 7200 + 30 * i
+        verdict = "NG" if i % 4 == 0 else "OK"
+        vid = f"{i:08x}-0000-7000-8000-000000000000"
+        msg = {
+            "id": vid,
+            "camera": "cam1" if i % 2 == 0 else "cam2",
+            "recipe": "plate",
+            "verdict": verdict,
+            "score": 0.3 if verdict == "NG" else 0.01,
+            "threshold": 0.1,
+            "regions": [],
+            "sentence": "s",
+            "frame_seq": i,
+            "captured_at_epoch": ts,
+            "captured_at": dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(),
+        }
+        archive.record(msg, image if verdict == "NG" else None, image if verdict == "NG" else None)
+        ids.append(vid)
+    return ids
+
+
+def test_history_reaches_back_into_the_archive_newest_first(tmp_path):
+    archive = Archive(tmp_path / "archive")
+    now = time.time()
+    ids = _archive_rows(archive, now)
+    st = DaemonStation(_fake_daemon(tmp_path, archive))
+    try:
+        rows = st.history(HistoryQuery(ng_only=True, camera="cam1", limit=5))
+        expected = [vid for i, vid in reversed(list(enumerate(ids))) if i % 4 == 0][:5]
+        assert [r["id"] for r in rows] == expected, "the newest NG verdicts of cam1, newest first"
+        assert all(r["verdict"] == "NG" and r["camera"] == "cam1" and r["has_image"] for r in rows)
+        assert st.history_image(rows[0]["id"], "heatmap")[:2] == b"\xff\xd8"
+        assert st.history_item(rows[0]["id"])["frame_seq"] == 236
+        window = st.history(HistoryQuery(since=now - 7200, until=now - 7200 + 95, limit=50))
+        assert [r["frame_seq"] for r in window] == [3, 2, 1, 0]
+        assert len(st.history(HistoryQuery(limit=1000))) == 240
+        try:
+            st.history_image(ids[1], "image")  # an OK verdict whose image was not kept
+        except NotFoundError:
+            pass
+        else:
+            raise AssertionError("an OK row without an image must be a 404")
+    finally:
+        st.stop()
+
+
+def test_published_verdicts_are_recorded_after_the_daemons_own_step(tmp_path):
+    daemon = _fake_daemon(tmp_path, None)
+    st = DaemonStation(daemon)
+    try:
+        v = Verdict("NG", 0.4, 0.1, "plate", [Region((1, 1, 4, 4), 2.0, 0.4, "top left")], "Yes, ...")
+        v.anomaly_map = np.zeros((16, 16), np.float32)
+        job = SimpleNamespace(camera="cam1", captured_at=time.time())
+        msg = {"id": "v1", "frame_seq": 7, "captured_at_epoch": job.captured_at, "latency_ms": {"total": 5.0}}
+        daemon._after_verdict(job, "0123456789abcdef", v, msg, np.zeros((16, 16, 3), np.uint8))
+        assert daemon.published == ["0123456789abcdef"], "the daemon's own step runs first, unchanged"
+        deadline = time.monotonic() + 5
+        while st.last_verdict("cam1") is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        last = st.last_verdict("cam1")
+        assert last["id"] == "0123456789abcdef" and last["frame_seq"] == 7 and last["verdict"] == "NG"
+        assert st.last_overlay("cam1", last["id"])[:2] == b"\xff\xd8"
+        assert st.history_image(last["id"], "image")[:2] == b"\xff\xd8"
+    finally:
+        st.stop()
