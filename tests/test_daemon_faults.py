@@ -1,0 +1,262 @@
+"""Fault injection on the whole daemon with a real mosquitto (loopback, free port, bounded loops):
+
+* the broker is SIGKILLed and restarted while frames flow at 10 fps: every verdict id reaches a
+  subscriber that is not our code (``mosquitto_sub``), duplicates flagged ``redelivered``;
+* the daemon process is SIGKILLed mid-stream (with the broker down, so verdicts are waiting in
+  the spool) and restarted: every verdict it had spooled is delivered;
+* a small archive quota fills: the daemon keeps inspecting and reports it on the status topic;
+* a camera disappears: the heartbeat says so and the daemon carries on.
+
+Figures are printed (run with ``-s``): sent, received, redelivered, lost.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
+    Subscriber,
+    line_fixture,
+)
+
+from anomalygpt_edge.runtime.archive import Archive
+from anomalygpt_edge.runtime.config import load_config
+from anomalygpt_edge.runtime.daemon import Daemon
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("mosquitto") is None or shutil.which("mosquitto_sub") is None,
+    reason="needs mosquitto and mosquitto_sub (apt packages mosquitto, mosquitto-clients)",
+)
+
+
+def _load_faults() -> Any:
+    if "faults" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("faults", Path(__file__).with_name("faults.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["faults"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["faults"]
+
+
+faults = _load_faults()
+
+
+def _config(
+    path: Path,
+    port: int,
+    line: dict,
+    device: str,
+    camera: dict | None = None,
+    storage: dict | None = None,
+    trigger: str = "free_run",
+) -> Path:
+    cfg = {
+        "device": {"id": device},
+        "cameras": {"cam1": camera or {"type": "video_file", "source": str(line["video"]), "fps": 10, "loop": True}},
+        "recipes": [{"camera": "cam1", "recipe": "bracket", "trigger": trigger, "fps": 10, "deadline_ms": 2000}],
+        "engines": {"bundle": str(line["bundle"]), "backend": "onnxruntime"},
+        "mqtt": {"host": "127.0.0.1", "port": port, "keepalive": 5},
+        "storage": {"store": str(line["store"]), "data": str(path.parent / f"{device}-state"), **(storage or {})},
+        "health": {"heartbeat_s": 1},
+    }
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def _wait(pred: Any, timeout: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+def _verdicts(sub: Any) -> list[dict]:
+    return [m for t, m in sub.messages() if t.endswith("/verdict")]
+
+
+def test_broker_killed_and_restarted_while_frames_flow_loses_no_verdict(tmp_path: Path, line: dict) -> None:
+    broker = faults.Broker(tmp_path / "broker").start()
+    sub = faults.ExternalSubscriber(broker.port, "anomalygpt/bk/+/verdict", tmp_path / "sub.txt")
+    time.sleep(1.5)  # subscribed, and the persistent session autosaved by the broker
+    cfg = load_config(_config(tmp_path / "bk.yaml", broker.port, line, "bk"))
+    daemon = Daemon(cfg).start()
+    try:
+        assert _wait(lambda: len(_verdicts(sub)) >= 20, 20), "verdicts did not start flowing"
+        broker.kill()
+        time.sleep(2.0)  # about 20 verdicts are inspected with no broker
+        broker.start()
+        time.sleep(3.0)
+        for cam in daemon.cameras.values():
+            cam.stop()  # no new frames: what was inspected must now all arrive
+        assert _wait(lambda: daemon.spool.depth() == 0, 30), f"spool not drained: {daemon.spool.stats()}"
+    finally:
+        daemon.stop()
+    archived = Archive(cfg.storage.data / "archive").query()
+    sent = [r["id"] for r in archived]
+    assert sub.wait_for(set(sent), 15)
+    sub.stop()
+    broker.stop()
+    t = faults.tally(sent, _verdicts(sub))
+    print("\n" + t.line("daemon, broker SIGKILL + restart at 10 fps (mosquitto_sub)"))
+    assert len(sent) >= 50
+    assert t.lost == 0, t.lost_ids
+
+
+def _spooled_ids(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT verdict_id, attempts FROM spool").fetchall())
+
+
+def _daemon_process(config: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "anomalygpt_edge", "run", "--config", str(config)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def test_daemon_sigkilled_mid_stream_and_restarted_delivers_everything_it_had_spooled(
+    tmp_path: Path, line: dict
+) -> None:
+    broker = faults.Broker(tmp_path / "broker").start()
+    sub = faults.ExternalSubscriber(broker.port, "anomalygpt/dk/+/verdict", tmp_path / "sub.txt")
+    time.sleep(1.5)
+    config = _config(tmp_path / "dk.yaml", broker.port, line, "dk")
+    spool_db = tmp_path / "dk-state" / "spool.db"
+    log = tmp_path / "daemon.log"
+    proc = _daemon_process(config, log)
+    try:
+        assert _wait(lambda: len(_verdicts(sub)) >= 15, 40), log.read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)  # 1: broker up, mid-stream
+        proc.wait(10)
+        first_kill = _spooled_ids(spool_db)
+        proc = _daemon_process(config, log)
+        assert _wait(lambda: len(_verdicts(sub)) >= 30, 40), log.read_text()[-3000:]
+        broker.kill()  # 2: broker down, verdicts pile up in the spool ...
+        time.sleep(2.5)
+        os.kill(proc.pid, signal.SIGKILL)  # ... and the daemon dies with them there
+        proc.wait(10)
+        second_kill = _spooled_ids(spool_db)
+        broker.start()
+        proc = _daemon_process(config, log)
+        spooled = set(first_kill) | set(second_kill)
+        assert sub.wait_for(spooled, 40), f"not delivered after restart: {spooled - {m['id'] for m in _verdicts(sub)}}"
+        assert _wait(lambda: not _spooled_ids(spool_db), 20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    sub.stop()
+    broker.stop()
+    received = _verdicts(sub)
+    t = faults.tally(sorted(spooled), [m for m in received if m["id"] in spooled])
+    print(
+        f"\ndaemon SIGKILL x2: spooled at kill 1 = {len(first_kill)}, at kill 2 (broker down) = {len(second_kill)}; "
+        + t.line("spooled verdicts after restart")
+    )
+    everything = faults.tally(list(dict.fromkeys(m["id"] for m in received)), received)
+    print(everything.line("all verdicts seen by mosquitto_sub"))
+    assert len(second_kill) >= 10, "the broker outage should have left verdicts in the spool"
+    assert t.lost == 0
+    by_id: dict[str, list[dict]] = {}
+    for m in received:
+        by_id.setdefault(m["id"], []).append(m)
+    for vid, attempts in second_kill.items():
+        if attempts > 0:  # handed to the client before the crash: any copy after the first is flagged
+            assert sum(not m.get("redelivered") for m in by_id[vid]) <= 1
+
+
+def _status(sub: Subscriber, device: str) -> list[dict]:
+    """The heartbeats received so far (the final retained ``offline`` left out)."""
+    docs = [m.json() for m in sub.messages if m.topic == f"anomalygpt/{device}/status"]
+    return [d for d in docs if d.get("state") == "online"]
+
+
+def test_a_small_archive_quota_fills_and_the_daemon_keeps_inspecting_and_reports_it(tmp_path: Path, line: dict) -> None:
+    broker = faults.Broker(tmp_path / "broker").start()
+    storage = {"archive_quota_mb": 1, "archive_ok_sample_rate": 1.0}
+    cfg = load_config(_config(tmp_path / "q.yaml", broker.port, line, "dq", storage=storage))
+    sub = Subscriber(broker_like(broker), ["anomalygpt/dq/#"])
+    daemon = Daemon(cfg).start()
+    try:
+
+        def evicting() -> bool:
+            s = _status(sub, "dq")
+            return bool(s) and (s[-1].get("archive") or {}).get("images_evicted", 0) > 0
+
+        assert _wait(evicting, 40), _status(sub, "dq")[-1:] or "no heartbeat"
+        before = len([m for m in sub.messages if m.topic.endswith("/verdict")])
+        time.sleep(2.0)
+        after = len([m for m in sub.messages if m.topic.endswith("/verdict")])
+    finally:
+        daemon.stop()
+        sub.close()
+        broker.stop()
+    archive = _status(sub, "dq")[-1]["archive"]
+    used = sum(f.stat().st_size for f in (cfg.storage.data / "archive" / "images").rglob("*.jpg"))
+    print(f"\nquota 1 MiB: verdicts +{after - before} in 2 s after the quota filled; archive {archive}")
+    assert after - before >= 10, "inspection slowed down or stopped when the archive filled"
+    assert used <= 1024**2
+    assert archive["images_evicted"] > 0
+
+
+def broker_like(broker: Any) -> Any:
+    """The daemon fixtures' Subscriber wants an object with host and port."""
+    return type("B", (), {"host": "127.0.0.1", "port": broker.port})()
+
+
+def test_a_camera_that_disappears_is_reported_and_inspection_resumes(tmp_path: Path, line: dict) -> None:
+    import cv2
+
+    from anomalygpt_edge.runtime import synthetic
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, image in enumerate(synthetic.read_video_frames(line["video"])[:20]):
+        cv2.imwrite(str(folder / f"{i:04d}.png"), image)
+    broker = faults.Broker(tmp_path / "broker").start()
+    camera = {"type": "image_folder", "source": str(folder), "fps": 10, "loop": True, "reconnect_max_s": 0.5}
+    cfg = load_config(_config(tmp_path / "c.yaml", broker.port, line, "dc", camera=camera))
+    sub = Subscriber(broker_like(broker), ["anomalygpt/dc/#"])
+    daemon = Daemon(cfg).start()
+    try:
+        assert _wait(lambda: sum(m.topic.endswith("/verdict") for m in sub.messages) >= 5, 20)
+        folder.rename(tmp_path / "unplugged")
+
+        def reported_lost() -> bool:
+            s = _status(sub, "dc")
+            return bool(s) and s[-1]["cameras"]["cam1"].get("status") == "reconnecting"
+
+        assert _wait(reported_lost, 15), _status(sub, "dc")[-1:]
+        lost_status = _status(sub, "dc")[-1]
+        n_lost = sum(m.topic.endswith("/verdict") for m in sub.messages)
+        (tmp_path / "unplugged").rename(folder)
+        assert _wait(lambda: sum(m.topic.endswith("/verdict") for m in sub.messages) >= n_lost + 5, 20)
+        assert all(t.is_alive() for t in daemon._threads)
+    finally:
+        daemon.stop()
+        sub.close()
+        broker.stop()
+    print(
+        f"\ncamera lost: heartbeat said {lost_status['cameras']['cam1'].get('status')!r}, last error "
+        f"{(lost_status.get('last_error') or {}).get('message')!r}; inspection resumed"
+    )
+    assert lost_status["last_error"] and "cam1" in lost_status["last_error"]["message"]
