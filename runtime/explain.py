@@ -96,7 +96,10 @@ def explanation_messages(verdict: Verdict, question: str = DEFAULT_QUESTION) -> 
 
 _ALL_WORDS = sorted({w for row in LOCATION_WORDS for w in row}, key=len, reverse=True)
 _LOCATION_RE = re.compile(r"\b(" + "|".join(re.escape(w) for w in _ALL_WORDS) + r")\b", re.IGNORECASE)
-_ANOMALY = r"(anomal\w*|defect\w*|flaw\w*|damage\w*|crack\w*|scratch\w*|fault\w*|irregular\w*)"
+_ANOMALY = (
+    r"(anomal\w*|abnormal\w*|defect\w*|flaw\w*|damage\w*|crack\w*|scratch\w*|fault\w*|irregular\w*"
+    r"|discrepan\w*|blemish\w*|blowhole\w*|hole|holes|dent\w*|stain\w*|broken|missing|problem\w*|issue\w*)"
+)
 _NEGATED = re.compile(
     # "not only defective but also ..." affirms: "not" followed by only/just/merely is no negation.
     r"(?:\b(?:no|not(?!\s+(?:only|just|merely)\b)|never|none|without|zero|free of|absence of|lack of)\b"
@@ -117,19 +120,23 @@ def mentioned_locations(text: str) -> set[str]:
 def contradiction(text: str, verdict: Verdict, require_location: bool = True) -> str | None:
     """Why ``text`` contradicts ``verdict`` (a short reason key), or ``None`` when it is consistent.
 
-    NG: the text must not deny the anomaly, must name the largest region's location, and must
-    not name a location where no region is. OK: the text must not claim an anomaly or point at a
-    location. Deliberately strict: a false alarm here costs only a plainer sentence.
+    NG: the text must state an anomaly and not deny it, must name the largest region's location,
+    and must not name a location where no region is. OK: the text must not claim an anomaly (a
+    hedge such as "normal, but there is a discrepancy" counts as a claim) or point at a location.
+    Deliberately strict: a false alarm here costs only a plainer sentence.
     ``require_location=False`` (follow-up answers, which need not repeat the location) drops the
     "must name the location" rule only.
     """
     if not text.strip():
         return "empty"
     denies = bool(_NEGATED.search(text) or _GOOD.search(text) or _DENIAL.search(text))
+    claims = bool(_CLAIM.search(_NEGATED.sub("", text)))
     places = mentioned_locations(text)
     if verdict.verdict == "NG":
         if denies:
             return "denies_anomaly"
+        if not claims:
+            return "no_anomaly_stated"
         if require_location and verdict.location and verdict.location not in places:
             return "missing_location"
         allowed = {r.location for r in verdict.regions}
@@ -137,7 +144,6 @@ def contradiction(text: str, verdict: Verdict, require_location: bool = True) ->
             return "wrong_location"
         return None
     if verdict.verdict == "OK":
-        claims = bool(_CLAIM.search(_NEGATED.sub("", text))) and not denies
         if claims:
             return "claims_anomaly"
         if places:

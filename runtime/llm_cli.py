@@ -45,7 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("image", type=Path, help="image file (any format OpenCV reads)")
     a.add_argument("question", nargs="?", default="Is there any anomaly in the image?")
     a.add_argument("--recipe", required=True, help="recipe name (see `anomalygpt-edge enroll`)")
-    a.add_argument("--store", type=Path, default=Path("recipes"), help="recipe store folder (default: ./recipes)")
+    a.add_argument(
+        "--store", type=Path, default=_default_store(), help=f"recipe store folder (default {_default_store()})"
+    )
     a.add_argument("--bundle", type=Path, help="engine bundle (default: the one the recipe was enrolled with)")
     a.add_argument("--model", type=Path, help="GGUF model (default: the embedded SmolLM2-135M-Instruct)")
     mode = a.add_mutually_exclusive_group()
@@ -73,13 +75,10 @@ def add_bench_target(targets: argparse._SubParsersAction) -> None:
 
 
 def _default_store() -> Path:
-    # The recipe store's default belongs to the runtime CLI; follow it when it defines one.
-    try:
-        from anomalygpt_edge.runtime.cli import DEFAULT_STORE
+    """The recipe store's default belongs to the runtime CLI (one place for it)."""
+    from anomalygpt_edge.runtime.cli import DEFAULT_STORE
 
-        return Path(DEFAULT_STORE)
-    except ImportError:
-        return Path("data/recipes")
+    return Path(DEFAULT_STORE)
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:

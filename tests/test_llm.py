@@ -229,6 +229,8 @@ def test_findings_prompt_carries_verdict_score_threshold_locations_and_area() ->
         ("The tile is free of defects.", ok_verdict(), None),
         ("Yes, there is a crack in the tile.", ok_verdict(), "claims_anomaly"),
         ("The part is at the top of the belt.", ok_verdict(), "names_location"),
+        ("The image is at the bottom left of the image.", ng_verdict("bottom left"), "no_anomaly_stated"),
+        ("It appears normal, but there's a discrepancy in the image.", ok_verdict(), "claims_anomaly"),
         ("", ok_verdict(), "empty"),
     ],
 )
