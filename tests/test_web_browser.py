@@ -170,7 +170,7 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     )
 
     # Capture golden parts one by one from the camera.
-    captures = 8
+    captures = 12
     for i in range(captures):
         b.click("#enroll-capture")
         b.wait(
@@ -235,9 +235,10 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     api.login("tina", "tina-password")
 
     def enough() -> list[dict] | None:
+        # Judge on a fair sample: at least 20 good and 10 defective parts seen by cam2.
         rows = api.get("/api/history?camera=cam2&limit=1000").json()
-        ng = sum(r["verdict"] == "NG" for r in rows)
-        return rows if ng >= 4 and len(rows) - ng >= 4 else None
+        bad = sum(is_defective((r["frame_seq"] - 1) % VIDEO_FRAMES, mixed=True) for r in rows)
+        return rows if bad >= 10 and len(rows) - bad >= 20 else None
 
     rows = b.wait("verdicts from cam2", enough, timeout=40, every=0.5)
     truth = [is_defective((r["frame_seq"] - 1) % VIDEO_FRAMES, mixed=True) for r in rows]
@@ -246,12 +247,17 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     assert not escapes, f"defective parts passed: frames {escapes}"
     # The page shows what the PLC got: every verdict in the history was published over MQTT.
     b.wait("the PLC to have every verdict the page shows", lambda: {r["id"] for r in rows} <= plc.ids, timeout=10)
-    assert len(false_rejects) <= max(1, 0.2 * truth.count(False)), (
-        f"false rejects {false_rejects} of {truth.count(False)}"
-    )
+    # Few-shot threshold (the page says so): a good part may now and then read NG, but only just
+    # above the threshold, while every defect scores far above it.
+    assert len(false_rejects) <= 0.3 * truth.count(False), f"false rejects {false_rejects} of {truth.count(False)}"
+    for r, t in zip(rows, truth):
+        if t:
+            assert r["score"] > 1.6 * r["threshold"], ("defect too close to the threshold", r["frame_seq"], r["score"])
+        else:
+            assert r["score"] < 1.6 * r["threshold"], ("good part far above the threshold", r["frame_seq"], r["score"])
     cam1 = api.get("/api/history?camera=cam1&limit=1000").json()
     assert cam1, "cam1 inspects with the recipe it was enrolled on"
-    assert sum(r["verdict"] == "NG" for r in cam1) <= max(1, 0.2 * len(cam1))
+    assert sum(r["verdict"] == "NG" for r in cam1) <= 0.3 * len(cam1)
     b.wait(
         "the live view to show an NG verdict with its heatmap",
         lambda: (

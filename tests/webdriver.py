@@ -118,8 +118,16 @@ class Browser:
     def find(self, css: str) -> str:
         return self.cmd("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
 
-    def click(self, css: str) -> None:
-        self.cmd("POST", f"/element/{self.find(css)}/click", {})
+    def click(self, css: str, attempts: int = 5) -> None:
+        """Click the element ``css`` names; found again if the page re-rendered it in between."""
+        for i in range(attempts):
+            try:
+                self.cmd("POST", f"/element/{self.find(css)}/click", {})
+                return
+            except WebDriverError as exc:
+                if "stale element" not in str(exc) or i == attempts - 1:
+                    raise
+                time.sleep(0.1)
 
     def type(self, css: str, text: str) -> None:
         eid = self.find(css)
