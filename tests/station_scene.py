@@ -35,8 +35,8 @@ def part(seed: int, defect: str | None = None) -> np.ndarray:
     if defect == "scratch":
         x0, y0 = cx - 45 + int(rng.integers(0, 10)), cy - 30
         cv2.line(img, (x0, y0), (x0 + 50, y0 + 65), (20, 20, 20), 3, cv2.LINE_AA)
-    gain = rng.uniform(0.99, 1.01)
-    noisy = img.astype(np.float32) * gain + rng.normal(0, 2.0, img.shape)
+    gain = rng.uniform(0.995, 1.005)
+    noisy = img.astype(np.float32) * gain + rng.normal(0, 1.0, img.shape)
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
