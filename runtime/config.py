@@ -126,6 +126,22 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class CommandsConfig:
+    """Who may change enrollment and recipes over MQTT (runtime/command_auth.py)."""
+
+    privileged: tuple[str, ...] = ("enroll", "recipe")
+    allowed_client_ids: tuple[str, ...] | None = None  # claimed in a client_id user property or field
+    token_file: Path | None = None  # shared token; else $ANOMALYGPT_EDGE_COMMANDS_TOKEN (or ..._FILE)
+
+    @property
+    def token(self) -> str | None:
+        from anomalygpt_edge.runtime.secrets import resolve_secret
+
+        ref = {"token_file": str(self.token_file)} if self.token_file else {}
+        return resolve_secret(ref, "token", "commands")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     device_id: str
     cameras: dict[str, CameraConfig]
@@ -135,6 +151,7 @@ class DaemonConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
     source: str = "<config>"
 
     def binding(self, camera: str) -> RecipeBinding | None:
@@ -171,6 +188,11 @@ class _Reader:
             if key in out:
                 raise self.fail(key_node, sub, "duplicate key")
             if allowed and key not in allowed:
+                from anomalygpt_edge.runtime.secrets import SECRET_KEYS, env_var_name
+
+                if key in SECRET_KEYS:  # say how to give a secret rather than just "unknown key"
+                    hint = f"use {key}_file: PATH or the environment variable {env_var_name(sub)}"
+                    raise self.fail(key_node, sub, f"secrets are not accepted in clear in the YAML; {hint}")
                 raise self.fail(key_node, sub, f"unknown key; allowed here: {', '.join(sorted(allowed))}")
             out[key] = value_node
         return out
@@ -178,7 +200,10 @@ class _Reader:
     def scalar(self, node: yaml.Node, path: str) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             raise self.fail(node, path, "must be a single value, not a list or mapping")
-        return yaml.safe_load(yaml.serialize(node))
+        try:
+            return yaml.safe_load(yaml.serialize(node))
+        except (yaml.YAMLError, ValueError, TypeError) as exc:  # "!!int abc", an unknown "!tag" ...
+            raise self.fail(node, path, f"unreadable value: {getattr(exc, 'problem', None) or exc}") from None
 
     def string(self, node: yaml.Node, path: str, optional: bool = False) -> str | None:
         value = self.scalar(node, path)
@@ -269,7 +294,8 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
     if root is None:
         raise ConfigError(f"{origin}: the config file is empty")
     r = _Reader(origin, base or Path.cwd())
-    top = r.mapping(root, "", {"device", "cameras", "recipes", "engines", "mqtt", "storage", "llm", "health"})
+    sections = {"device", "cameras", "recipes", "engines", "mqtt", "storage", "llm", "health", "commands"}
+    top = r.mapping(root, "", sections)
     for key in ("device", "cameras", "recipes"):
         if key not in top:
             raise r.fail(root, "", f"missing required section '{key}'")
@@ -388,6 +414,18 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         "metrics_bind": lambda n, q: r.string(n, q, optional=True),
     }
     health = HealthConfig(**r.fields(top.get("health", _empty()), "health", health_spec, ()))
+    commands = CommandsConfig(
+        **r.fields(
+            top.get("commands", _empty()),
+            "commands",
+            {
+                "privileged": lambda n, q: _names(r, n, q, allowed=("trigger", "enroll", "recipe", "ask")),
+                "allowed_client_ids": lambda n, q: _names(r, n, q),
+                "token_file": lambda n, q: r.path(n, q, must_exist=True),
+            },
+            (),
+        )
+    )
     return DaemonConfig(
         device_id=device["id"],
         cameras=cameras,
@@ -397,8 +435,21 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         storage=storage,
         llm=llm,
         health=health,
+        commands=commands,
         source=origin,
     )
+
+
+def _names(r: _Reader, node: yaml.Node, path: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...] | None:
+    if isinstance(node, yaml.ScalarNode) and r.scalar(node, path) is None:
+        return None
+    if not isinstance(node, yaml.SequenceNode):
+        raise r.fail(node, path, "must be a list of strings")
+    names = tuple(r.string(n, f"{path}[{i}]") or "" for i, n in enumerate(node.value))
+    bad = [n for n in names if allowed is not None and n not in allowed]
+    if bad:
+        raise r.fail(node, path, f"unknown {bad}; allowed: {', '.join(allowed or ())}")
+    return names
 
 
 def _tls(r: _Reader, node: yaml.Node, path: str) -> TlsConfig | None:

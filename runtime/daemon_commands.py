@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from anomalygpt_edge.runtime.command_auth import CommandGate, CommandPolicy, Rejection
 from anomalygpt_edge.runtime.messages import reply
 from anomalygpt_edge.runtime.mqtt_link import COMMANDS, Command
 from anomalygpt_edge.runtime.preprocess import ImageError
@@ -29,6 +30,31 @@ log = logging.getLogger(__name__)
 ENROLL_ACTIONS = ("start", "add", "finish", "cancel")
 RECIPE_ACTIONS = ("list", "show", "switch")
 MAX_ENROLL_FRAMES = 200
+
+
+#: The command gate's rejections in this module's reply wording.
+_GATE_ERRORS = {
+    "payload_too_large": "payload too large: {}",
+    "malformed_json": "malformed JSON: {}",
+    "too_deep": "malformed JSON: {}",
+    "bad_payload": "malformed JSON: {}",
+    "unauthorized": "not authorized: {}",
+}
+
+
+def _gate(daemon: Daemon) -> CommandGate:
+    """The command gate for this daemon's topics, payload limit and commands section."""
+    cfg = daemon.config
+    ids = cfg.commands.allowed_client_ids
+    policy = CommandPolicy(
+        prefix=cfg.mqtt.prefix,
+        device=cfg.device_id,
+        max_payload_bytes=cfg.mqtt.max_payload_bytes,
+        privileged=frozenset(cfg.commands.privileged),
+        allowed_client_ids=frozenset(ids) if ids is not None else None,
+        token=cfg.commands.token,
+    )
+    return CommandGate(policy)
 
 
 class CommandError(ValueError):
@@ -67,6 +93,7 @@ class CommandCenter:
         self.ask_targets: dict[int, Command] = {}  # explanation request id -> the ask awaiting it
         self._ask_started: dict[int, float] = {}
         self.errors = 0
+        self.gate = _gate(daemon)
         self._queue: queue.Queue[tuple[Command, dict[str, Any]] | None] = queue.Queue(maxsize=16)
         self._ask_ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
@@ -106,18 +133,15 @@ class CommandCenter:
             link.reply(cmd, reply(cmd.name, ok, corr, **fields))
 
     def _parse(self, cmd: Command) -> dict[str, Any]:
-        limit = self.daemon.config.mqtt.max_payload_bytes
+        """Size, JSON shape and (for enrollment/recipe changes) authorisation, by the command gate."""
         if cmd.name not in COMMANDS:
             raise CommandError(f"unknown command '{cmd.name}'; commands: {', '.join(COMMANDS)}")
-        if len(cmd.payload) > limit:
-            raise CommandError(f"payload too large: {len(cmd.payload)} bytes > max_payload_bytes {limit}")
-        try:
-            data = json.loads(cmd.payload.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CommandError(f"malformed JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise CommandError(f"payload must be a JSON object, got {type(data).__name__}")
-        return data
+        checked = self.gate.check(
+            self.gate.policy.command_root + cmd.name, cmd.payload, getattr(cmd, "user_properties", None)
+        )
+        if isinstance(checked, Rejection):
+            raise CommandError(_GATE_ERRORS.get(checked.code, "{}").format(checked.message))
+        return checked.body
 
     def _camera(self, data: dict[str, Any]) -> str:
         camera = field(data, "camera", str)

@@ -48,6 +48,7 @@ class Command:
     correlation_data: bytes | None
     received_at: float  # epoch seconds
     received_mono: float
+    user_properties: list[tuple[str, str]] | None = None  # MQTT 5: client_id / token for the command gate
 
     @property
     def correlation_text(self) -> str | None:
@@ -181,7 +182,8 @@ class MqttLink:
         props = getattr(msg, "properties", None)
         response = getattr(props, "ResponseTopic", None) if props is not None else None
         corr = getattr(props, "CorrelationData", None) if props is not None else None
-        cmd = Command(name, bytes(msg.payload), response or None, corr, time.time(), time.monotonic())
+        users = getattr(props, "UserProperty", None) if props is not None else None
+        cmd = Command(name, bytes(msg.payload), response or None, corr, time.time(), time.monotonic(), users)
         self.stats["commands"] += 1
         try:
             self.on_command(cmd)
