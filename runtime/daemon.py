@@ -253,9 +253,21 @@ class Daemon:
         if self.archive is not None:
             archive = self.archive.archive
             self.health.add_source("archive", lambda: archive.stats.to_json())
+        self.health.add_source("queues", self._queue_depths)
         self.health.start(self.status, self._publish_heartbeat)
         self.health.ready()
         return self
+
+    def _queue_depths(self) -> dict[str, int]:
+        """Work waiting per inspection worker (triggered / free-run) and in the archive writer."""
+        out = {
+            f"inspect-{n}.{kind}": depth
+            for n, q in enumerate(self.queues.values())
+            for kind, depth in q.depth().items()
+        }
+        if self.archive is not None:
+            out["archive"] = self.archive.depth()
+        return out
 
     def _publish_heartbeat(self, body: dict[str, Any]) -> None:
         if self.link is not None and self.link.connected.is_set():

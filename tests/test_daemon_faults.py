@@ -210,7 +210,13 @@ def test_a_small_archive_quota_fills_and_the_daemon_keeps_inspecting_and_reports
         daemon.stop()
         sub.close()
         broker.stop()
-    archive = _status(sub, "dq")[-1]["archive"]
+    heartbeat = _status(sub, "dq")[-1]
+    archive = heartbeat["archive"]
+    # The heartbeat carries the rest of the health figures too.
+    assert {"inspect-0.triggered", "inspect-0.free_run", "archive"} <= set(heartbeat["queues"])
+    cam = heartbeat["cameras"]["cam1"]
+    assert cam["inspected_fps"] > 5 and cam["latency_ms"]["p99"] >= cam["latency_ms"]["p50"] > 0
+    assert heartbeat["engine_backend"] and heartbeat["spool"]["depth"] >= 0
     used = sum(f.stat().st_size for f in (cfg.storage.data / "archive" / "images").rglob("*.jpg"))
     print(f"\nquota 1 MiB: verdicts +{after - before} in 2 s after the quota filled; archive {archive}")
     assert after - before >= 10, "inspection slowed down or stopped when the archive filled"
