@@ -163,6 +163,14 @@ class Tally:
         )
 
 
+def report(capsys: Any, *lines: str) -> None:
+    """Print fault-injection figures to the terminal even when pytest captures output (CI logs)."""
+    with capsys.disabled():
+        print()
+        for line in lines:
+            print(f"[fault figures] {line}")
+
+
 def tally(sent_ids: list[str], messages: list[dict[str, Any]]) -> Tally:
     counts = Counter(m.get("id") for m in messages)
     unflagged = Counter(m.get("id") for m in messages if not m.get("redelivered"))

@@ -87,7 +87,9 @@ def _verdicts(sub: Any) -> list[dict]:
     return [m for t, m in sub.messages() if t.endswith("/verdict")]
 
 
-def test_broker_killed_and_restarted_while_frames_flow_loses_no_verdict(tmp_path: Path, line: dict) -> None:
+def test_broker_killed_and_restarted_while_frames_flow_loses_no_verdict(
+    tmp_path: Path, line: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
     broker = faults.Broker(tmp_path / "broker").start()
     sub = faults.ExternalSubscriber(broker.port, "anomalygpt/bk/+/verdict", tmp_path / "sub.txt")
     time.sleep(1.5)  # subscribed, and the persistent session autosaved by the broker
@@ -102,6 +104,7 @@ def test_broker_killed_and_restarted_while_frames_flow_loses_no_verdict(tmp_path
         for cam in daemon.cameras.values():
             cam.stop()  # no new frames: what was inspected must now all arrive
         assert _wait(lambda: daemon.spool.depth() == 0, 30), f"spool not drained: {daemon.spool.stats()}"
+        sender = dict(daemon.link.sender.stats)
     finally:
         daemon.stop()
     archived = Archive(cfg.storage.data / "archive").query()
@@ -110,9 +113,15 @@ def test_broker_killed_and_restarted_while_frames_flow_loses_no_verdict(tmp_path
     sub.stop()
     broker.stop()
     t = faults.tally(sent, _verdicts(sub))
-    print("\n" + t.line("daemon, broker SIGKILL + restart at 10 fps (mosquitto_sub)"))
+    faults.report(
+        capsys,
+        t.line("daemon, broker SIGKILL + restart at 10 fps (mosquitto_sub)") + f" sender {sender}",
+        "(a copy beyond those the sender published comes from the broker's own QoS 1 redelivery after its crash)",
+    )
     assert len(sent) >= 50
     assert t.lost == 0, t.lost_ids
+    # The daemon sends each verdict unflagged at most once; every resend carries redelivered: true.
+    assert sender["published"] - sender["redelivered"] <= sender["submitted"]
 
 
 def _spooled_ids(db: Path) -> dict[str, int]:
@@ -132,7 +141,7 @@ def _daemon_process(config: Path, log: Path) -> subprocess.Popen:
 
 
 def test_daemon_sigkilled_mid_stream_and_restarted_delivers_everything_it_had_spooled(
-    tmp_path: Path, line: dict
+    tmp_path: Path, line: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
     broker = faults.Broker(tmp_path / "broker").start()
     sub = faults.ExternalSubscriber(broker.port, "anomalygpt/dk/+/verdict", tmp_path / "sub.txt")
@@ -168,12 +177,13 @@ def test_daemon_sigkilled_mid_stream_and_restarted_delivers_everything_it_had_sp
     broker.stop()
     received = _verdicts(sub)
     t = faults.tally(sorted(spooled), [m for m in received if m["id"] in spooled])
-    print(
-        f"\ndaemon SIGKILL x2: spooled at kill 1 = {len(first_kill)}, at kill 2 (broker down) = {len(second_kill)}; "
-        + t.line("spooled verdicts after restart")
-    )
     everything = faults.tally(list(dict.fromkeys(m["id"] for m in received)), received)
-    print(everything.line("all verdicts seen by mosquitto_sub"))
+    faults.report(
+        capsys,
+        f"daemon SIGKILL x2: spooled at kill 1 = {len(first_kill)}, at kill 2 (broker down) = {len(second_kill)}",
+        t.line("spooled verdicts delivered after the restart"),
+        everything.line("all verdicts seen by mosquitto_sub"),
+    )
     assert len(second_kill) >= 10, "the broker outage should have left verdicts in the spool"
     assert t.lost == 0
     by_id: dict[str, list[dict]] = {}
@@ -190,7 +200,9 @@ def _status(sub: Subscriber, device: str) -> list[dict]:
     return [d for d in docs if d.get("state") == "online"]
 
 
-def test_a_small_archive_quota_fills_and_the_daemon_keeps_inspecting_and_reports_it(tmp_path: Path, line: dict) -> None:
+def test_a_small_archive_quota_fills_and_the_daemon_keeps_inspecting_and_reports_it(
+    tmp_path: Path, line: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
     broker = faults.Broker(tmp_path / "broker").start()
     storage = {"archive_quota_mb": 1, "archive_ok_sample_rate": 1.0}
     cfg = load_config(_config(tmp_path / "q.yaml", broker.port, line, "dq", storage=storage))
@@ -218,7 +230,7 @@ def test_a_small_archive_quota_fills_and_the_daemon_keeps_inspecting_and_reports
     assert cam["inspected_fps"] > 5 and cam["latency_ms"]["p99"] >= cam["latency_ms"]["p50"] > 0
     assert heartbeat["engine_backend"] and heartbeat["spool"]["depth"] >= 0
     used = sum(f.stat().st_size for f in (cfg.storage.data / "archive" / "images").rglob("*.jpg"))
-    print(f"\nquota 1 MiB: verdicts +{after - before} in 2 s after the quota filled; archive {archive}")
+    faults.report(capsys, f"quota 1 MiB: verdicts +{after - before} in 2 s after the quota filled; archive {archive}")
     assert after - before >= 10, "inspection slowed down or stopped when the archive filled"
     assert used <= 1024**2
     assert archive["images_evicted"] > 0
@@ -229,7 +241,9 @@ def broker_like(broker: Any) -> Any:
     return type("B", (), {"host": "127.0.0.1", "port": broker.port})()
 
 
-def test_a_camera_that_disappears_is_reported_and_inspection_resumes(tmp_path: Path, line: dict) -> None:
+def test_a_camera_that_disappears_is_reported_and_inspection_resumes(
+    tmp_path: Path, line: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
     import cv2
 
     from anomalygpt_edge.runtime import synthetic
@@ -261,8 +275,9 @@ def test_a_camera_that_disappears_is_reported_and_inspection_resumes(tmp_path: P
         daemon.stop()
         sub.close()
         broker.stop()
-    print(
-        f"\ncamera lost: heartbeat said {lost_status['cameras']['cam1'].get('status')!r}, last error "
-        f"{(lost_status.get('last_error') or {}).get('message')!r}; inspection resumed"
+    faults.report(
+        capsys,
+        f"camera lost: heartbeat said {lost_status['cameras']['cam1'].get('status')!r}, last error "
+        f"{(lost_status.get('last_error') or {}).get('message')!r}; inspection resumed",
     )
     assert lost_status["last_error"] and "cam1" in lost_status["last_error"]["message"]

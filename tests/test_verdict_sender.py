@@ -96,7 +96,9 @@ def subscriber(broker: Any, tmp_path: Path, persistent: bool = True, wait: bool 
     return sub
 
 
-def test_verdicts_arrive_once_in_order_and_leave_the_spool(broker: Any, tmp_path: Path) -> None:
+def test_verdicts_arrive_once_in_order_and_leave_the_spool(
+    broker: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sub = subscriber(broker, tmp_path)
     spool = VerdictSpool(tmp_path / "spool.db")
     pub = Publisher(broker.port, spool)
@@ -111,14 +113,14 @@ def test_verdicts_arrive_once_in_order_and_leave_the_spool(broker: Any, tmp_path
     pub.close()
     got = [m for _, m in sub.messages()]
     t = faults.tally(sent, got)
-    print(t.line("steady"))
+    faults.report(capsys, t.line("sender, steady"))
     assert t.lost == 0 and t.duplicates == 0 and t.redelivered == 0
     assert [m["id"] for m in got] == sent  # in order
     assert spool.stats()["depth"] == 0
 
 
 def test_broker_sigkill_and_restart_at_10fps_loses_nothing_and_flags_every_duplicate(
-    broker: Any, tmp_path: Path
+    broker: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     clean = subscriber(broker, tmp_path, persistent=False, wait=False)
     sub = subscriber(broker, tmp_path)
@@ -144,8 +146,11 @@ def test_broker_sigkill_and_restart_at_10fps_loses_nothing_and_flags_every_dupli
     got = [m for _, m in sub.messages()]
     t = faults.tally(sent, got)
     ours = faults.tally(sent, [m for _, m in clean.messages()])
-    print(t.line("broker SIGKILL+restart, 10 fps, persistent subscriber"), pub.sender.stats)
-    print(ours.line("same run, clean-session subscriber (copies we sent)"))
+    faults.report(
+        capsys,
+        t.line("sender, broker SIGKILL+restart at 10 fps, persistent mosquitto_sub") + f" sender {pub.sender.stats}",
+        ours.line("same run, clean-session mosquitto_sub (copies we sent while it was connected)"),
+    )
     assert t.lost == 0, t.lost_ids
     # Every copy we send after the first is flagged; the persistent session may also get a QoS 1
     # copy replayed by the broker from its own persistence, which we neither send nor can flag.
