@@ -137,8 +137,15 @@ class CommandCenter:
         if cmd.name not in COMMANDS:
             raise CommandError(f"unknown command '{cmd.name}'; commands: {', '.join(COMMANDS)}")
         checked = self.gate.check(
-            self.gate.policy.command_root + cmd.name, cmd.payload, getattr(cmd, "user_properties", None)
+            self.gate.policy.command_root + cmd.name,
+            cmd.payload,
+            getattr(cmd, "user_properties", None),
+            cmd.response_topic,
         )
+        if cmd.response_topic is not None and checked.reply_topic != cmd.response_topic:
+            # A wildcard (unpublishable) or a topic inside our own namespace (a forged verdict or
+            # status): the reply goes to <prefix>/<device>/reply/<command> instead.
+            cmd.response_topic = None
         if isinstance(checked, Rejection):
             raise CommandError(_GATE_ERRORS.get(checked.code, "{}").format(checked.message))
         return checked.body

@@ -103,3 +103,24 @@ def test_a_token_in_clear_in_the_yaml_is_refused_and_the_commands_section_is_che
         parse_config(base + "commands: {allowed_client_ids: hmi}\n")
     cfg = parse_config(base + "commands: {allowed_client_ids: [hmi-1], privileged: [enroll]}\n")
     assert cfg.commands.allowed_client_ids == ("hmi-1",) and cfg.commands.privileged == ("enroll",)
+
+
+@pytest.mark.parametrize("response_topic", [f"anomalygpt/{DEVICE}/cam1/verdict", "plc/+/answers"])
+def test_a_response_topic_that_would_forge_or_cannot_be_published_gets_the_reply_topic(
+    tmp_path: Path, broker: Any, line: dict, response_topic: str
+) -> None:
+    cfg = load_config(_config(tmp_path, broker, line, {}))
+    sub = Subscriber(broker, [f"anomalygpt/{DEVICE}/#"])
+    daemon = Daemon(cfg).start()
+    try:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = response_topic
+        props.CorrelationData = b"forge"
+        sub.client.publish(f"anomalygpt/{DEVICE}/cmd/recipe", b'{"action": "list"}', qos=1, properties=props)
+        reply = sub.wait_for(lambda m: m.topic == f"anomalygpt/{DEVICE}/reply/recipe", timeout=15)[0]
+        forged = [m for m in sub.messages if m.topic.endswith("/verdict")]
+    finally:
+        daemon.stop()
+        sub.close()
+    assert reply.json()["ok"] and bytes(reply.properties.CorrelationData) == b"forge"
+    assert forged == []  # trigger-mode camera: nothing on the verdict topic but what the daemon inspected
