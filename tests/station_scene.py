@@ -35,9 +35,26 @@ def part(seed: int, defect: str | None = None) -> np.ndarray:
     if defect == "scratch":
         x0, y0 = cx - 45 + int(rng.integers(0, 10)), cy - 30
         cv2.line(img, (x0, y0), (x0 + 50, y0 + 65), (20, 20, 20), 3, cv2.LINE_AA)
-    gain = rng.uniform(0.995, 1.005)
-    noisy = img.astype(np.float32) * gain + rng.normal(0, 1.0, img.shape)
+    gain = rng.uniform(GAIN[0], GAIN[1])
+    noisy = (img.astype(np.float32) + TEXTURE_AMP * _texture()) * gain + rng.normal(0, NOISE, img.shape)
     return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+_TEXTURE: np.ndarray | None = None
+TEXTURE_AMP = 6.0
+NOISE = 2.0
+GAIN = (0.99, 1.01)
+
+
+def _texture() -> np.ndarray:
+    """A fixed surface texture (the belt and the machined plate look the same on every part)."""
+    global _TEXTURE
+    if _TEXTURE is None:
+        rng = np.random.default_rng(12345)
+        base = rng.normal(0, 1, (H // 4 + 1, W // 4 + 1)).astype(np.float32)
+        tex = cv2.resize(base, (W, H), interpolation=cv2.INTER_CUBIC)[:H, :W]
+        _TEXTURE = np.repeat(tex[:, :, None], 3, axis=2)
+    return _TEXTURE
 
 
 def is_defective(index: int, mixed: bool) -> bool:
