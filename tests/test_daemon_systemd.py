@@ -1,0 +1,139 @@
+"""The daemon under a stand-in for systemd: a real unix datagram socket as ``$NOTIFY_SOCKET``.
+
+``anomalygpt-edge run`` sends READY=1 once it inspects, WATCHDOG=1 from its pipeline loop while
+that loop comes round, STATUS= lines, and STOPPING=1 on SIGTERM; a pipeline hung in an engine call
+stops the pings, which is what makes systemd (WatchdogSec=) restart it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_fixtures import broker_fixture, line_fixture  # noqa: F401 - fixtures are used by name
+
+from anomalygpt_edge.runtime.config import load_config
+from anomalygpt_edge.runtime.daemon import Daemon
+
+
+def _config(tmp_path: Path, broker: Any, line: dict, trigger: str = "free_run") -> Path:
+    cfg = {
+        "device": {"id": "sd"},
+        "cameras": {"cam1": {"type": "video_file", "source": str(line["video"]), "fps": 10}},
+        "recipes": [{"camera": "cam1", "recipe": "bracket", "trigger": trigger, "fps": 5, "deadline_ms": 2000}],
+        "engines": {"bundle": str(line["bundle"]), "backend": "onnxruntime"},
+        "mqtt": {"host": broker.host, "port": broker.port, "keepalive": 10},
+        "storage": {"store": str(line["store"]), "data": str(tmp_path / "state")},
+        "health": {"heartbeat_s": 0.5},
+    }
+    path = tmp_path / "sd.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+class NotifySocket:
+    """What systemd listens on: collects every datagram with its arrival time."""
+
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def wait_for(self, text: str, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, m in list(self.messages):
+                if text in m.split("\n"):
+                    return t
+            time.sleep(0.05)
+        return None
+
+    def count(self, text: str, since: float = 0.0) -> int:
+        return sum(1 for t, m in list(self.messages) if t >= since and text in m.split("\n"))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def test_run_under_systemd_sends_ready_watchdog_status_and_stopping(tmp_path: Path, broker: Any, line: dict) -> None:
+    notify = NotifySocket(tmp_path / "notify")
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"}
+    env.pop("WATCHDOG_PID", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anomalygpt_edge", "run", "--config", str(_config(tmp_path, broker, line))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ready = notify.wait_for("READY=1", 60)
+        assert ready is not None, "no READY=1"
+        time.sleep(3.0)
+        pings = notify.count("WATCHDOG=1", since=ready)
+        statuses = [m for _, m in notify.messages if m.startswith("STATUS=")]
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        stopping = notify.wait_for("STOPPING=1", 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+    assert 4 <= pings <= 8, f"{pings} watchdog pings in 3 s with WatchdogSec=1s"  # every half interval
+    assert any("camera(s)" in s and "fps" in s for s in statuses), statuses
+    assert stopping is not None and code == 0
+
+
+def test_a_hung_inspection_stops_the_watchdog_pings(
+    tmp_path: Path, broker: Any, line: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notify = NotifySocket(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    daemon = Daemon(load_config(_config(tmp_path, broker, line))).start()
+    release = threading.Event()
+    try:
+        assert notify.wait_for("READY=1", 30) is not None
+        time.sleep(1.5)
+        before = notify.count("WATCHDOG=1")
+        assert before >= 2, "pings while the pipeline runs"
+
+        def hang(*args: Any, **kwargs: Any) -> None:
+            release.wait(30)  # an engine call that never returns
+            raise RuntimeError("released")
+
+        daemon.inspectors["cam1"].inspect = hang  # type: ignore[method-assign]
+        time.sleep(1.0)  # the worker enters the hung call; half an interval of grace
+        hung_since = time.monotonic()
+        time.sleep(2.5)
+        during = notify.count("WATCHDOG=1", since=hung_since)
+    finally:
+        release.set()
+        daemon.stop()
+        notify.close()
+    assert during == 0, f"{during} pings while the inspection loop was hung"
