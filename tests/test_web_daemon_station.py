@@ -66,7 +66,8 @@ def test_history_reaches_back_into_the_archive_newest_first(tmp_path):
         assert all(r["verdict"] == "NG" and r["camera"] == "cam1" and r["has_image"] for r in rows)
         assert st.history_image(rows[0]["id"], "heatmap")[:2] == b"\xff\xd8"
         assert st.history_item(rows[0]["id"])["frame_seq"] == 236
-        window = st.history(HistoryQuery(since=now - 7200, until=now - 7200 + 95, limit=50))
+        # (microsecond ISO times: start the window a millisecond early)
+        window = st.history(HistoryQuery(since=now - 7200.001, until=now - 7200 + 95, limit=50))
         assert [r["frame_seq"] for r in window] == [3, 2, 1, 0]
         assert len(st.history(HistoryQuery(limit=1000))) == 240
         try:
