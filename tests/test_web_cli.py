@@ -113,6 +113,48 @@ def test_web_user_add_from_stdin_then_web_serves_the_daemon_on_loopback_until_si
         broker.stop()
 
 
+def _serve(args: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([*STATION, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = _lines(proc)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            assert proc.poll() is None, "web exited early"
+            continue
+        if line.startswith("station: "):
+            return proc, line.split()[1].rstrip("/")
+    proc.kill()
+    raise AssertionError("the station did not say where it listens")
+
+
+def test_web_standalone_runs_its_own_cameras_without_a_broker(default_bundle_dir, tmp_path):
+    from types import SimpleNamespace
+
+    nobody = SimpleNamespace(host="127.0.0.1", port=1, protocols=("5",))  # no broker needed or used
+    config = _config(tmp_path, default_bundle_dir, nobody)
+    UserStore(tmp_path / "state" / "web" / "users.json").set("olga", "operator", "olga-password")
+    proc, url = _serve(["web", "--config", str(config), "--standalone", "--port", "0"])
+    try:
+        c = Client(url)
+        assert c.login("olga", "olga-password").status == 200
+        for _ in range(100):
+            cams = c.get("/api/cameras").json()
+            if cams[0]["status"] == "ok":
+                break
+            time.sleep(0.1)
+        assert cams[0]["status"] == "ok" and c.get("/api/cameras/cam1/frame.jpg").body[:2] == b"\xff\xd8"
+        assert c.get("/api/system").json()["broker"]["connected"] is None
+        assert c.post("/api/enroll/start", {"recipe": "plate", "camera": "cam1"}).status == 403, "operators view only"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
 def test_web_refuses_a_broken_config_with_a_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("device: {id: x}\ncameras: {}\nrecipes: []\n")
