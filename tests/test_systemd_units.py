@@ -71,6 +71,9 @@ def test_daemon_unit_is_notify_with_watchdog_restart_and_hardening() -> None:
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
         assert s[key] == "yes", key
     assert "video" in s["SupplementaryGroups"].split()
+    # Options that would cut the daemon off its cameras or GPU.
+    for key in ("PrivateDevices", "ProtectClock", "DevicePolicy", "MemoryDenyWriteExecute"):
+        assert key not in s, f"{key} blocks cameras/GPU (see systemd/README.md)"
     assert s["EnvironmentFile"] == "-/etc/anomalygpt-edge/anomalygpt-edge.env"
     assert s["ExecStart"].startswith(INSTALLED_EXE + " run --config ")
 
