@@ -70,6 +70,7 @@ def test_daemon_unit_is_notify_with_watchdog_restart_and_hardening() -> None:
     assert s["ProtectSystem"] == "strict" and s["ReadWritePaths"] == "/var/lib/anomalygpt-edge"
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
         assert s[key] == "yes", key
+    assert s["BindPaths"] == "-/tmp/argus_socket"  # Jetson CSI cameras despite PrivateTmp
     assert "video" in s["SupplementaryGroups"].split()
     # Options that would cut the daemon off its cameras or GPU.
     for key in ("PrivateDevices", "ProtectClock", "DevicePolicy", "MemoryDenyWriteExecute"):
