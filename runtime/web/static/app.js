@@ -46,10 +46,14 @@ async function api(method, path, body) {
 
 // Images come through fetch + object URLs: no flicker, and a failed frame keeps the last one.
 async function loadImg(img, url) {
+  // Only the newest request for an image may show: a slow older answer must not overwrite it.
+  const n = (img._loads = (img._loads || 0) + 1);
   try {
     const r = await fetch(url, { credentials: "same-origin", cache: "no-store" });
-    if (!r.ok) return false;
-    const u = URL.createObjectURL(await r.blob());
+    if (!r.ok || n !== img._loads) return false;
+    const blob = await r.blob();
+    if (n !== img._loads) return false;
+    const u = URL.createObjectURL(blob);
     img.onload = () => { if (img.dataset.prev) URL.revokeObjectURL(img.dataset.prev); img.dataset.prev = u; };
     img.src = u;
     return true;
@@ -82,6 +86,8 @@ function route() {
   const page = (location.hash || "#live").slice(1);
   for (const t of S.timers) clearInterval(t);
   S.timers = [];
+  S.gen = (S.gen || 0) + 1;  // ends the live view's loop
+  clearTimeout(S.loop);
   for (const p of document.querySelectorAll(".page")) p.hidden = p.id !== "page-" + page;
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.getAttribute("href") === "#" + page);
   ({ live: showLive, enroll: showEnroll, history: showHistory, ask: showAsk, system: showSystem }[page] || showLive)();
@@ -103,48 +109,54 @@ window.addEventListener("hashchange", route);
 function showLive() {
   const box = $("#live-cams");
   box.replaceChildren();
+  const views = [];
   for (const cam of S.cameras) {
-    const img = el("img", { alt: `camera ${cam.name}`, class: "live-frame", "data-camera": cam.name });
-    const roi = el("div", { class: "roi-box", hidden: true });
-    const heat = el("img", { alt: "heatmap", class: "live-heatmap" });
-    const badge = el("span", { class: "badge" }, "–");
-    const info = el("div", { class: "vinfo" });
-    const head = el("div", { class: "camhead" });
+    const v = { name: cam.name, lastId: null,
+      img: el("img", { alt: `camera ${cam.name}`, class: "live-frame", "data-camera": cam.name }),
+      roi: el("div", { class: "roi-box", hidden: true }), heat: el("img", { alt: "heatmap", class: "live-heatmap" }),
+      badge: el("span", { class: "badge" }, "–"), info: el("div", { class: "vinfo" }), head: el("div", { class: "camhead" }) };
     // Technicians switch the camera's recipe here (any live recipe), audited like every recipe change.
     const assign = allows("technician") ? el("div", { class: "row assign" }) : null;
-    box.append(el("div", { class: "cam", id: `cam-${cam.name}` }, head, el("div", { class: "frame" }, img, roi),
-      el("div", { class: "verdict" }, heat, el("div", {}, badge, info)), assign));
+    box.append(el("div", { class: "cam", id: `cam-${cam.name}` }, v.head, el("div", { class: "frame" }, v.img, v.roi),
+      el("div", { class: "verdict" }, v.heat, el("div", {}, v.badge, v.info)), assign));
     if (assign) fillAssign(assign, cam.name);
-    let lastId = null;
-    const tick = async () => {
-      await loadImg(img, `/api/cameras/${encodeURIComponent(cam.name)}/frame.jpg`);
-      const cams = await api("GET", "/api/cameras").catch(() => null);
-      const c = cams && cams.find((x) => x.name === cam.name);
-      if (c) {
-        head.replaceChildren(el("strong", {}, c.name), ` · ${c.status} · recipe `, el("b", {}, c.recipe || "none"),
-          c.inspect_fps ? ` · ${c.inspect_fps} fps · p50 ${fmt(c.latency_ms_p50, 3)} ms` : "",
-          c.inspection_error ? el("div", { class: "reason" }, c.inspection_error) : "");
-        if (c.roi && c.frame_size && img.clientWidth) {
-          const k = img.clientWidth / c.frame_size[0];
-          Object.assign(roi.style, { left: c.roi[0] * k + "px", top: c.roi[1] * k + "px",
-            width: c.roi[2] * k + "px", height: c.roi[3] * k + "px" });
-          roi.hidden = false;
-        } else roi.hidden = true;
-      }
-      const v = await api("GET", `/api/cameras/${encodeURIComponent(cam.name)}/verdict`).catch(() => null);
-      if (v && v.id !== lastId) {
-        lastId = v.id;
-        badge.textContent = v.verdict; badge.className = "badge " + v.verdict;
-        info.replaceChildren(el("div", {}, `score ${fmt(v.score)} / threshold ${fmt(v.threshold)}`),
-          el("div", {}, v.sentence), el("div", { class: "muted" }, when(v.captured_at)));
-        // Ask for this verdict's overlay by id: the camera may have moved on since.
-        loadImg(heat, `/api/cameras/${encodeURIComponent(cam.name)}/overlay.jpg?id=${v.id}`);
-      }
-    };
-    tick();
-    S.timers.push(setInterval(tick, 700));
+    views.push(v);
   }
   if (!S.cameras.length) box.append(el("p", {}, "No cameras configured."));
+  // One loop for all cameras, the next round only after this one finished: a slow station never
+  // piles requests up.
+  const gen = S.gen;
+  const round = async () => {
+    const cams = await api("GET", "/api/cameras").catch(() => null);
+    await Promise.all(views.map((v) => updateCamera(v, cams && cams.find((x) => x.name === v.name))));
+    if (gen === S.gen) S.loop = setTimeout(round, 700);
+  };
+  round();
+}
+
+async function updateCamera(v, c) {
+  const name = encodeURIComponent(v.name);
+  await loadImg(v.img, `/api/cameras/${name}/frame.jpg`);
+  if (c) {
+    v.head.replaceChildren(el("strong", {}, c.name), ` · ${c.status} · recipe `, el("b", {}, c.recipe || "none"),
+      c.inspect_fps ? ` · ${c.inspect_fps} fps · p50 ${fmt(c.latency_ms_p50, 3)} ms` : "",
+      c.inspection_error ? el("div", { class: "reason" }, c.inspection_error) : "");
+    if (c.roi && c.frame_size && v.img.clientWidth) {
+      const k = v.img.clientWidth / c.frame_size[0];
+      Object.assign(v.roi.style, { left: c.roi[0] * k + "px", top: c.roi[1] * k + "px",
+        width: c.roi[2] * k + "px", height: c.roi[3] * k + "px" });
+      v.roi.hidden = false;
+    } else v.roi.hidden = true;
+  }
+  const last = await api("GET", `/api/cameras/${name}/verdict`).catch(() => null);
+  if (last && last.id !== v.lastId) {
+    v.lastId = last.id;
+    v.badge.textContent = last.verdict; v.badge.className = "badge " + last.verdict;
+    v.info.replaceChildren(el("div", {}, `score ${fmt(last.score)} / threshold ${fmt(last.threshold)}`),
+      el("div", {}, last.sentence), el("div", { class: "muted" }, when(last.captured_at)));
+    // Ask for this verdict's overlay by id: the camera may have moved on since.
+    loadImg(v.heat, `/api/cameras/${name}/overlay.jpg?id=${last.id}`);
+  }
 }
 
 async function fillAssign(box, camera) {
