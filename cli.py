@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "anomalygpt_edge.runtime.llm_cli",
     "anomalygpt_edge.runtime.archive_cli",
     "anomalygpt_edge.runtime.daemon_cli",
+    "anomalygpt_edge.runtime.web.cli",
 )
 
 
