@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from anomalygpt_edge.runtime.config import load_config
 from anomalygpt_edge.runtime.daemon import Daemon
 
 
-def _config(tmp_path: Path, broker: Any, line: dict, trigger: str = "free_run") -> Path:
+def _config(tmp_path: Path, broker: Any, line: dict, trigger: str = "free_run", metrics: str | None = None) -> Path:
     cfg = {
         "device": {"id": "sd"},
         "cameras": {"cam1": {"type": "video_file", "source": str(line["video"]), "fps": 10}},
@@ -33,7 +34,7 @@ def _config(tmp_path: Path, broker: Any, line: dict, trigger: str = "free_run") 
         "engines": {"bundle": str(line["bundle"]), "backend": "onnxruntime"},
         "mqtt": {"host": broker.host, "port": broker.port, "keepalive": 10},
         "storage": {"store": str(line["store"]), "data": str(tmp_path / "state")},
-        "health": {"heartbeat_s": 0.5},
+        "health": {"heartbeat_s": 0.5, "metrics_bind": metrics},
     }
     path = tmp_path / "sd.yaml"
     path.write_text(json.dumps(cfg))
@@ -81,11 +82,15 @@ class NotifySocket:
 
 
 def test_run_under_systemd_sends_ready_watchdog_status_and_stopping(tmp_path: Path, broker: Any, line: dict) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = _config(tmp_path, broker, line, metrics=f"127.0.0.1:{port}")
     notify = NotifySocket(tmp_path / "notify")
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"}
     env.pop("WATCHDOG_PID", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "anomalygpt_edge", "run", "--config", str(_config(tmp_path, broker, line))],
+        [sys.executable, "-m", "anomalygpt_edge", "run", "--config", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -96,6 +101,8 @@ def test_run_under_systemd_sends_ready_watchdog_status_and_stopping(tmp_path: Pa
         time.sleep(3.0)
         pings = notify.count("WATCHDOG=1", since=ready)
         statuses = [m for _, m in notify.messages if m.startswith("STATUS=")]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
         stopping = notify.wait_for("STOPPING=1", 5)
@@ -106,6 +113,8 @@ def test_run_under_systemd_sends_ready_watchdog_status_and_stopping(tmp_path: Pa
     assert 4 <= pings <= 8, f"{pings} watchdog pings in 3 s with WatchdogSec=1s"  # every half interval
     assert any("camera(s)" in s and "fps" in s for s in statuses), statuses
     assert stopping is not None and code == 0
+    assert 'anomalygpt_edge_camera_frames_total{camera="cam1"}' in metrics
+    assert "anomalygpt_edge_spool_depth" in metrics and "anomalygpt_edge_queue_depth" in metrics
 
 
 def test_a_hung_inspection_stops_the_watchdog_pings(
