@@ -15,9 +15,10 @@ store of its own. The spool is one SQLite database in WAL mode:
 Why ``synchronous=FULL``: in WAL mode ``NORMAL`` survives an application crash (SIGKILL) but a
 commit can be rolled back by a power cut, because the WAL is only fsynced at checkpoints. The
 spool's promise is about power cuts too, and a verdict published before its row is durable could
-be lost without trace. ``FULL`` costs one fsync per verdict (well under a millisecond to a few ms
-on an SSD/eMMC), which the line's 10 fps leaves room for; ``NORMAL`` is available for hosts whose
-storage makes fsync too slow and whose power is protected.
+be lost without trace. ``FULL`` costs one fsync per verdict: ``put`` measured p50 0.29 ms /
+p99 0.45 ms on this project's ext4 test host (``NORMAL``: 0.03 / 0.13 ms); a few ms on an eMMC,
+which the line's 10 fps leaves room for. ``NORMAL`` is there for hosts whose storage makes fsync
+too slow and whose power is protected.
 
 Bounding policy (documented in the README and reported on the status topic):
 
