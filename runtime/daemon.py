@@ -25,6 +25,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,10 @@ class Daemon:
         self.archive = None
         self.explainer = None
         self.explanations = None
+        # Observers of published verdicts and explanations (the technician station); called on the
+        # inspection worker / explanation worker, so they must only enqueue, never block.
+        self.verdict_listeners: list[Callable[[Job, str, Verdict, dict, np.ndarray | None], None]] = []
+        self.explanation_listeners: list[Callable[[Any, Any], None]] = []
         self.watchdog: DeadlineWatchdog | None = None
         from anomalygpt_edge.runtime.daemon_health import DaemonHealth
 
@@ -552,8 +557,18 @@ class Daemon:
         if self.archive is not None:
             # The archive decides which images it keeps (NG/ERROR always, OK at its sample rate).
             self.archive.submit(msg, image, heat)
+        for listener in self.verdict_listeners:
+            try:
+                listener(job, vid, verdict, msg, image)
+            except Exception:  # an observer's bug must never reach the verdict path
+                log.exception("verdict listener %r failed", listener)
 
     def _on_explanation(self, request: Any, explanation: Any) -> None:
+        for listener in self.explanation_listeners:
+            try:
+                listener(request, explanation)
+            except Exception:
+                log.exception("explanation listener %r failed", listener)
         if self.link is None:
             return
         target = self.commands.ask_targets.pop(id(request), None)

@@ -212,3 +212,35 @@ def test_cameras_sharing_a_bundle_share_its_engines_and_both_get_verdicts(
         sub.close()
     assert len(daemon.pipelines) == 1 and workers == ["inspect-0"]
     assert daemon.inspectors["cam1"].pipeline is daemon.inspectors["cam2"].pipeline
+
+
+def test_a_failing_verdict_listener_never_stops_verdicts_and_others_still_observe(
+    tmp_path: Path, broker: Any, line: dict
+) -> None:
+    sub = Subscriber(broker, ["anomalygpt/observed/#"])
+    seen: list[str] = []
+
+    def broken(job: Any, vid: str, verdict: Any, msg: dict, image: Any) -> None:
+        raise RuntimeError("observer bug")
+
+    daemon = Daemon(
+        load_config(
+            write_config(
+                tmp_path / "line.yaml",
+                broker,
+                {"cam1": {"type": "video_file", "source": str(line["video"]), "fps": 10, "loop": True}},
+                [{"camera": "cam1", "recipe": "bracket", "trigger": "free_run", "fps": 10, "deadline_ms": 1000}],
+                line["store"],
+                line["bundle"],
+                device="observed",
+            )
+        )
+    )
+    daemon.verdict_listeners += [broken, lambda job, vid, verdict, msg, image: seen.append(vid)]
+    daemon.start()
+    try:
+        verdicts = sub.wait_for(topic_is("/cam1/verdict"), count=10, timeout=30)
+    finally:
+        daemon.stop()
+    ids = [m.json()["id"] for m in verdicts]
+    assert len(ids) >= 10 and set(ids[:5]) <= set(seen)

@@ -1,5 +1,5 @@
-"""DaemonStation's history: verdicts the daemon publishes are recorded from its after-verdict step,
-and history reaches back into the daemon's archive (which survives restarts), newest first."""
+"""DaemonStation's history: verdicts the daemon publishes reach it through the daemon's verdict
+listeners, and history reaches back into the daemon's archive (which survives restarts), newest first."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from anomalygpt_edge.runtime.web.station import HistoryQuery, NotFoundError
 
 
 def _fake_daemon(tmp_path, archive: Archive | None) -> SimpleNamespace:
-    published: list[str] = []
+    # The daemon's surface the station uses; the real daemon is driven in test_web_browser.py.
     return SimpleNamespace(
         store=RecipeStore(tmp_path / "store"),
         config=SimpleNamespace(llm=SimpleNamespace(enabled=False), cameras={"cam1": None, "cam2": None}),
-        _after_verdict=lambda job, vid, verdict, msg, image: published.append(vid),
+        verdict_listeners=[],
+        explanation_listeners=[],
         explanations=None,
         archive=SimpleNamespace(archive=archive) if archive is not None else None,
-        published=published,
     )
 
 
@@ -80,7 +80,7 @@ def test_history_reaches_back_into_the_archive_newest_first(tmp_path):
         st.stop()
 
 
-def test_published_verdicts_are_recorded_after_the_daemons_own_step(tmp_path):
+def test_published_verdicts_reach_the_station_through_the_daemons_listeners(tmp_path):
     daemon = _fake_daemon(tmp_path, None)
     st = DaemonStation(daemon)
     try:
@@ -88,8 +88,9 @@ def test_published_verdicts_are_recorded_after_the_daemons_own_step(tmp_path):
         v.anomaly_map = np.zeros((16, 16), np.float32)
         job = SimpleNamespace(camera="cam1", captured_at=time.time())
         msg = {"id": "v1", "frame_seq": 7, "captured_at_epoch": job.captured_at, "latency_ms": {"total": 5.0}}
-        daemon._after_verdict(job, "0123456789abcdef", v, msg, np.zeros((16, 16, 3), np.uint8))
-        assert daemon.published == ["0123456789abcdef"], "the daemon's own step runs first, unchanged"
+        assert len(daemon.verdict_listeners) == 1 and len(daemon.explanation_listeners) == 1
+        for listener in daemon.verdict_listeners:  # as Daemon._after_verdict calls them
+            listener(job, "0123456789abcdef", v, msg, np.zeros((16, 16, 3), np.uint8))
         deadline = time.monotonic() + 5
         while st.last_verdict("cam1") is None and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -6,9 +6,9 @@ the daemon publishes are attached to their verdicts. Enrollment uses the daemon'
 the camera's bundle, and finishing it switches the camera's recipe in the daemon, as the MQTT
 ``cmd/recipe switch`` does.
 
-The daemon has no listener API yet, so :class:`DaemonStation` wraps the daemon's
-``_after_verdict`` on the instance and its explanation worker's result callback; both wrappers
-call the daemon's own code first and never let a station error reach the daemon.
+:class:`DaemonStation` registers itself in the daemon's ``verdict_listeners`` and
+``explanation_listeners``; the daemon calls them after its own work and shields itself from
+their errors, and the station only enqueues there (JPEG encoding runs on its own thread).
 """
 
 from __future__ import annotations
@@ -72,30 +72,20 @@ class DaemonStation(StationBase):
 
     # -- hooks into the daemon ---------------------------------------------------------------------
     def _install_hooks(self) -> None:
-        d = self.daemon
-        after = d._after_verdict
+        self.daemon.verdict_listeners.append(self._on_verdict)
+        self.daemon.explanation_listeners.append(self._on_explanation)
 
-        def after_verdict(job: Any, vid: str, verdict: Verdict, msg: dict, image: np.ndarray | None) -> None:
-            after(job, vid, verdict, msg, image)
-            # Encoding JPEGs happens on the station's thread: the inspection worker only enqueues.
-            try:
-                captured = msg.get("captured_at_epoch") or job.captured_at or time.time()
-                self._queue.put_nowait((job.camera, vid, verdict, dict(msg), image, captured))
-            except queue.Full:
-                self.dropped += 1
+    def _on_verdict(self, job: Any, vid: str, verdict: Verdict, msg: dict, image: np.ndarray | None) -> None:
+        # Encoding JPEGs happens on the station's thread: the inspection worker only enqueues.
+        try:
+            captured = msg.get("captured_at_epoch") or job.captured_at or time.time()
+            self._queue.put_nowait((job.camera, vid, verdict, dict(msg), image, captured))
+        except queue.Full:
+            self.dropped += 1
 
-        d._after_verdict = after_verdict  # type: ignore[method-assign]
-        if d.explanations is None:
-            return
-        # The worker holds the callback it was built with (bound before this station existed).
-        explained = d.explanations._on_result
-
-        def on_explanation(request: Any, explanation: Any) -> None:
-            explained(request, explanation)
-            if request.verdict_id and not request.key.startswith("ask"):  # MQTT questions are not history
-                self.log.explain(request.verdict_id, explanation.text)
-
-        d.explanations._on_result = on_explanation
+    def _on_explanation(self, request: Any, explanation: Any) -> None:
+        if request.verdict_id and not request.key.startswith("ask"):  # MQTT questions are not history
+            self.log.explain(request.verdict_id, explanation.text)
 
     def _log_loop(self) -> None:
         while True:
