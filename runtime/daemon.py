@@ -205,6 +205,29 @@ class Daemon:
         log.info("camera %s: recipe %s live (threshold %.4g)", camera, name, inspector.threshold)
         return inspector
 
+    def switch_recipe(self, camera: str, name: str) -> str | None:
+        """Make ``name`` the camera's recipe and announce it; return the previous recipe's name.
+
+        A recipe that cannot inspect is refused (:class:`RecipeError`, "cannot inspect: ...") and
+        the camera keeps inspecting with its previous recipe. Shared by ``cmd/recipe`` and the
+        technician station so both switch the same way.
+        """
+        if not self.store.exists(name):
+            raise RecipeError(f"unknown recipe '{name}'; recipes: {', '.join(self.store.names()) or 'none'}")
+        previous = self.recipe_names.get(camera)
+        try:
+            self.load_recipe(camera, name)
+        except RecipeError as exc:
+            if previous and previous != name:
+                try:
+                    self.load_recipe(camera, previous)  # keep inspecting with the old recipe
+                except RecipeError:
+                    log.warning("camera %s: previous recipe %s cannot inspect either", camera, previous)
+            raise RecipeError(f"recipe '{name}' cannot inspect: {exc}") from None
+        if self.link is not None and self.link.connected.is_set():
+            self.link.publish_status()
+        return previous
+
     def _open_storage(self) -> None:
         st = self.config.storage
         if st.spool:

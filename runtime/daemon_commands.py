@@ -280,17 +280,10 @@ class CommandCenter:
         if action == "switch":
             camera = self._camera(data)
             name = self._recipe_name(data)
-            if not d.store.exists(name):
-                raise CommandError(f"unknown recipe '{name}'; recipes: {', '.join(d.store.names()) or 'none'}")
-            previous = d.recipe_names.get(camera)
             try:
-                d.load_recipe(camera, name)
+                previous = d.switch_recipe(camera, name)
             except RecipeError as exc:
-                if previous and previous != name:
-                    d.load_recipe(camera, previous)  # keep inspecting with the old recipe
-                raise CommandError(f"recipe '{name}' cannot inspect: {exc}") from None
-            if d.link is not None:
-                d.link.publish_status()
+                raise CommandError(str(exc)) from None
             return {"action": "switch", "camera": camera, "recipe": name, "previous": previous}
         raise CommandError(f"action must be one of {', '.join(RECIPE_ACTIONS)}, got '{action}'")
 

@@ -192,21 +192,10 @@ class DaemonStation(StationBase):
         self._check_camera(camera)
         if recipe is None:
             raise StationError("the line daemon keeps a recipe on every bound camera: pick another recipe instead")
-        d = self.daemon
-        if not self.store.exists(recipe):
-            raise StationError(f"unknown recipe '{recipe}'")
-        previous = d.recipe_names.get(camera)
         try:
-            d.load_recipe(camera, recipe)
+            previous = self.daemon.switch_recipe(camera, recipe)
         except RecipeError as exc:
-            if previous and previous != recipe:
-                try:
-                    d.load_recipe(camera, previous)  # keep inspecting with the old recipe
-                except RecipeError:
-                    log.warning("camera %s: previous recipe %s cannot inspect either", camera, previous)
-            raise StationError(f"recipe '{recipe}' cannot inspect: {exc}") from None
-        if d.link is not None and d.link.connected.is_set():
-            d.link.publish_status()
+            raise StationError(str(exc)) from None
         return {"camera": camera, "recipe": recipe, "previous": previous}
 
     # -- history: recent verdicts in memory, older ones from the daemon's archive ----------------------
