@@ -115,8 +115,9 @@ class Engine(abc.ABC):
 
 
 _BACKENDS: dict[str, type[Engine]] = {}
-#: Order tried by ``backend="auto"``: fastest first. A backend is used only if ``available()``.
-AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime")
+#: Order tried by ``backend="auto"``: fastest first. A backend is used only if ``available()``;
+#: torch-cuda serves GPU workstations that have torch but neither TensorRT nor onnxruntime-gpu.
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
 
 
 def register_backend(key: str) -> Callable[[type[Engine]], type[Engine]]:
