@@ -34,6 +34,19 @@ from typing import Any
 
 from anomalygpt_edge.runtime.spool import SpoolError, SpoolItem, VerdictSpool, mark_redelivered
 
+
+def _acked(info: Any) -> bool:
+    """Whether paho has the PUBACK for ``info``; a publish that failed (rc != 0) is simply not acked.
+
+    paho's ``is_published()`` raises for a failed publish (e.g. the connection dropped between our
+    check and the call); that must never reach, let alone end, the sender thread.
+    """
+    try:
+        return bool(info.is_published())
+    except (RuntimeError, ValueError):
+        return False
+
+
 log = logging.getLogger(__name__)
 
 BATCH = 100
@@ -140,10 +153,21 @@ class VerdictSender:
     # -- the sender thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        # The thread must outlive any single failure: a dead sender strands every verdict in the spool.
+        while True:
+            try:
+                if self._step():
+                    return
+            except Exception as exc:
+                self._error(f"unexpected sender failure: {exc!r}")
+                time.sleep(IDLE_POLL_S)
+
+    def _step(self) -> bool:
+        """The sender loop; returns True when the sender is stopping."""
         while True:
             with self._wake:
                 if self._stop:
-                    return
+                    return True
                 if not self._connected:
                     self._wake.wait(IDLE_POLL_S)
                     continue
@@ -180,13 +204,19 @@ class VerdictSender:
             except (ValueError, RuntimeError, OSError) as exc:
                 self._error(f"publish of verdict {item.verdict_id} failed: {exc}")
                 return
+            if info.rc != 0:  # not connected or paho's queue full: the spool resends it after reconnect
+                self._error(f"publish of verdict {item.verdict_id} failed: rc {info.rc}")
+                with self._wake:  # no hot retry loop: wait for the reconnect (or a poll interval)
+                    if self._generation == generation and not self._stop:
+                        self._wake.wait(IDLE_POLL_S)
+                return
             with self._lock:
                 if self._generation != generation:
                     return
                 self._sent_upto = item.seq
                 self.stats["published"] += 1
                 self.stats["redelivered"] += int(item.redelivered)
-                acked_already = info.is_published()
+                acked_already = _acked(info)
                 if not acked_already:
                     self._inflight[info.mid] = (info, item.seq)
             if acked_already:
@@ -195,7 +225,7 @@ class VerdictSender:
     def _sweep(self) -> None:
         """Acknowledge in-flight verdicts whose PUBACK raced their registration."""
         with self._lock:
-            done = [(mid, seq) for mid, (info, seq) in self._inflight.items() if info.is_published()]
+            done = [(mid, seq) for mid, (info, seq) in self._inflight.items() if _acked(info)]
             for mid, _ in done:
                 self._inflight.pop(mid, None)
         for _, seq in done:
