@@ -12,7 +12,6 @@ Figures are printed (run with ``-s``): sent, received, redelivered, lost.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import faults  # tests/faults.py: broker and subscriber processes for fault injection
 import pytest
 from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     Subscriber,
@@ -38,18 +38,6 @@ pytestmark = pytest.mark.skipif(
     shutil.which("mosquitto") is None or shutil.which("mosquitto_sub") is None,
     reason="needs mosquitto and mosquitto_sub (apt packages mosquitto, mosquitto-clients)",
 )
-
-
-def _load_faults() -> Any:
-    if "faults" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("faults", Path(__file__).with_name("faults.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["faults"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["faults"]
-
-
-faults = _load_faults()
 
 
 def _config(

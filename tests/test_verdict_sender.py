@@ -4,16 +4,15 @@ nothing lost across a broker SIGKILL and restart at 10 fps, every duplicate flag
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import faults  # tests/faults.py: broker and subscriber processes for fault injection
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -27,16 +26,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load_faults() -> Any:
-    if "faults" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("faults", Path(__file__).with_name("faults.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["faults"] = module  # dataclasses need the module registered
-        spec.loader.exec_module(module)
-    return sys.modules["faults"]
-
-
-faults = _load_faults()
 TOPIC = "anomalygpt/dev1/cam1/verdict"
 
 
