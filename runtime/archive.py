@@ -87,6 +87,18 @@ CSV_COLUMNS = (
 )
 
 
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet never runs as a formula: text starting with = + - @ is quoted.
+
+    Part ids and sentences can come from a PLC or an LLM; exported CSVs are opened in Excel.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 class ArchiveError(RuntimeError):
     """The archive cannot be opened or a query is malformed."""
 
@@ -400,7 +412,7 @@ class Archive:
                         except FileNotFoundError:
                             row[key] = None
                             missing += 1
-                writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in CSV_COLUMNS})
+                writer.writerow({k: csv_cell(row.get(k)) for k in CSV_COLUMNS})
         return {"rows": len(rows), "images": copied, "images_missing": missing, "out": str(out)}
 
     def close(self) -> None:

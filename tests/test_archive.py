@@ -186,3 +186,15 @@ def test_stats_command_summarises_the_archive(tmp_path: Path, capsys: pytest.Cap
     assert main(["archive", "stats", "--archive", str(tmp_path / "arch")]) == 0
     out = capsys.readouterr().out
     assert "2 verdicts (NG 1, OK 1)" in out and "oldest 2026-11-23T08:00:00" in out
+
+
+def test_export_quotes_text_a_spreadsheet_would_run_as_a_formula(tmp_path: Path) -> None:
+    archive = Archive(tmp_path / "arch")
+    archive.record({**verdict(1, "NG", minute=1), "part_id": '=HYPERLINK("http://x")', "sentence": "@SUM(A1)"})
+    archive.close()
+    archive = Archive(tmp_path / "arch")
+    archive.export("2026-11-23T08:00:00Z", "2026-11-23T08:05:00Z", tmp_path / "out")
+    with open(tmp_path / "out" / "verdicts.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["part_id"] == '\'=HYPERLINK("http://x")' and row["sentence"] == "'@SUM(A1)"
+    assert row["score"] and not row["score"].startswith("'")  # numbers are left alone

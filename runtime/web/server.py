@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from anomalygpt_edge.runtime.archive import csv_cell
 from anomalygpt_edge.runtime.preprocess import ImageError
 from anomalygpt_edge.runtime.recipes import RecipeError
 from anomalygpt_edge.runtime.web.audit import AuditLog
@@ -540,7 +541,7 @@ class StationHandler(BaseHTTPRequestHandler):
                 "regions": len(r.get("regions") or []),
                 "latency_ms": (r.get("latency_ms") or {}).get("total"),
             }
-            w.writerow([_csv_cell(values.get(c)) for c in cols])
+            w.writerow([csv_cell(values.get(c)) for c in cols])
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         self._send_bytes(
             200,
@@ -676,15 +677,6 @@ def _roi(v: Any) -> tuple[int, int, int, int] | None:
     ):
         raise HttpError(400, "roi must be [x, y, w, h] in whole pixels, at least 8x8")
     return (v[0], v[1], v[2], v[3])
-
-
-def _csv_cell(v: Any) -> Any:
-    """CSV cell; text starting with = + - @ is prefixed so a spreadsheet never runs it as a formula."""
-    if v is None:
-        return ""
-    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + v
-    return v
 
 
 def _audit_summary(result: Any) -> dict[str, Any]:
