@@ -19,7 +19,7 @@ from station_scene import PART_ROI, write_video
 from anomalygpt_edge.runtime.local_broker import start_local_broker
 from anomalygpt_edge.runtime.web.auth import User, UserStore
 
-STATION = [sys.executable, "-m", "anomalygpt_edge.runtime.web"]
+STATION = [sys.executable, "-m", "anomalygpt_edge"]  # the product's own command line
 
 
 def _config(tmp_path: Path, bundle: Path, broker) -> Path:
