@@ -17,7 +17,7 @@ from anomalygpt_edge.runtime.cli import DEFAULT_BUNDLE
 from anomalygpt_edge.runtime.enrollment import Enroller, EnrollmentResult
 from anomalygpt_edge.runtime.heatmap import overlay
 from anomalygpt_edge.runtime.inspector import Inspector
-from anomalygpt_edge.runtime.preprocess import ImageError, read_image
+from anomalygpt_edge.runtime.preprocess import ImageError, crop_roi, read_image
 from anomalygpt_edge.runtime.recipes import RecipeError, RecipeStore
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -176,7 +176,7 @@ def inspect(args: argparse.Namespace) -> int:
             continue
         heatmap_path = None
         if args.heatmap is not None:
-            ok, buf = cv2.imencode(".png", overlay(_roi(image, recipe.roi), verdict))
+            ok, buf = cv2.imencode(".png", overlay(crop_roi(image, recipe.roi), verdict))
             heatmap_path = args.heatmap / f"{path.stem}.heatmap.png"
             atomic_write_bytes(heatmap_path, buf.tobytes())
         if args.json:
@@ -193,10 +193,3 @@ def inspect(args: argparse.Namespace) -> int:
             )
             print(f"      {verdict.sentence}")
     return 1 if failures else 0
-
-
-def _roi(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
-    if roi is None:
-        return image
-    x, y, w, h = roi
-    return image[y : y + h, x : x + w]

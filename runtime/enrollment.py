@@ -7,7 +7,6 @@ per-sample features each time (encoding happens once per image).
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import logging
 import time
@@ -321,7 +320,3 @@ def _png_bytes(image: np.ndarray, label: str) -> bytes:
     if not ok:
         raise ImageError(f"{label}: cannot be encoded as PNG")
     return buf.tobytes()
-
-
-def timestamp() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
