@@ -11,7 +11,8 @@ from pathlib import Path
 
 from anomalygpt_edge.engines.manifest import MATCH_METRICS
 
-VISION_SOURCES = ("efficientnet-lite0", "anomalygpt")
+#: Names of ``export vision --source`` (the table itself, which needs torch, is ``export/vision.py``).
+VISION_SOURCES = ("efficientnet-lite0", "wide_resnet50", "dinov2-small", "dinov2-base", "anomalygpt")
 #: Light modules (no torch at import) that each add one export target with ``add_export_target``.
 EXPORT_TARGET_MODULES: tuple[str, ...] = ("anomalygpt_edge.export.engines_cli", "anomalygpt_edge.export.llm_cli")
 
@@ -24,15 +25,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--source", choices=VISION_SOURCES, default="efficientnet-lite0")
     v.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     v.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    v.add_argument("--image-size", type=int, default=256, help="encoder input size (default source only)")
     v.add_argument(
-        "--metric", choices=MATCH_METRICS, default="cosine", help="bank-matcher metric (default source only)"
+        "--image-size",
+        type=int,
+        default=None,
+        help="encoder input size (default per source: efficientnet-lite0 256, wide_resnet50 224, dinov2-* 448 "
+        "(a multiple of 14); anomalygpt fixed at 224)",
+    )
+    v.add_argument(
+        "--metric",
+        choices=MATCH_METRICS,
+        default=None,
+        help="bank-matcher metric (default: the source's recipe, l2 for wide_resnet50, else cosine; anomalygpt "
+        "always cosine)",
+    )
+    v.add_argument(
+        "--weights",
+        type=Path,
+        help="backbone weights for wide_resnet50 / dinov2-*: .safetensors or a torch state dict (read with "
+        "weights_only=True); without it the official file is downloaded through torch.hub",
     )
     v.add_argument(
         "--smoothing-sigma",
         type=float,
         default=4.0,
-        help="Gaussian blur of the anomaly map, map pixels (default source)",
+        help="Gaussian blur of the anomaly map, map pixels (bank-matching sources; PatchCore and AnomalyDINO use 4)",
     )
     v.add_argument(
         "--taps", default=None, help="EfficientNet-Lite0 block indices to tap, e.g. 4,10 (default source; default 10)"
@@ -44,7 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     v.add_argument("--pandagpt-delta", type=Path, help="PandaGPT delta pytorch_model.pt (provides llama_proj)")
     v.add_argument(
-        "--random-weights", action="store_true", help="anomalygpt architecture with random weights (testing)"
+        "--random-weights",
+        action="store_true",
+        help="the source's architecture with seeded random weights (anomalygpt, wide_resnet50, dinov2-*; testing)",
     )
     v.add_argument(
         "--bpe-vocab", type=Path, help="CLIP bpe_simple_vocab_16e6.txt.gz, to compute the decoder's text features"
