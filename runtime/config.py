@@ -132,6 +132,10 @@ class CommandsConfig:
     privileged: tuple[str, ...] = ("enroll", "recipe")
     allowed_client_ids: tuple[str, ...] | None = None  # claimed in a client_id user property or field
     token_file: Path | None = None  # shared token; else $ANOMALYGPT_EDGE_COMMANDS_TOKEN (or ..._FILE)
+    # Without a token or allowed client ids, enroll and recipe switch are refused unless this is
+    # set: any broker client could otherwise create recipes and switch the line's recipe.
+    allow_anonymous_control: bool = False
+    enroll_session_timeout_s: float = 300.0  # an idle MQTT enroll session (and its frames) is dropped
 
     @property
     def token(self) -> str | None:
@@ -139,6 +143,13 @@ class CommandsConfig:
 
         ref = {"token_file": str(self.token_file)} if self.token_file else {}
         return resolve_secret(ref, "token", "commands")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on what a client, a camera folder or a file can make the process allocate."""
+
+    max_image_pixels: int = 40_000_000  # width x height, checked from the header before decoding
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,7 @@ class DaemonConfig:
     llm: LlmConfig = field(default_factory=LlmConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     commands: CommandsConfig = field(default_factory=CommandsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = "<config>"
 
     def binding(self, camera: str) -> RecipeBinding | None:
@@ -220,6 +232,16 @@ class _Reader:
         if any(c in value for c in "/+#$ \t") or len(value) > 64:
             raise self.fail(node, path, f"{value!r} cannot be an MQTT topic level (no / + # $ or spaces, max 64)")
         return value
+
+    def recipe_name(self, node: yaml.Node, path: str) -> str:
+        """A recipe name as the recipe store accepts it (it becomes a folder and a topic field)."""
+        from anomalygpt_edge.runtime.recipes import RecipeError, check_name
+
+        value = self.name(node, path)
+        try:
+            return check_name(value)
+        except RecipeError as exc:
+            raise self.fail(node, path, str(exc)) from None
 
     def number(self, node: yaml.Node, path: str, low: float, high: float = float("inf"), integer: bool = False) -> Any:
         value = self.scalar(node, path)
@@ -294,7 +316,7 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
     if root is None:
         raise ConfigError(f"{origin}: the config file is empty")
     r = _Reader(origin, base or Path.cwd())
-    sections = {"device", "cameras", "recipes", "engines", "mqtt", "storage", "llm", "health", "commands"}
+    sections = {"device", "cameras", "recipes", "engines", "mqtt", "storage", "llm", "health", "commands", "limits"}
     top = r.mapping(root, "", sections)
     for key in ("device", "cameras", "recipes"):
         if key not in top:
@@ -345,7 +367,7 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         p = f"recipes[{i}]"
         spec = {
             "camera": r.name,
-            "recipe": r.name,
+            "recipe": r.recipe_name,
             "trigger": lambda n, q: r.choice(n, q, TRIGGER_MODES),
             "fps": lambda n, q: r.number(n, q, 0.01, 1000),
             "deadline_ms": lambda n, q: r.number(n, q, 1, 600000),
@@ -422,7 +444,17 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
                 "privileged": lambda n, q: _names(r, n, q, allowed=("trigger", "enroll", "recipe", "ask")),
                 "allowed_client_ids": lambda n, q: _names(r, n, q),
                 "token_file": lambda n, q: r.path(n, q, must_exist=True),
+                "allow_anonymous_control": r.boolean,
+                "enroll_session_timeout_s": lambda n, q: r.number(n, q, 1, 86400),
             },
+            (),
+        )
+    )
+    limits = LimitsConfig(
+        **r.fields(
+            top.get("limits", _empty()),
+            "limits",
+            {"max_image_pixels": lambda n, q: r.number(n, q, 1, 2**31, integer=True)},
             (),
         )
     )
@@ -436,6 +468,7 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         llm=llm,
         health=health,
         commands=commands,
+        limits=limits,
         source=origin,
     )
 
