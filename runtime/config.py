@@ -108,6 +108,11 @@ class StorageConfig:
     archive: bool = True  # every verdict row, NG images and heatmaps under a quota
     archive_quota_mb: int = 2048
     archive_ok_sample_rate: float = 0.0  # share of OK images kept too (0 = none)
+    # One disk budget for everything under `data` (spool, archive, both WALs, images); 0 = none.
+    disk_budget_mb: int = 0
+    # Below this much free space the archive stops writing (images below twice it); the spool goes on.
+    disk_free_floor_mb: int = 64
+    spool_reserve_mb: int = 4  # held back in a file, released to the spool when the disk fills
 
 
 @dataclass(frozen=True)
@@ -419,6 +424,9 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
                 "archive": r.boolean,
                 "archive_quota_mb": lambda n, q: r.number(n, q, 0, 10**9, integer=True),
                 "archive_ok_sample_rate": lambda n, q: r.number(n, q, 0, 1),
+                "disk_budget_mb": lambda n, q: r.number(n, q, 0, 10**9, integer=True),
+                "disk_free_floor_mb": lambda n, q: r.number(n, q, 0, 10**6, integer=True),
+                "spool_reserve_mb": lambda n, q: r.number(n, q, 0, 10**5, integer=True),
             },
             (),
         )
