@@ -79,14 +79,72 @@ def test_sessions_are_random_and_end_when_idle_or_logged_out():
     assert sessions.end_user("v") == 1 and sessions.get(c.token) is None
 
 
-def test_login_is_refused_for_a_while_after_repeated_failures():
-    sessions = Sessions()
-    for _ in range(auth.MAX_FAILURES - 1):
-        sessions.failed("mallory")
-    assert not sessions.locked_out("mallory")
-    sessions.failed("mallory")
-    assert sessions.locked_out("mallory")
-    assert not sessions.locked_out("alice"), "one user's failures do not lock others out"
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_login_delay_grows_exponentially_per_address_up_to_a_cap_and_is_forgotten_later():
+    clock = FakeClock()
+    t = auth.LoginThrottle(clock)
+    for i in range(auth.FREE_FAILURES):  # the first few mistakes cost nothing
+        assert t.retry_after("10.0.0.5", f"name{i}", False) == (0.0, None)
+        t.failed("10.0.0.5", f"name{i}", False)
+    waits = []
+    for i in range(12):
+        wait, why = t.retry_after("10.0.0.5", "another", False)
+        assert why == "address"
+        waits.append(wait)
+        clock.now += wait  # the client waits as told, then fails again
+        assert t.retry_after("10.0.0.5", "another", False) == (0.0, None)
+        t.failed("10.0.0.5", f"x{i}", False)
+    assert waits[:4] == [1.0, 2.0, 4.0, 8.0], "the delay doubles with every failure"
+    assert max(waits) == auth.MAX_DELAY_S and waits[-1] == auth.MAX_DELAY_S, "and is capped"
+    assert t.retry_after("10.0.0.6", "another", False) == (0.0, None), "other addresses are not slowed"
+    clock.now += auth.FAILURE_MEMORY_S + 1
+    assert t.retry_after("10.0.0.5", "another", False) == (0.0, None), "old failures are forgotten"
+
+
+def test_failures_against_a_user_from_elsewhere_never_lock_out_the_user_at_their_own_station():
+    clock = FakeClock()
+    t = auth.LoginThrottle(clock)
+    t.succeeded("10.1.1.1", "alice")  # alice's station
+    for i in range(20):  # a distributed guess: one failure per address, so no address is throttled
+        t.failed(f"10.9.0.{i}", "alice", True)
+        clock.now += 0.01
+    wait, why = t.retry_after("10.9.9.9", "alice", True)
+    assert why == "user" and 0 < wait <= auth.MAX_DELAY_S, "from a new address alice's name is slowed"
+    assert t.retry_after("10.1.1.1", "alice", True) == (0.0, None), "at her own station alice logs in at once"
+    clock.now += auth.MAX_DELAY_S
+    assert t.retry_after("10.9.9.9", "alice", True) == (0.0, None), "a delay, never a lock"
+
+
+def test_the_failure_table_is_bounded_and_a_flood_of_made_up_names_evicts_only_the_flooders_own_entries():
+    clock = FakeClock()
+    t = auth.LoginThrottle(clock)
+    t.succeeded("10.1.1.1", "alice")
+    for i in range(auth.FREE_FAILURES + 1):  # the victim's name under a distributed guess
+        t.failed(f"10.8.0.{i}", "alice", True)
+    assert t.retry_after("10.8.9.9", "alice", True)[1] == "user"
+    for i in range(3 * auth.MAX_TRACKED_NAMES):  # 12,000 made-up names from one address
+        t.failed("10.66.6.6", f"made-up-{i}", False)
+    assert t.retry_after("10.66.6.6", "alice", True)[1] == "address", "spraying names is throttled too"
+    assert t.tracked()["addresses"] == auth.FREE_FAILURES + 2, "one address, one entry, however many names"
+    for i in range(2 * auth.MAX_TRACKED_ADDRESSES):  # and from 8,000 addresses
+        t.failed(f"10.{100 + i // 65536}.{i // 256 % 256}.{i % 256}", f"spray-{i}", False)
+    sizes = t.tracked()
+    assert sizes["others"] <= auth.MAX_TRACKED_NAMES and sizes["addresses"] <= auth.MAX_TRACKED_ADDRESSES
+    assert sizes["users"] == 1
+    assert t.retry_after("10.8.9.9", "alice", True)[1] == "user", "the victim's throttle survived the flood"
+    assert t.retry_after("10.1.1.1", "alice", True) == (0.0, None)
+
+
+def test_ipv6_clients_are_throttled_per_64_prefix():
+    assert auth.address_key("2001:db8:1:2:aaaa::1") == auth.address_key("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
+    assert auth.address_key("::ffff:10.0.0.1") == "10.0.0.1" and auth.address_key("unix") == "unix"
 
 
 def _web_user(argv: list[str], stdin: str, monkeypatch) -> int:

@@ -12,14 +12,17 @@ restart logs everyone out, which is acceptable for a line-side station.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,12 @@ MIN_PASSWORD = 8
 #: A shift: idle sessions end after this long; any session ends after MAX_AGE_S.
 IDLE_TIMEOUT_S = 8 * 3600
 MAX_AGE_S = 12 * 3600
-#: Failed logins per user name within the window before further attempts are refused for a while.
-MAX_FAILURES, FAILURE_WINDOW_S, LOCKOUT_S = 5, 300.0, 60.0
+#: Login throttling (see :class:`LoginThrottle`): this many failures are free, then each further
+#: attempt waits BASE_DELAY_S, doubling per failure up to MAX_DELAY_S; failures are forgotten
+#: FAILURE_MEMORY_S after the last one.
+FREE_FAILURES, BASE_DELAY_S, MAX_DELAY_S, FAILURE_MEMORY_S = 5, 1.0, 60.0, 900.0
+#: Bounds of the throttle's tables (least recently used entries go first).
+MAX_TRACKED_ADDRESSES, MAX_TRACKED_NAMES, KNOWN_ADDRESSES_PER_USER = 4096, 4096, 8
 
 
 class AuthError(ValueError):
@@ -177,14 +184,148 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
 
 
-class Sessions:
-    """Server-side sessions with idle and absolute expiry, and per-user login throttling."""
+@dataclass
+class _Backoff:
+    """Recent failures of one address or one name, and the wait they impose."""
 
-    def __init__(self, idle_timeout_s: float = IDLE_TIMEOUT_S, max_age_s: float = MAX_AGE_S):
+    failures: int = 0
+    last: float = 0.0
+    known: list[str] = field(default_factory=list)  # users only: addresses they logged in from
+
+    def forget_if_stale(self, now: float) -> None:
+        if self.failures and now - self.last > FAILURE_MEMORY_S:
+            self.failures = 0
+
+    def wait(self, now: float) -> float:
+        """Seconds before the next attempt may be checked (0: now)."""
+        self.forget_if_stale(now)
+        if self.failures < FREE_FAILURES:
+            return 0.0
+        doublings = min(self.failures - FREE_FAILURES, 32)  # past the cap anyway; 2.0**n overflows
+        delay = min(BASE_DELAY_S * 2.0**doublings, MAX_DELAY_S)
+        return max(0.0, self.last + delay - now)
+
+    def fail(self, now: float) -> None:
+        self.forget_if_stale(now)
+        self.failures += 1
+        self.last = now
+
+
+def address_key(address: str) -> str:
+    """The throttling bucket of a client address: the address, or its /64 for IPv6 (one host
+    usually holds a whole /64, so per-address buckets would be free to multiply)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # a dual-stack socket's view of an IPv4 client
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class LoginThrottle:
+    """Failed-login throttling per client address and per user name, with a growing delay.
+
+    * **Per address**: after :data:`FREE_FAILURES` failures from an address (any names), each
+      further attempt from it must wait a delay that doubles per failure, up to
+      :data:`MAX_DELAY_S`. Spraying names from one address is slowed like guessing one.
+    * **Per name**: the same for failures against one name from any address (a distributed
+      guess), except from addresses the user has logged in from before: another client's
+      failures never lock the real user out at their own station, and elsewhere they only delay
+      (at most :data:`MAX_DELAY_S`), never lock.
+    * **Bounded without being clearable**: addresses and names live in LRU tables. Names of real
+      users have a table of their own (as many entries as there are users), so a flood of made-up
+      names can only evict made-up names, and a flood from one address is one entry. Made-up names
+      are throttled like real ones, so a 429 does not tell which names exist.
+
+    A refused attempt does not check the password and does not count as a failure.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._addresses: collections.OrderedDict[str, _Backoff] = collections.OrderedDict()
+        self._users: collections.OrderedDict[str, _Backoff] = collections.OrderedDict()
+        self._others: collections.OrderedDict[str, _Backoff] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _entry(table: collections.OrderedDict[str, _Backoff], key: str, limit: int, create: bool) -> _Backoff | None:
+        entry = table.get(key)
+        if entry is None:
+            if not create:
+                return None
+            entry = table[key] = _Backoff()
+            while len(table) > limit:
+                table.popitem(last=False)
+        table.move_to_end(key)
+        return entry
+
+    def _name_table(self, real_user: bool) -> collections.OrderedDict[str, _Backoff]:
+        return self._users if real_user else self._others
+
+    def retry_after(self, address: str, name: str, real_user: bool) -> tuple[float, str | None]:
+        """(seconds to wait, ``"address"`` or ``"user"``) before an attempt for ``name`` from
+        ``address`` may be checked; (0, None) when it may be checked now."""
+        now = self._clock()
+        key = address_key(address)
+        with self._lock:
+            by_address = self._entry(self._addresses, key, MAX_TRACKED_ADDRESSES, create=False)
+            wait = by_address.wait(now) if by_address else 0.0
+            if wait > 0:
+                return wait, "address"
+            by_name = self._entry(self._name_table(real_user), name, MAX_TRACKED_NAMES, create=False)
+            if by_name is not None and key not in by_name.known:
+                wait = by_name.wait(now)
+                if wait > 0:
+                    return wait, "user"
+        return 0.0, None
+
+    def failed(self, address: str, name: str, real_user: bool) -> None:
+        """Count a wrong password (or unknown name) for ``name`` from ``address``."""
+        now = self._clock()
+        with self._lock:
+            by_address = self._entry(self._addresses, address_key(address), MAX_TRACKED_ADDRESSES, create=True)
+            assert by_address is not None
+            by_address.fail(now)
+            by_name = self._entry(self._name_table(real_user), name, MAX_TRACKED_NAMES, create=True)
+            assert by_name is not None
+            by_name.fail(now)
+
+    def succeeded(self, address: str, name: str) -> None:
+        """A good login: the address's and the user's failures are cleared, and the address is
+        remembered as one this user logs in from."""
+        key = address_key(address)
+        with self._lock:
+            self._addresses.pop(key, None)
+            user = self._entry(self._users, name, MAX_TRACKED_NAMES, create=True)
+            assert user is not None
+            user.failures = 0
+            if key in user.known:
+                user.known.remove(key)
+            user.known.append(key)
+            del user.known[:-KNOWN_ADDRESSES_PER_USER]
+
+    def tracked(self) -> dict[str, int]:
+        """Table sizes (for tests and the system page)."""
+        with self._lock:
+            return {"addresses": len(self._addresses), "users": len(self._users), "others": len(self._others)}
+
+
+class Sessions:
+    """Server-side sessions with idle and absolute expiry, and login throttling (:attr:`throttle`)."""
+
+    def __init__(
+        self,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        max_age_s: float = MAX_AGE_S,
+        throttle: LoginThrottle | None = None,
+    ):
         self.idle_timeout_s = idle_timeout_s
         self.max_age_s = max_age_s
+        self.throttle = throttle or LoginThrottle()
         self._sessions: dict[str, Session] = {}
-        self._failures: dict[str, list[float]] = {}
         self._lock = threading.Lock()
 
     def create(self, user: User) -> Session:
@@ -192,7 +333,6 @@ class Sessions:
         s = Session(secrets.token_urlsafe(32), user.name, user.role, secrets.token_urlsafe(32))
         with self._lock:
             self._sessions[s.token] = s
-            self._failures.pop(user.name, None)
         return s
 
     def get(self, token: str | None) -> Session | None:
@@ -221,20 +361,6 @@ class Sessions:
             for t in gone:
                 del self._sessions[t]
             return len(gone)
-
-    def locked_out(self, name: str) -> bool:
-        """Whether logins for ``name`` are refused for now after too many recent failures."""
-        now = time.monotonic()
-        with self._lock:
-            recent = [t for t in self._failures.get(name, []) if now - t < FAILURE_WINDOW_S]
-            self._failures[name] = recent
-            return len(recent) >= MAX_FAILURES and now - recent[-1] < LOCKOUT_S
-
-    def failed(self, name: str) -> None:
-        with self._lock:
-            self._failures.setdefault(name, []).append(time.monotonic())
-            if len(self._failures) > 10_000:  # bound memory against floods of made-up names
-                self._failures.clear()
 
 
 def csrf_ok(session: Session, header_value: str | None) -> bool:

@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import logging
+import math
 import mimetypes
 import re
 import threading
@@ -74,10 +75,11 @@ class WebConfig:
 class HttpError(Exception):
     """An error answer: status code and a message for the page."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 @dataclass(frozen=True)
@@ -204,9 +206,11 @@ class StationHandler(BaseHTTPRequestHandler):
                 *groups
             )
         except HttpError as exc:
-            if not self._body_read:  # an unread body would be taken for the next request
+            headers = dict(exc.headers)
+            if not self._body_read:  # an unread body would be taken for the next request: say we close
+                headers["Connection"] = "close"
                 self.close_connection = True
-            self._send_json(exc.status, {"error": exc.message})
+            self._send_json(exc.status, {"error": exc.message}, headers)
         except NotFoundError as exc:
             self._send_json(404, {"error": str(exc)})
         except (StationError, RecipeError, ImageError, AuthError) as exc:
@@ -262,15 +266,32 @@ class StationHandler(BaseHTTPRequestHandler):
         if urlsplit(origin).netloc != host:
             raise HttpError(403, "cross-origin request refused")
 
-    def _body(self, route: Route) -> dict[str, Any]:
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise HttpError(400, "bad Content-Length") from None
+    def _content_length(self, route: Route) -> int:
+        """The body's declared length, refused before a byte of the body is read when it is missing
+        (411), not a plain decimal number or given twice (400), or over the route's limit (413).
+
+        ``rfile.read(-1)`` would read until the peer closes, and ``int()`` accepts ``-1``,
+        ``+5``, ``1_0`` and spaces: only digits pass here.
+        """
+        values = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding"):
+            raise HttpError(411, "send the body with a Content-Length (chunked request bodies are not accepted)")
+        if not values:
+            raise HttpError(411, "Content-Length is required")
+        if len(set(values)) != 1 or not re.fullmatch(r"[0-9]{1,15}", values[0]):
+            raise HttpError(400, f"bad Content-Length {', '.join(values)[:40]!r}")
+        length = int(values[0])
         if length > route.max_body:
             raise HttpError(413, f"request body too large ({length} bytes, at most {route.max_body})")
+        return length
+
+    def _body(self, route: Route) -> dict[str, Any]:
+        length = self._content_length(route)
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         raw = self.rfile.read(length) if length else b""
+        if len(raw) != length:  # the peer closed early: nothing more will come on this connection
+            self.close_connection = True
+            raise HttpError(400, f"request body ended after {len(raw)} of {length} bytes")
         self._body_read = True
         if ctype != "application/json":
             raise HttpError(415, "send JSON (Content-Type: application/json)")
@@ -345,19 +366,27 @@ class StationHandler(BaseHTTPRequestHandler):
         if not isinstance(name, str) or not isinstance(password, str):
             raise HttpError(400, "username and password are required")
         sessions = self.server.sessions
-        if sessions.locked_out(name):
-            raise HttpError(429, "too many failed logins; wait a minute")
+        remote = self.client_address[0]
+        name = name[:64]  # longer names are never valid; keeps the throttle's keys small
+        real = self.server.users.get(name) is not None
+        wait, why = sessions.throttle.retry_after(remote, name, real)
+        if wait > 0:
+            # Refused without checking the password: the delay grows with every failure, capped.
+            seconds = math.ceil(wait)
+            who = "from this address" if why == "address" else "for this user name"
+            raise HttpError(
+                429, f"too many failed logins {who}; try again in {seconds} s", {"Retry-After": str(seconds)}
+            )
         user = self.server.users.authenticate(name, password)
         if user is None:
-            sessions.failed(name)
-            self.server.audit.append(name, "-", "session.login", None, {"ok": False, "remote": self.client_address[0]})
+            sessions.throttle.failed(remote, name, real)
+            self.server.audit.append(name, "-", "session.login", None, {"ok": False, "remote": remote})
             raise HttpError(401, "wrong user name or password")
+        sessions.throttle.succeeded(remote, name)
         if self.session is not None:
             sessions.end(self.session.token)
         s = sessions.create(user)
-        self.server.audit.append(
-            user.name, user.role, "session.login", None, {"ok": True, "remote": self.client_address[0]}
-        )
+        self.server.audit.append(user.name, user.role, "session.login", None, {"ok": True, "remote": remote})
         cookie = f"{COOKIE}={s.token}; Path=/; HttpOnly; SameSite=Strict" + (
             "; Secure" if self.server.config.secure_cookie else ""
         )
