@@ -2,7 +2,9 @@
 
 Both run in the same process, interleaved, on the same inputs and thread count, so the ratio is
 meaningful on a noisy machine; absolute milliseconds are not. The reference is the exporter's own
-torch modules rebuilt from the registry weights (default bundle); needs the [export] extra.
+torch encoder rebuilt for the bundle's source (``export.vision.reference_encoder``): the registry
+weights for the default bundle, the recorded seed for ``--random-weights`` exports of the other
+single-layer sources (wide_resnet50, dinov2-*); needs the [export] extra.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import numpy as np
 import torch
 
 from anomalygpt_edge.engines.bundle import EngineBundle
-from anomalygpt_edge.export import efficientnet_encoder as eff
 from anomalygpt_edge.export.bank_matcher import BankMatcher
+from anomalygpt_edge.export.vision import reference_encoder
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -77,17 +79,17 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``bench vision``."""
     bundle = EngineBundle.open(args.bundle, backend=args.backend)
     m = bundle.manifest
-    if m.source.get("kind") != "efficientnet-lite0":
-        print(
-            f"error: bench vision compares against the default encoder; this bundle's source is {m.source.get('kind')}",
-            file=sys.stderr,
-        )
+    try:
+        if len(m.patch_layers) != 1:
+            raise ValueError(f"a {m.source.get('kind')} bundle has {len(m.patch_layers)} patch layers, not one")
+        encoder_t = reference_encoder(m)
+    except ValueError as exc:
+        print(f"error: bench vision: {exc}", file=sys.stderr)
         return 2
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     size = m.preprocess.size
     layer = m.patch_layers[0]
-    encoder_t = eff.EfficientNetPatchEncoder(eff.load_efficientnet_lite0(size[0]), taps=tuple(m.source["taps"])).eval()
     matcher_t = BankMatcher(1, layer.grid, m.map_size, metric=m.matching["metric"]).eval()
     encoder_o = bundle.engine("encoder")
     matcher_o = bundle.engine("bank_matcher")
@@ -126,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "bundle": str(args.bundle),
         "bundle_sha256": bundle.sha256,
+        "source": m.source.get("kind"),
+        "weights": m.source.get("weights", "checkpoints"),
+        "patch_grid": list(layer.grid),
+        "feature_dim": layer.dim,
+        # What a device stores: every file of the bundle, FP16 variants included.
+        "bundle_bytes": sum(f.size for f in m.files.values()),
         "backend": encoder_o.describe(),
         "input": list(size),
         "bank_patches": int(bank.shape[0]),

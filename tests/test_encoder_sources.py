@@ -297,7 +297,9 @@ def test_bank_matcher_scores_the_enrolled_image_as_normal_and_matches_eager(
         assert _max_diff(ort[f"{source}/anomaly_map"], amap.numpy()) <= 1e-5
 
 
-def test_random_weights_bundle_is_rebuilt_by_the_bench_reference(tmp_path: Path, bundles: dict[str, Path]) -> None:
+def test_random_weights_bundle_is_rebuilt_from_its_seed_for_bench_vision(
+    tmp_path: Path, bundles: dict[str, Path]
+) -> None:
     out = _export(
         "dinov2-small", tmp_path / "rand", "--random-weights", "--seed", "3", "--image-size", "56", "--no-fp16"
     )
@@ -344,11 +346,11 @@ def test_wrong_shape_is_named_with_file_and_model_shapes(wrn_net: wrn.WideResNet
     )
 
 
-def test_pickled_code_in_a_weights_file_is_refused(tmp_path: Path) -> None:
+def test_pickled_code_in_a_weights_file_is_refused(dino_net: dinov2.DinoVisionTransformer, tmp_path: Path) -> None:
     path = tmp_path / "model.pth"
-    torch.save({"net": vision.build_dinov2("dinov2-small").patch_embed}, path)  # a pickled module, not tensors
+    torch.save({"net": torch.nn.Linear(2, 2)}, path)  # a pickled module, not plain tensors
     with pytest.raises(ckpt.CheckpointError, match=r"model.pth: refused"):
-        vision.load_weights("dinov2-small", vision.build_dinov2("dinov2-small"), path, dinov2.VITS14.weights_url)
+        vision.load_weights("dinov2-small", dino_net, path, dinov2.VITS14.weights_url)
 
 
 def test_failed_download_says_so_in_one_line_and_names_the_flag(
