@@ -32,18 +32,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {anomalygpt_edge.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
     return parser
 
 
+def is_expected_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error the product raises on purpose, with a message that names the file
+    and what is wrong (any exception class of this package: BundleError, EngineError, RecipeError,
+    ImageError, ConfigError, ...), or an OS error (missing file, permissions, disk full). Anything
+    else is a bug and keeps its traceback."""
+    if isinstance(exc, OSError):
+        return True
+    root = __name__.split(".")[0]  # "anomalygpt_edge"
+    return any(
+        cls.__module__ == root or cls.__module__.startswith(root + ".")
+        for cls in type(exc).__mro__
+        if issubclass(cls, Exception)
+    )
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an expected error: the message, with an OS error's file name in front."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())  # messages that wrap or carry a traceback's newlines stay on one line
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; returns the process exit code."""
+    """Parse ``argv`` and run the chosen subcommand; returns the process exit code.
+
+    An expected error (:func:`is_expected_error`) ends the command with one line on stderr and
+    exit code 2; ``--debug`` shows its traceback instead. This is the one place that does it, so
+    every subcommand gets the same treatment.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose or args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -54,4 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         if exc.name in ("torch", "onnx"):
             parser.exit(2, f"anomalygpt-edge {args.command}: needs {exc.name}; install the [export] extra\n")
         raise
-    return int(handler(args) or 0)
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"anomalygpt-edge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug or not is_expected_error(exc):
+            raise
+        print(
+            f"anomalygpt-edge {args.command}: error: {error_line(exc)} (--debug shows the traceback)", file=sys.stderr
+        )
+        return 2

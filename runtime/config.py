@@ -462,7 +462,7 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         **r.fields(
             top.get("limits", _empty()),
             "limits",
-            {"max_image_pixels": lambda n, q: r.number(n, q, 1, 2**31, integer=True)},
+            {"max_image_pixels": lambda n, q: r.number(n, q, 1, integer=True)},
             (),
         )
     )
