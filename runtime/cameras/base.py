@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +66,10 @@ class CameraSource(abc.ABC):
 
     def describe(self) -> str:
         return f"{self.kind}:{self.config.source}"
+
+    def stats(self) -> dict[str, Any]:
+        """Source-specific counters merged into the camera's status (e.g. files skipped)."""
+        return {}
 
 
 _SOURCES: dict[str, type[CameraSource]] = {}
@@ -161,6 +166,7 @@ class Camera:
             "reason": self.reason,
             "frames": self.frames,
             "reconnects": self.reconnects,
+            **self.source.stats(),
         }
 
     # -- the grabbing thread --------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import platform
 import sys
@@ -31,10 +32,11 @@ import numpy as np
 
 from anomalygpt_edge.calibration.threshold import Threshold
 from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.runtime.cameras.image_folder import list_images
 from anomalygpt_edge.runtime.enrollment import Enroller
 from anomalygpt_edge.runtime.heatmap import overlay
 from anomalygpt_edge.runtime.inspector import Inspector
-from anomalygpt_edge.runtime.preprocess import ImageError, crop_roi
+from anomalygpt_edge.runtime.preprocess import ImageError, crop_roi, decode_image, read_image
 from anomalygpt_edge.runtime.recipes import Recipe, RecipeError, RecipeStore
 from anomalygpt_edge.runtime.verdict import Region, Verdict
 
@@ -45,6 +47,7 @@ JPEG_QUALITY = 85
 HISTORY_SIZE = 2000
 KEEP_OK_IMAGE_EVERY = 10
 MAX_UPLOAD_IMAGES = 64
+MAX_REMEMBERED_UPLOADS = 4096  # per recipe: upload hashes kept to skip repeats before decoding
 
 
 class StationError(ValueError):
@@ -162,6 +165,8 @@ class FrameGrabber:
     def __init__(self, spec: CameraSpec):
         self.spec = spec
         self.status = "starting"
+        self.skipped = 0  # image-folder files that could not be read
+        self.last_error: str | None = None
         self._frame: Frame | None = None
         self._seq = 0
         self._lock = threading.Lock()
@@ -188,15 +193,19 @@ class FrameGrabber:
     def _images(self) -> Iterable[np.ndarray]:
         spec = self.spec
         if spec.kind == "image_folder":
-            files = sorted(
-                p for p in Path(spec.source).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}
-            )
+            files = list_images(Path(spec.source))
             if not files:
                 raise OSError(f"{spec.source}: no images")
             for p in files:
-                image = cv2.imread(str(p), cv2.IMREAD_COLOR)
-                if image is not None:
-                    yield image
+                try:
+                    # The same header check and pixel limit as the daemon's cameras: a huge or
+                    # broken file is skipped (and said), the files after it still come.
+                    image = read_image(p)
+                except ImageError as exc:
+                    self.skipped += 1
+                    self.last_error = str(exc)
+                    continue
+                yield image
             return
         src: int | str = int(spec.source) if spec.source.isdigit() else spec.source
         cap = cv2.VideoCapture(src)
@@ -405,6 +414,9 @@ class StationBase:
         self.log = VerdictLog()
         self._enroll_lock = threading.Lock()  # an enroller rebuilds one recipe at a time
         self._last_capture: dict[tuple[str, str], int] = {}
+        # recipe -> sha256 of uploaded file bytes -> sha256 of the golden sample it became
+        self._uploads: dict[str, dict[str, str]] = {}
+        self._uploads_lock = threading.Lock()
         self._explainer_factory = explainer_factory
         self._explainer: Any = None
         self._explainer_error: str | None = None
@@ -516,15 +528,47 @@ class StationBase:
             raise StationError("no files uploaded")
         if len(files) > MAX_UPLOAD_IMAGES:
             raise StationError(f"at most {MAX_UPLOAD_IMAGES} images per upload")
-        images = []
+        enrolled = {s.sha256 for s in self.store.load(recipe).samples}
+        known = self._uploads.get(recipe, {})
+        images, hashes, skipped, seen = [], [], [], set()
+        # Every file is hashed and its header checked before any is decoded: a duplicate costs a
+        # hash, an oversized or broken file is refused (naming it) before a pixel is allocated.
         for fname, data in files:
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-            if image is None:
-                raise StationError(f"{fname}: not a decodable image")
-            images.append((Path(fname).name or "upload", image))
+            label = Path(fname).name or "upload"
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in seen or known.get(digest) in enrolled:
+                skipped.append(f"{label}: already enrolled" if digest not in seen else f"{label}: uploaded twice")
+                continue
+            seen.add(digest)
+            try:
+                images.append((label, decode_image(data, fname)))
+            except ImageError as exc:
+                raise StationError(str(exc)) from None
+            hashes.append(digest)
         with self._enroll_lock:
+            before = {s.sha256 for s in self.store.load(recipe).samples}
             result = self.enroller_for(None).add(recipe, images)
+        self._remember_uploads(recipe, images, hashes, result, before)
+        result.skipped = skipped + list(result.skipped)
         return self._step(recipe, result)
+
+    def _remember_uploads(
+        self, recipe: str, images: list[tuple[str, Any]], hashes: list[str], result: Any, before: set[str]
+    ) -> None:
+        """Map upload bytes to the sample they became, so the same file is skipped next time undecoded.
+
+        Only when the mapping is certain: one new sample per uploaded file, in order (the
+        enroller adds them in input order and skips none). Otherwise nothing is remembered and a
+        repeated upload is decoded and then skipped by the enroller, as before.
+        """
+        new = [s.sha256 for s in result.recipe.samples if s.sha256 not in before]
+        if len(new) != len(images) or result.skipped:
+            return
+        with self._uploads_lock:
+            table = self._uploads.setdefault(recipe, {})
+            table.update(zip(hashes, new))
+            while len(table) > MAX_REMEMBERED_UPLOADS:
+                table.pop(next(iter(table)))
 
     def enroll_remove(self, recipe: str, sample: str) -> dict[str, Any]:
         with self._enroll_lock:
@@ -756,6 +800,8 @@ class LocalStation(StationBase):
                     "frame_size": list(frame.image.shape[1::-1]) if frame else None,
                     "frame_seq": frame.seq if frame else None,
                     "inspection_error": cam.error,
+                    "skipped": cam.grabber.skipped,
+                    "last_error": cam.grabber.last_error,
                     **self.log.rates(name),
                 }
             )
