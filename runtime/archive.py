@@ -11,6 +11,14 @@ are bounded by ``quota_bytes``: before a file is written, the oldest files are e
 new one fits (the row keeps its place and records that its image was evicted). When the disk
 itself is full (``ENOSPC``) or a write fails, the archive counts it, remembers the error and
 carries on: inspection never stops because the archive cannot write.
+
+Disk (issue 12): with a :class:`DiskBudget` the archive shares one budget with the spool and
+both SQLite WALs (their files are measured, not guessed), and it is the first to give way: below
+twice the free-space floor (or near the budget) it stops writing images, below the floor (or over
+the budget) it stops writing rows too and keeps them in memory (bounded) until there is room
+again, so the spool always finds space for verdicts. Everything resumes by itself. An archive
+database that cannot be opened is moved aside (``archive.db.corrupt-<UTC time>``) and a fresh one
+started; the images already on disk are taken back into the quota ledger.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import queue
 import shutil
 import sqlite3
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +43,111 @@ from typing import Any
 
 import numpy as np
 
+from anomalygpt_edge.runtime.spool import (
+    JOURNAL_SIZE_LIMIT,
+    WAL_AUTOCHECKPOINT_PAGES,
+    free_bytes,
+    is_disk_full,
+    move_aside,
+)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_QUOTA_BYTES = 2 * 1024**3
 JPEG_QUALITY = 90
+#: Rows held in memory while the disk is too full to write them (then the oldest are dropped, counted).
+MAX_DEFERRED_ROWS = 5000
+#: Disk levels, from healthy to full (see :class:`DiskBudget`).
+LEVELS = ("ok", "low", "critical")
+
+
+class DiskBudget:
+    """One disk budget for the daemon's state folder: spool, archive, their WALs and images.
+
+    ``level()`` is ``ok``; ``low`` when free space is under twice ``floor_bytes`` or the files use
+    more than 90 % of ``budget_bytes`` (the archive stops writing images); ``critical`` under the
+    floor or over the budget (the archive stops writing rows too). ``budget_bytes`` 0 = no budget,
+    free space alone decides. Measured at most every ``interval_s`` (a few ``stat`` calls).
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        budget_bytes: int = 0,
+        floor_bytes: int = 0,
+        reserve_bytes: int = 0,
+        interval_s: float = 0.25,
+    ):
+        self.root = Path(root)
+        self.budget_bytes = max(0, int(budget_bytes))
+        self.floor_bytes = max(0, int(floor_bytes))
+        self.reserve_bytes = max(0, int(reserve_bytes))
+        self.interval_s = interval_s
+        self._files: list[Path] = []
+        self._extra: list[Callable[[], int]] = []
+        self._lock = threading.Lock()
+        self._cached: tuple[float, str, int, int] | None = None
+
+    def track(self, *paths: Path) -> None:
+        """Count these files (and their ``-wal``/``-shm`` companions) against the budget."""
+        with self._lock:
+            for p in paths:
+                p = Path(p)
+                self._files += [p, p.with_name(p.name + "-wal"), p.with_name(p.name + "-shm")]
+
+    def track_bytes(self, source: Callable[[], int]) -> None:
+        """Count ``source()`` bytes too (the archive's image files, which it tallies itself)."""
+        with self._lock:
+            self._extra.append(source)
+
+    def used_bytes(self) -> int:
+        total = 0
+        for p in list(self._files):
+            with contextlib.suppress(OSError):
+                total += p.stat().st_size
+        for source in list(self._extra):
+            with contextlib.suppress(Exception):
+                total += int(source())
+        return total
+
+    def measure(self) -> tuple[str, int, int]:
+        """``(level, used_bytes, free_bytes)``, cached for ``interval_s``."""
+        now = time.monotonic()
+        with self._lock:
+            if self._cached is not None and now - self._cached[0] < self.interval_s:
+                return self._cached[1:]
+        used, free = self.used_bytes(), free_bytes(self.root)
+        level = "ok"
+        budget = self.budget_bytes
+        if free < self.floor_bytes or (budget and used > budget):
+            level = "critical"
+        elif free < 2 * self.floor_bytes or (budget and used > 0.9 * budget):
+            level = "low"
+        with self._lock:
+            self._cached = (now, level, used, free)
+        return level, used, free
+
+    def level(self) -> str:
+        return self.measure()[0]
+
+    def image_allowance(self, image_bytes: int) -> int | None:
+        """Bytes of images the budget leaves room for (None: no budget), after the other files and
+        a tenth of the budget kept for rows and WAL growth."""
+        if not self.budget_bytes:
+            return None
+        other = self.used_bytes() - image_bytes
+        return max(0, int(self.budget_bytes * 0.9) - other - self.reserve_bytes)
+
+    def stats(self) -> dict[str, Any]:
+        level, used, free = self.measure()
+        return {
+            "level": level,
+            "used_bytes": used,
+            "free_bytes": free,
+            "budget_bytes": self.budget_bytes or None,
+            "floor_bytes": self.floor_bytes,
+        }
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -135,7 +246,11 @@ class ArchiveStats:
     images_failed: int = 0  # ENOSPC or another write error
     ok_sampled: int = 0
     queue_dropped: int = 0
+    images_skipped_disk: int = 0  # not written: disk low (free space under twice the floor) or budget
+    rows_deferred: int = 0  # held in memory: disk critical or full, written when space returns
+    rows_dropped_disk: int = 0  # deferred rows beyond MAX_DEFERRED_ROWS
     bytes_used: int = 0
+    disk: str = "ok"
     last_error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -151,6 +266,7 @@ class Archive:
         quota_bytes: int = DEFAULT_QUOTA_BYTES,
         ok_sample_rate: float = 0.0,
         jpeg_quality: int = JPEG_QUALITY,
+        disk: DiskBudget | None = None,
     ):
         if quota_bytes < 0:
             raise ValueError(f"archive quota_bytes must be >= 0, got {quota_bytes}")
@@ -163,18 +279,70 @@ class Archive:
         self.jpeg_quality = int(jpeg_quality)
         self.stats = ArchiveStats()
         self._ok_credit = 0.0  # deterministic sampling: keep one OK image each time credit reaches 1
-        self._lock = threading.Lock()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self.disk = disk
+        self._deferred: deque[tuple] = deque()
+        #: What happened to the store (moved aside …), for the status and logs.
+        self.events: list[dict[str, Any]] = []
+        self.db_path = self.root / "archive.db"
         try:
-            self._db = sqlite3.connect(self.root / "archive.db", isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArchiveError(f"archive {self.root}: cannot create the folder: {exc.strerror or exc}") from exc
+        try:
+            self._db = self._connect()
+        except ArchiveError as exc:
+            if not self.db_path.exists():
+                raise
+            # A damaged archive must not stop the line: keep it as evidence, start a fresh one.
+            try:
+                moved = move_aside(self.db_path)
+            except OSError as err:
+                raise ArchiveError(f"{exc}; and it cannot be moved aside: {err}") from err
+            message = f"{exc}; moved aside to {moved.name}, a fresh archive started"
+            self.events.append({"kind": "moved_aside", "message": message, "at": iso(time.time())})
+            self.stats.last_error = message
+            log.error("%s", message)
+            self._db = self._connect()
+            self._adopt_images()
+        if disk is not None:
+            disk.track(self.db_path)
+            disk.track_bytes(lambda: self.stats.bytes_used)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = None
+        try:
+            if self.db_path.is_dir():
+                raise ArchiveError(f"archive {self.db_path}: is a directory, not a database file")
+            db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
             # NORMAL: after a power cut the last few rows may roll back, but never corrupt; the
             # spool (synchronous=FULL) is what guarantees delivery, the archive is the local copy.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self.stats.bytes_used = int(self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM files").fetchone()[0])
-        except sqlite3.DatabaseError as exc:
-            raise ArchiveError(f"archive {self.root}: {exc}") from exc
+            db.execute("PRAGMA synchronous=NORMAL")
+            # Bounded WAL: checkpoint every MiB and truncate it back, so the WAL cannot fill the disk.
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+            db.executescript(_SCHEMA)
+            self.stats.bytes_used = int(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM files").fetchone()[0])
+            return db
+        except (sqlite3.DatabaseError, OSError) as exc:
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            raise ArchiveError(f"archive {self.db_path}: {exc}") from exc
+
+    def _adopt_images(self) -> None:
+        """Put the image files already on disk back into the ledger, so the quota still covers them."""
+        rows = []
+        for path in self.images_dir.rglob("*.jpg") if self.images_dir.is_dir() else ():
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                rows.append(
+                    (path.relative_to(self.images_dir).as_posix(), path.name.split(".")[0], st.st_size, st.st_mtime)
+                )
+        with contextlib.suppress(sqlite3.Error):
+            self._db.executemany("INSERT OR REPLACE INTO files(path, verdict_id, bytes, ts) VALUES (?, ?, ?, ?)", rows)
+            self.stats.bytes_used = sum(r[2] for r in rows)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -214,7 +382,12 @@ class Archive:
         kind = str(verdict.get("verdict", "ERROR"))
         if keep_image is None:
             keep_image = image is not None and self.wants_image(kind)
+        level = self._disk_level()
         paths: dict[str, str | None] = {"image": None, "heatmap": None}
+        if keep_image and level != "ok":
+            with self._lock:
+                self.stats.images_skipped_disk += 1  # images give way first, so rows and the spool keep room
+            keep_image = False
         if keep_image:
             day = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d")
             for name, array in (("image", image), ("heatmap", heatmap)):
@@ -238,19 +411,70 @@ class Archive:
             paths["heatmap"],
             json.dumps(verdict, separators=(",", ":"), default=str),
         )
+        if level == "critical":
+            self._defer(row)
+            return False
         try:
             with self._lock:
-                # OR IGNORE: a redelivered or replayed verdict keeps its first row.
-                self._db.execute(
-                    "INSERT OR IGNORE INTO verdicts(id, ts, captured_at, camera, recipe, verdict, score, threshold,"
-                    " part_id, frame_seq, reason, image, heatmap, json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    row,
-                )
-                self.stats.rows += 1
+                self._write_deferred()
+                self._insert([row])
             return True
         except sqlite3.DatabaseError as exc:  # "database or disk is full", read-only, …
-            self._fail_row(f"archive row {vid}: {exc}")
+            if is_disk_full(exc):
+                self._defer(row, f"archive row {vid} deferred: {exc}")
+            else:
+                self._fail_row(f"archive row {vid}: {exc}")
             return False
+
+    def _insert(self, rows: list[tuple]) -> None:
+        """Lock held. One transaction; OR IGNORE: a redelivered or replayed verdict keeps its first row."""
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO verdicts(id, ts, captured_at, camera, recipe, verdict, score, threshold,"
+                " part_id, frame_seq, reason, image, heatmap, json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            raise
+        self.stats.rows += len(rows)
+
+    def _defer(self, row: tuple, message: str | None = None) -> None:
+        with self._lock:
+            self._deferred.append(row)
+            self.stats.rows_deferred += 1
+            while len(self._deferred) > MAX_DEFERRED_ROWS:
+                self._deferred.popleft()
+                self.stats.rows_dropped_disk += 1
+            if message:
+                self.stats.last_error = message
+
+    def _write_deferred(self) -> None:
+        """Lock held: rows kept back while the disk was full go in first (raises like an insert)."""
+        while self._deferred:
+            batch = [self._deferred[i] for i in range(min(500, len(self._deferred)))]
+            self._insert(batch)
+            for _ in batch:
+                self._deferred.popleft()
+
+    def flush_deferred(self) -> int:
+        """Write rows kept back by a full disk if there is room now; returns how many are still waiting."""
+        with self._lock:
+            if self._deferred and self._disk_level() != "critical":
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    self._write_deferred()
+            return len(self._deferred)
+
+    def _disk_level(self) -> str:
+        level = self.disk.level() if self.disk is not None else "ok"
+        if level != self.stats.disk:
+            log.warning("archive: disk level %s -> %s", self.stats.disk, level)
+            self.stats.disk = level
+        return level
 
     def _write_image(self, rel: str, array: np.ndarray, vid: str, ts: float) -> str | None:
         import cv2  # imported here so that querying/exporting needs no OpenCV
@@ -261,12 +485,16 @@ class Archive:
             return None
         data = buf.tobytes()
         with self._lock:
-            if len(data) > self.quota_bytes:
+            quota = self.quota_bytes
+            allowance = self.disk.image_allowance(self.stats.bytes_used) if self.disk is not None else None
+            if allowance is not None:
+                quota = min(quota, allowance)  # the one disk budget caps the image quota too
+            if len(data) > quota:
                 self.stats.images_skipped_quota += 1
                 self.stats.last_error = f"image of {vid} ({len(data)} B) exceeds the archive quota"
                 return None
             try:
-                self._evict_until(self.quota_bytes - len(data))
+                self._evict_until(quota - len(data))
             except sqlite3.DatabaseError as exc:
                 self._fail_image(f"archive eviction: {exc}", locked=True)
                 return None
@@ -445,15 +673,32 @@ class ArchiveWriter:
     def depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def thread(self) -> threading.Thread:
+        """The writer thread (for liveness checks)."""
+        return self._thread
+
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                # Idle: rows kept back by a full disk go in by themselves once there is room.
+                with contextlib.suppress(Exception):
+                    self.archive.flush_deferred()
+                continue
+            if item is None:
+                self._queue.task_done()
+                return
             try:
                 self.archive.record(*item)
             except Exception as exc:  # never let the writer thread die: count and carry on
                 self.archive.stats.rows_failed += 1
                 self.archive.stats.last_error = f"archive writer: {exc!r}"
+                log.exception("archive writer")
                 if self._on_error:
-                    self._on_error(self.archive.stats.last_error)
+                    with contextlib.suppress(Exception):
+                        self._on_error(self.archive.stats.last_error)
             finally:
                 self._queue.task_done()
 

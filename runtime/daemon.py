@@ -13,6 +13,14 @@ Threads (few and named, so ``py-spy dump`` reads like the design):
 
 Fail safe: every triggered part gets exactly one answer (:meth:`Job.claim`); an engine error, a
 deadline overrun or a camera lost during a trigger is an explicit ERROR verdict with its reason.
+
+Faults (issue 12): answering never touches the disk on the answering thread (the verdict sender
+group-commits to the spool and replies as soon as the batch is durable, or at once from memory
+when the spool cannot commit); the deadline watchdog answers a little *before* the deadline, so
+the answer arrives in time; every long-lived thread runs under a last-resort handler that records
+the error, restarts the loop and marks the status ``degraded`` (a loop that keeps dying is marked
+dead, which stops the systemd watchdog pings); full disks, stores moved aside and dead threads
+are reasons in the status's ``problems`` with ``state: degraded``.
 """
 
 from __future__ import annotations
@@ -58,30 +66,66 @@ from anomalygpt_edge.runtime.vision import VisionPipeline
 
 log = logging.getLogger(__name__)
 FOLDER_POLL_S = 0.05
+#: A folder-watch file still 0 bytes after this long (or the binding's settle_ms) is answered ERROR.
+EMPTY_FILE_SETTLE_S = 1.0
+#: The deadline watchdog answers this share of the deadline early (at most ANSWER_MARGIN_MAX_S),
+#: leaving time to publish, so the ERROR reaches the PLC before the deadline rather than after it.
+ANSWER_MARGIN = 0.1
+ANSWER_MARGIN_MAX_S = 0.1
+#: A supervised loop that crashes this often within CRASH_WINDOW_S is given up on (marked dead).
+MAX_CRASHES = 5
+CRASH_WINDOW_S = 60.0
+#: How long a store moved aside at start-up keeps the status degraded.
+EVENT_DEGRADED_S = 300.0
 
 
 class DeadlineWatchdog:
     """Answers triggered jobs whose deadline passed before the worker could."""
 
-    def __init__(self, on_expired: Any):
+    def __init__(self, on_expired: Any, on_error: Callable[[str], None] | None = None):
         self._on_expired = on_expired
+        self._on_error = on_error
         self._heap: list[tuple[float, int, Job]] = []
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="deadline-watchdog", daemon=True)
-        self._thread.start()
+        self.failures = 0
+        self.thread = threading.Thread(target=self._guarded, name="deadline-watchdog", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def answer_by(job: Job) -> float:
+        """When the watchdog answers ``job``: its deadline less a publishing margin."""
+        budget = max(0.0, job.deadline_mono - job.created_mono)
+        return job.deadline_mono - min(ANSWER_MARGIN_MAX_S, ANSWER_MARGIN * budget)
 
     def track(self, job: Job) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (job.deadline_mono, next(self._ids), job))
+            heapq.heappush(self._heap, (self.answer_by(job), next(self._ids), job))
             self._cond.notify()
 
     def stop(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        self._thread.join(2.0)
+        self.thread.join(2.0)
+
+    def _guarded(self) -> None:
+        # Last resort: the watchdog is what answers parts nobody else could; it must not die.
+        while True:
+            try:
+                self._run()
+                return
+            except Exception as exc:
+                self._fail(f"deadline watchdog failed: {exc!r}")
+                time.sleep(0.05)
+
+    def _fail(self, message: str) -> None:
+        self.failures += 1
+        log.exception(message)
+        if self._on_error is not None:
+            with contextlib.suppress(Exception):
+                self._on_error(message)
 
     def _run(self) -> None:
         while True:
@@ -97,8 +141,8 @@ class DeadlineWatchdog:
                 _, _, job = heapq.heappop(self._heap)
             try:
                 self._on_expired(job)
-            except Exception:
-                log.exception("deadline answer failed")
+            except Exception as exc:
+                self._fail(f"deadline answer for camera {job.camera} failed: {exc!r}")
 
 
 class Daemon:
@@ -127,6 +171,11 @@ class Daemon:
         self.link: MqttLink | None = None
         self.spool = None
         self.archive = None
+        self.disk = None  # DiskBudget of storage.data (runtime/archive.py)
+        # Supervised loops: name -> crash times (recent), and the last crash's reason.
+        self._crashes: dict[str, list[float]] = collections.defaultdict(list)
+        self._crash_reason: dict[str, str] = {}
+        self._previous_excepthook: Any = None
         self.explainer = None
         self.explanations = None
         # Observers of published verdicts and explanations (the technician station); called on the
@@ -229,18 +278,38 @@ class Daemon:
         return previous
 
     def _open_storage(self) -> None:
+        """Spool and archive under one disk budget; a damaged store is moved aside, never fatal."""
+        from anomalygpt_edge.runtime.archive import DiskBudget
+
         st = self.config.storage
+        mb = 1024**2
+        floor, reserve = st.disk_free_floor_mb * mb, st.spool_reserve_mb * mb
+        self.disk = DiskBudget(st.data, st.disk_budget_mb * mb, floor, reserve if st.spool else 0)
         if st.spool:
             from anomalygpt_edge.runtime.spool import VerdictSpool
 
-            self.spool = VerdictSpool(st.data / "spool.db", max_rows=st.spool_max_rows, max_age_s=st.spool_max_age_s)
+            self.spool = VerdictSpool(
+                st.data / "spool.db",
+                max_rows=st.spool_max_rows,
+                max_age_s=st.spool_max_age_s,
+                reserve_bytes=reserve,
+                free_floor_bytes=floor,
+            )
+            self.disk.track(self.spool.path)
+            for event in self.spool.events:
+                self.health.error(event["message"])
         if st.archive:
             from anomalygpt_edge.runtime.archive import Archive, ArchiveWriter
 
             archive = Archive(
-                st.data / "archive", quota_bytes=st.archive_quota_mb * 1024**2, ok_sample_rate=st.archive_ok_sample_rate
+                st.data / "archive",
+                quota_bytes=st.archive_quota_mb * mb,
+                ok_sample_rate=st.archive_ok_sample_rate,
+                disk=self.disk,
             )
-            self.archive = ArchiveWriter(archive)
+            for event in archive.events:
+                self.health.error(event["message"])
+            self.archive = ArchiveWriter(archive, on_error=self._note_error)
 
     def _open_llm(self) -> None:
         cfg = self.config.llm
@@ -261,8 +330,10 @@ class Daemon:
         self._open_engines()
         self._open_storage()
         self._open_llm()
-        self.watchdog = DeadlineWatchdog(self._on_deadline)
+        self._install_excepthook()
+        self.watchdog = DeadlineWatchdog(self._on_deadline, on_error=self._note_error)
         self.link = MqttLink(self.config.mqtt, self.config.device_id, self.commands.receive, self.status, self.spool)
+        self.link.on_error = self._note_error
         if not self.link.start(mqtt_wait_s):
             log.warning("MQTT broker %s:%s not reachable yet; retrying", self.config.mqtt.host, self.config.mqtt.port)
         for n, (_key, queue) in enumerate(self.queues.items()):
@@ -281,7 +352,15 @@ class Daemon:
         if self.archive is not None:
             archive = self.archive.archive
             self.health.add_source("archive", lambda: archive.stats.to_json())
+            self.health.watch_thread("archive-writer", lambda: self.archive.thread if self.archive else None)
+        if self.disk is not None:
+            self.health.add_source("disk", self.disk.stats)
         self.health.add_source("queues", self._queue_depths)
+        # Threads that do not tick: a dead one stops the systemd watchdog pings just the same.
+        self.health.watch_thread("deadline-watchdog", lambda: self.watchdog.thread if self.watchdog else None)
+        self.health.watch_thread("mqtt-network", lambda: self.link.network_thread if self.link else None)
+        if self.link.sender is not None:
+            self.health.watch_thread("verdict-sender", lambda: self.link.sender.thread if self.link else None)
         self.health.start(self.status, self._publish_heartbeat)
         self.health.ready()
         return self
@@ -302,9 +381,48 @@ class Daemon:
             self.link.publish_json(self.link.topic("status"), body, qos=1, retain=True)
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t = threading.Thread(target=self._supervised, args=(name, target, *args), name=name, daemon=True)
         self._threads.append(t)
         t.start()
+
+    def _supervised(self, name: str, target: Any, *args: Any) -> None:
+        """Run a long-lived loop under a last-resort handler: an exception it did not expect is
+        recorded (log, ``last_error``, ``degraded``) and the loop restarted; one that keeps dying
+        (MAX_CRASHES within CRASH_WINDOW_S) is given up on and marked dead, so the systemd
+        watchdog stops being fed and systemd restarts the whole service."""
+        while not self._stop.is_set():
+            try:
+                target(*args)
+                return
+            except Exception as exc:
+                now = time.monotonic()
+                crashes = [t for t in self._crashes[name] if now - t < CRASH_WINDOW_S] + [now]
+                self._crashes[name] = crashes
+                self._crash_reason[name] = f"{exc!r}"
+                log.exception("thread %s died; %s", name, "giving up" if len(crashes) >= MAX_CRASHES else "restarting")
+                self.health.error(f"thread {name} died: {exc!r} ({len(crashes)} in {CRASH_WINDOW_S:g} s)")
+                if len(crashes) >= MAX_CRASHES:
+                    self.health.mark_dead(name, f"{exc!r}")
+                    return
+                self._stop.wait(0.2)
+
+    def _install_excepthook(self) -> None:
+        """Threads not ours to supervise (cameras, paho, workers): a death is recorded, not silent."""
+        previous = threading.excepthook
+        self._previous_excepthook = previous
+
+        def hook(args: threading.ExceptHookArgs) -> None:
+            name = getattr(args.thread, "name", "?")
+            if args.exc_type is not SystemExit and not self._stop.is_set():
+                self.health.error(f"thread {name} died: {args.exc_value!r}")
+                self.health.mark_dead(name, repr(args.exc_value))
+            previous(args)
+
+        threading.excepthook = hook
+
+    def _note_error(self, message: str) -> None:
+        """An error from a component thread (sender, link, archive, watchdog): into ``last_error``."""
+        self.health.error(message)
 
     def stop(self) -> None:
         """Stop cameras first (no new work), then workers, then say ``offline`` and disconnect."""
@@ -327,6 +445,9 @@ class Daemon:
             self.archive.close()
         if self.spool is not None:
             self.spool.close()
+        if self._previous_excepthook is not None:
+            threading.excepthook = self._previous_excepthook
+            self._previous_excepthook = None
 
     def run_forever(self) -> None:
         """Run until SIGTERM or SIGINT."""
@@ -431,38 +552,63 @@ class Daemon:
         folder = Path(self.config.cameras[binding.camera].source)
         seen = set(list_images(folder)) if folder.is_dir() else set()
         sizes: dict[Path, int] = {}
+        empty_since: dict[Path, float] = {}
+        # A writer that leaves a file empty this long is not "still writing": the part is answered.
+        settle = binding.settle_ms / 1e3 if binding.settle_ms > 0 else EMPTY_FILE_SETTLE_S
         loop = threading.current_thread().name
         while not self._stop.wait(FOLDER_POLL_S):
             self.health.tick(loop)
-            if not folder.is_dir():
+            try:
+                paths = list_images(folder) if folder.is_dir() else []
+            except OSError:  # the folder went away mid-listing: next poll
                 continue
-            for path in list_images(folder):
+            for path in paths:
                 if path in seen:
                     continue
-                size = path.stat().st_size if path.exists() else -1
-                if size <= 0 or sizes.get(path) != size:  # still being written: wait one more poll
+                try:
+                    size = path.stat().st_size
+                except OSError:  # removed or renamed before we looked
+                    sizes.pop(path, None)
+                    empty_since.pop(path, None)
+                    continue
+                if size == 0:
+                    first = empty_since.setdefault(path, time.monotonic())
+                    if time.monotonic() - first < settle:
+                        continue
+                    seen.add(path)
+                    empty_since.pop(path, None)
+                    job = self._folder_job(binding, path)
+                    self.answer_error(job, f"empty file: {path.name} stayed 0 bytes for {settle:g} s")
+                    continue
+                empty_since.pop(path, None)
+                if sizes.get(path) != size:  # still being written: wait one more poll
                     sizes[path] = size
                     continue
                 seen.add(path)
                 sizes.pop(path, None)
-                now = time.monotonic()
-                job = Job(
-                    binding.camera,
-                    "folder_watch",
-                    deadline_mono=now + binding.deadline_ms / 1e3,
-                    created_mono=now,
-                    captured_at=time.time(),
-                    part_id=path.stem,
-                )
-                self.counts[binding.camera]["frames"] += 1
-                assert self.watchdog is not None
-                self.watchdog.track(job)
+                job = self._folder_job(binding, path)
                 try:
                     job.image = read_image(path)
                 except ImageError as exc:
                     self.answer_error(job, str(exc))
                     continue
                 self._enqueue_triggered(job)
+
+    def _folder_job(self, binding: RecipeBinding, path: Path) -> Job:
+        """A folder-watch part, tracked by the deadline watchdog from now."""
+        now = time.monotonic()
+        job = Job(
+            binding.camera,
+            "folder_watch",
+            deadline_mono=now + binding.deadline_ms / 1e3,
+            created_mono=now,
+            captured_at=time.time(),
+            part_id=path.stem,
+        )
+        self.counts[binding.camera]["frames"] += 1
+        assert self.watchdog is not None
+        self.watchdog.track(job)
+        return job
 
     # -- inspection ------------------------------------------------------------------------------
     def _work(self, queue: WorkQueue) -> None:
@@ -519,10 +665,45 @@ class Daemon:
         self.answer(job, verdict, job.pixels())
 
     def answer(self, job: Job, verdict: Verdict, image: np.ndarray | None) -> bool:
-        """Publish the one answer for ``job``; False if it was answered already (the late result is dropped)."""
+        """Publish the one answer for ``job``; False if it was answered already (the late result is dropped).
+
+        Never blocks on the disk: the verdict is queued for the sender's next group commit and the
+        PLC's reply goes out as soon as that batch is durable (or at once if the spool cannot
+        commit). If building the answer fails, the PLC still gets an explicit ERROR.
+        """
         if not job.claim():
             self.counts[job.camera]["late_discarded"] += 1
             return False
+        try:
+            self._publish_answer(job, verdict, image)
+        except Exception as exc:  # last resort: the part was claimed, so it must still be answered
+            log.exception("camera %s: answering failed", job.camera)
+            self.health.error(f"camera {job.camera}: answering failed: {exc!r}", camera=job.camera)
+            self._emergency_reply(job, f"internal error while answering: {exc!r}")
+        return True
+
+    def _emergency_reply(self, job: Job, reason: str) -> None:
+        """A minimal ERROR reply straight to the PLC (no spool, no archive) when the normal path failed."""
+        if job.command is None or self.link is None:
+            return
+        from anomalygpt_edge.runtime.messages import VERDICT_SCHEMA
+
+        body = {
+            "schema": VERDICT_SCHEMA,
+            "command": "trigger",
+            "ok": False,
+            "verdict": "ERROR",
+            "reason": reason,
+            "camera": job.camera,
+            "part_id": job.part_id,
+            "correlation_id": job.correlation,
+            "score": None,
+            "threshold": None,
+        }
+        with contextlib.suppress(Exception):
+            self.link.reply(job.command, body)
+
+    def _publish_answer(self, job: Job, verdict: Verdict, image: np.ndarray | None) -> None:
         t0 = time.perf_counter()
         c = self.counts[job.camera]
         c["verdicts"] += 1
@@ -544,22 +725,30 @@ class Daemon:
         assert link is not None
         payload = finish_and_encode(msg, t0)
         self.health.frame(job.camera, msg["latency_ms"].get("total"), verdict.verdict)
-        link.publish_verdict(vid, link.topic(job.camera, "verdict"), payload)
+        reply = None
         if job.command is not None:
-            link.reply(job.command, {**msg, "command": "trigger", "ok": verdict.verdict != "ERROR"})
+            command, body = job.command, {**msg, "command": "trigger", "ok": verdict.verdict != "ERROR"}
+
+            def reply(durable: bool) -> None:  # on the sender thread, once the verdict is durable
+                link.reply(command, body)
+
+        link.publish_verdict(vid, link.topic(job.camera, "verdict"), payload, on_durable=reply)
         self.last[job.camera] = (vid, verdict)
-        roi_image = None
-        if image is not None and verdict.verdict != "ERROR":
-            try:
-                roi_image = (
-                    crop_roi(image, self.inspectors[job.camera].recipe.roi)
-                    if self.inspectors.get(job.camera)
-                    else image
-                )
-            except ImageError:
-                roi_image = image
-        self._after_verdict(job, vid, verdict, msg, roi_image if roi_image is not None else image)
-        return True
+        try:
+            roi_image = None
+            if image is not None and verdict.verdict != "ERROR":
+                try:
+                    roi_image = (
+                        crop_roi(image, self.inspectors[job.camera].recipe.roi)
+                        if self.inspectors.get(job.camera)
+                        else image
+                    )
+                except ImageError:
+                    roi_image = image
+            self._after_verdict(job, vid, verdict, msg, roi_image if roi_image is not None else image)
+        except Exception as exc:  # heatmap/archive/listeners: the answer is already on its way
+            log.exception("camera %s: after-verdict work failed", job.camera)
+            self.health.error(f"camera {job.camera}: after-verdict work failed: {exc!r}", camera=job.camera)
 
     def _after_verdict(self, job: Job, vid: str, verdict: Verdict, msg: dict, image: np.ndarray | None) -> None:
         """What follows a published verdict, off the PLC's critical path: heatmap, explanation, archive."""
@@ -625,9 +814,11 @@ class Daemon:
                 "fps": b.fps if b else None,
                 "deadline_ms": b.deadline_ms if b else None,
             }
+        problems = self.problems()
         base = {
             "schema": STATUS_SCHEMA,
-            "state": "online",
+            "state": "degraded" if problems else "online",
+            "problems": problems,
             "device": self.config.device_id,
             "version": anomalygpt_edge.__version__,
             "started_at": iso(self.started_at),
@@ -640,9 +831,55 @@ class Daemon:
             "bundle_sha256": next(iter(self.bundles.values())).sha256 if self.bundles else None,
             "engine_backend": next(iter(self.pipelines.values())).encoder.describe() if self.pipelines else None,
             "llm": self.config.llm.enabled,
-            "spool": self.spool.stats() if self.spool is not None else None,
+            "spool": self._spool_status(),
         }
         return self.health.status(base)
+
+    def _spool_status(self) -> dict[str, Any] | None:
+        if self.spool is None:
+            return None
+        out = self.spool.stats()
+        sender = self.link.sender if self.link is not None else None
+        if sender is not None and (memory := sender.memory_depth()):
+            out["in_memory"] = memory  # verdicts the spool could not take, published from memory
+        return out
+
+    def problems(self) -> list[str]:
+        """Why the daemon is ``degraded`` (empty when all is well): disk, spool, archive, threads."""
+        out: list[str] = []
+        sender = self.link.sender if self.link is not None else None
+        if sender is not None and sender.problem:
+            out.append(sender.problem)
+        if self.disk is not None:
+            level, used, free = self.disk.measure()
+            if level != "ok":
+                what = "archive stopped writing images" if level == "low" else "archive stopped writing"
+                out.append(
+                    f"disk {level}: {free / 1024**2:.1f} MiB free (floor {self.disk.floor_bytes / 1024**2:.1f} MiB),"
+                    f" {used / 1024**2:.1f} MiB used by the daemon; {what}"
+                )
+        if self.spool is not None:
+            if not self.spool.reserve.held:
+                out.append("spool reserve released: the disk filled up")
+            now = time.time()
+            for event in self.spool.events:
+                if now - _event_time(event) < EVENT_DEGRADED_S:
+                    out.append(event["message"])
+        if self.archive is not None:
+            archive = self.archive.archive
+            if waiting := len(archive._deferred):
+                out.append(f"archive: {waiting} rows waiting for disk space")
+            now = time.time()
+            for event in archive.events:
+                if now - _event_time(event) < EVENT_DEGRADED_S:
+                    out.append(event["message"])
+        for name, reason in self.health.dead_threads().items():
+            out.append(f"thread {name} is dead: {reason}")
+        now_mono = time.monotonic()
+        for name, crashes in list(self._crashes.items()):
+            if crashes and now_mono - crashes[-1] < CRASH_WINDOW_S and name not in self.health.dead_threads():
+                out.append(f"thread {name} crashed and was restarted: {self._crash_reason.get(name)}")
+        return out
 
     def _uncamera_status(self, camera: str) -> str:
         """Status of a camera without a grabbing thread: a watched folder, or one not started yet."""
@@ -652,8 +889,22 @@ class Daemon:
         return "starting" if not self._stop.is_set() else "stopped"
 
     def stats(self) -> dict[str, Any]:
+        """Counters per camera and queue, and the MQTT link's."""
         return {
             "cameras": {k: dict(v) for k, v in self.counts.items()},
             "queues": {str(k): {**q.depth(), **q.counts} for k, q in self.queues.items()},
             "mqtt": dict(self.link.stats) if self.link else None,
         }
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    """Epoch seconds of a store event (``at``: ``20261201T213000Z`` or ISO); 0 when unreadable."""
+    import datetime as dt
+
+    text = str(event.get("at", ""))
+    for fmt in ("%Y%m%dT%H%M%SZ",):
+        with contextlib.suppress(ValueError):
+            return dt.datetime.strptime(text, fmt).replace(tzinfo=dt.timezone.utc).timestamp()
+    with contextlib.suppress(ValueError):
+        return dt.datetime.fromisoformat(text).timestamp()
+    return 0.0

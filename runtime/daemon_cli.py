@@ -11,6 +11,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="the line daemon: cameras in, verdicts out over MQTT (see runtime/MQTT.md)")
     r.add_argument("--config", type=Path, required=True, help="YAML config (see runtime/config.example.yaml)")
     r.add_argument("--check", action="store_true", help="validate the config and exit")
+    r.add_argument("--debug", action="store_true", help="show the traceback of a start-up error")
     r.set_defaults(handler="anomalygpt_edge.runtime.daemon_main:run")
 
     d = sub.add_parser("demo", help="synthetic line end to end: bundle, video, enrollment, daemon, PLC subscriber")
@@ -41,3 +42,9 @@ def add_bench_target(targets: argparse._SubParsersAction) -> None:
     b.add_argument("--threads", type=int, default=1, help="engines.threads: ONNX Runtime threads (default 1; 0 = all)")
     b.add_argument("--workdir", type=Path, default=Path("out/bench-line"))
     b.set_defaults(handler="anomalygpt_edge.runtime.line_bench:run")
+    if "faults" not in targets.choices:
+        f = targets.add_parser("faults", help="issue-12 faults against the daemon: disk full, corrupt spool, burst")
+        f.add_argument("--json", type=Path, required=True, help="write the figures here")
+        f.add_argument("--only", default="", help="comma list of faults to run (default all)")
+        f.add_argument("--workdir", type=Path, default=Path("out/bench-faults"))
+        f.set_defaults(handler="anomalygpt_edge.runtime.fault_bench:run")

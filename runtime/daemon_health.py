@@ -8,7 +8,10 @@ The daemon calls, from its own threads:
 * :meth:`DaemonHealth.tick` from every pipeline loop iteration (the loops wake at least every
   0.2 s even when idle). ``WATCHDOG=1`` is sent only while **every** registered loop has ticked
   within half the watchdog interval, so one hung inspection worker is enough for systemd to
-  restart the daemon — a timer thread pinging on its own would hide exactly that.
+  restart the daemon — a timer thread pinging on its own would hide exactly that;
+* :meth:`DaemonHealth.watch_thread` for threads that do not tick (verdict sender, deadline
+  watchdog, archive writer, paho's network thread) and :meth:`DaemonHealth.mark_dead` for a loop
+  given up on: while any of them is dead no ``WATCHDOG=1`` is sent either, and the status lists it.
 
 :meth:`DaemonHealth.status` merges the rolling figures into the daemon's retained status document;
 a heartbeat thread republishes it every ``heartbeat_s`` seconds and mirrors a one-line summary
@@ -49,6 +52,8 @@ class DaemonHealth:
         self.metrics: MetricsServer | None = None
         self._ticks: dict[str, float] = {}
         self._tick_lock = threading.Lock()
+        self._watched: dict[str, Callable[[], threading.Thread | None]] = {}
+        self._dead: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._publish: Callable[[dict[str, Any]], None] | None = None
@@ -100,7 +105,8 @@ class DaemonHealth:
         self.health.error(message, camera)
 
     def tick(self, loop: str) -> None:
-        """One iteration of pipeline loop ``loop``; pings the watchdog while every loop is alive."""
+        """One iteration of pipeline loop ``loop``; pings the watchdog while every loop is alive
+        and no watched thread is dead."""
         now = self._clock()
         with self._tick_lock:
             self._ticks[loop] = now
@@ -108,8 +114,34 @@ class DaemonHealth:
             if interval is None:
                 return
             alive = all(now - t < interval / 2 for t in self._ticks.values())
-        if alive:
+        if alive and not self.dead_threads():
             self.notifier.ping_watchdog()
+
+    def watch_thread(self, name: str, thread: Callable[[], threading.Thread | None]) -> None:
+        """Count ``thread()`` as dead once it has started and is no longer alive (while not stopping)."""
+        with self._tick_lock:
+            self._watched[name] = thread
+
+    def mark_dead(self, name: str, reason: str) -> None:
+        """A loop that was given up on: no more watchdog pings, and the status says so."""
+        with self._tick_lock:
+            self._dead[name] = reason
+
+    def dead_threads(self) -> dict[str, str]:
+        """Name -> reason for every thread that died (empty while stopping: they end on purpose)."""
+        if self._stop.is_set():
+            return {}
+        with self._tick_lock:
+            dead = dict(self._dead)
+            watched = list(self._watched.items())
+        for name, getter in watched:
+            try:
+                t = getter()
+            except Exception:
+                continue
+            if t is not None and t.ident is not None and not t.is_alive():
+                dead.setdefault(name, "thread ended")
+        return dead
 
     def forget_loop(self, loop: str) -> None:
         """A loop that ended on purpose (shutdown) no longer holds back the watchdog."""

@@ -105,15 +105,46 @@ class MqttLink:
             )
             self.client.tls_insecure_set(not t.check_hostname)
         self.client.will_set(self.topic("status"), self._offline_payload(), qos=1, retain=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
-        self.client.on_subscribe = self._on_subscribe
-        self.sender = VerdictSender(self.client, spool, config.qos) if spool is not None and config.qos > 0 else None
+        # Every callback runs on paho's network thread: an exception escaping one would end that
+        # thread (and with it every publish and PUBACK), so each is wrapped by _guard.
+        self.client.on_connect = self._guard(self._on_connect)
+        self.client.on_disconnect = self._guard(self._on_disconnect)
+        self.client.on_message = self._guard(self._on_message)
+        self.client.on_publish = self._guard(self._on_publish)
+        self.client.on_subscribe = self._guard(self._on_subscribe)
+        #: Called with a message for every error on the link's threads (the daemon's health).
+        self.on_error: Callable[[str], None] | None = None
+        self.sender = (
+            VerdictSender(self.client, spool, config.qos, on_error=self._report)
+            if spool is not None and config.qos > 0
+            else None
+        )
 
     def topic(self, *parts: str) -> str:
         return "/".join((self.base, *parts))
+
+    def _report(self, message: str) -> None:
+        if self.on_error is not None:
+            self.on_error(message)
+
+    def _guard(self, callback: Callable[..., None]) -> Callable[..., None]:
+        """``callback`` with a last-resort handler: logged and reported, never raised into paho."""
+
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception as exc:
+                log.exception("MQTT callback %s failed", callback.__name__)
+                with contextlib.suppress(Exception):
+                    self._report(f"MQTT callback {callback.__name__} failed: {exc!r}")
+
+        guarded.__name__ = callback.__name__
+        return guarded
+
+    @property
+    def network_thread(self) -> threading.Thread | None:
+        """paho's network thread (for liveness checks); None before :meth:`start`."""
+        return getattr(self.client, "_thread", None)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, wait_s: float = 10.0) -> bool:
@@ -205,12 +236,21 @@ class MqttLink:
     def publish_status(self) -> None:
         self.publish_json(self.topic("status"), self.status(), qos=1, retain=True)
 
-    def publish_verdict(self, verdict_id: str, topic: str, payload: bytes) -> int:
-        """QoS 1 verdict: durable in the spool, then published by the sender thread; returns the spool seq
-        (or the paho mid when no spool is attached or QoS is 0)."""
+    def publish_verdict(
+        self, verdict_id: str, topic: str, payload: bytes, on_durable: Callable[[bool], None] | None = None
+    ) -> None:
+        """QoS 1 verdict: queued for the sender thread, which commits it to the spool with the others
+        queued meanwhile (one fsync per batch), calls ``on_durable(durable)`` (the PLC's reply) and
+        publishes it. Without a spool (or at QoS 0) it is published at once and ``on_durable(False)``
+        follows. Never blocks on the disk."""
         if self.sender is None:
-            return self.publish(topic, payload, self.config.qos)
-        return self.sender.submit(verdict_id, topic, payload)
+            try:
+                self.publish(topic, payload, self.config.qos)
+            finally:
+                if on_durable is not None:
+                    on_durable(False)
+            return
+        self.sender.submit(verdict_id, topic, payload, on_durable)
 
     def publish_heatmap(self, camera: str, verdict_id: str, jpeg: bytes) -> int:
         """JPEG overlay on ``<camera>/heatmap``; MQTT 5 links it to its verdict with a user property."""

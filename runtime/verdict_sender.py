@@ -1,21 +1,33 @@
-"""Verdict sender: the one path from the spool to the broker, so that nothing is lost and every
-duplicate is flagged.
+"""Verdict sender: the one path from the spool to the broker, so that nothing is lost, every
+duplicate is flagged, and no reply waits for an fsync of its own.
 
 The protocol (see also ``runtime/spool.py``):
 
-1. :meth:`VerdictSender.submit` commits the verdict to the spool (durable) and wakes the sender
-   thread; the pipeline thread never talks to the broker itself.
-2. The sender thread publishes spooled verdicts **in sequence order**, one thread only, so the
-   backlog after an outage and new verdicts go out in capture order. Before each publish it
-   records the attempt in the spool, so a verdict that may have reached the broker is always
-   resent flagged ``redelivered: true`` — also after a SIGKILL between publish and PUBACK.
-3. The broker's PUBACK (paho ``on_publish`` with the mid) removes the verdict from the spool.
-4. On every (re)connect paho's own queue of unacknowledged messages is dropped
+1. :meth:`VerdictSender.submit` only queues the verdict in memory and wakes the sender thread:
+   the inspection worker, the deadline watchdog and paho's network thread never touch the disk.
+2. The sender thread takes **everything** queued since its last pass and commits it to the spool
+   in one transaction (group commit: one fsync for a burst of 300 verdicts instead of 300), with
+   the PUBACKs gathered meanwhile. Only then does it run each verdict's ``on_durable`` callback
+   (the daemon's reply to the PLC's trigger) and publish the verdicts **in sequence order**, one
+   thread only, so the backlog after an outage and new verdicts go out in capture order.
+3. A verdict committed while connected is stored with ``attempts = 1`` (it is published right
+   after), so a resend after a crash is flagged ``redelivered: true`` without a second fsync; a
+   resend from the spool records its attempt before publishing, as before.
+4. The broker's PUBACK (paho ``on_publish`` with the mid) queues the row's deletion for the next
+   group commit.
+5. On every (re)connect paho's own queue of unacknowledged messages is dropped
    (``Client.drop_out_messages``, called from ``on_connect`` before paho would resend them) and
    the sender starts again from the oldest spooled verdict. paho would resend the *original*
    payload, unflagged, so a verdict whose first copy reached the subscriber before the broker
    died would arrive twice without a flag; with the spool as the only source of resends, every
    copy after the first carries the flag. While disconnected, verdicts are only spooled.
+
+When the spool cannot commit (disk full even after its reserve was released, I/O error), the
+verdicts still go out: they are kept in memory (bounded, oldest dropped and counted), published
+and resent after reconnects like spooled ones, moved into the spool as soon as it commits again
+if they were not published yet, and the reply to the PLC goes out as usual, so the line keeps its
+answers. :attr:`VerdictSender.problem` says why it is degraded (the status shows it) and clears
+itself on the next successful commit.
 
 Locking: paho calls ``on_publish`` with its internal message lock held, and ``publish`` takes
 that same lock. The sender therefore never holds its own lock while calling ``publish`` (the
@@ -26,13 +38,25 @@ PUBACK that arrives before the mid is registered is caught by checking the messa
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from anomalygpt_edge.runtime.spool import SpoolError, SpoolItem, VerdictSpool, mark_redelivered
+
+log = logging.getLogger(__name__)
+
+BATCH = 100
+#: How long the sender sleeps without a wake-up before looking at the spool anyway.
+IDLE_POLL_S = 1.0
+#: Spool upkeep (state file, WAL truncation, reserve) at most this often.
+MAINTAIN_S = 1.0
+#: Verdicts kept in memory while the spool cannot commit; beyond it the oldest are dropped (counted).
+MAX_MEMORY = 10_000
 
 
 def _acked(info: Any) -> bool:
@@ -47,11 +71,17 @@ def _acked(info: Any) -> bool:
         return False
 
 
-log = logging.getLogger(__name__)
+@dataclass
+class _Outgoing:
+    """A verdict handed to the sender: queued, then spooled (``seq``) or kept in memory."""
 
-BATCH = 100
-#: How long the sender sleeps without a wake-up before looking at the spool anyway.
-IDLE_POLL_S = 1.0
+    verdict_id: str
+    topic: str
+    payload: bytes
+    on_durable: Callable[[bool], None] | None
+    seq: int | None = None
+    attempts: int = 0
+    sent_generation: int = -1  # the connection it was last published on (memory items)
 
 
 class VerdictSender:
@@ -77,10 +107,28 @@ class VerdictSender:
         self._connected = False
         self._generation = 0
         self._sent_upto = 0  # highest seq handed to paho in this connection generation
-        self._inflight: dict[int, tuple[Any, int]] = {}  # mid -> (MQTTMessageInfo, seq)
+        self._inflight: dict[int, tuple[Any, int | _Outgoing]] = {}  # mid -> (MQTTMessageInfo, seq or memory item)
+        self._intake: list[_Outgoing] = []  # submitted, not yet committed
+        self._acks: list[int] = []  # PUBACKed seqs, deleted at the next commit
+        self._fresh: set[int] = set()  # committed with attempts=1 but not yet published: first send unflagged
+        self._memory: collections.OrderedDict[str, _Outgoing] = collections.OrderedDict()  # spool could not commit
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.stats = {"submitted": 0, "published": 0, "redelivered": 0, "acked": 0, "refused": 0, "errors": 0}
+        self._last_maintain = 0.0
+        #: Why delivery is degraded (the spool cannot commit …), None when all is well.
+        self.problem: str | None = None
+        self.stats = {
+            "submitted": 0,
+            "published": 0,
+            "redelivered": 0,
+            "acked": 0,
+            "refused": 0,
+            "errors": 0,
+            "commits": 0,
+            "unspooled": 0,
+            "dropped_memory": 0,
+            "callback_errors": 0,
+        }
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -89,7 +137,13 @@ class VerdictSender:
         self._thread.start()
         return self
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The sender thread (for liveness checks)."""
+        return self._thread
+
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop after committing what was submitted and acknowledged (bounded by ``timeout``)."""
         with self._wake:
             self._stop = True
             self._wake.notify_all()
@@ -98,13 +152,20 @@ class VerdictSender:
 
     # -- called by the daemon --------------------------------------------------------------------
 
-    def submit(self, verdict_id: str, topic: str, payload: bytes) -> int:
-        """Spool one verdict (durable when this returns) and wake the sender; returns its seq."""
-        seq = self.spool.put(verdict_id, topic, payload)
+    def submit(
+        self, verdict_id: str, topic: str, payload: bytes, on_durable: Callable[[bool], None] | None = None
+    ) -> None:
+        """Queue one verdict; the sender thread makes it durable (group commit) and publishes it.
+
+        ``on_durable(durable)`` runs on the sender thread right after the commit that includes the
+        verdict (``durable`` False when the spool could not commit and the verdict is only in
+        memory); the daemon sends the PLC's reply from it. It must not block.
+        """
+        item = _Outgoing(str(verdict_id), str(topic), bytes(payload), on_durable)
         with self._wake:
+            self._intake.append(item)
             self.stats["submitted"] += 1
             self._wake.notify_all()
-        return seq
 
     def inflight(self) -> int:
         """Verdicts handed to paho and awaiting their PUBACK."""
@@ -112,8 +173,15 @@ class VerdictSender:
             return len(self._inflight)
 
     def idle(self) -> bool:
-        """Nothing in the spool and nothing in flight (everything acknowledged)."""
-        return self.inflight() == 0 and self.spool.depth() == 0
+        """Nothing queued, in memory, in the spool or in flight (everything acknowledged)."""
+        with self._lock:
+            busy = bool(self._inflight or self._intake or self._acks or self._memory)
+        return not busy and self.spool.depth() == 0
+
+    def memory_depth(self) -> int:
+        """Verdicts held only in memory because the spool could not commit them."""
+        with self._lock:
+            return len(self._memory)
 
     # -- paho callbacks --------------------------------------------------------------------------
 
@@ -123,6 +191,7 @@ class VerdictSender:
         with self._wake:
             self._generation += 1
             self._inflight.clear()
+            self._fresh.clear()  # they may have reached the broker before the link dropped
             self._sent_upto = 0
             self._connected = True
             self._wake.notify_all()
@@ -136,8 +205,9 @@ class VerdictSender:
     def on_publish(self, mid: int, reason_code: Any = None) -> None:
         """Call from paho's ``on_publish``: the PUBACK for ``mid`` arrived (network thread).
 
-        An MQTT 5 PUBACK with a failure reason (the broker refused the message, e.g. not
-        authorised or over quota) leaves the verdict in the spool and is counted.
+        Never touches the disk (the deletion waits for the next group commit). An MQTT 5 PUBACK
+        with a failure reason (the broker refused the message, e.g. not authorised or over
+        quota) leaves the verdict in the spool and is counted.
         """
         with self._lock:
             entry = self._inflight.pop(mid, None)
@@ -146,7 +216,7 @@ class VerdictSender:
         if reason_code is not None and getattr(reason_code, "is_failure", False):
             with self._lock:
                 self.stats["refused"] += 1
-            self._error(f"broker refused verdict seq {entry[1]}: {reason_code}")
+            self._error(f"broker refused verdict {_name(entry[1])}: {reason_code}")
             return
         self._ack(entry[1])
 
@@ -159,93 +229,216 @@ class VerdictSender:
                 if self._step():
                     return
             except Exception as exc:
+                log.exception("verdict sender: unexpected failure")
                 self._error(f"unexpected sender failure: {exc!r}")
-                time.sleep(IDLE_POLL_S)
+                with self._wake:
+                    if self._stop:
+                        return
+                    self._wake.wait(0.2)
 
     def _step(self) -> bool:
         """The sender loop; returns True when the sender is stopping."""
         while True:
             with self._wake:
-                if self._stop:
-                    return True
-                if not self._connected:
+                if not self._has_work():
+                    if self._stop:
+                        return True
                     self._wake.wait(IDLE_POLL_S)
-                    continue
-                generation, after = self._generation, self._sent_upto
+                intake, self._intake = self._intake, []
+                acks, self._acks = self._acks, []
+                connected, stopping = self._connected, self._stop
+            self._commit(intake, acks, connected)
+            self._answer(intake)
+            if connected and not stopping:
+                self._publish_memory()
+                self._publish_spooled()
+            self._maintain()
+            if stopping:
+                with self._lock:
+                    if not self._intake and not self._acks:
+                        return True
+
+    def _has_work(self) -> bool:
+        """Lock held: whether a pass would do anything now."""
+        if self._intake or self._acks:
+            return True
+        return self._connected and not self._stop and any(o.attempts == 0 for o in self._memory.values())
+
+    def _commit(self, intake: list[_Outgoing], acks: list[int], connected: bool) -> None:
+        """Group commit: new verdicts (and memory ones never published) plus acknowledgements."""
+        with self._lock:
+            retry = [o for o in self._memory.values() if o.attempts == 0 and o.seq is None]
+        rows = retry + intake
+        if not rows and not acks:
+            return
+        # Committed while connected means published right after: record the attempt in the same
+        # commit (a resend after a crash is then flagged) instead of an extra fsync per batch.
+        attempts = 1 if connected else 0
+        try:
+            seqs = self.spool.put_many([(o.verdict_id, o.topic, o.payload, attempts) for o in rows], acks)
+        except SpoolError as exc:
+            with self._lock:
+                self._acks[:0] = acks[-BATCH * 100 :]  # deleted at the next commit that works
+                for o in intake:
+                    self._memory[o.verdict_id] = o
+                    self.stats["unspooled"] += 1
+                while len(self._memory) > MAX_MEMORY:
+                    self._memory.popitem(last=False)
+                    self.stats["dropped_memory"] += 1
+            self._set_problem(f"spool cannot commit, verdicts kept in memory: {exc}")
+            return
+        with self._lock:
+            for o, seq in zip(rows, seqs, strict=True):
+                o.seq = seq
+                self._memory.pop(o.verdict_id, None)
+                if attempts:
+                    self._fresh.add(seq)
+            self.stats["commits"] += 1
+            self.stats["acked"] += len(acks)
+        if self.problem is not None:
+            log.warning("verdict sender: the spool commits again (%s cleared)", self.problem)
+            self.problem = None
+
+    def _answer(self, intake: list[_Outgoing]) -> None:
+        for o in intake:
+            if o.on_durable is None:
+                continue
             try:
-                items = self.spool.pending(limit=BATCH, after_seq=after)
-            except SpoolError as exc:
-                self._error(f"spool read failed: {exc}")
-                time.sleep(IDLE_POLL_S)
-                continue
-            self._sweep()
-            if not items:
-                with self._wake:
-                    if not self._stop and self._generation == generation and self._sent_upto == after:
-                        self._wake.wait(IDLE_POLL_S)
-                continue
+                o.on_durable(o.seq is not None)
+            except Exception as exc:  # a reply that fails must not cost the verdicts behind it
+                with self._lock:
+                    self.stats["callback_errors"] += 1
+                self._error(f"answer callback for verdict {o.verdict_id} failed: {exc!r}")
+
+    def _publish_memory(self) -> None:
+        """Publish verdicts the spool could not take: once per connection, flagged when resent."""
+        with self._lock:
+            generation = self._generation
+            todo = [o for o in self._memory.values() if o.seq is None and o.sent_generation != generation]
+        for o in todo:
+            payload = mark_redelivered(o.payload) if o.attempts > 0 else o.payload
+            if not self._publish(o.topic, payload, o, generation, o.attempts > 0):
+                return
+            o.attempts += 1
+
+    def _publish_spooled(self) -> None:
+        with self._lock:
+            generation, after = self._generation, self._sent_upto
+        try:
+            items = self.spool.pending(limit=BATCH, after_seq=after)
+        except SpoolError as exc:
+            self._error(f"spool read failed: {exc}")
+            return
+        self._sweep()
+        if items:
             self._send(items, generation)
 
     def _send(self, items: list[SpoolItem], generation: int) -> None:
+        with self._lock:
+            first = {it.seq for it in items if it.seq in self._fresh}
+        resend = [it.seq for it in items if it.seq not in first]
+        marked = True
         try:
             # Recorded before publishing: a copy that may reach the broker is always counted.
-            self.spool.mark_attempts([it.seq for it in items])
+            self.spool.mark_attempts(resend)
         except SpoolError as exc:
-            self._error(f"spool write failed: {exc}")
-            time.sleep(IDLE_POLL_S)
-            return
+            # A full disk must not stop delivery: send them flagged, as a resend may be a duplicate.
+            self._error(f"spool write failed, resending flagged: {exc}")
+            marked = False
         for item in items:
-            with self._lock:
-                if not self._connected or self._generation != generation or self._stop:
-                    return  # the connection changed: the next generation starts from the spool again
-            payload = mark_redelivered(item.payload) if item.redelivered else item.payload
-            try:
-                info = self.client.publish(item.topic, payload, qos=self.qos)
-            except (ValueError, RuntimeError, OSError) as exc:
-                self._error(f"publish of verdict {item.verdict_id} failed: {exc}")
-                return
-            if info.rc != 0:  # not connected or paho's queue full: the spool resends it after reconnect
-                self._error(f"publish of verdict {item.verdict_id} failed: rc {info.rc}")
-                with self._wake:  # no hot retry loop: wait for the reconnect (or a poll interval)
-                    if self._generation == generation and not self._stop:
-                        self._wake.wait(IDLE_POLL_S)
+            is_first = item.seq in first
+            flagged = not is_first and (item.redelivered or not marked)
+            payload = mark_redelivered(item.payload) if flagged else item.payload
+            if not self._publish(item.topic, payload, item.seq, generation, flagged, item.verdict_id):
                 return
             with self._lock:
-                if self._generation != generation:
-                    return
-                self._sent_upto = item.seq
-                self.stats["published"] += 1
-                self.stats["redelivered"] += int(item.redelivered)
-                acked_already = _acked(info)
-                if not acked_already:
-                    self._inflight[info.mid] = (info, item.seq)
-            if acked_already:
-                self._ack(item.seq)
+                self._fresh.discard(item.seq)
+
+    def _publish(
+        self, topic: str, payload: bytes, ref: int | _Outgoing, generation: int, flagged: bool, vid: str = ""
+    ) -> bool:
+        """Hand one verdict to paho; False when the connection changed or the publish failed."""
+        with self._lock:
+            if not self._connected or self._generation != generation or self._stop:
+                return False  # the connection changed: the next generation starts from the spool again
+        vid = vid or _name(ref)
+        try:
+            info = self.client.publish(topic, payload, qos=self.qos)
+        except (ValueError, RuntimeError, OSError, TypeError) as exc:
+            self._error(f"publish of verdict {vid} failed: {exc}")
+            with self._wake:  # no hot retry loop either
+                if not self._stop:
+                    self._wake.wait(0.1)
+            return False
+        if info.rc != 0:  # not connected or paho's queue full: the spool resends it after reconnect
+            self._error(f"publish of verdict {vid} failed: rc {info.rc}")
+            with self._wake:  # no hot retry loop: wait for the reconnect (or a poll interval)
+                if self._generation == generation and not self._stop:
+                    self._wake.wait(IDLE_POLL_S)
+            return False
+        with self._lock:
+            if self._generation != generation:
+                return False
+            if isinstance(ref, int):
+                self._sent_upto = ref
+            else:
+                ref.sent_generation = generation
+            self.stats["published"] += 1
+            self.stats["redelivered"] += int(flagged)
+            acked_already = _acked(info)
+            if not acked_already:
+                self._inflight[info.mid] = (info, ref)
+        if acked_already:
+            self._ack(ref)
+        return True
 
     def _sweep(self) -> None:
         """Acknowledge in-flight verdicts whose PUBACK raced their registration."""
         with self._lock:
-            done = [(mid, seq) for mid, (info, seq) in self._inflight.items() if _acked(info)]
+            done = [(mid, ref) for mid, (info, ref) in self._inflight.items() if _acked(info)]
             for mid, _ in done:
                 self._inflight.pop(mid, None)
-        for _, seq in done:
-            self._ack(seq)
+        for _, ref in done:
+            self._ack(ref)
 
-    def _ack(self, seq: int) -> None:
-        try:
-            self.spool.ack(seq)
-        except SpoolError as exc:
-            self._error(f"spool ack of seq {seq} failed: {exc}")  # resent (flagged) after the next connect
+    def _ack(self, ref: int | _Outgoing) -> None:
+        with self._wake:
+            if isinstance(ref, _Outgoing):
+                if ref.seq is None:  # only in memory: delivered, nothing on disk to delete
+                    self._memory.pop(ref.verdict_id, None)
+                    self.stats["acked"] += 1
+                    return
+                ref = ref.seq
+            self._acks.append(ref)
+            self._wake.notify_all()
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        if now - self._last_maintain < MAINTAIN_S:
             return
-        with self._lock:
-            self.stats["acked"] += 1
+        self._last_maintain = now
+        try:
+            self.spool.maintain()
+        except Exception as exc:  # upkeep is best effort
+            log.warning("spool upkeep failed: %s", exc)
 
-    def _error(self, message: str) -> None:
+    def _set_problem(self, message: str) -> None:
+        if self.problem is None:
+            log.error("verdict sender: %s", message)
+        self.problem = message
+        self._error(message, log_it=False)
+
+    def _error(self, message: str, log_it: bool = True) -> None:
         with self._lock:
             self.stats["errors"] += 1
-        log.warning("verdict sender: %s", message)
+        if log_it:
+            log.warning("verdict sender: %s", message)
         if self._on_error is not None:
             try:
                 self._on_error(message)
             except Exception:  # a reporting hook must not stop delivery
                 log.exception("verdict sender error hook failed")
+
+
+def _name(ref: int | _Outgoing) -> str:
+    return f"seq {ref}" if isinstance(ref, int) else ref.verdict_id

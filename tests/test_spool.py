@@ -135,11 +135,21 @@ def test_database_is_in_wal_mode(tmp_path: Path) -> None:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path: Path) -> None:
+def test_a_file_that_is_not_a_database_is_moved_aside_and_a_fresh_spool_started(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(SpoolError, match="spool.db"):
-        VerdictSpool(path)
+    with VerdictSpool(path) as spool:
+        (event,) = spool.stats()["events"]
+        assert event["kind"] == "moved_aside" and "spool.db" in event["message"]
+        assert spool.put("v1", "t", payload(1)) >= 1  # the line goes on with a fresh spool
+    (moved,) = tmp_path.glob("spool.db.corrupt-*")
+    assert moved.read_bytes() == b"this is not sqlite" * 100  # kept as evidence, never deleted
+
+
+def test_a_folder_that_cannot_be_created_is_refused_clearly(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(SpoolError, match="cannot create its folder"):
+        VerdictSpool(tmp_path / "file" / "spool.db")
 
 
 @pytest.mark.parametrize("kwargs", [{"max_rows": 0}, {"max_age_s": 0}, {"synchronous": "OFF"}])
