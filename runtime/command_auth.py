@@ -13,6 +13,9 @@ In order, for one received message:
    else a ``client_id`` field) must be in it; if ``token`` is set, the shared token (user property
    ``token``, else a ``token`` field) must match, compared in constant time. Both set → both
    required. The token is removed from the body before the daemon sees it (never logged).
+   With **neither** set, privileged commands are refused unless ``allow_anonymous`` is true
+   (the config's ``commands.allow_anonymous_control``); only their read-only actions
+   (:data:`READ_ONLY_ACTIONS`: ``recipe`` list/show) stay open, as triggers do.
 
 MQTT does not tell a subscriber who published a message, so a client id in a user property is a
 *claim*: it is only trustworthy when the broker's ACL lets only that client publish to the
@@ -34,6 +37,9 @@ from typing import Any
 
 COMMANDS = ("trigger", "enroll", "recipe", "ask")
 PRIVILEGED = ("enroll", "recipe")
+#: Actions of privileged commands that change nothing: open without credentials even when
+#: anonymous control is off (an HMI may list recipes; it may not create or switch them).
+READ_ONLY_ACTIONS: dict[str, frozenset[str]] = {"recipe": frozenset({"list", "show"})}
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 MAX_DEPTH = 32
 MAX_TOPIC_LEN = 1024
@@ -61,6 +67,9 @@ class CommandPolicy:
     privileged: frozenset[str] = frozenset(PRIVILEGED)
     allowed_client_ids: frozenset[str] | None = None  # None: no client-id restriction
     token: str | None = None  # None: no token required
+    # With neither a token nor client ids: False refuses privileged commands (the safe default),
+    # True accepts them from anyone who can publish to the broker (an isolated test bench).
+    allow_anonymous: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prefix", "device"):
@@ -200,6 +209,18 @@ class CommandGate:
         client_id = client_id if isinstance(client_id, str) else None
         presented = props.get("token", body.get("token"))
         body.pop("token", None)  # never passed on, logged or echoed
+        if command in p.privileged and not p.restricted and not p.allow_anonymous:
+            action = body.get("action")
+            if not (isinstance(action, str) and action in READ_ONLY_ACTIONS.get(command, ())):
+                return self._reject(
+                    "unauthorized",
+                    f"{command} needs credentials, and none are configured: set commands.token_file (or "
+                    "$ANOMALYGPT_EDGE_COMMANDS_TOKEN) or commands.allowed_client_ids; "
+                    "commands.allow_anonymous_control: true accepts anyone",
+                    command,
+                    reply_to,
+                    corr,
+                )
         if command in p.privileged and p.restricted:
             if p.allowed_client_ids is not None and client_id not in p.allowed_client_ids:
                 return self._reject(
@@ -239,7 +260,8 @@ def policy_from_config(
     section: Mapping[str, Any] | None, prefix: str, device: str, token: str | None = None
 ) -> CommandPolicy:
     """A policy from the config's ``commands`` section (``max_payload_bytes``, ``allowed_client_ids``,
-    ``privileged``); the token comes from :mod:`secrets`, never from this section."""
+    ``privileged``, ``allow_anonymous_control``); the token comes from :mod:`secrets`, never from
+    this section."""
     section = dict(section or {})
     ids = section.get("allowed_client_ids")
     if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
@@ -250,6 +272,9 @@ def policy_from_config(
     limit = section.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD)
     if not isinstance(limit, int) or isinstance(limit, bool):
         raise ValueError("commands.max_payload_bytes must be an integer")
+    anonymous = section.get("allow_anonymous_control", False)
+    if not isinstance(anonymous, bool):
+        raise ValueError("commands.allow_anonymous_control must be true or false")
     return CommandPolicy(
         prefix=prefix,
         device=device,
@@ -257,6 +282,7 @@ def policy_from_config(
         privileged=frozenset(privileged),
         allowed_client_ids=frozenset(ids) if ids is not None else None,
         token=token,
+        allow_anonymous=anonymous,
     )
 
 

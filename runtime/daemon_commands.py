@@ -2,8 +2,12 @@
 
 Every command gets exactly one reply (except a successful trigger, whose reply is its verdict):
 malformed JSON, wrong types, unknown cameras or recipes and oversized payloads are answered with
-``ok: false`` and an ``error`` saying what is wrong, and the daemon carries on. Triggers are
-handled on paho's thread (they only queue work); everything slow runs on the ``commands`` thread.
+``ok: false`` and an ``error`` saying what is wrong, and the daemon carries on. Triggers and
+enroll ``cancel`` are handled on paho's thread (they only queue work or drop a session, so a
+cancel is never stuck behind slow commands); everything slow runs on the ``commands`` thread.
+
+An enroll session holds camera frames in memory: it is dropped, frames and all, when it has been
+idle for ``commands.enroll_session_timeout_s``, and ``cancel`` ends one at any time.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from anomalygpt_edge.runtime.command_auth import CommandGate, CommandPolicy, Rejection
 from anomalygpt_edge.runtime.messages import reply
 from anomalygpt_edge.runtime.mqtt_link import COMMANDS, Command
-from anomalygpt_edge.runtime.preprocess import ImageError
+from anomalygpt_edge.runtime.preprocess import ImageError, set_max_image_pixels
 from anomalygpt_edge.runtime.recipes import RecipeError, check_name
 
 if TYPE_CHECKING:
@@ -53,6 +57,7 @@ def _gate(daemon: Daemon) -> CommandGate:
         privileged=frozenset(cfg.commands.privileged),
         allowed_client_ids=frozenset(ids) if ids is not None else None,
         token=cfg.commands.token,
+        allow_anonymous=cfg.commands.allow_anonymous_control,
     )
     return CommandGate(policy)
 
@@ -82,6 +87,8 @@ class EnrollSession:
         self.recipe = recipe
         self.frames: list[tuple[str, Any]] = []
         self.last_seq = -1
+        self.last_used = time.monotonic()
+        self.finishing = False  # set while ``finish`` encodes: a cancel can no longer undo it
 
 
 class CommandCenter:
@@ -90,6 +97,14 @@ class CommandCenter:
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
         self.sessions: dict[str, EnrollSession] = {}
+        self.sessions_expired = 0
+        self._expired: dict[str, str] = {}  # camera -> recipe of its session that expired, for the next reply
+        self.session_timeout_s = daemon.config.commands.enroll_session_timeout_s
+        # Sessions are touched from paho's thread (cancel) and the commands thread (the rest).
+        self._sessions_lock = threading.Lock()
+        # The daemon's images are read by preprocess.read_image (cameras, folder watch): the
+        # configured pixel limit applies to all of them from here on.
+        set_max_image_pixels(daemon.config.limits.max_image_pixels)
         self.ask_targets: dict[int, Command] = {}  # explanation request id -> the ask awaiting it
         self._ask_started: dict[int, float] = {}
         self.errors = 0
@@ -113,6 +128,9 @@ class CommandCenter:
             data = self._parse(cmd)
             if cmd.name == "trigger":
                 self._trigger(cmd, data)
+                return
+            if cmd.name == "enroll" and data.get("action") == "cancel":
+                self._send(cmd, data, True, **self._cancel(self._camera(data)))
                 return
             try:
                 self._queue.put_nowait((cmd, data))
@@ -180,6 +198,7 @@ class CommandCenter:
                 item = self._queue.get(timeout=1.0)
             except queue.Empty:
                 self._expire_asks()
+                self._expire_sessions()
                 continue
             if item is None:
                 return
@@ -202,10 +221,17 @@ class CommandCenter:
             raise CommandError(f"action must be one of {', '.join(ENROLL_ACTIONS)}, got '{action}'")
         camera = self._camera(data)
         d = self.daemon
+        self._expire_sessions()
+        if action == "cancel":
+            return self._cancel(camera)
         if action == "start":
             name = self._recipe_name(data)
-            if camera in self.sessions:
-                raise CommandError(f"an enrollment into '{self.sessions[camera].recipe}' is open on {camera}")
+            with self._sessions_lock:
+                open_session = self.sessions.get(camera)
+            if open_session is not None:
+                raise CommandError(
+                    f"an enrollment into '{open_session.recipe}' is open on {camera}; send action 'cancel' to end it"
+                )
             settings: dict[str, Any] = {}
             roi = field(data, "roi", list, required=False)
             binding = d.binding(camera)
@@ -219,14 +245,28 @@ class CommandCenter:
             if frr is not None:
                 settings["target_frr"] = float(frr)
             recipe = d.enrollers[d.bundle_key(camera)].open_or_create(name, **settings)
-            self.sessions[camera] = EnrollSession(name)
-            return {"action": "start", "camera": camera, "recipe": name, "existing_samples": len(recipe.samples)}
-        session = self.sessions.get(camera)
+            with self._sessions_lock:
+                self.sessions[camera] = EnrollSession(name)
+                self._expired.pop(camera, None)
+            return {
+                "action": "start",
+                "camera": camera,
+                "recipe": name,
+                "existing_samples": len(recipe.samples),
+                "expires_after_idle_s": self.session_timeout_s,
+            }
+        with self._sessions_lock:
+            session = self.sessions.get(camera)
+            if session is not None:
+                session.last_used = time.monotonic()
+            expired = self._expired.get(camera)
+        if session is None and expired is not None:
+            raise CommandError(
+                f"the enrollment into '{expired}' on {camera} expired after {self.session_timeout_s:g} s idle "
+                "and its frames were discarded: send action 'start' again"
+            )
         if session is None:
             raise CommandError(f"no enrollment open on {camera}: send action 'start' first")
-        if action == "cancel":
-            del self.sessions[camera]
-            return {"action": "cancel", "camera": camera, "recipe": session.recipe, "discarded": len(session.frames)}
         if action == "add":
             cam = d.cameras.get(camera)
             if cam is None:
@@ -236,8 +276,12 @@ class CommandCenter:
             frame = cam.wait_frame(newer_than_seq=session.last_seq, timeout=2.0)
             if frame is None:
                 raise CommandError(f"camera {camera} delivered no new frame ({cam.status}: {cam.reason})")
-            session.last_seq = frame.seq
-            session.frames.append((f"{camera}-{frame.seq}", frame.image))
+            with self._sessions_lock:
+                if self.sessions.get(camera) is not session:  # cancelled while the frame was awaited
+                    raise CommandError(f"the enrollment on {camera} was cancelled; frame not added")
+                session.last_seq = frame.seq
+                session.frames.append((f"{camera}-{frame.seq}", frame.image))
+                session.last_used = time.monotonic()
             return {
                 "action": "add",
                 "camera": camera,
@@ -248,8 +292,16 @@ class CommandCenter:
         # finish
         accept = field(data, "accept_flagged", bool, required=False) or False
         switch = field(data, "switch", bool, required=False)
-        del self.sessions[camera]
-        result = d.enrollers[d.bundle_key(camera)].add(session.recipe, session.frames, accept_flagged=accept)
+        with self._sessions_lock:
+            if self.sessions.get(camera) is not session:
+                raise CommandError(f"the enrollment on {camera} was cancelled; nothing to finish")
+            session.finishing = True
+        try:
+            result = d.enrollers[d.bundle_key(camera)].add(session.recipe, session.frames, accept_flagged=accept)
+        finally:
+            with self._sessions_lock:
+                if self.sessions.get(camera) is session:
+                    del self.sessions[camera]
         out = {"action": "finish", "camera": camera, **result.to_json()}
         if result.recipe.live and switch is not False:
             d.load_recipe(camera, session.recipe)
@@ -257,6 +309,49 @@ class CommandCenter:
         if d.link is not None:
             d.link.publish_status()
         return out
+
+    def _cancel(self, camera: str) -> dict[str, Any]:
+        """End the camera's enroll session at once (any thread); a camera without one is no error."""
+        with self._sessions_lock:
+            session = self.sessions.get(camera)
+            if session is not None and session.finishing:
+                raise CommandError(
+                    f"the enrollment into '{session.recipe}' on {camera} is being finished; too late to cancel"
+                )
+            if session is not None:
+                del self.sessions[camera]
+            self._expired.pop(camera, None)
+        if session is None:
+            return {"action": "cancel", "camera": camera, "recipe": None, "discarded": 0, "was_open": False}
+        return {
+            "action": "cancel",
+            "camera": camera,
+            "recipe": session.recipe,
+            "discarded": len(session.frames),
+            "was_open": True,
+        }
+
+    def _expire_sessions(self) -> None:
+        """Drop enroll sessions idle past the timeout: their frames must not be held for ever."""
+        now = time.monotonic()
+        with self._sessions_lock:
+            stale = [
+                (camera, s)
+                for camera, s in self.sessions.items()
+                if not s.finishing and now - s.last_used > self.session_timeout_s
+            ]
+            for camera, s in stale:
+                del self.sessions[camera]
+                self._expired[camera] = s.recipe
+            self.sessions_expired += len(stale)
+        for camera, s in stale:
+            log.warning(
+                "enroll session into %s on %s expired after %.0f s idle: %d frames discarded",
+                s.recipe,
+                camera,
+                self.session_timeout_s,
+                len(s.frames),
+            )
 
     def _cmd_recipe(self, cmd: Command, data: dict[str, Any]) -> dict[str, Any]:
         action = field(data, "action", str)

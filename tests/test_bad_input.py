@@ -26,7 +26,7 @@ from anomalygpt_edge.runtime.daemon import Daemon
 
 # -- config loading -------------------------------------------------------------------------------
 
-SECTIONS = ("device", "cameras", "recipes", "engines", "mqtt", "storage", "llm", "health", "commands")
+SECTIONS = ("device", "cameras", "recipes", "engines", "mqtt", "storage", "llm", "health", "commands", "limits")
 KEYS = (
     "id",
     "type",
@@ -78,6 +78,9 @@ KEYS = (
     "allowed_client_ids",
     "privileged",
     "token_file",
+    "allow_anonymous_control",
+    "enroll_session_timeout_s",
+    "max_image_pixels",
 )
 
 scalars = st.one_of(
@@ -143,6 +146,11 @@ def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory, broker: Any, line: dic
     )
     from anomalygpt_edge.runtime.config import load_config
 
+    # Anonymous control on: the random enroll/recipe commands must reach their handlers, not stop
+    # at the gate (the refusal itself is tested in test_limits_commands.py).
+    data = json.loads(cfg.read_text())
+    data["commands"] = {"allow_anonymous_control": True}
+    cfg.write_text(json.dumps(data))
     sub = Subscriber(broker, [REPLY_TOPIC, f"anomalygpt/{DEVICE}/cam1/verdict"])
     daemon = Daemon(load_config(cfg)).start()
     yield daemon, sub

@@ -111,6 +111,26 @@ def test_enrollment_is_refused_without_the_token_and_accepted_with_it_from_a_pro
     assert g.stats.rejected["unauthorized"] == 3 and g.stats.accepted["enroll"] == 1
 
 
+def test_without_credentials_configured_enroll_and_recipe_switch_are_refused_unless_anonymous_is_allowed() -> None:
+    g = gate()  # no token, no client ids, anonymous control off: the default
+    for body in (b'{"action": "start"}', b'{"action": "cancel"}', b"{}"):
+        refused = g.check(ROOT + "enroll", body)
+        assert isinstance(refused, Rejection) and refused.code == "unauthorized"
+        assert "allow_anonymous_control" in refused.message
+    assert g.check(ROOT + "recipe", b'{"action": "switch", "camera": "c", "recipe": "r"}').code == "unauthorized"
+    assert g.check(ROOT + "recipe", b'{"action": 5}').code == "unauthorized"
+    for read_only in (b'{"action": "list"}', b'{"action": "show", "recipe": "r"}'):
+        assert isinstance(g.check(ROOT + "recipe", read_only), CommandRequest)
+    assert isinstance(g.check(ROOT + "trigger", b'{"camera": "c"}'), CommandRequest)
+    bench = gate(allow_anonymous=True)
+    assert isinstance(bench.check(ROOT + "enroll", b'{"action": "start"}'), CommandRequest)
+    assert isinstance(bench.check(ROOT + "recipe", b'{"action": "switch"}'), CommandRequest)
+    assert policy_from_config({"allow_anonymous_control": True}, "p", "d").allow_anonymous is True
+    assert policy_from_config({}, "p", "d").allow_anonymous is False
+    with pytest.raises(ValueError):
+        policy_from_config({"allow_anonymous_control": "yes"}, "p", "d")
+
+
 def test_enrollment_is_restricted_to_allowed_client_ids() -> None:
     g = gate(allowed_client_ids=frozenset({"hmi-1"}))
     assert isinstance(g.check(ROOT + "enroll", b"{}", user_properties=[("client_id", "hmi-1")]), CommandRequest)

@@ -23,6 +23,15 @@ from anomalygpt_edge.runtime.daemon import Daemon
 from anomalygpt_edge.runtime.recipes import RecipeStore
 
 
+def _anonymous_control(path: Path) -> Path:
+    """These tests drive enrollment and recipe switches without a token: say so in the config
+    (the default refuses them; see test_limits_commands.py)."""
+    cfg = json.loads(path.read_text())
+    cfg["commands"] = {"allow_anonymous_control": True}
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 def _request(sub: Subscriber, device: str, command: str, body: Any, corr: bytes, timeout: float = 20) -> dict:
     payload = body if isinstance(body, bytes | str) else json.dumps(body)
     sub.publish(f"anomalygpt/{device}/cmd/{command}", payload, response_topic=f"tech/{device}", correlation=corr)
@@ -38,7 +47,9 @@ def test_a_technician_enrolls_a_new_recipe_from_the_line_camera_entirely_over_mq
     store = tmp_path / "store"  # empty: the recipe does not exist yet
     cameras = {"cam1": {"type": "video_file", "source": str(line["golden"]), "fps": 20, "loop": True}}
     recipes = [{"camera": "cam1", "recipe": "bracket-b", "trigger": "free_run", "fps": 5, "deadline_ms": 2000}]
-    cfg = write_config(tmp_path / "e.yaml", broker, cameras, recipes, store, line["bundle"], device="enr")
+    cfg = _anonymous_control(
+        write_config(tmp_path / "e.yaml", broker, cameras, recipes, store, line["bundle"], device="enr")
+    )
     sub = Subscriber(broker, ["anomalygpt/enr/#", "tech/enr"])
     daemon = Daemon(load_config(cfg)).start()
     try:
@@ -77,7 +88,9 @@ def test_a_technician_enrolls_a_new_recipe_from_the_line_camera_entirely_over_mq
 def test_enrollment_can_be_cancelled_and_needs_a_start(tmp_path: Path, broker: Any, line: dict) -> None:
     cameras = {"cam1": {"type": "video_file", "source": str(line["golden"]), "fps": 20}}
     recipes = [{"camera": "cam1", "recipe": "bracket", "trigger": "mqtt"}]
-    cfg = write_config(tmp_path / "c.yaml", broker, cameras, recipes, tmp_path / "store", line["bundle"], device="cnl")
+    cfg = _anonymous_control(
+        write_config(tmp_path / "c.yaml", broker, cameras, recipes, tmp_path / "store", line["bundle"], device="cnl")
+    )
     sub = Subscriber(broker, ["anomalygpt/cnl/#", "tech/cnl"])
     daemon = Daemon(load_config(cfg)).start()
     try:
@@ -98,7 +111,9 @@ def test_enrollment_can_be_cancelled_and_needs_a_start(tmp_path: Path, broker: A
 def test_recipe_commands_list_show_and_switch_a_cameras_recipe(tmp_path: Path, broker: Any, line: dict) -> None:
     cameras = {"cam1": {"type": "video_file", "source": str(line["video"]), "fps": 10}}
     recipes = [{"camera": "cam1", "recipe": "bracket", "trigger": "mqtt"}]
-    cfg = write_config(tmp_path / "r.yaml", broker, cameras, recipes, line["store"], line["bundle"], device="rcp")
+    cfg = _anonymous_control(
+        write_config(tmp_path / "r.yaml", broker, cameras, recipes, line["store"], line["bundle"], device="rcp")
+    )
     sub = Subscriber(broker, ["anomalygpt/rcp/#", "tech/rcp"])
     daemon = Daemon(load_config(cfg)).start()
     try:
@@ -137,15 +152,17 @@ def test_every_malformed_command_gets_an_error_reply_and_the_daemon_keeps_inspec
 ) -> None:
     cameras = {"cam1": {"type": "video_file", "source": str(line["video"]), "fps": 10}}
     recipes = [{"camera": "cam1", "recipe": "bracket", "trigger": "mqtt", "deadline_ms": 2000}]
-    cfg = write_config(
-        tmp_path / "m.yaml",
-        broker,
-        cameras,
-        recipes,
-        line["store"],
-        line["bundle"],
-        device="bad",
-        max_payload_bytes=4096,
+    cfg = _anonymous_control(
+        write_config(
+            tmp_path / "m.yaml",
+            broker,
+            cameras,
+            recipes,
+            line["store"],
+            line["bundle"],
+            device="bad",
+            max_payload_bytes=4096,
+        )
     )
     sub = Subscriber(broker, ["anomalygpt/bad/#", "tech/bad"])
     daemon = Daemon(load_config(cfg)).start()

@@ -106,6 +106,10 @@ def build_station(config_path: Path, inspect_fps: float = 5.0, llm: bool = False
     from anomalygpt_edge.runtime.web.station import CameraSpec, LocalStation
 
     cfg = load_config(config_path)
+    # Uploads and the station's folder cameras read images through preprocess: the config's limit.
+    from anomalygpt_edge.runtime.preprocess import set_max_image_pixels
+
+    set_max_image_pixels(cfg.limits.max_image_pixels)
     cameras = [CameraSpec(c.name, c.type, c.source, c.fps or 10.0, c.loop) for c in cfg.cameras.values()]
     bindings = {b.camera: b.recipe for b in cfg.recipes}
     factory = None
