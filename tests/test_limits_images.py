@@ -6,6 +6,7 @@ with a bad file in it goes on with the files after it; duplicate uploads are ski
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import subprocess
 import sys
@@ -17,11 +18,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
+    Subscriber,
+    broker_fixture,
+    line_fixture,
+    topic_is,
+    write_config,
+)
 from station_http import Client
 
-from anomalygpt_edge.runtime import preprocess
+from anomalygpt_edge.runtime import preprocess, synthetic
 from anomalygpt_edge.runtime.cameras import Camera, create_source
-from anomalygpt_edge.runtime.config import CameraConfig, parse_config
+from anomalygpt_edge.runtime.config import CameraConfig, load_config, parse_config
+from anomalygpt_edge.runtime.daemon import Daemon
 from anomalygpt_edge.runtime.preprocess import ImageError, decode_image, image_size, read_image
 
 SIDE = 20000
@@ -293,3 +302,56 @@ def test_station_upload_refuses_a_huge_png_before_decoding_and_skips_duplicates_
     finally:
         server.stop()
         station.stop()
+
+
+# -- the running daemon: folder-watch parts and folder cameras ------------------------------------
+
+
+def test_the_daemon_answers_a_huge_folder_watch_part_with_an_error_at_once_and_a_folder_camera_skips_it(
+    tmp_path: Path, broker, line: dict, huge_png: Path
+) -> None:
+    frames = synthetic.read_video_frames(line["video"])
+    inbox, folder = tmp_path / "inbox", tmp_path / "frames"
+    inbox.mkdir()
+    folder.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(folder / f"{i:04d}.png"), frames[i])
+    (folder / "0001b.png").write_bytes(huge_png.read_bytes())  # between two good frames
+    cameras = {
+        "inbox": {"type": "image_folder", "source": str(inbox)},
+        "cam2": {"type": "image_folder", "source": str(folder), "fps": 10},
+    }
+    recipes = [
+        {"camera": "inbox", "recipe": "bracket", "trigger": "folder_watch", "deadline_ms": 5000},
+        {"camera": "cam2", "recipe": "bracket", "trigger": "free_run", "fps": 10, "deadline_ms": 3000},
+    ]
+    path = write_config(tmp_path / "h.yaml", broker, cameras, recipes, line["store"], line["bundle"], device="huge")
+    cfg = json.loads(path.read_text())
+    cfg["health"] = {"heartbeat_s": 0.5}
+    path.write_text(json.dumps(cfg))
+    sub = Subscriber(broker, ["anomalygpt/huge/#"])
+    daemon = Daemon(load_config(path)).start()
+    try:
+        sub.wait_for(topic_is("/cam2/verdict"), count=1, timeout=20)
+        t0 = time.time()
+        (inbox / ".huge.tmp").write_bytes(huge_png.read_bytes())
+        (inbox / ".huge.tmp").rename(inbox / "huge.png")
+        cv2.imwrite(str(inbox / ".good.png"), frames[0])
+        (inbox / ".good.png").rename(inbox / "good.png")
+        parts = {m.json()["part_id"]: m.json() for m in sub.wait_for(topic_is("/inbox/verdict"), count=2, timeout=20)}
+
+        def skipped(m) -> bool:
+            cam = m.json().get("cameras", {}).get("cam2", {}) if m.topic.endswith("/status") else {}
+            return cam.get("skipped", 0) >= 1 and cam.get("status") == "online"
+
+        status = sub.wait_for(skipped, timeout=10)[0].json()["cameras"]["cam2"]
+        cam2 = [m.json() for m in sub.messages if m.topic.endswith("/cam2/verdict")]
+    finally:
+        daemon.stop()
+        sub.close()
+    huge = parts["huge"]
+    assert huge["verdict"] == "ERROR" and "image is 20000x20000 = 400.0 Mpx, over the limit" in huge["reason"], huge
+    assert huge["published_at_epoch"] - t0 < 2.5, "refused from the header, not after a 400 Mpx decode"
+    assert parts["good"]["verdict"] == "OK"
+    assert "0001b.png: image is 20000x20000" in status["last_error"] and status["reconnects"] == 0
+    assert all(v["verdict"] in ("OK", "NG") for v in cam2), "the folder camera went on with the good frames"
