@@ -35,6 +35,10 @@ CONFIDENCE = 0.95
 DEFAULT_TARGET_FRR = 0.01
 MIN_Z = 2.0
 SMALL_SAMPLE_CV = 0.25
+#: Golden scores whose spread (SD) exceeds this share of their median are called too varied.
+VARIED_CV = 0.35
+#: An expected escape rate above this gets the plain "choose" sentence.
+ESCAPE_WARN = 0.10
 
 
 @dataclass(frozen=True)
@@ -169,3 +173,101 @@ def refine_with_labels(
         "threshold_after": refit.value,
     }
     return refit, report
+
+
+#: False-reject targets offered when labelled defects show what each would cost in escapes.
+OPERATING_POINTS = (0.01, 0.02, 0.05, 0.10)
+
+
+def normal_tail_frr(threshold: float, scores: np.ndarray) -> float:
+    """False-reject rate a normal fit of the golden scores predicts at ``threshold`` (a model estimate)."""
+    s = np.asarray(scores, np.float64)
+    if s.size < 3:
+        return float("nan")
+    mad = float(np.median(np.abs(s - np.median(s))))
+    sigma = max(float(s.std(ddof=1)), 1.4826 * mad, 1e-12)
+    return float(1.0 - NormalDist(float(s.mean()), sigma).cdf(threshold))
+
+
+def variety_warning(bank_scores: np.ndarray, k: int) -> str | None:
+    """A warning when leave-one-out bank scores (distances, not z-scores) spread widely for ``k`` shots."""
+    s = np.asarray(bank_scores, np.float64)
+    if s.size < 4 or np.median(s) <= 0:
+        return None
+    med = float(np.median(s))
+    cv = max(float(s.std(ddof=1)), 1.4826 * float(np.median(np.abs(s - med)))) / med
+    if cv <= VARIED_CV:
+        return None
+    return (
+        f"the golden parts vary a lot (leave-one-out score spread {100 * cv:.0f}% of the median): {k} shots "
+        "may not cover normal variation; enroll more good parts, and check lighting, ROI and part pose"
+    )
+
+
+def expectations(
+    threshold: Threshold,
+    golden_scores: np.ndarray,
+    defect_scores: np.ndarray,
+    k: int,
+    warnings: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """What the product expects of this recipe on the line, in figures and plain words.
+
+    From the held-out golden scores: the false-reject rate a normal fit predicts at the threshold,
+    the distribution-free 95 % bound, and the margin between the threshold and the typical good
+    part; ``warnings`` (e.g. :func:`variety_warning`) joined into the words. From labelled defects
+    (held-out scores): the expected escape rate at this threshold and at each of
+    :data:`OPERATING_POINTS`, and plain words when no threshold meets both targets.
+    """
+    g = np.asarray(golden_scores, np.float64)
+    d = np.asarray(defect_scores, np.float64)
+    med = float(np.median(g))
+    mad = 1.4826 * float(np.median(np.abs(g - med)))
+    spread = max(float(g.std(ddof=1)) if g.size > 1 else 0.0, mad, 1e-12)
+    out: dict[str, Any] = {
+        "golden_parts": k,
+        "estimated_frr": normal_tail_frr(threshold.value, g),
+        "frr_upper_bound_95": threshold.frr_upper_bound_95,
+        "margin_sd": float((threshold.value - med) / spread),
+        "warnings": list(warnings),
+    }
+    words = [
+        f"Expect about {100 * out['estimated_frr']:.1f}% false rejects (model estimate from {g.size} golden "
+        f"scores; at most {100 * threshold.frr_upper_bound_95:.0f}% with 95% confidence); the threshold sits "
+        f"{out['margin_sd']:.1f} SDs above the typical good part."
+    ]
+    words += [f"Warning: {w}." for w in warnings]
+    if d.size:
+        points = []
+        for target in OPERATING_POINTS:
+            # Other targets use the normal model's point without fit_threshold's floor at the highest
+            # golden score: with few goldens that floor makes every target collapse onto one threshold.
+            t = threshold.value
+            if not math.isclose(target, threshold.target_frr):
+                t = float(g.mean()) + NormalDist().inv_cdf(1 - target) * spread
+            points.append({"target_frr": target, "threshold": t, "expected_escape": float((d <= t).mean())})
+        escape = float((d <= threshold.value).mean())
+        out.update(
+            {
+                "labelled_defects": int(d.size),
+                "expected_escape": escape,
+                "defect_margin_sd": float((np.median(d) - threshold.value) / spread),
+                "operating_points": points,
+            }
+        )
+        words.append(
+            f"Of {d.size} labelled defects, {100 * escape:.0f}% would pass at this threshold "
+            f"(target {100 * threshold.target_frr:g}% false rejects)."
+        )
+        if escape > ESCAPE_WARN:
+            alt = min(
+                points, key=lambda p: p["expected_escape"] + p["target_frr"] + (p["threshold"] == threshold.value)
+            )
+            words.append(
+                f"With these parts the two cannot both be met: either {100 * threshold.target_frr:g}% false "
+                f"rejects and about {100 * escape:.0f}% escapes, or {100 * alt['target_frr']:g}% and about "
+                f"{100 * alt['expected_escape']:.0f}%; choose with the recipe's target false-reject rate, "
+                "or enroll more labelled defects."
+            )
+    out["explained"] = " ".join(words)
+    return out

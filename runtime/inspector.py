@@ -40,7 +40,9 @@ class Inspector:
         self.recipe = recipe
         self.pipeline = pipeline or VisionPipeline(bundle)
         self.threshold = recipe.threshold.value
-        self.bank = store.load_bank(recipe).layers if recipe.source == "bank" else None
+        widths = {layer.name: layer.dim for layer in bundle.manifest.patch_layers}
+        self.bank = store.load_bank(recipe, widths).layers if recipe.source == "bank" else None
+        self.head = store.load_head(recipe, self.pipeline.feature_dim) if recipe.source == "bank" else None
         self.text_features = None
         if recipe.source == "text":
             table = bundle.text_features()
@@ -68,7 +70,7 @@ class Inspector:
         t0 = time.perf_counter()
         prepared = [self.pipeline.prepare(im, self.recipe.roi, self.recipe.resize, n) for im, n in zip(images, names)]
         t1 = time.perf_counter()
-        maps = self.pipeline.timed_maps(prepared, self.bank, self.text_features)
+        maps = self.pipeline.timed_maps(prepared, self.bank, self.text_features, self.head)
         timings = {"preprocess": (t1 - t0) * 1e3, **self.pipeline.last_timings}
         verdicts = []
         for amap, prep in zip(maps, prepared):
@@ -82,8 +84,19 @@ class Inspector:
         return verdicts
 
     def decide(self, anomaly_map: np.ndarray, prepared: Prepared) -> Verdict:
-        """Score = max of the map; NG above the threshold, with regions above it located on the 3×3 grid."""
-        score = float(anomaly_map.max())
+        """Score by the bundle's rule (max of the map by default); NG above the threshold, regions located.
+
+        A score that is not a finite number is never OK (``NaN > threshold`` is False): it is an ERROR
+        verdict with the reason, so a damaged engine or bank fails safe.
+        """
+        score = self.pipeline.image_score(anomaly_map)
+        if not np.isfinite(score):
+            return Verdict.error(
+                self.recipe.name,
+                f"anomaly score is {score} (not a finite number): engine or memory bank output is damaged",
+                bank_version=self.recipe.bank_version,
+                bundle_sha256=self.bundle.sha256,
+            )
         source_map = map_to_source(anomaly_map, prepared)
         ng = score > self.threshold
         regions = find_regions(source_map, self.threshold) if ng else []

@@ -59,16 +59,46 @@ class MemoryBank:
     @classmethod
     def load(cls, path: Path) -> MemoryBank:
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise BankError(f"{path}: unreadable memory bank: {exc}") from exc
+        return cls.from_bytes(data, str(path))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, origin: str) -> MemoryBank:
+        try:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 if meta.get("format") != BANK_FORMAT:
-                    raise BankError(f"{path}: bank format {meta.get('format')} is not {BANK_FORMAT}; re-enroll")
+                    raise BankError(f"{origin}: bank format {meta.get('format')} is not {BANK_FORMAT}; re-enroll")
                 layers = {name: data[f"layer_{i}"] for i, name in enumerate(meta["layers"])}
         except BankError:
             raise
         except Exception as exc:
-            raise BankError(f"{path}: unreadable memory bank: {exc}") from exc
+            raise BankError(f"{origin}: unreadable memory bank: {exc}") from exc
         return cls(layers, meta)
+
+    def check(self, widths: dict[str, int] | None, origin: str) -> None:
+        """Refuse a bank that cannot score correctly: wrong layers or width, not float, empty or non-finite.
+
+        A NaN in the bank makes every similarity NaN, and ``NaN > threshold`` is False: every part
+        would pass. So this runs before a bank is ever used.
+        """
+        if widths is not None and list(self.layers) != list(widths):
+            raise BankError(f"{origin}: bank layers {list(self.layers)} are not the bundle's {list(widths)}; re-enroll")
+        rows = {a.shape[0] if a.ndim == 2 else -1 for a in self.layers.values()}
+        for name, a in self.layers.items():
+            if a.ndim != 2 or a.shape[0] == 0 or len(rows) != 1:
+                raise BankError(f"{origin}: bank layer {name} has shape {a.shape}; expected (patches, width), aligned")
+            if a.dtype not in (np.float32, np.float16):
+                raise BankError(f"{origin}: bank layer {name} has dtype {a.dtype}; expected float32")
+            if widths is not None and a.shape[1] != widths[name]:
+                raise BankError(
+                    f"{origin}: bank layer {name} has feature width {a.shape[1]}, the bundle's encoder gives "
+                    f"{widths[name]}: this bank belongs to another encoder; re-enroll"
+                )
+            if not np.all(np.isfinite(a)):
+                raise BankError(f"{origin}: bank layer {name} holds NaN or infinite values; re-enroll")
 
 
 def greedy_coreset(features: np.ndarray, budget: int, seed: int = 0) -> np.ndarray:

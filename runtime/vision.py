@@ -12,9 +12,43 @@ import cv2
 import numpy as np
 
 from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.runtime.defect_head import DefectHead
 from anomalygpt_edge.runtime.preprocess import Prepared, crop_roi, preprocess
 
 ENCODE_BATCH = 8
+#: Image-score rules a manifest may name (``matching.image_score``): the map's maximum
+#: (PatchCore, AnomalyGPT) or the mean of its top 1 % (AnomalyDINO).
+IMAGE_SCORES = ("max", "mean_top_1pct")
+
+
+def image_score(anomaly_map: np.ndarray, rule: str = "max") -> float:
+    """One image's anomaly score from its map, by the bundle's rule."""
+    if rule == "mean_top_1pct":
+        flat = anomaly_map.ravel()
+        top = max(1, flat.size // 100)
+        return float(np.partition(flat, flat.size - top)[-top:].mean())
+    return float(anomaly_map.max())
+
+
+def upsample_aligned(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling with ``align_corners=True`` (B, h, w) → (B, H, W), as the bank matcher graph does.
+
+    Linear, so a map fused from upsampled parts equals the upsampled fused patch scores.
+    """
+
+    def weights(n_out: int, n_in: int) -> np.ndarray:
+        if n_in == 1 or n_out == 1:
+            return np.ones((n_out, n_in), np.float32) / n_in
+        src = np.arange(n_out) * (n_in - 1) / (n_out - 1)
+        lo = np.minimum(np.floor(src).astype(int), n_in - 2)
+        frac = (src - lo).astype(np.float32)
+        m = np.zeros((n_out, n_in), np.float32)
+        m[np.arange(n_out), lo] = 1 - frac
+        m[np.arange(n_out), lo + 1] += frac
+        return m
+
+    ry, rx = weights(size[0], grids.shape[1]), weights(size[1], grids.shape[2])
+    return np.einsum("Hh,bhw,Ww->bHW", ry, grids.astype(np.float32), rx)
 
 
 class VisionPipeline:
@@ -27,6 +61,14 @@ class VisionPipeline:
         self.encoder = bundle.engine("encoder")
         self.matcher = bundle.engine("bank_matcher")
         self.sigma = float(self.manifest.matching.get("smoothing_sigma", 0.0))
+        self.score_rule = str(self.manifest.matching.get("image_score", "max"))
+        if self.score_rule not in IMAGE_SCORES:
+            raise ValueError(
+                f"{bundle.path}/manifest.json: matching.image_score {self.score_rule!r} is not one of {IMAGE_SCORES}"
+            )
+        layers = self.manifest.patch_layers
+        self.grid = tuple(layers[0].grid)
+        self.feature_dim = sum(layer.dim for layer in layers)
         self.last_timings: dict[str, float] = {}
 
     def prepare(
@@ -49,12 +91,34 @@ class VisionPipeline:
                 chunks[n].append(out[n])
         return {n: np.concatenate(c) for n, c in chunks.items()}
 
-    def bank_maps(self, features: dict[str, np.ndarray], bank: dict[str, np.ndarray]) -> np.ndarray:
-        """Anomaly maps (B, H, W) of encoded queries against a memory bank."""
+    def bank_raw(self, features: dict[str, np.ndarray], bank: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Unsmoothed anomaly maps (B, H, W) and patch scores (B, N) of queries against a memory bank."""
         feeds = {f"q_{i}": np.ascontiguousarray(features[n], np.float32) for i, n in enumerate(self.layer_names)}
         feeds.update({f"bank_{i}": np.ascontiguousarray(bank[n], np.float32) for i, n in enumerate(self.layer_names)})
-        maps = self.matcher.run(feeds)["anomaly_map"][:, 0]
-        return self.smooth(maps)
+        out = self.matcher.run(feeds)
+        return out["anomaly_map"][:, 0], out["patch_scores"]
+
+    def patches(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """Every layer's patch features side by side (B, N, ΣC): what a defect head reads."""
+        return np.concatenate([features[n] for n in self.layer_names], axis=-1)
+
+    def head_map(self, head: DefectHead, features: dict[str, np.ndarray]) -> np.ndarray:
+        """A defect head's patch logits upsampled to the map size (B, H, W), unsmoothed."""
+        logits = head.logits(self.patches(features))
+        return upsample_aligned(logits.reshape(-1, *self.grid), tuple(self.manifest.map_size))
+
+    def bank_maps(
+        self, features: dict[str, np.ndarray], bank: dict[str, np.ndarray], head: DefectHead | None = None
+    ) -> np.ndarray:
+        """Anomaly maps (B, H, W) of encoded queries against a memory bank, fused with a defect head if any."""
+        raw, _ = self.bank_raw(features, bank)
+        if head is not None:
+            raw = head.fuse(raw, self.head_map(head, features))
+        return self.smooth(raw)
+
+    def image_score(self, anomaly_map: np.ndarray) -> float:
+        """The image score of one map by the bundle's rule (``matching.image_score``)."""
+        return image_score(anomaly_map, self.score_rule)
 
     def text_maps(self, features: dict[str, np.ndarray], text_features: np.ndarray) -> np.ndarray:
         """AnomalyGPT's zero-shot text-matching maps (B, H, W) from the bundle's decoder graph."""
@@ -72,13 +136,17 @@ class VisionPipeline:
         return np.stack([cv2.GaussianBlur(m, (0, 0), self.sigma, borderType=cv2.BORDER_REFLECT) for m in maps])
 
     def timed_maps(
-        self, prepared: Sequence[Prepared], bank: dict[str, np.ndarray] | None, text_features: np.ndarray | None
+        self,
+        prepared: Sequence[Prepared],
+        bank: dict[str, np.ndarray] | None,
+        text_features: np.ndarray | None,
+        head: DefectHead | None = None,
     ) -> np.ndarray:
         """Encode and match, recording per-stage milliseconds in :attr:`last_timings`."""
         t0 = time.perf_counter()
         feats = self.encode(prepared)
         t1 = time.perf_counter()
-        maps = self.bank_maps(feats, bank) if bank is not None else self.text_maps(feats, text_features)
+        maps = self.bank_maps(feats, bank, head) if bank is not None else self.text_maps(feats, text_features)
         t2 = time.perf_counter()
         self.last_timings = {"encoder": (t1 - t0) * 1e3, "matcher": (t2 - t1) * 1e3}
         return maps

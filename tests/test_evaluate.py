@@ -64,20 +64,63 @@ def test_mask_of_the_wrong_size_is_refused_naming_the_file(
     assert "001_mask.png: mask is 10x10, image is 320x240" in capsys.readouterr().err
 
 
-def test_missing_mask_is_refused_naming_the_image(
-    dataset: Path, default_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+def test_missing_mask_leaves_that_image_to_image_level_metrics_and_names_it(
+    dataset: Path, default_bundle_dir: Path, tmp_path: Path
 ) -> None:
     (dataset / "ground_truth" / "scratch" / "002_mask.png").unlink()
-    assert _evaluate(dataset, default_bundle_dir, tmp_path) == 2
-    assert "002.png: no mask at" in capsys.readouterr().err
+    assert _evaluate(dataset, default_bundle_dir, tmp_path) == 0
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert any("002.png: no mask at" in note for note in data["notes"])
+    assert data["pixel_ground_truth"] and 0.0 <= data["pixel_auroc"] <= 1.0
 
 
-def test_undecodable_test_image_is_refused_naming_the_file(
+def test_undecodable_test_image_is_named_skipped_and_counted_not_fatal(
     dataset: Path, default_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     (dataset / "test" / "good" / "001.png").write_bytes(b"")
-    assert _evaluate(dataset, default_bundle_dir, tmp_path) == 2
-    assert "001.png: file is empty" in capsys.readouterr().err
+    assert _evaluate(dataset, default_bundle_dir, tmp_path) == 0
+    assert "skipped" in capsys.readouterr().err
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert [Path(s["path"]).name for s in data["skipped"]] == ["001.png"]
+    assert "file is empty" in data["skipped"][0]["reason"]
+    assert data["n_test"] == 8 and data["per_seed"][0]["overall"]["image_auroc"] >= 0.9
+
+
+def test_dataset_without_ground_truth_reports_pixel_metrics_as_na(
+    dataset: Path, default_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    shutil.rmtree(dataset / "ground_truth")
+    assert _evaluate(dataset, default_bundle_dir, tmp_path) == 0
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert not data["pixel_ground_truth"] and data["pixel_auroc"] is None and data["aupro"] is None
+    assert data["image_auroc"] >= 0.9
+    assert "n/a" in capsys.readouterr().out
+
+
+def test_evaluate_over_several_datasets_prints_a_row_each_and_the_mean(
+    dataset: Path, default_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    second = tmp_path / "bracket"
+    parts.mvtec_folder(second, n_bad=3)
+    out = tmp_path / "out"
+    code = main(
+        ["evaluate", "--data", str(dataset), str(second), "--shots", "4", "--seeds", "1", "--defects", "1"]
+        + ["--bundle", str(default_bundle_dir), "--json", str(out / "eval.json"), "--report", str(out / "report")]
+    )
+    assert code == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert [Path(d["dataset"]).name for d in data["datasets"]] == ["plate", "bracket"]
+    means = [d["image_auroc"] for d in data["datasets"]]
+    assert data["mean"]["image_auroc"] == pytest.approx(np.mean(means))
+    assert data["image_auroc"] == data["mean"]["image_auroc"]
+    assert all(d["defects"] == 1 and len(d["per_seed"][0]["labelled_defects"]) == 1 for d in data["datasets"])
+    assert data["datasets"][1]["n_test"] == 4 + 3 - 1  # the labelled defect left the test set
+    printed = capsys.readouterr().out
+    assert "plate" in printed and "bracket" in printed and "\nmean " in printed
+    for name in ("summary.md", "summary.png", "plate/roc.png", "bracket/heatmaps.png"):
+        assert (out / "report" / name).stat().st_size > 0
 
 
 def test_folder_that_is_not_mvtec_layout_is_refused(
