@@ -44,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("enroll", help="enroll golden parts into a recipe (creates it if new)")
     e.add_argument("--recipe", required=True)
     e.add_argument("--images", type=Path, help="folder (or single file) of golden images to add")
+    e.add_argument(
+        "--defects",
+        type=Path,
+        help="folder (or file) of known-defective images; an optional NAME_mask.png beside each marks the defect",
+    )
+    e.add_argument("--defect-type", help="defect type of the --defects images (e.g. crack)")
     e.add_argument("--remove", metavar="SAMPLE", help="remove one golden sample (file name or sha256 prefix)")
     e.add_argument("--roi", type=roi_arg, help="crop x,y,w,h applied to every image (new recipes)")
     e.add_argument(
@@ -76,9 +82,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     v = sub.add_parser("evaluate", help="k-shot accuracy on an MVTec-layout dataset")
     v.add_argument(
-        "--data", type=Path, required=True, help="folder with train/good, test/<defect>, ground_truth/<defect>"
+        "--data",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="one or more folders with train/good, test/<defect>, optional ground_truth/<defect>",
     )
     v.add_argument("--shots", type=int, default=16)
+    v.add_argument(
+        "--defects", type=int, default=0, help="labelled defects per seed moved from the test set into enrollment"
+    )
     v.add_argument("--seeds", type=int, default=3)
     v.add_argument("--json", type=Path, required=True, help="write the figures here")
     v.add_argument("--report", type=Path, help="folder for a Markdown summary, ROC/PR curves and heatmap examples")

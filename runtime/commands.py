@@ -14,7 +14,7 @@ from anomalygpt_edge.calibration.threshold import refine_with_labels
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.engines.integrity import atomic_write_bytes
 from anomalygpt_edge.runtime.cli import DEFAULT_BUNDLE
-from anomalygpt_edge.runtime.enrollment import Enroller, EnrollmentResult
+from anomalygpt_edge.runtime.enrollment import Enroller, EnrollmentResult, LabelledImage
 from anomalygpt_edge.runtime.heatmap import overlay
 from anomalygpt_edge.runtime.inspector import Inspector
 from anomalygpt_edge.runtime.preprocess import ImageError, crop_roi, read_image
@@ -56,7 +56,7 @@ def print_enrollment(result: EnrollmentResult, as_json: bool) -> None:
         return
     r = result.recipe
     print(
-        f"recipe {r.name}: {len(r.samples)} golden samples, bank v{r.bank_version}, "
+        f"recipe {r.name}: {len(r.samples)} golden samples, {len(r.defects)} labelled defects, bank v{r.bank_version}, "
         f"{'LIVE' if r.live else 'NOT LIVE'}  ({result.seconds:.2f} s)"
     )
     for name in result.added:
@@ -84,7 +84,16 @@ def print_enrollment(result: EnrollmentResult, as_json: bool) -> None:
         for w in t.warnings:
             print(f"    WARNING: {w}")
         print(f"  {t.explain()}")
-    elif r.samples:
+    if result.head:
+        h = result.head
+        kind = "masks" if h["mode"] == "mask" else "no masks: multiple-instance"
+        print(
+            f"  defect head: {len(r.defects)} labelled defects ({kind}), {h['folds']}-fold cross-fitted, "
+            f"trained in {h['seconds']:.2f} s"
+        )
+    if result.expectation.get("explained"):
+        print(f"  expected on the line: {result.expectation['explained']}")
+    if t is None and r.samples:
         print("  no threshold yet: enroll at least two golden parts")
 
 
@@ -92,10 +101,12 @@ def enroll(args: argparse.Namespace) -> int:
     """``anomalygpt-edge enroll``: create/extend a recipe, or remove a golden sample."""
     store = RecipeStore(args.store)
     try:
-        if args.images is None and args.remove is None:
-            return _fail("enroll needs --images DIR (to add) or --remove SAMPLE")
+        defects_dir = getattr(args, "defects", None)
+        if args.images is None and args.remove is None and defects_dir is None:
+            return _fail("enroll needs --images DIR (golden parts), --defects DIR (known-defective parts) or --remove")
         # Decode every image before touching the store: a bad file must not leave half an enrollment.
         images = [(p.name, read_image(p)) for p in list_images(args.images)] if args.images else []
+        defects = read_defects(defects_dir, getattr(args, "defect_type", None)) if defects_dir else []
         bundle = _bundle_for(args, store)
         enroller = Enroller(store, bundle)
         settings = {
@@ -112,12 +123,35 @@ def enroll(args: argparse.Namespace) -> int:
         enroller.open_or_create(args.recipe, **settings)
         if args.remove:
             result = enroller.remove(args.recipe, args.remove, args.accept_flagged)
-        else:
+        if images:
             result = enroller.add(args.recipe, images, args.accept_flagged)
+        if defects:
+            result = enroller.add_defects(args.recipe, defects, args.accept_flagged)
     except (ImageError, RecipeError, ValueError) as exc:
         return _fail(str(exc))
     print_enrollment(result, args.json)
     return 0 if result.recipe.live else 3
+
+
+MASK_SUFFIX = "_mask"
+
+
+def read_defects(path: Path, defect_type: str | None = None) -> list[LabelledImage]:
+    """Known-defective images of a folder (or one file), each with ``NAME_mask.png`` beside it if present.
+
+    Also accepts the MVTec layout's mask folder (``ground_truth/<type>/NAME_mask.png`` two levels up).
+    """
+    files = [p for p in list_images(path) if not p.stem.endswith(MASK_SUFFIX)]
+    if not files:
+        raise ImageError(f"{path}: only mask files, no defect images")
+    out = []
+    for p in files:
+        candidates = [p.with_name(f"{p.stem}{MASK_SUFFIX}.png")]
+        candidates.append(p.parent.parent.parent / "ground_truth" / p.parent.name / f"{p.stem}{MASK_SUFFIX}.png")
+        mask_path = next((c for c in candidates if c.is_file()), None)
+        mask = read_image(mask_path) if mask_path is not None else None
+        out.append(LabelledImage(p.name, read_image(p), mask, defect_type))
+    return out
 
 
 def _labelled_sets(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -144,7 +178,13 @@ def calibrate(args: argparse.Namespace) -> int:
         refined, report = refine_with_labels(recipe.threshold, golden, score(good), score(bad))
         from dataclasses import replace
 
-        recipe = store.commit(replace(recipe, threshold=refined))
+        with store.writer(recipe.name):  # a concurrent enrollment may have committed since we loaded
+            current = store.load(recipe.name)
+            if current.bank_version != recipe.bank_version:
+                raise RecipeError(
+                    f"recipe {recipe.name} changed while calibrating (bank v{current.bank_version}); rerun"
+                )
+            recipe = store.commit(replace(current, threshold=refined))
     except (ImageError, RecipeError, ValueError) as exc:
         return _fail(str(exc))
     if args.json:
