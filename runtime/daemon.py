@@ -70,8 +70,8 @@ FOLDER_POLL_S = 0.05
 EMPTY_FILE_SETTLE_S = 1.0
 #: The deadline watchdog answers this share of the deadline early (at most ANSWER_MARGIN_MAX_S),
 #: leaving time to publish, so the ERROR reaches the PLC before the deadline rather than after it.
-ANSWER_MARGIN = 0.1
-ANSWER_MARGIN_MAX_S = 0.1
+ANSWER_MARGIN = 0.15
+ANSWER_MARGIN_MAX_S = 0.15
 #: A supervised loop that crashes this often within CRASH_WINDOW_S is given up on (marked dead).
 MAX_CRASHES = 5
 CRASH_WINDOW_S = 60.0

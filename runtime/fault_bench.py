@@ -293,7 +293,9 @@ class Filler:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def disk_full(rig: Rig, work: Path, full_s: float = 6.0, rate_hz: float = 10.0) -> dict[str, Any]:
+def disk_full(
+    rig: Rig, work: Path, full_s: float = 6.0, rate_hz: float = 10.0, after_s: float = 10.0
+) -> dict[str, Any]:
     """Row 1: triggers at ``rate_hz`` while the state folder's disk is full, then space returns."""
     if (why := tmpfs_available()) is not None:
         return {"skipped": why}
@@ -331,7 +333,7 @@ def disk_full(rig: Rig, work: Path, full_s: float = 6.0, rate_hz: float = 10.0) 
             status_full = plc.last_status()
             filler.release()
             t_free = time.time()
-            after = send(int(10 * rate_hz))
+            after = send(int(after_s * rate_hz))
 
             def serving() -> bool:
                 doc = plc.last_status()

@@ -92,7 +92,9 @@ class MqttLink:
             clean_session=None if self.v5 else True,
         )
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self.client.max_inflight_messages_set(100)
+        # A burst answers hundreds of parts at once (verdict + reply, both QoS 1): a small in-flight
+        # window would queue replies behind PUBACKs of other verdicts (mosquitto acks at once).
+        self.client.max_inflight_messages_set(1000)
         if config.username:
             self.client.username_pw_set(config.username, config.password)
         if config.tls is not None:

@@ -606,34 +606,47 @@ def _decode(r: tuple) -> tuple[SpoolItem | None, str]:
 def _salvage(path: Path) -> list[tuple]:
     """The rows of a damaged spool file that can still be read, oldest first (best effort, bounded).
 
-    A damaged page makes a scan fail where it starts; the scan resumes past it by jumping further
-    ahead each time, so one bad page costs the rows on it, not the rows behind it.
+    The file is read into memory (never written) and, if it was cut short, padded with zeros to
+    the size its header declares, so SQLite can still reach the pages that survived. A damaged
+    page makes a scan fail where it starts; the scan resumes past it by jumping further ahead
+    each time, so one bad page costs the rows on it, not the rows behind it.
     """
-    if not path.is_file() or path.stat().st_size == 0:
-        return []
-    rows: list[tuple] = []
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-    except sqlite3.Error:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError:
         return []
+    if len(data) < 100:
+        return []
+    page = int.from_bytes(data[16:18], "big")
+    page = 65536 if page == 1 else page
+    declared = int.from_bytes(data[28:32], "big") * page
+    if page >= 512 and len(data) < declared <= 4 * len(data) + (1 << 20):
+        data += b"\0" * (declared - len(data))
+    data = bytearray(data)
+    data[:16] = b"SQLite format 3\x00"  # a damaged magic string alone must not cost every row
+    data[18:20] = b"\x01\x01"  # WAL-mode image -> rollback mode: an in-memory copy has no WAL to open
+    rows: dict[int, tuple] = {}
+    db = sqlite3.connect(":memory:", check_same_thread=False)
     try:
+        db.deserialize(bytes(data))
         after, jump = 0, 1
         for _ in range(SALVAGE_PROBES):
             try:
-                cur = db.execute(f"SELECT {_COLUMNS} FROM spool WHERE seq > ? ORDER BY seq", (after,))
-                for r in cur:
+                for r in db.execute(f"SELECT {_COLUMNS} FROM spool WHERE seq > ? ORDER BY seq", (after,)):
                     item, _problem = _decode(tuple(r))
-                    if item is not None:
-                        rows.append((item.seq, item.verdict_id, item.topic, item.payload, item.created, item.attempts))
-                    if isinstance(r[0], int):
-                        after = r[0]
-                return rows
+                    if item is not None and item.seq > after:
+                        it = item
+                        rows[it.seq] = (it.seq, it.verdict_id, it.topic, it.payload, it.created, it.attempts)
+                        after = item.seq
+                break
             except sqlite3.Error:
                 after += jump
                 jump *= 2
+    except sqlite3.Error:
+        pass
     finally:
         db.close()
-    return rows
+    return [rows[k] for k in sorted(rows)]
 
 
 class _Transaction:

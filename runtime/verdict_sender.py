@@ -57,6 +57,9 @@ IDLE_POLL_S = 1.0
 MAINTAIN_S = 1.0
 #: Verdicts kept in memory while the spool cannot commit; beyond it the oldest are dropped (counted).
 MAX_MEMORY = 10_000
+#: After a failed commit, acknowledgements alone are retried no sooner than this (new verdicts
+#: are always tried at once: their answers must not wait).
+RETRY_S = 0.2
 
 
 def _acked(info: Any) -> bool:
@@ -115,6 +118,7 @@ class VerdictSender:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._last_maintain = 0.0
+        self._retry_at = 0.0  # monotonic time before which a failed spool is not retried for acks alone
         #: Why delivery is degraded (the spool cannot commit …), None when all is well.
         self.problem: str | None = None
         self.stats = {
@@ -243,7 +247,10 @@ class VerdictSender:
                 if not self._has_work():
                     if self._stop:
                         return True
-                    self._wake.wait(IDLE_POLL_S)
+                    wait = IDLE_POLL_S
+                    if self._retry_at > time.monotonic():
+                        wait = min(wait, self._retry_at - time.monotonic())
+                    self._wake.wait(max(0.01, wait))
                 intake, self._intake = self._intake, []
                 acks, self._acks = self._acks, []
                 connected, stopping = self._connected, self._stop
@@ -259,8 +266,12 @@ class VerdictSender:
                         return True
 
     def _has_work(self) -> bool:
-        """Lock held: whether a pass would do anything now."""
-        if self._intake or self._acks:
+        """Lock held: whether a pass would do anything now (a failing spool is not retried in a hot loop)."""
+        if self._intake:
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
+        if self._acks:
             return True
         return self._connected and not self._stop and any(o.attempts == 0 for o in self._memory.values())
 
@@ -285,6 +296,7 @@ class VerdictSender:
                 while len(self._memory) > MAX_MEMORY:
                     self._memory.popitem(last=False)
                     self.stats["dropped_memory"] += 1
+                self._retry_at = time.monotonic() + RETRY_S
             self._set_problem(f"spool cannot commit, verdicts kept in memory: {exc}")
             return
         with self._lock:

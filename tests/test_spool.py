@@ -201,3 +201,105 @@ def test_every_put_that_returned_survives_sigkill_mid_writes(tmp_path: Path) -> 
         # The reopened spool keeps working.
         new = spool.put("after", "t", b"{}")
         assert new > max(present)
+
+
+def _cap_pages(spool: VerdictSpool, extra: int) -> None:
+    """SQLite's own page limit: the next growth fails with SQLITE_FULL, as a full disk does."""
+    n = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count={n + extra}")
+
+
+def test_a_full_disk_is_a_spool_error_never_a_raw_sqlite_error_and_the_spool_recovers(tmp_path: Path) -> None:
+    # Issue 12 row 1: the explicit ROLLBACK after SQLite had already rolled back raised a raw
+    # sqlite3.OperationalError that killed the inspection thread.
+    spool = VerdictSpool(tmp_path / "spool.db", max_age_s=None)
+    _cap_pages(spool, 2)
+    big = json.dumps({"id": "x", "pad": "a" * 3000}).encode()
+    with pytest.raises(SpoolError, match="full"):
+        for i in range(100):
+            spool.put(f"v{i}", "t", big)
+    assert not spool._db.in_transaction
+    spool._db.execute("PRAGMA max_page_count=1000000")  # space returns
+    assert spool.put("after", "t", payload(1)) > 0
+    assert spool.stats()["disk_full_errors"] >= 1
+    spool.close()
+
+
+def test_the_reserve_is_released_when_the_disk_fills_and_taken_back_when_space_returns(tmp_path: Path) -> None:
+    spool = VerdictSpool(tmp_path / "spool.db", max_age_s=None, reserve_bytes=256 * 1024)
+    reserve = tmp_path / "spool.reserve"
+    assert reserve.stat().st_size == 256 * 1024 and spool.stats()["reserve_held"] is True
+    _cap_pages(spool, 0)  # full: the first commit fails, the reserve goes, the retry fails too here
+    with pytest.raises(SpoolError):
+        spool.put("v1", "t", json.dumps({"pad": "a" * 20000}).encode())
+    assert not reserve.exists() and spool.stats()["reserve_held"] is False
+    spool._db.execute("PRAGMA max_page_count=1000000")
+    spool.maintain()
+    assert reserve.exists() and spool.stats()["reserve_held"] is True
+    spool.close()
+
+
+def test_a_group_commit_stores_many_verdicts_and_acks_in_one_transaction(tmp_path: Path) -> None:
+    with VerdictSpool(tmp_path / "spool.db") as spool:
+        first = spool.put_many([(f"v{i}", "t", payload(i)) for i in range(3)])
+        more = spool.put_many([("v3", "t", payload(3), 1)], ack_seqs=first[:2])
+        assert [(it.verdict_id, it.attempts) for it in spool.pending()] == [("v2", 0), ("v3", 1)]
+        assert more[0] > first[-1]
+        spool.ack_many([first[2]])
+        assert [it.verdict_id for it in spool.pending()] == ["v3"]
+
+
+def test_a_row_that_cannot_be_decoded_is_quarantined_and_does_not_block_the_rows_behind_it(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    with VerdictSpool(path) as spool:
+        spool.put("v0", "t", payload(0))
+    with sqlite3.connect(path) as db:  # what flipped bytes in a record leave: wrong types, not JSON
+        db.execute("INSERT INTO spool(verdict_id, topic, payload, created) VALUES ('bad1', x'00', '{}', 1e12)")
+        db.execute("INSERT INTO spool(verdict_id, topic, payload, created) VALUES ('bad2', 't', x'fffe', 1e12)")
+        db.execute("INSERT INTO spool(verdict_id, topic, payload, created) VALUES ('v3', 't', '{}', 1e12)")
+    with VerdictSpool(path, max_age_s=None) as spool:
+        assert [it.verdict_id for it in spool.pending()] == ["v0", "v3"]
+        assert [it.verdict_id for it in spool.pending()] == ["v0", "v3"]  # not retried
+        assert spool.stats()["quarantined"] == 2
+        assert {q["verdict_id"]: q["reason"] for q in spool.quarantined()} == {
+            "bad1": "topic is not a publishable topic (b'\\x00')",
+            "bad2": "payload is not JSON",
+        }
+
+
+def test_a_spool_that_comes_back_empty_reports_the_verdicts_it_had(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    with VerdictSpool(path) as spool:
+        for i in range(7):
+            spool.put(f"v{i}", "t", payload(i))
+    path.write_bytes(b"")  # zero-length, as a failed copy or a bad restore leaves it
+    for side in ("-wal", "-shm"):
+        path.with_name(path.name + side).unlink(missing_ok=True)
+    with VerdictSpool(path) as spool:
+        stats = spool.stats()
+        assert stats["lost_on_open"] == 7 and stats["depth"] == 0
+        assert "7 pending verdicts" in stats["events"][-1]["message"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "rows"])
+def test_a_damaged_spool_is_moved_aside_and_its_readable_rows_carried_over(tmp_path: Path, damage: str) -> None:
+    from anomalygpt_edge.runtime.fault_bench import damage_spool
+
+    path = tmp_path / "spool.db"
+    with VerdictSpool(path) as spool:
+        ids = [f"id-{i:03d}-{'x' * 30}" for i in range(60)]
+        bodies = [json.dumps({"schema": "s", "id": vid, "pad": "p" * 100}).encode() for vid in ids]
+        spool.put_many([(vid, "t", body) for vid, body in zip(ids, bodies, strict=True)])
+    bad = damage_spool(path, damage, ids)
+    with VerdictSpool(path) as spool:
+        got = [it.verdict_id for it in spool.pending(limit=1000)]
+        stats = spool.stats()
+    assert got == [i for i in ids if i in set(got)], "order kept"
+    accounted = len(got) + stats.get("quarantined", 0) + stats.get("lost_on_open", 0)
+    assert accounted == len(ids), stats
+    if damage == "rows":
+        assert len(got) == len(ids) - len(bad) and stats["quarantined"] == len(bad)
+    else:
+        assert stats["events"][0]["kind"] == "moved_aside" and list(tmp_path.glob("spool.db.corrupt-*"))
+    if damage == "header":
+        assert got == ids  # only the magic string was damaged: every row is carried over
