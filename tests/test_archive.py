@@ -198,3 +198,65 @@ def test_export_quotes_text_a_spreadsheet_would_run_as_a_formula(tmp_path: Path)
         row = next(csv.DictReader(fh))
     assert row["part_id"] == '\'=HYPERLINK("http://x")' and row["sentence"] == "'@SUM(A1)"
     assert row["score"] and not row["score"].startswith("'")  # numbers are left alone
+
+
+def test_an_archive_that_cannot_be_opened_is_moved_aside_and_its_images_kept_under_the_quota(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    first = Archive(root, quota_bytes=10**7)
+    first.record(verdict(1, "NG"), image(1))
+    first.close()
+    used = first.stats.bytes_used
+    (root / "archive.db").write_bytes(b"\x00garbage" * 512)  # a damaged database
+    for side in ("-wal", "-shm"):
+        (root / f"archive.db{side}").unlink(missing_ok=True)
+    again = Archive(root, quota_bytes=10**7)
+    assert again.events[0]["kind"] == "moved_aside" and "moved aside" in again.stats.last_error
+    assert list(root.glob("archive.db.corrupt-*")), "the damaged file is kept as evidence"
+    assert again.stats.bytes_used == used > 0, "images on disk are back in the quota ledger"
+    assert again.record(verdict(2)) and again.count() == 1
+
+
+def test_below_the_free_space_floor_images_stop_first_then_rows_wait_in_memory_and_catch_up(tmp_path: Path) -> None:
+    from anomalygpt_edge.runtime.archive import DiskBudget
+    from anomalygpt_edge.runtime.spool import free_bytes
+
+    free = free_bytes(tmp_path)
+    disk = DiskBudget(tmp_path, floor_bytes=free // 2 + 1, interval_s=0)  # free < 2 x floor: "low"
+    archive = Archive(tmp_path / "archive", disk=disk)
+    assert disk.level() == "low"
+    assert archive.record(verdict(1, "NG"), image(1)), "rows are still written"
+    assert archive.stats.images_skipped_disk == 1 and archive.stats.images_written == 0
+    disk.floor_bytes = free * 2  # free < floor: "critical"
+    assert not archive.record(verdict(2, "NG"), image(2))
+    assert archive.stats.rows_deferred == 1 and archive.count() == 1, "the row waits in memory"
+    disk.floor_bytes = 0  # space returns
+    assert archive.flush_deferred() == 0 and archive.count() == 2
+    assert archive.record(verdict(3, "NG"), image(3)) and archive.stats.images_written == 1
+
+
+def test_the_disk_budget_counts_every_file_and_caps_the_image_quota(tmp_path: Path) -> None:
+    from anomalygpt_edge.runtime.archive import DiskBudget
+    from anomalygpt_edge.runtime.spool import VerdictSpool
+
+    budget = 3_000_000
+    disk = DiskBudget(tmp_path, budget_bytes=budget, interval_s=0)
+    spool = VerdictSpool(tmp_path / "spool.db")
+    disk.track(spool.path)
+    archive = Archive(tmp_path / "archive", quota_bytes=10**9, disk=disk)  # quota far above the budget
+    for i in range(120):
+        archive.record(verdict(i, "NG"), image(i, 128))
+    stats = disk.stats()
+    assert stats["used_bytes"] <= budget, stats
+    assert archive.stats.images_evicted > 0, "the budget, not the larger quota, bounded the images"
+    assert archive.count() == 120 and archive.stats.rows_deferred == 0, "rows still fit: images gave way"
+    spool.close()
+
+
+def test_the_archive_wal_is_kept_small(tmp_path: Path) -> None:
+    from anomalygpt_edge.runtime.spool import JOURNAL_SIZE_LIMIT
+
+    archive = Archive(tmp_path / "archive")
+    for i in range(3000):
+        archive.record({**verdict(i), "pad": "x" * 2000})
+    wal = tmp_path / "archive" / "archive.db-wal"
+    assert wal.stat().st_size <= JOURNAL_SIZE_LIMIT + 2 * 1024 * 1024

@@ -301,3 +301,69 @@ def test_a_publish_lost_with_the_connection_keeps_the_sender_alive_and_the_verdi
     sender.stop()
     assert spool.depth() == 0 and sender.stats["acked"] == 1
     assert json.loads(client.published[0][1])["redelivered"] is True
+
+
+class CountingSpool(VerdictSpool):
+    """A real spool that counts its group commits (one fsync each)."""
+
+    commits = 0
+
+    def put_many(self, rows, ack_seqs=()):  # noqa: ANN001, ANN201 - same signature as the base
+        acks = list(ack_seqs)
+        if rows or acks:
+            type(self).commits += 1
+        return super().put_many(rows, acks)
+
+
+def test_a_burst_is_committed_in_a_few_group_commits_and_each_reply_follows_its_commit(tmp_path: Path) -> None:
+    spool = CountingSpool(tmp_path / "spool.db")
+    client = FakeClient()
+    sender = VerdictSender(client, spool)
+    sender.on_connect()
+    durable: list[tuple[str, bool, int]] = []
+    for i in range(300):  # queued before the thread runs: as a burst arrives
+        vid = f"v{i}"
+
+        def on_durable(ok: bool, vid: str = vid) -> None:
+            durable.append((vid, ok, spool.depth()))
+
+        sender.submit(vid, TOPIC, json.dumps({"id": vid}).encode(), on_durable)
+    sender.start()
+    deadline = time.monotonic() + 10
+    while len(client.published) < 300 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sender.stop()
+    assert CountingSpool.commits <= 3, "one fsync for the whole burst, not one per verdict"
+    assert [d[0] for d in durable] == [f"v{i}" for i in range(300)] and all(d[1] for d in durable)
+    assert all(depth >= 1 for _, _, depth in durable), "each reply only once its verdict is on disk"
+    assert [json.loads(p)["id"] for _, p in client.published] == [f"v{i}" for i in range(300)]
+    assert not any(b"redelivered" in p for _, p in client.published), "first sends are not flagged"
+
+
+def test_when_the_spool_cannot_commit_verdicts_go_out_from_memory_and_delivery_recovers(tmp_path: Path) -> None:
+    spool = VerdictSpool(tmp_path / "spool.db")
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count={pages}")  # SQLITE_FULL, as a full disk
+    client = FakeClient()
+    errors: list[str] = []
+    answered: list[bool] = []
+    sender = VerdictSender(client, spool, on_error=errors.append).start()
+    sender.on_connect()
+    big = json.dumps({"id": "m1", "pad": "x" * 20000}).encode()
+    sender.submit("m1", TOPIC, big, answered.append)
+    deadline = time.monotonic() + 5
+    while not client.published and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert answered == [False], "the PLC's answer does not wait for a disk that cannot take it"
+    assert client.published[0][1] == big and sender.memory_depth() == 1
+    assert sender.problem and "spool cannot commit" in sender.problem and "full" in errors[0]
+    spool._db.execute("PRAGMA max_page_count=1000000")  # space returns
+    sender.on_publish(1, None)  # the broker's PUBACK for the verdict sent from memory
+    sender.submit("v2", TOPIC, b'{"id": "v2"}')
+    deadline = time.monotonic() + 5
+    while len(client.published) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sender.on_publish(2, None)
+    sender.stop()
+    assert sender.problem is None, "recovered by itself"
+    assert sender.memory_depth() == 0 and spool.depth() == 0 and sender.stats["acked"] == 2
