@@ -461,6 +461,11 @@ class Archive:
             for _ in batch:
                 self._deferred.popleft()
 
+    def deferred_rows(self) -> int:
+        """Rows held in memory until the disk has room for them."""
+        with self._lock:
+            return len(self._deferred)
+
     def flush_deferred(self) -> int:
         """Write rows kept back by a full disk if there is room now; returns how many are still waiting."""
         with self._lock:

@@ -867,7 +867,7 @@ class Daemon:
                     out.append(event["message"])
         if self.archive is not None:
             archive = self.archive.archive
-            if waiting := len(archive._deferred):
+            if waiting := archive.deferred_rows():
                 out.append(f"archive: {waiting} rows waiting for disk space")
             now = time.time()
             for event in archive.events:

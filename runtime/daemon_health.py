@@ -173,6 +173,9 @@ class DaemonHealth:
                 assert self._status is not None and self._publish is not None
                 doc = self._status()
                 self._publish(doc)
-                self.notifier.status(self.health.status_line())
+                line = self.health.status_line()
+                if doc.get("state") == "degraded":  # `systemctl status` shows why, first
+                    line = "DEGRADED: " + "; ".join(doc.get("problems") or [])[:300] + " | " + line
+                self.notifier.status(line)
             except Exception as exc:  # the heartbeat must outlive any one bad status
                 log.warning("heartbeat failed: %s", exc)

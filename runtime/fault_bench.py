@@ -349,6 +349,8 @@ def disk_full(
             lost = _lost(plc, ids, 15)
             wait_until(lambda: daemon.link.sender.idle(), 15, 0.1)
             archive = dict(daemon.archive.archive.stats.to_json()) if daemon.archive else {}
+            dead = daemon.health.dead_threads()
+            crashed = sorted(daemon._crashes)
             spool = daemon.spool.stats() if daemon.spool else {}
         finally:
             if filler is not None:
@@ -367,6 +369,8 @@ def disk_full(
             "before": tally(plc, before, deadline_ms),
             "after": tally(plc, after, deadline_ms),
             "status_while_full": {k: status_full.get(k) for k in ("state", "problems", "last_error")},
+            "dead_threads": dead,
+            "crashed_threads": crashed,
             "archive": {k: archive.get(k) for k in ("rows", "rows_deferred", "images_skipped_disk", "disk")},
             "spool": spool,
         }

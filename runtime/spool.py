@@ -517,7 +517,10 @@ class VerdictSpool:
     def depth(self) -> int:
         """How many verdicts await acknowledgement."""
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+            try:
+                return int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+            except sqlite3.Error as exc:
+                raise SpoolError(f"spool {self.path}: {exc}") from exc
 
     def stats(self) -> dict[str, Any]:
         """``depth``, ``oldest_age_s`` (None when empty), drop and quarantine counters, bounds, events."""

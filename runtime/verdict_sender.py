@@ -180,7 +180,10 @@ class VerdictSender:
         """Nothing queued, in memory, in the spool or in flight (everything acknowledged)."""
         with self._lock:
             busy = bool(self._inflight or self._intake or self._acks or self._memory)
-        return not busy and self.spool.depth() == 0
+        try:
+            return not busy and self.spool.depth() == 0
+        except SpoolError:  # an unreadable spool is never "drained"
+            return False
 
     def memory_depth(self) -> int:
         """Verdicts held only in memory because the spool could not commit them."""

@@ -40,5 +40,6 @@ def test_a_full_disk_still_answers_every_part_in_time_reports_it_and_recovers_by
     assert r["recovery_s"] is not None and r["recovery_s"] <= 10.0, "resumes by itself, no restart"
     assert r["after"]["answered"] == r["after"]["sent"] and r["after"]["errors"] == 0
     assert r["lost"] == 0, "no verdict lost"
+    assert r["dead_threads"] == {} and r["crashed_threads"] == [], "no thread died of the full disk"
     assert r["archive"]["disk"] == "ok" and r["archive"]["rows_deferred"] > 0, "the archive gave way, then caught up"
     assert r["spool"]["depth"] == 0 and r["spool"]["reserve_held"], "spool drained, reserve taken back"
