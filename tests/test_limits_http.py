@@ -171,3 +171,25 @@ def test_guessing_one_users_password_from_many_addresses_slows_that_name_but_not
     assert _login(server, "127.0.0.1", "olga", PASSWORD).status == 200, "at her usual address olga logs in"
     time.sleep(1.05)
     assert _login(server, "127.0.2.1", "olga", PASSWORD).status == 200, "a delay, not a lock"
+
+
+class NaNStation:
+    def recipes(self) -> list[dict[str, Any]]:
+        return [{"name": "r", "threshold": {"estimated_frr": float("nan"), "value": float("inf"), "k": 2}}]
+
+
+def test_a_nan_in_an_answer_is_sent_as_null_so_the_browser_can_parse_it(tmp_path: Path, users_json: bytes) -> None:
+    # Two golden parts give an undefined false-reject estimate; JSON has no NaN and a browser's
+    # JSON.parse refuses the whole answer (the enrollment page then never updated).
+    from station_http import Client
+
+    (tmp_path / "users.json").write_bytes(users_json)
+    srv = StationServer(NaNStation(), WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0)).start()
+    try:
+        c = Client(srv.url)
+        assert c.login("olga", PASSWORD).status == 200
+        r = c.get("/api/recipes")
+    finally:
+        srv.stop()
+    assert r.status == 200 and b"NaN" not in r.body and b"Infinity" not in r.body
+    assert json.loads(r.body)[0]["threshold"] == {"estimated_frr": None, "value": None, "k": 2}

@@ -321,7 +321,10 @@ class StationHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _send_json(self, status: int, data: Any, extra: dict[str, str] | None = None) -> None:
-        body = json.dumps(data, default=_json_default).encode()
+        try:
+            body = json.dumps(data, default=_json_default, allow_nan=False).encode()
+        except ValueError:  # NaN/Infinity is not JSON: browsers refuse the whole answer; send null
+            body = json.dumps(_finite(json.loads(json.dumps(data, default=_json_default)))).encode()
         try:
             self._send_bytes(status, body, "application/json", extra)
         except (BrokenPipeError, ConnectionResetError):
@@ -670,6 +673,17 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _str(
