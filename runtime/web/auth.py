@@ -33,7 +33,7 @@ ROLES = ("operator", "technician", "admin")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 #: scrypt cost: 2**14 x 8 x 1 needs 16 MiB and ~50 ms on a small CPU: slow for guessing, fine for a login.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
-MIN_PASSWORD = 8
+MIN_PASSWORD, MAX_PASSWORD = 8, 1024  # the login refuses longer ones before hashing them
 #: A shift: idle sessions end after this long; any session ends after MAX_AGE_S.
 IDLE_TIMEOUT_S = 8 * 3600
 MAX_AGE_S = 12 * 3600
@@ -137,8 +137,8 @@ class UserStore:
             raise AuthError(f"user name {name!r} is invalid: letters, digits, '_.@-', at most 64 characters")
         if role not in ROLES:
             raise AuthError(f"role {role!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(password, str) or len(password) < MIN_PASSWORD:
-            raise AuthError(f"password must be at least {MIN_PASSWORD} characters")
+        if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+            raise AuthError(f"password must be at least {MIN_PASSWORD} and at most {MAX_PASSWORD} characters")
         record = {
             "role": role,
             **hash_password(password),

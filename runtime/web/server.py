@@ -40,7 +40,15 @@ from anomalygpt_edge.runtime.archive import csv_cell
 from anomalygpt_edge.runtime.preprocess import ImageError
 from anomalygpt_edge.runtime.recipes import RecipeError
 from anomalygpt_edge.runtime.web.audit import AuditLog
-from anomalygpt_edge.runtime.web.auth import AuthError, Session, Sessions, UserStore, csrf_ok, role_allows
+from anomalygpt_edge.runtime.web.auth import (
+    MAX_PASSWORD,
+    AuthError,
+    Session,
+    Sessions,
+    UserStore,
+    csrf_ok,
+    role_allows,
+)
 from anomalygpt_edge.runtime.web.station import HistoryQuery, NotFoundError, Station, StationError
 
 log = logging.getLogger(__name__)
@@ -370,7 +378,8 @@ class StationHandler(BaseHTTPRequestHandler):
             raise HttpError(400, "username and password are required")
         sessions = self.server.sessions
         remote = self.client_address[0]
-        name = name[:64]  # longer names are never valid; keeps the throttle's keys small
+        if len(name) > 64 or len(password) > MAX_PASSWORD:  # never valid; keeps throttle keys and scrypt input small
+            raise HttpError(400, "username or password too long")
         real = self.server.users.get(name) is not None
         wait, why = sessions.throttle.retry_after(remote, name, real)
         if wait > 0:
