@@ -842,6 +842,8 @@ class Daemon:
         sender = self.link.sender if self.link is not None else None
         if sender is not None and (memory := sender.memory_depth()):
             out["in_memory"] = memory  # verdicts the spool could not take, published from memory
+        if sender is not None and sender.stats["dropped_memory"]:
+            out["dropped_memory"] = sender.stats["dropped_memory"]
         return out
 
     def problems(self) -> list[str]:

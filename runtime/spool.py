@@ -435,6 +435,11 @@ class VerdictSpool:
                     self._count("dropped_full", excess)
         return seqs
 
+    def probe(self) -> None:
+        """A real (tiny) write transaction: raises :class:`SpoolError` while the spool cannot commit."""
+        with self._lock, self._tx():
+            self._db.execute("UPDATE counters SET value = value WHERE name = 'dropped_full'")
+
     def mark_attempt(self, seq: int) -> None:
         """Record that ``seq`` was handed to the MQTT client (so a later resend is a possible duplicate)."""
         self.mark_attempts([seq])

@@ -436,6 +436,16 @@ class VerdictSender:
             self.spool.maintain()
         except Exception as exc:  # upkeep is best effort
             log.warning("spool upkeep failed: %s", exc)
+        if self.problem is not None:
+            # No traffic must not leave the status degraded after the disk recovered: probe it.
+            try:
+                self.spool.probe()
+            except SpoolError:
+                return
+            log.warning("verdict sender: the spool commits again (%s cleared)", self.problem)
+            self.problem = None
+            with self._wake:
+                self._wake.notify_all()  # memory verdicts not yet published move into the spool now
 
     def _set_problem(self, message: str) -> None:
         if self.problem is None:
