@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     Subscriber,
     broker_fixture,
@@ -17,7 +18,7 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     write_config,
 )
 
-from anomalygpt_edge.runtime.config import load_config
+from anomalygpt_edge.runtime.config import ConfigError, load_config, parse_config
 from anomalygpt_edge.runtime.daemon import Daemon
 
 
@@ -124,3 +125,16 @@ def test_a_cancel_is_answered_at_once_even_behind_a_full_command_queue(tmp_path:
     assert len(after) >= 5 and len(after) + len(before) == len(errors), errors
     assert sum(r["ok"] for r in add_replies) <= 2, "only adds that ran before the cancel took a frame"
     assert again["ok"] is True and again["was_open"] is False, "cancelling twice is no error"
+
+
+def test_the_configs_recipe_names_are_the_recipe_stores_names() -> None:
+    base = "device: {id: d}\ncameras: {c: {type: video_file, source: a}}\nrecipes: [{camera: c, recipe: %s}]\n"
+    assert parse_config(base % "bracket-b.v2").recipes[0].recipe == "bracket-b.v2"
+    for name, why in (
+        ("'a:b'", "invalid"),
+        ("CON", "reserved device name"),
+        ("nul.txt", "reserved"),
+        ("'.x'", "invalid"),
+    ):
+        with pytest.raises(ConfigError, match=rf"<config>:3: recipes\[0\]\.recipe: recipe name .* {why}"):
+            parse_config(base % name)
