@@ -435,10 +435,13 @@ class VerdictSpool:
                     self._count("dropped_full", excess)
         return seqs
 
-    def probe(self) -> None:
-        """A real (tiny) write transaction: raises :class:`SpoolError` while the spool cannot commit."""
+    def probe(self, size: int = 16384) -> None:
+        """A real write of ``size`` bytes (inserted and deleted in one commit, so the WAL and the
+        database must find room for it): raises :class:`SpoolError` while the spool cannot commit."""
         with self._lock, self._tx():
-            self._db.execute("UPDATE counters SET value = value WHERE name = 'dropped_full'")
+            self._db.execute("CREATE TABLE IF NOT EXISTS probe (x BLOB)")
+            self._db.execute("INSERT INTO probe(x) VALUES (zeroblob(?))", (int(size),))
+            self._db.execute("DELETE FROM probe")
 
     def mark_attempt(self, seq: int) -> None:
         """Record that ``seq`` was handed to the MQTT client (so a later resend is a possible duplicate)."""
