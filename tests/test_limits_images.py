@@ -229,6 +229,28 @@ def test_an_image_folder_with_only_bad_files_is_a_camera_that_reconnects_with_th
     assert "no readable image" in reasons[0] and "not a decodable image" in reasons[0], reasons
 
 
+def test_the_stations_own_folder_camera_skips_bad_files_too(tmp_path: Path, huge_png: Path) -> None:
+    from anomalygpt_edge.runtime.web.station import CameraSpec, FrameGrabber
+
+    folder = tmp_path / "frames"
+    _write_frames(folder, ["a.png", "c.png"])
+    (folder / "b.png").write_bytes(huge_png.read_bytes())
+    grabber = FrameGrabber(CameraSpec("bench", "image_folder", str(folder), fps=50)).start()
+
+    def seq() -> int:
+        frame = grabber.latest()
+        return frame.seq if frame is not None else 0
+
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (grabber.skipped >= 2 and seq() >= 4):
+            time.sleep(0.05)
+    finally:
+        grabber.stop()
+    assert grabber.skipped >= 2 and seq() >= 4 and grabber.status == "ok", "two passes, the good files in each"
+    assert "b.png: image is 20000x20000" in (grabber.last_error or "")
+
+
 # -- station uploads: header check and duplicates before decoding ---------------------------------
 
 
