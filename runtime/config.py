@@ -54,7 +54,8 @@ class RecipeBinding:
     roi: tuple[int, int, int, int] | None = None  # overrides the recipe's ROI
     bundle: Path | None = None  # overrides engines.bundle for this camera
     heatmap: bool = False  # publish a JPEG overlay for NG parts on <camera>/heatmap
-    settle_ms: float = 0.0  # mqtt trigger: only frames captured this long after the trigger count
+    settle_ms: float = 0.0  # mqtt trigger: only frames captured this long after the trigger count;
+    # folder_watch: a file still empty this long (0 = 1 s) is answered ERROR "empty file"
 
 
 @dataclass(frozen=True)
