@@ -179,3 +179,4 @@ class DaemonHealth:
                 self.notifier.status(line)
             except Exception as exc:  # the heartbeat must outlive any one bad status
                 log.warning("heartbeat failed: %s", exc)
+                self.health.error(f"heartbeat failed: {exc!r}")  # the next heartbeat carries it

@@ -159,3 +159,23 @@ def test_a_start_up_error_is_one_line_naming_the_file_and_debug_shows_the_traceb
     debug = _run(cfg, "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr and debug.stderr.strip().endswith(lines[0][-40:])
     assert json.loads(cfg.read_text())["device"]["id"] == "fstart"
+
+
+def test_an_exception_in_a_paho_callback_never_reaches_the_network_thread() -> None:
+    from anomalygpt_edge.runtime.config import MqttConfig
+    from anomalygpt_edge.runtime.mqtt_link import MqttLink
+
+    link = MqttLink(MqttConfig(), "dev", lambda cmd: None, lambda: {})
+    errors: list[str] = []
+    link.on_error = errors.append
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("bug in a handler")
+
+    link.on_command = broken
+    message = type("M", (), {"topic": "anomalygpt/dev/cmd/trigger", "payload": b"{}", "properties": None})()
+    link.client.on_message(link.client, None, message)  # logged by the handler itself
+    link._on_publish = broken  # type: ignore[method-assign]
+    guarded = link._guard(link._on_publish)
+    guarded(link.client, None, 1, None, None)  # would raise into paho's loop without the guard
+    assert errors and "bug in a handler" in errors[-1]
