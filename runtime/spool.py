@@ -512,8 +512,12 @@ class VerdictSpool:
         except SpoolError as exc:
             log.warning("spool: could not quarantine %d bad rows: %s", len(bad), exc)
             return
-        for r, problem in bad:
-            log.error("spool: row seq %s quarantined (%s)", r[0], problem)
+        reasons = sorted({problem for _, problem in bad})
+        self._event(
+            "quarantined",
+            f"spool {self.path}: {len(bad)} rows that cannot be decoded quarantined"
+            f" (seq {', '.join(str(r[0]) for r, _ in bad[:5])}{' …' if len(bad) > 5 else ''}: {'; '.join(reasons)})",
+        )
 
     def quarantined(self) -> list[dict[str, Any]]:
         """The rows taken out of delivery because they could not be decoded, with the reason."""

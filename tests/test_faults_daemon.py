@@ -52,6 +52,7 @@ def test_a_damaged_spool_never_stops_the_line_and_never_hides_a_verdict(
     if kind == "rows":
         assert r["delivered"] == fault_bench.SPOOL_ROWS - fault_bench.BAD_ROWS
         assert r["quarantined"] == fault_bench.BAD_ROWS
+        assert "quarantined" in r["events"] and any("quarantined" in p for p in r["status_problems"])
     elif kind == "header":
         assert r["delivered"] == fault_bench.SPOOL_ROWS  # the rows behind a damaged header survive
     else:
