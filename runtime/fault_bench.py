@@ -10,6 +10,8 @@ assert on the figures; this command prints them as a table and JSON for BENCHMAR
 * ``disk_full`` (row 1): the state folder on a 16 MiB tmpfs (needs root to mount; skipped with
   the reason otherwise); a filler keeps the disk full for a while, triggers keep coming at 10 Hz,
   then the filler's files are deleted and the daemon must resume by itself.
+* ``self_fill`` (row 1 as first reported): an 8 MiB tmpfs, every image archived, 25 s of triggers:
+  the daemon must not fill the disk by itself.
 * ``spool_<kind>`` (row 3): a spool with 138 pending verdicts is damaged while the daemon is
   stopped (``truncated``, ``header`` flipped, a ``directory``, bytes flipped in ``rows``, a
   ``zero``-length file); the daemon must start, deliver what is readable, and report the rest.
@@ -376,6 +378,47 @@ def disk_full(
         }
 
 
+def self_fill(rig: Rig, work: Path, seconds: float = 25.0, rate_hz: float = 10.0) -> dict[str, Any]:
+    """Row 1 as first seen: an 8 MiB tmpfs that the daemon once filled by itself in 14-23 s (WALs
+    outside the quota). Every image kept; the disk must never fill and every part be answered."""
+    from anomalygpt_edge.runtime.spool import free_bytes
+
+    if (why := tmpfs_available()) is not None:
+        return {"skipped": why}
+    device, deadline_ms = "fself", 1000.0
+    with tmpfs(work / "disk8", 8) as mnt:
+        storage = {"disk_free_floor_mb": 1, "spool_reserve_mb": 1, "archive_ok_sample_rate": 1.0}
+        cfg = write_config(work / "self.yaml", rig, device, mnt / "state", storage=storage)
+        plc = Plc(rig, device)
+        daemon = _start(cfg)
+        corrs, lowest = [], free_bytes(mnt)
+        try:
+            _online(plc)
+            start = time.monotonic()
+            for i in range(int(seconds * rate_hz)):
+                time.sleep(max(0.0, start + i / rate_hz - time.monotonic()))
+                plc.trigger("cam1", f"s{i}")
+                corrs.append(f"s{i}")
+                lowest = min(lowest, free_bytes(mnt))
+            wait_until(lambda: all(plc.answers.get(c) for c in corrs), 5)
+            lost = _lost(plc, _answer_ids(plc, corrs), 10)
+            archive = dict(daemon.archive.archive.stats.to_json()) if daemon.archive else {}
+            problems = plc.last_status().get("problems")
+        finally:
+            daemon.stop()
+            plc.close()
+    return {
+        "fault": "self_fill",
+        **tally(plc, corrs, deadline_ms),
+        "lost": lost,
+        "duplicates": sum(c - 1 for c in plc.verdict_ids().values() if c > 1),
+        "recovery_s": None,
+        "lowest_free_mib": round(lowest / 1024**2, 2),
+        "archive": {k: archive.get(k) for k in ("rows", "images_written", "images_evicted", "images_skipped_disk")},
+        "problems_at_end": problems,
+    }
+
+
 # -- row 3: a damaged spool ---------------------------------------------------------------------
 
 
@@ -637,6 +680,8 @@ def _table(results: list[dict[str, Any]]) -> str:
                 notes.append(f"{key.replace('_', ' ')} {r[key]}")
         if r.get("events"):
             notes.append("events: " + ", ".join(r["events"]))
+        if r.get("lowest_free_mib") is not None:
+            notes.append(f"lowest free {r['lowest_free_mib']} MiB of 8; archive {r['archive']}")
         if r.get("empty_answer"):
             notes.append(f"empty file: {r['empty_answer']['verdict']} after {r['empty_answer']['after_s']} s")
         cells = [r.get(k) for k in ("sent", "answered", "in_time", "errors", "lost", "duplicates", "recovery_s")]
@@ -673,6 +718,7 @@ def run(args: argparse.Namespace) -> int:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     plan: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("disk_full", lambda: disk_full(rig, work)),
+        ("self_fill", lambda: self_fill(rig, work)),
         *[(f"spool_{k}", lambda k=k: corrupt_spool(rig, work, k)) for k in SPOOL_KINDS],
         ("empty_file", lambda: empty_file(rig, work)),
         ("burst", lambda: burst(rig, work)),
