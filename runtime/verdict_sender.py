@@ -119,6 +119,7 @@ class VerdictSender:
         self._thread: threading.Thread | None = None
         self._last_maintain = 0.0
         self._retry_at = 0.0  # monotonic time before which a failed spool is not retried for acks alone
+        self._backlog = False  # the last pass found a full batch in the spool: more to send at once
         #: Why delivery is degraded (the spool cannot commit …), None when all is well.
         self.problem: str | None = None
         self.stats = {
@@ -274,7 +275,7 @@ class VerdictSender:
             return True
         if time.monotonic() < self._retry_at:
             return False
-        if self._acks:
+        if self._acks or (self._backlog and self._connected):
             return True
         return self._connected and not self._stop and any(o.attempts == 0 for o in self._memory.values())
 
@@ -345,6 +346,7 @@ class VerdictSender:
             self._error(f"spool read failed: {exc}")
             return
         self._sweep()
+        self._backlog = len(items) >= BATCH
         if items:
             self._send(items, generation)
 
