@@ -101,6 +101,7 @@ class DiskBudget:
             self._extra.append(source)
 
     def used_bytes(self) -> int:
+        """Bytes of every tracked file (missing ones count 0) plus the tracked byte sources."""
         total = 0
         for p in list(self._files):
             with contextlib.suppress(OSError):
@@ -128,6 +129,7 @@ class DiskBudget:
         return level, used, free
 
     def level(self) -> str:
+        """``ok``, ``low`` or ``critical`` (see the class)."""
         return self.measure()[0]
 
     def image_allowance(self, image_bytes: int) -> int | None:
@@ -139,6 +141,7 @@ class DiskBudget:
         return max(0, int(self.budget_bytes * 0.9) - other - self.reserve_bytes)
 
     def stats(self) -> dict[str, Any]:
+        """Level, bytes used by the tracked files, free bytes, budget and floor (the status's ``disk``)."""
         level, used, free = self.measure()
         return {
             "level": level,

@@ -356,6 +356,8 @@ class Daemon:
         if self.disk is not None:
             self.health.add_source("disk", self.disk.stats)
         self.health.add_source("queues", self._queue_depths)
+        # For Prometheus (anomalygpt_edge_condition_degraded) and /healthz: the status's state as numbers.
+        self.health.add_source("condition", self._condition)
         # Threads that do not tick: a dead one stops the systemd watchdog pings just the same.
         self.health.watch_thread("deadline-watchdog", lambda: self.watchdog.thread if self.watchdog else None)
         self.health.watch_thread("mqtt-network", lambda: self.link.network_thread if self.link else None)
@@ -364,6 +366,10 @@ class Daemon:
         self.health.start(self.status, self._publish_heartbeat)
         self.health.ready()
         return self
+
+    def _condition(self) -> dict[str, int]:
+        problems = self.problems()
+        return {"degraded": int(bool(problems)), "problems": len(problems)}
 
     def _queue_depths(self) -> dict[str, int]:
         """Work waiting per inspection worker (triggered / free-run) and in the archive writer."""

@@ -116,6 +116,7 @@ class Plc:
                 self.statuses.append((now, body))
 
     def trigger(self, camera: str, corr: str) -> None:
+        """Send one PLC trigger whose reply carries ``corr`` as correlation data."""
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
@@ -128,6 +129,7 @@ class Plc:
                             properties=props)  # fmt: skip
 
     def last_status(self) -> dict[str, Any]:
+        """The newest retained status seen (``{}`` before the first)."""
         with self.lock:
             docs = [d for _, d in self.statuses if d.get("state") != "offline"]
         return docs[-1] if docs else {}
@@ -141,10 +143,12 @@ class Plc:
         return None
 
     def verdict_ids(self) -> Counter[str]:
+        """How often each verdict id arrived on the verdict topic."""
         with self.lock:
             return Counter(str(v.get("id")) for _, v in self.verdicts)
 
     def close(self) -> None:
+        """Disconnect the PLC."""
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -285,6 +289,7 @@ class Filler:
             self._stop.wait(0.05)
 
     def start(self) -> Filler:
+        """Start filling in the background (``full`` is set once the disk is full)."""
         self._thread.start()
         return self
 

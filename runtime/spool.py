@@ -184,6 +184,7 @@ class DiskReserve:
 
     @property
     def held(self) -> bool:
+        """Whether the reserve file is there at full size (always true for a zero-size reserve)."""
         return self.size == 0 or (self.path.exists() and self.path.stat().st_size >= self.size)
 
     def ensure(self, floor_bytes: int = 0) -> bool:

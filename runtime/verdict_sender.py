@@ -138,6 +138,7 @@ class VerdictSender:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> VerdictSender:
+        """Start the sender thread; returns self."""
         self._thread = threading.Thread(target=self._run, name="verdict-sender", daemon=True)
         self._thread.start()
         return self
@@ -207,6 +208,7 @@ class VerdictSender:
             log.info("reconnected: %d unacknowledged messages left to the spool's resend", len(dropped))
 
     def on_disconnect(self) -> None:
+        """Call from paho's ``on_disconnect``: only spool from now until the next connect."""
         with self._wake:
             self._connected = False
 
