@@ -180,3 +180,30 @@ def test_an_exception_in_a_paho_callback_never_reaches_the_network_thread() -> N
     guarded = link._guard(link._on_publish)
     guarded(link.client, None, 1, None, None)  # would raise into paho's loop without the guard
     assert errors and "bug in a handler" in errors[-1]
+
+
+def test_a_part_whose_answer_fails_half_way_still_gets_an_explicit_error(
+    tmp_path: Path, broker: Any, line: dict
+) -> None:
+    # Issue 12 row 1: the deadline watchdog claimed parts, then failed to publish ("deadline answer
+    # failed") and the PLC never heard back. Now a failure after the claim sends a minimal ERROR.
+    rig = _rig(broker, line)
+    cfg = fault_bench.write_config(tmp_path / "a.yaml", rig, "fanswer", tmp_path / "state")
+    plc = fault_bench.Plc(rig, "fanswer")
+    daemon = Daemon(load_config(cfg)).start()
+    try:
+        assert fault_bench.wait_until(lambda: plc.last_status().get("state"), 20)
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("simulated publish failure")
+
+        daemon.link.publish_verdict = broken  # type: ignore[method-assign]
+        plc.trigger("cam1", "p1")
+        assert fault_bench.wait_until(lambda: plc.answers.get("p1"), 5), "the PLC got no answer"
+        body = plc.answers["p1"][0][1]
+        status = daemon.status()
+    finally:
+        daemon.stop()
+        plc.close()
+    assert body["ok"] is False and body["verdict"] == "ERROR" and "simulated publish failure" in body["reason"]
+    assert "simulated publish failure" in status["last_error"]["message"]
