@@ -28,8 +28,17 @@ def test_a_full_disk_still_answers_every_part_in_time_reports_it_and_recovers_by
 ) -> None:
     if (why := fault_bench.tmpfs_available()) is not None:
         pytest.skip(why)
-    r = fault_bench.disk_full(_rig(broker, line), tmp_path, full_s=6.0, after_s=5.0)
-    faults.report(capsys, f"disk full: {r}")
+    # A subscriber that is not our code, with a persistent session, checks that nothing was lost.
+    sub = faults.ExternalSubscriber(broker.port, "anomalygpt/fdisk/+/verdict", tmp_path / "sub.txt")
+    try:
+        r = fault_bench.disk_full(_rig(broker, line), tmp_path, full_s=6.0, after_s=5.0)
+        ids = set(r.pop("answered_ids"))
+        delivered = sub.wait_for(ids, 15)
+        seen = {m.get("id") for _, m in sub.messages()}
+    finally:
+        sub.stop()
+    faults.report(capsys, f"disk full: {r}", f"mosquitto_sub: {len(ids & seen)} of {len(ids)} answered verdicts")
+    assert delivered, f"mosquitto_sub never saw {sorted(ids - seen)[:5]}"
     assert r["answered"] == r["sent"] == 60, "every part gets an answer while the disk is full"
     assert r["in_time"] >= 0.95 * r["sent"], r["latency_ms"]
     assert r["in_time"] + r["errors"] >= r["sent"], "a part not answered in time is an explicit ERROR"
