@@ -235,7 +235,14 @@ def tmpfs_available() -> str | None:
         return "mounting a small tmpfs needs root (run the suite as root, as ./edge test does in CI)"
     if shutil.which("mount") is None or shutil.which("umount") is None:
         return "mount/umount not installed"
-    return None
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tmpfs-probe-") as probe:
+        try:
+            with tmpfs(Path(probe), 1):
+                return None
+        except RuntimeError as exc:  # e.g. a container without CAP_SYS_ADMIN
+            return str(exc)
 
 
 @contextlib.contextmanager
