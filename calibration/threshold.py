@@ -231,10 +231,14 @@ def expectations(
         "margin_sd": float((threshold.value - med) / spread),
         "warnings": list(warnings),
     }
+    estimate = (
+        f"about {100 * out['estimated_frr']:.1f}% false rejects (model estimate from {g.size} golden scores; "
+        if math.isfinite(out["estimated_frr"])
+        else f"false rejects that {g.size} golden scores cannot estimate ("
+    )
     words = [
-        f"Expect about {100 * out['estimated_frr']:.1f}% false rejects (model estimate from {g.size} golden "
-        f"scores; at most {100 * threshold.frr_upper_bound_95:.0f}% with 95% confidence); the threshold sits "
-        f"{out['margin_sd']:.1f} SDs above the typical good part."
+        f"Expect {estimate}at most {100 * threshold.frr_upper_bound_95:.0f}% with 95% confidence); the threshold "
+        f"sits {out['margin_sd']:.1f} SDs above the typical good part."
     ]
     words += [f"Warning: {w}." for w in warnings]
     if d.size:
@@ -270,4 +274,5 @@ def expectations(
                 "or enroll more labelled defects."
             )
     out["explained"] = " ".join(words)
-    return out
+    # NaN (too few goldens for a model estimate) travels as null: strict JSON has no NaN.
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}

@@ -168,11 +168,13 @@ def parse_manifest(data: Any, origin: str = "manifest.json") -> Manifest:
             scale=float(pre.get("scale", 1.0 / 255.0)),
         )
         if preprocess.resize not in RESIZE_MODES:
-            raise ManifestError(f"preprocess.resize must be one of {RESIZE_MODES}, got '{preprocess.resize}'")
+            raise ManifestError(f"{origin}: preprocess.resize must be one of {RESIZE_MODES}, got '{preprocess.resize}'")
         if preprocess.interpolation not in INTERPOLATIONS:
-            raise ManifestError(f"preprocess.interpolation must be one of {INTERPOLATIONS}")
+            raise ManifestError(
+                f"{origin}: preprocess.interpolation must be one of {INTERPOLATIONS}, got '{preprocess.interpolation}'"
+            )
         if len(preprocess.size) != 2 or len(preprocess.mean) != 3 or len(preprocess.std) != 3:
-            raise ManifestError("preprocess: size needs 2 values, mean and std 3 each")
+            raise ManifestError(f"{origin}: preprocess: size needs 2 values, mean and std 3 each")
         layers = [
             PatchLayer(str(p["name"]), (int(p["grid"][0]), int(p["grid"][1])), int(p["dim"]))
             for p in _require(data, "patch_layers", list, origin)

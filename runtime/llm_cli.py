@@ -99,8 +99,6 @@ def run_ask(args: argparse.Namespace) -> int:
     written by ``export llm`` (AnomalyGPT's Vicuna) and an AnomalyGPT bundle, the image vector and
     the 18 prompt vectors go in through the embedding input, as in AnomalyGPT itself.
     """
-    import cv2
-
     from anomalygpt_edge.engines.llm import GenerationConfig, LLMError, create_llm
     from anomalygpt_edge.runtime.explain import (
         AnomalyGPTExplainer,
@@ -114,9 +112,12 @@ def run_ask(args: argparse.Namespace) -> int:
         print(f"anomalygpt-edge ask: {msg}", file=sys.stderr)
         return 2
 
-    image = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
-    if image is None:
-        return fail(f"cannot read image {args.image}")
+    from anomalygpt_edge.runtime.preprocess import ImageError, read_image
+
+    try:  # the same bounded reader as everywhere: header pixel check before any decode
+        image = read_image(args.image)
+    except ImageError as exc:
+        return fail(exc)
     try:
         inspector = Inspector.from_store(args.store, args.recipe, args.bundle)
         llm = create_llm(args.model or default_model_path(), n_ctx=2048, n_threads=args.threads)

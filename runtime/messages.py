@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import threading
 import time
@@ -98,7 +99,18 @@ def finish_and_encode(message: dict[str, Any], publish_started: float) -> bytes:
     latency["publish"] = round((time.perf_counter() - publish_started) * 1e3, 3)
     if message.get("captured_at_epoch"):
         latency["total"] = round((now - message["captured_at_epoch"]) * 1e3, 3)
-    return json.dumps(message, separators=(",", ":")).encode()
+    return json.dumps(json_safe(message), separators=(",", ":"), allow_nan=False).encode()
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as null: strict JSON has neither, and a PLC or SCADA parser rejects the message."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def reply(command: str, ok: bool, correlation: str | None = None, **fields: Any) -> dict[str, Any]:
