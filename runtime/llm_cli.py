@@ -117,7 +117,7 @@ def run_ask(args: argparse.Namespace) -> int:
     try:  # the same bounded reader as everywhere: header pixel check before any decode
         image = read_image(args.image)
     except ImageError as exc:
-        return fail(exc)
+        return fail(f"cannot read image {exc}")
     try:
         inspector = Inspector.from_store(args.store, args.recipe, args.bundle)
         llm = create_llm(args.model or default_model_path(), n_ctx=2048, n_threads=args.threads)
