@@ -47,6 +47,7 @@ from anomalygpt_edge.runtime.spool import (
     JOURNAL_SIZE_LIMIT,
     WAL_AUTOCHECKPOINT_PAGES,
     free_bytes,
+    is_damaged,
     is_disk_full,
     move_aside,
 )
@@ -295,8 +296,8 @@ class Archive:
         try:
             self._db = self._connect()
         except ArchiveError as exc:
-            if not self.db_path.exists():
-                raise
+            if not self.db_path.exists() or not is_damaged(exc):
+                raise  # locked, read-only, full: moving a good archive aside would only hide it
             # A damaged archive must not stop the line: keep it as evidence, start a fresh one.
             try:
                 moved = move_aside(self.db_path)

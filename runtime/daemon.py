@@ -172,6 +172,7 @@ class Daemon:
         self.spool = None
         self.archive = None
         self.disk = None  # DiskBudget of storage.data (runtime/archive.py)
+        self.archive_problem: str | None = None  # the archive could not be opened at all
         # Supervised loops: name -> crash times (recent), and the last crash's reason.
         self._crashes: dict[str, list[float]] = collections.defaultdict(list)
         self._crash_reason: dict[str, str] = {}
@@ -299,14 +300,21 @@ class Daemon:
             for event in self.spool.events:
                 self.health.error(event["message"])
         if st.archive:
-            from anomalygpt_edge.runtime.archive import Archive, ArchiveWriter
+            from anomalygpt_edge.runtime.archive import Archive, ArchiveError, ArchiveWriter
 
-            archive = Archive(
-                st.data / "archive",
-                quota_bytes=st.archive_quota_mb * mb,
-                ok_sample_rate=st.archive_ok_sample_rate,
-                disk=self.disk,
-            )
+            try:
+                archive = Archive(
+                    st.data / "archive",
+                    quota_bytes=st.archive_quota_mb * mb,
+                    ok_sample_rate=st.archive_ok_sample_rate,
+                    disk=self.disk,
+                )
+            except ArchiveError as exc:
+                # The archive is the local record, not the PLC's answer: run without it, and say so.
+                self.archive_problem = f"archive not available, verdicts are not archived: {exc}"
+                log.error("%s", self.archive_problem)
+                self.health.error(self.archive_problem)
+                return
             for event in archive.events:
                 self.health.error(event["message"])
             self.archive = ArchiveWriter(archive, on_error=self._note_error)
@@ -873,6 +881,8 @@ class Daemon:
             for event in self.spool.events:
                 if now - _event_time(event) < EVENT_DEGRADED_S:
                     out.append(event["message"])
+        if self.archive_problem:
+            out.append(self.archive_problem)
         if self.archive is not None:
             archive = self.archive.archive
             if waiting := archive.deferred_rows():

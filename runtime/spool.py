@@ -145,6 +145,17 @@ def is_disk_full(exc: BaseException) -> bool:
     return "full" in text or "no space" in text or getattr(exc, "errno", None) in (28, 122)  # ENOSPC, EDQUOT
 
 
+#: Error texts that mean the store itself is damaged (and moving it aside helps), as opposed to
+#: locked by another process, read-only or out of space (where it would only hide good data).
+DAMAGED = ("not a database", "malformed", "is a directory", "quick check", "corrupt", "unsupported file format")
+
+
+def is_damaged(exc: BaseException) -> bool:
+    """Whether an error opening a store means the file itself is damaged."""
+    text = str(exc).lower()
+    return any(marker in text for marker in DAMAGED)
+
+
 def move_aside(path: Path, companions: Sequence[str] = ("-wal", "-shm"), now: float | None = None) -> Path:
     """Rename ``path`` (file or folder) and its SQLite companions to ``<name>.corrupt-<UTC time>``.
 
@@ -236,6 +247,7 @@ class VerdictSpool:
         clock: Callable[[], float] = time.time,
         reserve_bytes: int = 0,
         free_floor_bytes: int = 0,
+        lock_timeout_s: float = 30.0,
     ):
         if max_rows < 1:
             raise ValueError(f"spool max_rows must be at least 1, got {max_rows}")
@@ -248,6 +260,7 @@ class VerdictSpool:
         self.max_rows = int(max_rows)
         self.max_age_s = max_age_s
         self.synchronous = synchronous
+        self.lock_timeout_s = float(lock_timeout_s)  # waiting for another connection's write lock
         self._clock = clock
         self._lock = threading.RLock()
         #: What happened to the store (moved aside, salvaged, found empty): for the status and logs.
@@ -268,12 +281,17 @@ class VerdictSpool:
         try:
             self._db = self._connect()
         except SpoolError as exc:
-            # Unusable store: keep it as evidence under another name, carry over what can be read.
-            salvaged = _salvage(self.path)
-            moved = self._move_aside(str(exc))
-            self._db = self._connect()
-            self.events[-1].update({"salvaged": len(salvaged), "moved_to": str(moved)})
-            fresh = True
+            if is_disk_full(exc) and self.reserve.release():
+                self._db = self._connect()  # the WAL and shm files needed room: the reserve is for that
+            elif not is_damaged(exc):
+                raise  # locked by another process, read-only, permissions: nothing to move aside
+            else:
+                # Unusable store: keep it as evidence under another name, carry over what can be read.
+                salvaged = _salvage(self.path)
+                moved = self._move_aside(str(exc))
+                self._db = self._connect()
+                self.events[-1].update({"salvaged": len(salvaged), "moved_to": str(moved)})
+                fresh = True
         if salvaged:
             self._insert_salvaged(salvaged)
         if fresh and expected and expected.get("pending", 0) > len(salvaged):
@@ -296,7 +314,7 @@ class VerdictSpool:
                 raise SpoolError(f"spool {self.path}: is a directory, not a database file")
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so a put and its bound
             # enforcement commit together.
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=self.lock_timeout_s)
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise SpoolError(f"spool {self.path}: cannot switch to WAL mode (got {mode})")

@@ -207,3 +207,22 @@ def test_a_part_whose_answer_fails_half_way_still_gets_an_explicit_error(
         plc.close()
     assert body["ok"] is False and body["verdict"] == "ERROR" and "simulated publish failure" in body["reason"]
     assert "simulated publish failure" in status["last_error"]["message"]
+
+
+def test_an_archive_that_cannot_be_opened_does_not_stop_the_line(tmp_path: Path, broker: Any, line: dict) -> None:
+    rig = _rig(broker, line)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "archive").write_text("a file where the archive folder should be")
+    cfg = fault_bench.write_config(tmp_path / "n.yaml", rig, "fnoarch", tmp_path / "state")
+    plc = fault_bench.Plc(rig, "fnoarch")
+    daemon = Daemon(load_config(cfg)).start()
+    try:
+        assert fault_bench.wait_until(lambda: plc.last_status().get("state"), 20)
+        plc.trigger("cam1", "p1")
+        assert fault_bench.wait_until(lambda: plc.answers.get("p1"), 5)
+        status = daemon.status()
+    finally:
+        daemon.stop()
+        plc.close()
+    assert plc.answers["p1"][0][1]["verdict"] in ("OK", "NG")
+    assert status["state"] == "degraded" and any("archive not available" in p for p in status["problems"])

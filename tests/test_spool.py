@@ -303,3 +303,20 @@ def test_a_damaged_spool_is_moved_aside_and_its_readable_rows_carried_over(tmp_p
         assert stats["events"][0]["kind"] == "moved_aside" and list(tmp_path.glob("spool.db.corrupt-*"))
     if damage == "header":
         assert got == ids  # only the magic string was damaged: every row is carried over
+
+
+def test_a_spool_locked_by_another_process_is_refused_not_moved_aside(tmp_path: Path) -> None:
+    # Moving aside is for damaged files only: a second daemon on the same data folder must not
+    # rename the first one's good spool away.
+    path = tmp_path / "spool.db"
+    VerdictSpool(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=DELETE")  # leave WAL mode, then hold the write lock
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(SpoolError, match="locked"):
+            VerdictSpool(path, lock_timeout_s=0.2)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert not list(tmp_path.glob("spool.db.corrupt-*"))
