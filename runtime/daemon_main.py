@@ -41,12 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         Daemon(config).run_forever()
-    except EngineError as exc:  # bundle missing or damaged: say which, no traceback
-        return _fail(args, exc, "engine bundle: ")
-    except (SpoolError, ArchiveError) as exc:  # e.g. storage.data on a read-only or missing mount
-        return _fail(args, exc, "storage: ")
-    except RecipeError as exc:
-        return _fail(args, exc, "recipe: ")
+    except (EngineError, SpoolError, ArchiveError, RecipeError) as exc:
+        # A bundle missing or damaged, storage.data on a read-only or missing mount, a spool
+        # locked by another daemon …: each message names its file; no traceback without --debug.
+        return _fail(args, exc)
     except OSError as exc:  # a folder that cannot be created, a port that cannot be bound …
-        return _fail(args, exc, f"{exc.filename}: " if exc.filename else "")
+        return _fail(args, exc, f"{exc.filename}: " if exc.filename and str(exc.filename) not in str(exc) else "")
     return 0
