@@ -7,7 +7,9 @@ enroll ``cancel`` are handled on paho's thread (they only queue work or drop a s
 cancel is never stuck behind slow commands); everything slow runs on the ``commands`` thread.
 
 An enroll session holds camera frames in memory: it is dropped, frames and all, when it has been
-idle for ``commands.enroll_session_timeout_s``, and ``cancel`` ends one at any time.
+idle for ``commands.enroll_session_timeout_s``, and ``cancel`` ends one at any time. Frames added
+with ``add_defect`` are labelled defective parts (optional type, optional mask as rectangles),
+enrolled on ``finish`` through :meth:`Enroller.add_defects` after the golden frames.
 """
 
 from __future__ import annotations
@@ -21,19 +23,26 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from anomalygpt_edge.runtime.command_auth import CommandGate, CommandPolicy, Rejection
+from anomalygpt_edge.runtime.enrollment import LabelledImage
 from anomalygpt_edge.runtime.messages import reply
 from anomalygpt_edge.runtime.mqtt_link import COMMANDS, Command
-from anomalygpt_edge.runtime.preprocess import ImageError, set_max_image_pixels
-from anomalygpt_edge.runtime.recipes import RecipeError, check_name
+from anomalygpt_edge.runtime.preprocess import ImageError, crop_roi, set_max_image_pixels
+from anomalygpt_edge.runtime.recipes import DEFECT_TYPE, RecipeError, check_name
 
 if TYPE_CHECKING:
     from anomalygpt_edge.runtime.daemon import Daemon
 
 log = logging.getLogger(__name__)
-ENROLL_ACTIONS = ("start", "add", "finish", "cancel")
+ENROLL_ACTIONS = ("start", "add", "add_defect", "remove", "finish", "cancel")
 RECIPE_ACTIONS = ("list", "show", "switch")
+#: Golden and defective frames together: every one is a full camera image held in memory.
 MAX_ENROLL_FRAMES = 200
+#: A defect's mask is a list of rectangles: a few boxes outline any defect a technician can name,
+#: and the bound keeps rasterising (and the payload) small whatever a client sends.
+MAX_MASK_RECTS = 32
 
 
 #: The command gate's rejections in this module's reply wording.
@@ -86,6 +95,7 @@ class EnrollSession:
     def __init__(self, recipe: str):
         self.recipe = recipe
         self.frames: list[tuple[str, Any]] = []
+        self.defects: list[LabelledImage] = []  # labelled defective frames, enrolled after the goldens
         self.last_seq = -1
         self.last_used = time.monotonic()
         self.finishing = False  # set while ``finish`` encodes: a cancel can no longer undo it
@@ -268,14 +278,7 @@ class CommandCenter:
         if session is None:
             raise CommandError(f"no enrollment open on {camera}: send action 'start' first")
         if action == "add":
-            cam = d.cameras.get(camera)
-            if cam is None:
-                raise CommandError(f"camera '{camera}' has no live frames to enroll from")
-            if len(session.frames) >= MAX_ENROLL_FRAMES:
-                raise CommandError(f"at most {MAX_ENROLL_FRAMES} frames per enrollment")
-            frame = cam.wait_frame(newer_than_seq=session.last_seq, timeout=2.0)
-            if frame is None:
-                raise CommandError(f"camera {camera} delivered no new frame ({cam.status}: {cam.reason})")
+            frame = self._grab(camera, session)
             with self._sessions_lock:
                 if self.sessions.get(camera) is not session:  # cancelled while the frame was awaited
                     raise CommandError(f"the enrollment on {camera} was cancelled; frame not added")
@@ -289,20 +292,149 @@ class CommandCenter:
                 "count": len(session.frames),
                 "frame_seq": frame.seq,
             }
-        # finish
+        if action == "add_defect":
+            return self._add_defect(camera, session, data)
+        if action == "remove":
+            return self._remove_defect(camera, session, data)
+        return self._finish(camera, session, data)
+
+    def _grab(self, camera: str, session: EnrollSession) -> Any:
+        """A frame newer than the session's last one (golden or defect), within the session's bound."""
+        cam = self.daemon.cameras.get(camera)
+        if cam is None:
+            raise CommandError(f"camera '{camera}' has no live frames to enroll from")
+        if len(session.frames) + len(session.defects) >= MAX_ENROLL_FRAMES:
+            raise CommandError(f"at most {MAX_ENROLL_FRAMES} frames (golden and defective) per enrollment")
+        frame = cam.wait_frame(newer_than_seq=session.last_seq, timeout=2.0)
+        if frame is None:
+            raise CommandError(f"camera {camera} delivered no new frame ({cam.status}: {cam.reason})")
+        return frame
+
+    def _add_defect(self, camera: str, session: EnrollSession, data: dict[str, Any]) -> dict[str, Any]:
+        """Take a new frame as a labelled defective part, with an optional type and rectangle mask.
+
+        Everything that can be checked without the frame is checked first, so a malformed request
+        never holds a frame; the rectangles are then checked against the frame and the recipe's ROI.
+        """
+        defect_type = field(data, "defect_type", str, required=False)
+        if defect_type is not None and not DEFECT_TYPE.match(defect_type):
+            raise CommandError(
+                f"field 'defect_type' {defect_type[:40]!r} is invalid: letters, digits, ' ', '_', '.', '-' (max 64)"
+            )
+        rects = _mask_rects(data.get("mask"))
+        recipe = self.daemon.store.load(session.recipe)
+        frame = self._grab(camera, session)
+        mask = None
+        if rects is not None:
+            mask = _rasterise(rects, frame.image.shape[:2])
+            if not crop_roi(mask, recipe.roi, "mask").any():
+                raise CommandError(f"field 'mask': no rectangle overlaps the recipe's ROI {list(recipe.roi or ())}")
+        label = f"defect-{camera}-{frame.seq}"
+        with self._sessions_lock:
+            if self.sessions.get(camera) is not session:
+                raise CommandError(f"the enrollment on {camera} was cancelled; frame not added")
+            session.last_seq = frame.seq
+            session.defects.append(LabelledImage(label, frame.image, mask, defect_type))
+            session.last_used = time.monotonic()
+        return {
+            "action": "add_defect",
+            "camera": camera,
+            "recipe": session.recipe,
+            "name": label,
+            "defect_type": defect_type,
+            "has_mask": mask is not None,
+            "defects": len(session.defects),
+            "count": len(session.frames),
+            "frame_seq": frame.seq,
+        }
+
+    def _remove_defect(self, camera: str, session: EnrollSession, data: dict[str, Any]) -> dict[str, Any]:
+        """Drop a defect added in this session, or remove an enrolled labelled defect from the recipe."""
+        name = field(data, "name", str)
+        with self._sessions_lock:
+            pending = [x for x in session.defects if x.label == name]
+            if pending:
+                session.defects.remove(pending[0])
+                return {
+                    "action": "remove",
+                    "camera": camera,
+                    "recipe": session.recipe,
+                    "removed": name,
+                    "pending": True,
+                    "defects": len(session.defects),
+                }
+        d = self.daemon
+        recipe = d.store.load(session.recipe)
+        hits = [x for x in recipe.defects if x.name == name or (len(name) >= 8 and x.sha256.startswith(name))]
+        if len(hits) != 1:
+            known = ", ".join([x.label for x in session.defects] + [x.name for x in recipe.defects]) or "none"
+            raise CommandError(f"no single labelled defect '{name}' in recipe '{session.recipe}' (defects: {known})")
+        # Enroller.remove also matches golden samples: pass the defect's full sha256, never ambiguous.
+        result = d.enrollers[d.bundle_key(camera)].remove(session.recipe, hits[0].sha256)
+        self._reload_users(session.recipe)
+        out = result.to_json()
+        return {
+            "action": "remove",
+            "camera": camera,
+            "removed": hits[0].name,
+            "pending": False,
+            **{k: out[k] for k in ("recipe", "live", "k", "defects", "bank_version", "head", "expectation")},
+        }
+
+    def _reload_users(self, recipe: str) -> None:
+        """Cameras inspecting with ``recipe`` pick up its new bank, head and threshold."""
+        d = self.daemon
+        for camera, name in list(d.recipe_names.items()):
+            if name == recipe:
+                # Not live any more: load_recipe leaves the camera answering ERROR and says why.
+                with contextlib.suppress(RecipeError):
+                    d.load_recipe(camera, name)
+        if d.link is not None:
+            d.link.publish_status()
+
+    def _finish(self, camera: str, session: EnrollSession, data: dict[str, Any]) -> dict[str, Any]:
+        """Enroll the golden frames, then the labelled defects (training the head), and go live."""
+        d = self.daemon
         accept = field(data, "accept_flagged", bool, required=False) or False
         switch = field(data, "switch", bool, required=False)
         with self._sessions_lock:
             if self.sessions.get(camera) is not session:
                 raise CommandError(f"the enrollment on {camera} was cancelled; nothing to finish")
             session.finishing = True
+        enroller = d.enrollers[d.bundle_key(camera)]
+        golden_added: list[str] = []
+        skipped: list[str] = []
         try:
-            result = d.enrollers[d.bundle_key(camera)].add(session.recipe, session.frames, accept_flagged=accept)
+            result = None
+            if session.frames or not session.defects:
+                result = enroller.add(session.recipe, session.frames, accept_flagged=accept)
+                golden_added, skipped = list(result.added), list(result.skipped)
+            defects_added: list[str] = []
+            if session.defects:
+                try:
+                    result = enroller.add_defects(session.recipe, session.defects, accept_flagged=accept)
+                except (RecipeError, ImageError, ValueError) as exc:
+                    if golden_added:  # the goldens are committed: say so, the defects are not
+                        raise CommandError(
+                            f"{len(golden_added)} golden frames were enrolled into '{session.recipe}', but the "
+                            f"{len(session.defects)} labelled defects were not: {exc}"
+                        ) from None
+                    raise
+                defects_added = list(result.added)
+                skipped += result.skipped
         finally:
             with self._sessions_lock:
                 if self.sessions.get(camera) is session:
                     del self.sessions[camera]
-        out = {"action": "finish", "camera": camera, **result.to_json()}
+        assert result is not None
+        out = {
+            "action": "finish",
+            "camera": camera,
+            **result.to_json(),
+            "added": golden_added,
+            "defects_added": defects_added,
+            "skipped": skipped,
+        }
         if result.recipe.live and switch is not False:
             d.load_recipe(camera, session.recipe)
             out["switched"] = True
@@ -412,3 +544,36 @@ class CommandCenter:
             elif now - started > limit and self.ask_targets.pop(key, None) is not None:
                 self._ask_started.pop(key, None)
                 self.fail(cmd, {}, "no answer: the LLM was busy and the question was dropped; ask again")
+
+
+def _mask_rects(value: Any) -> list[tuple[int, int, int, int]] | None:
+    """The ``mask`` field of ``add_defect``: None, or 1..MAX_MASK_RECTS rectangles [x, y, w, h]."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise CommandError("field 'mask' must be a non-empty list of rectangles [x, y, w, h] in camera pixels")
+    if len(value) > MAX_MASK_RECTS:
+        raise CommandError(f"field 'mask' has {len(value)} rectangles; at most {MAX_MASK_RECTS}")
+    rects = []
+    for i, r in enumerate(value):
+        ok = isinstance(r, list) and len(r) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+        if not ok or r[0] < 0 or r[1] < 0 or r[2] <= 0 or r[3] <= 0:
+            raise CommandError(
+                f"field 'mask' rectangle {i} must be [x, y, w, h] whole camera pixels, x, y >= 0, w, h > 0; "
+                f"got {json.dumps(r)[:60]}"
+            )
+        rects.append((r[0], r[1], r[2], r[3]))
+    return rects
+
+
+def _rasterise(rects: list[tuple[int, int, int, int]], shape: tuple[int, int]) -> np.ndarray:
+    """A uint8 mask of the frame's size (255 inside the rectangles); each rectangle must fit in the frame."""
+    height, width = shape
+    mask = np.zeros((height, width), np.uint8)
+    for i, (x, y, w, h) in enumerate(rects):
+        if x + w > width or y + h > height:
+            raise CommandError(
+                f"field 'mask' rectangle {i} [{x}, {y}, {w}, {h}] does not fit inside the {width}x{height} frame"
+            )
+        mask[y : y + h, x : x + w] = 255
+    return mask
