@@ -11,7 +11,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="the line daemon: cameras in, verdicts out over MQTT (see runtime/MQTT.md)")
     r.add_argument("--config", type=Path, required=True, help="YAML config (see runtime/config.example.yaml)")
     r.add_argument("--check", action="store_true", help="validate the config and exit")
-    r.add_argument("--debug", action="store_true", help="show the traceback of a start-up error")
+    # SUPPRESS: no default of its own, so `anomalygpt-edge --debug run ...` (the global flag) still counts.
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     r.set_defaults(handler="anomalygpt_edge.runtime.daemon_main:run")
 
     d = sub.add_parser("demo", help="synthetic line end to end: bundle, video, enrollment, daemon, PLC subscriber")
