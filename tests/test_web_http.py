@@ -32,6 +32,13 @@ BODIES: dict[str, dict[str, Any]] = {
     "/api/enroll/upload": {"recipe": "part-a", "files": [{"name": "a.png", "data": "aGk="}]},
     "/api/enroll/remove": {"recipe": "part-a", "sample": "a.png"},
     "/api/enroll/finish": {"recipe": "part-a", "camera": "cam1"},
+    "/api/enroll/defect/upload": {
+        "recipe": "part-a",
+        "files": [{"name": "d.png", "data": "aGk=", "mask": "aGk=", "defect_type": "scratch"}],
+    },
+    "/api/enroll/defect/capture": {"recipe": "part-a", "camera": "cam1", "defect_type": "scratch"},
+    "/api/enroll/defect/mark": {"recipe": "part-a", "sample": "a.png", "mask": "aGk="},
+    "/api/enroll/defect/remove": {"recipe": "part-a", "defect": "d.png"},
     "/api/recipes/assign": {"camera": "cam1", "recipe": "part-a"},
     "/api/recipes/delete": {"recipe": "part-a"},
     "/api/ask": {"verdict_id": VID, "question": "why?"},

@@ -49,7 +49,7 @@ from anomalygpt_edge.runtime.web.auth import (
     csrf_ok,
     role_allows,
 )
-from anomalygpt_edge.runtime.web.station import HistoryQuery, NotFoundError, Station, StationError
+from anomalygpt_edge.runtime.web.station import DefectUpload, HistoryQuery, NotFoundError, Station, StationError
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,20 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/recipes", "operator", "get_recipes"),
     Route("GET", f"/api/recipes/{_SEG}", "operator", "get_recipe"),
     Route("GET", f"/api/recipes/{_SEG}/samples/([0-9a-f]{{64}}).png", "operator", "get_sample"),
+    Route("GET", f"/api/recipes/{_SEG}/defects/([0-9a-f]{{64}}).png", "operator", "get_defect"),
+    Route("GET", f"/api/recipes/{_SEG}/defects/([0-9a-f]{{64}})/mask.png", "operator", "get_defect_mask"),
     Route("POST", "/api/enroll/start", "technician", "post_enroll_start", "enroll.start"),
     Route("POST", "/api/enroll/capture", "technician", "post_enroll_capture", "enroll.capture"),
     Route("POST", "/api/enroll/upload", "technician", "post_enroll_upload", "enroll.upload", MAX_UPLOAD_BODY),
     Route("POST", "/api/enroll/remove", "technician", "post_enroll_remove", "enroll.remove"),
     Route("POST", "/api/enroll/finish", "technician", "post_enroll_finish", "enroll.finish"),
+    # Labelled defective parts: uploads and painted masks travel as base64, like golden uploads.
+    Route(
+        "POST", "/api/enroll/defect/upload", "technician", "post_defect_upload", "enroll.defect.add", MAX_UPLOAD_BODY
+    ),
+    Route("POST", "/api/enroll/defect/capture", "technician", "post_defect_capture", "enroll.defect.add"),
+    Route("POST", "/api/enroll/defect/mark", "technician", "post_defect_mark", "enroll.defect.add", MAX_UPLOAD_BODY),
+    Route("POST", "/api/enroll/defect/remove", "technician", "post_defect_remove", "enroll.defect.remove"),
     Route("POST", "/api/recipes/assign", "technician", "post_assign", "recipe.assign"),
     Route("POST", "/api/recipes/delete", "admin", "post_delete_recipe", "recipe.delete"),
     Route("GET", "/api/history", "operator", "get_history"),
@@ -439,6 +448,12 @@ class StationHandler(BaseHTTPRequestHandler):
     def get_sample(self, name: str, sha: str) -> None:
         self._send_bytes(200, self.server.station.sample_png(name, sha), "image/png")
 
+    def get_defect(self, name: str, sha: str) -> None:
+        self._send_bytes(200, self.server.station.defect_png(name, sha), "image/png")
+
+    def get_defect_mask(self, name: str, sha: str) -> None:
+        self._send_bytes(200, self.server.station.defect_png(name, sha, mask=True), "image/png")
+
     def post_enroll_start(self, body: dict[str, Any]) -> None:
         recipe = _str(body, "recipe")
         camera = _str(body, "camera", optional=True)
@@ -480,6 +495,61 @@ class StationHandler(BaseHTTPRequestHandler):
         st = self.server.station
         names = [n for n, _ in decoded]
         result = self._audited("enroll.upload", recipe, lambda: st.enroll_upload(recipe, decoded), files=names)
+        self._send_json(200, result)
+
+    def post_defect_upload(self, body: dict[str, Any]) -> None:
+        recipe = _str(body, "recipe")
+        files = body.get("files")
+        if not isinstance(files, list) or not files:
+            raise HttpError(400, "files must be a non-empty list of {name, data (base64), mask?, defect_type?}")
+        uploads = []
+        for f in files:
+            if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("data"), str):
+                raise HttpError(400, "each file needs a name and base64 data")
+            mask = None if f.get("mask") is None else _b64(f, "mask", f"{f['name']} mask")
+            uploads.append(DefectUpload(f["name"], _b64(f, "data", f["name"]), mask, _defect_type(f)))
+        st = self.server.station
+        names = [u.name for u in uploads]
+        masked = [u.name for u in uploads if u.mask is not None]
+        result = self._audited(
+            "enroll.defect.add", recipe, lambda: st.enroll_defect_upload(recipe, uploads), files=names, masked=masked
+        )
+        self._send_json(200, result)
+
+    def post_defect_capture(self, body: dict[str, Any]) -> None:
+        recipe, camera = _str(body, "recipe"), _str(body, "camera")
+        defect_type = _defect_type(body)
+        st = self.server.station
+        result = self._audited(
+            "enroll.defect.add",
+            recipe,
+            lambda: st.enroll_defect_capture(recipe, camera, defect_type),
+            camera=camera,
+            defect_type=defect_type,
+        )
+        self._send_json(200, result)
+
+    def post_defect_mark(self, body: dict[str, Any]) -> None:
+        recipe, sample = _str(body, "recipe"), _str(body, "sample", pattern=r"^[^/\\]{1,200}$")
+        mask = None if body.get("mask") is None else _b64(body, "mask", f"{sample} mask")
+        defect_type = _defect_type(body)
+        st = self.server.station
+        result = self._audited(
+            "enroll.defect.add",
+            recipe,
+            lambda: st.enroll_defect_mark(recipe, sample, mask, defect_type),
+            from_sample=sample,
+            masked=mask is not None,
+            defect_type=defect_type,
+        )
+        self._send_json(200, result)
+
+    def post_defect_remove(self, body: dict[str, Any]) -> None:
+        recipe, defect = _str(body, "recipe"), _str(body, "defect", pattern=r"^[^/\\]{1,200}$")
+        st = self.server.station
+        result = self._audited(
+            "enroll.defect.remove", recipe, lambda: st.enroll_defect_remove(recipe, defect), defect=defect
+        )
         self._send_json(200, result)
 
     def post_enroll_remove(self, body: dict[str, Any]) -> None:
@@ -708,6 +778,23 @@ def _str(
     return v
 
 
+def _b64(obj: dict[str, Any], key: str, label: str) -> bytes:
+    """``obj[key]`` as bytes: base64, or a ``data:`` URL as a browser's FileReader/canvas gives it."""
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise HttpError(400, f"{label}: {key} must be base64 text")
+    data = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(400, f"{label}: {key} is not base64") from None
+
+
+def _defect_type(obj: dict[str, Any]) -> str | None:
+    """The optional ``defect_type``: letters, digits, space, ``_.-``, at most 64 characters."""
+    return _str(obj, "defect_type", optional=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_ .-]{0,63}$")
+
+
 def _num(body: dict[str, Any], key: str, low: float, high: float) -> float:
     v = body.get(key)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v < high:
@@ -735,8 +822,10 @@ def _audit_summary(result: Any) -> dict[str, Any]:
     """The few facts of an enrollment result worth keeping in the audit log."""
     if not isinstance(result, dict):
         return {}
-    keys = ("live", "k", "bank_version", "added", "skipped")
+    keys = ("live", "k", "defects", "bank_version", "added", "skipped")
     out = {k: result[k] for k in keys if k in result}
+    if isinstance(result.get("head"), dict):
+        out["head_mode"] = result["head"].get("mode")
     if isinstance(result.get("threshold"), dict):
         out["threshold"] = result["threshold"].get("value")
     if isinstance(result.get("quality"), dict):

@@ -33,7 +33,7 @@ import numpy as np
 from anomalygpt_edge.calibration.threshold import Threshold
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.runtime.cameras.image_folder import list_images
-from anomalygpt_edge.runtime.enrollment import Enroller
+from anomalygpt_edge.runtime.enrollment import Enroller, LabelledImage
 from anomalygpt_edge.runtime.heatmap import overlay
 from anomalygpt_edge.runtime.inspector import Inspector
 from anomalygpt_edge.runtime.preprocess import ImageError, crop_roi, decode_image, read_image
@@ -48,6 +48,16 @@ HISTORY_SIZE = 2000
 KEEP_OK_IMAGE_EVERY = 10
 MAX_UPLOAD_IMAGES = 64
 MAX_REMEMBERED_UPLOADS = 4096  # per recipe: upload hashes kept to skip repeats before decoding
+
+
+@dataclass(frozen=True)
+class DefectUpload:
+    """One uploaded known-defective image: its file bytes, optionally a painted mask (PNG, same size)."""
+
+    name: str
+    data: bytes
+    mask: bytes | None = None
+    defect_type: str | None = None
 
 
 class StationError(ValueError):
@@ -119,6 +129,23 @@ class Station(Protocol):
 
     def enroll_finish(self, recipe: str, camera: str | None, accept_flagged: bool = False) -> dict[str, Any]:
         """Rebuild bank and threshold; when live, the camera starts inspecting with the recipe."""
+
+    def enroll_defect_upload(self, recipe: str, files: list[DefectUpload]) -> dict[str, Any]:
+        """Add uploaded images as labelled defective parts (each with an optional mask and type)."""
+
+    def enroll_defect_capture(self, recipe: str, camera: str, defect_type: str | None = None) -> dict[str, Any]:
+        """Add the camera's current frame as a labelled defective part (no mask)."""
+
+    def enroll_defect_mark(
+        self, recipe: str, sample: str, mask: bytes | None = None, defect_type: str | None = None
+    ) -> dict[str, Any]:
+        """Turn an enrolled golden sample into a labelled defect, with an optional mask painted on it."""
+
+    def enroll_defect_remove(self, recipe: str, defect: str) -> dict[str, Any]:
+        """Remove one labelled defect (name or sha256 prefix) and rebuild."""
+
+    def defect_png(self, recipe: str, sha256: str, mask: bool = False) -> bytes:
+        """A labelled defect's stored image (ROI applied), or its mask."""
 
     def assign(self, camera: str, recipe: str | None) -> dict[str, Any]:
         """Make ``recipe`` the one ``camera`` inspects with (None: stop inspecting)."""
@@ -528,7 +555,9 @@ class StationBase:
             raise StationError("no files uploaded")
         if len(files) > MAX_UPLOAD_IMAGES:
             raise StationError(f"at most {MAX_UPLOAD_IMAGES} images per upload")
-        enrolled = {s.sha256 for s in self.store.load(recipe).samples}
+        current = self.store.load(recipe)
+        # A file already enrolled as a golden sample or as a labelled defect is skipped undecoded.
+        enrolled = {s.sha256 for s in current.samples} | {d.sha256 for d in current.defects}
         known = self._uploads.get(recipe, {})
         images, hashes, skipped, seen = [], [], [], set()
         # Every file is hashed and its header checked before any is decoded: a duplicate costs a
@@ -573,6 +602,102 @@ class StationBase:
     def enroll_remove(self, recipe: str, sample: str) -> dict[str, Any]:
         with self._enroll_lock:
             result = self.enroller_for(None).remove(recipe, sample)
+        return self._step(recipe, result)
+
+    # -- labelled defective parts (all through Enroller.add_defects) ------------------------------
+    def defect_png(self, recipe: str, sha256: str, mask: bool = False) -> bytes:
+        r = self.store.load(recipe)
+        found = next((d for d in r.defects if d.sha256 == sha256), None)
+        if found is None or (mask and not found.has_mask):
+            raise NotFoundError(f"recipe {recipe} has no labelled defect {sha256[:12]}{' mask' if mask else ''}")
+        return self.store.defect_path(recipe, sha256, "mask.png" if mask else "png").read_bytes()
+
+    def enroll_defect_upload(self, recipe: str, files: list[DefectUpload]) -> dict[str, Any]:
+        if not files:
+            raise StationError("no files uploaded")
+        if len(files) > MAX_UPLOAD_IMAGES:
+            raise StationError(f"at most {MAX_UPLOAD_IMAGES} images per upload")
+        current = self.store.load(recipe)
+        enrolled = {s.sha256 for s in current.samples} | {d.sha256 for d in current.defects}
+        known = self._uploads.get(recipe, {})
+        items, hashes, skipped, seen = [], [], [], set()
+        # As for golden uploads: hashed and header-checked before anything is decoded, so a
+        # repeated file costs a hash and an oversized image or mask is refused before its pixels exist.
+        for f in files:
+            label = Path(f.name).name or "upload"
+            digest = hashlib.sha256(f.data).hexdigest()
+            if digest in seen or known.get(digest) in enrolled:
+                skipped.append(f"{label}: already enrolled" if digest not in seen else f"{label}: uploaded twice")
+                continue
+            seen.add(digest)
+            try:
+                image = decode_image(f.data, label)
+                mask = None if f.mask is None else _mask_array(f.mask, image.shape[:2], label)
+            except ImageError as exc:
+                raise StationError(str(exc)) from None
+            items.append(LabelledImage(label, image, mask, f.defect_type))
+            hashes.append(digest)
+        with self._enroll_lock:
+            before = {d.sha256 for d in self.store.load(recipe).defects}
+            result = self.enroller_for(None).add_defects(recipe, items)
+        new = [d.sha256 for d in result.recipe.defects if d.sha256 not in before]
+        if len(new) == len(items) and not result.skipped:  # the same certainty rule as golden uploads
+            with self._uploads_lock:
+                table = self._uploads.setdefault(recipe, {})
+                table.update(zip(hashes, new))
+                while len(table) > MAX_REMEMBERED_UPLOADS:
+                    table.pop(next(iter(table)))
+        result.skipped = skipped + list(result.skipped)
+        return self._step(recipe, result)
+
+    def enroll_defect_capture(self, recipe: str, camera: str, defect_type: str | None = None) -> dict[str, Any]:
+        self._check_camera(camera)
+        key = (recipe, camera)
+        frame = self.next_frame(camera, self._last_capture.get(key, -1))
+        self._last_capture[key] = frame.seq
+        item = LabelledImage(f"defect-{camera}-{frame.seq:06d}.png", frame.image, None, defect_type)
+        with self._enroll_lock:
+            result = self.enroller_for(camera).add_defects(recipe, [item])
+        return self._step(recipe, result)
+
+    def enroll_defect_mark(
+        self, recipe: str, sample: str, mask: bytes | None = None, defect_type: str | None = None
+    ) -> dict[str, Any]:
+        """The golden sample's stored image (ROI applied) becomes a labelled defect.
+
+        The Enroller takes camera frames and applies the recipe's ROI itself, so the sample is
+        placed back at the ROI's offset in a frame-sized canvas (and the mask, painted on the
+        sample, likewise): the ROI crop then gives back exactly the stored image. The golden is
+        removed first (the same image cannot be both); if the defect cannot be added it is put back.
+        """
+        enroller = self.enroller_for(None)
+        with self._enroll_lock:
+            r = self.store.load(recipe)
+            hits = [s for s in r.samples if s.name == sample or (len(sample) >= 8 and s.sha256.startswith(sample))]
+            if len(hits) != 1:
+                raise NotFoundError(f"recipe {recipe} has no single golden sample '{sample}'")
+            golden = hits[0]
+            image = decode_image(self.store.sample_path(recipe, golden.sha256, "png").read_bytes(), golden.name)
+            painted = None if mask is None else _mask_array(mask, image.shape[:2], golden.name)
+            frame = _place_in_frame(image, r.roi)
+            frame_mask = None if painted is None else _place_in_frame(painted, r.roi)
+            enroller.remove(recipe, golden.sha256)
+            try:
+                result = enroller.add_defects(recipe, [LabelledImage(golden.name, frame, frame_mask, defect_type)])
+            except Exception:
+                enroller.add(recipe, [(golden.name, frame)])  # the golden comes back; the error is the answer
+                raise
+        return self._step(recipe, result)
+
+    def enroll_defect_remove(self, recipe: str, defect: str) -> dict[str, Any]:
+        enroller = self.enroller_for(None)
+        with self._enroll_lock:
+            r = self.store.load(recipe)
+            hits = [d for d in r.defects if d.name == defect or (len(defect) >= 8 and d.sha256.startswith(defect))]
+            if len(hits) != 1:
+                raise NotFoundError(f"recipe {recipe} has no single labelled defect '{defect}'")
+            # By full sha256: Enroller.remove also matches golden names, a defect's must not hit one.
+            result = enroller.remove(recipe, hits[0].sha256)
         return self._step(recipe, result)
 
     def enroll_finish(self, recipe: str, camera: str | None, accept_flagged: bool = False) -> dict[str, Any]:
@@ -913,6 +1038,19 @@ def recipe_state(recipe: Recipe, cameras: list[str]) -> dict[str, Any]:
             {"name": s.name, "sha256": s.sha256, "score": s.score, "flagged": s.flagged, "added_at": s.added_at}
             for s in recipe.samples
         ],
+        "defects": [
+            {
+                "name": d.name,
+                "sha256": d.sha256,
+                "defect_type": d.defect_type,
+                "has_mask": d.has_mask,
+                "score": d.score,
+                "added_at": d.added_at,
+            }
+            for d in recipe.defects
+        ],
+        "head": recipe.head_file is not None,
+        "expectation": (recipe.quality or {}).get("expectation") or None,
         "quality": recipe.quality or None,
         "threshold": t.to_json() if t else None,
         "threshold_explained": t.explain() if t else None,
@@ -921,3 +1059,36 @@ def recipe_state(recipe: Recipe, cameras: list[str]) -> dict[str, Any]:
         "cameras": cameras,
         "updated_at": recipe.updated_at,
     }
+
+
+def _mask_array(data: bytes, shape: tuple[int, int], label: str) -> np.ndarray:
+    """A painted mask (PNG or any decodable image) as uint8 0/255 of ``shape``; refused when empty.
+
+    The colour channels say where the defect is; an alpha channel only hides what it makes
+    transparent (a browser canvas exports RGBA, where an opaque black background is still "no defect").
+    """
+    mask = decode_image(data, f"{label} mask")
+    if mask.ndim == 3:
+        gray = mask[:, :, :3].max(axis=2)
+        if mask.shape[2] == 4:
+            gray = np.where(mask[:, :, 3] > 127, gray, 0)
+    else:
+        gray = mask
+    if gray.shape[:2] != tuple(shape):
+        raise ImageError(f"{label}: mask is {gray.shape[1]}x{gray.shape[0]}, the image is {shape[1]}x{shape[0]}")
+    binary = np.where(gray > 127, 255, 0).astype(np.uint8)
+    if not binary.any():
+        raise ImageError(f"{label}: the mask is empty; paint the defect, or send no mask")
+    return binary
+
+
+def _place_in_frame(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
+    """``image`` (an ROI crop) at the ROI's offset in a zero canvas, so cropping the ROI gives it back."""
+    if roi is None:
+        return image
+    x, y, w, h = roi
+    if image.shape[:2] != (h, w):
+        raise StationError(f"stored sample is {image.shape[1]}x{image.shape[0]}, the recipe's ROI is {w}x{h}")
+    canvas = np.zeros((y + h, x + w, *image.shape[2:]), image.dtype)
+    canvas[y : y + h, x : x + w] = image
+    return canvas

@@ -253,15 +253,24 @@ $("#enroll-recipe-pick").addEventListener("change", async (ev) => {
   drawRoiCanvas();
 });
 
+const ENROLL_BUTTONS = ["#enroll-capture", "#enroll-finish", "#enroll-upload", "#defect-capture", "#defect-upload", "#defect-save"];
+function enableEnroll() {
+  const on = !!S.recipe;
+  for (const b of ENROLL_BUTTONS) $(b).disabled = !on;
+}
+
 async function busy(fn) {
   $("#enroll-busy").hidden = false;
-  for (const b of ["#enroll-capture", "#enroll-finish", "#enroll-start"]) $(b).disabled = true;
+  for (const b of [...ENROLL_BUTTONS, "#enroll-start"]) $(b).disabled = true;
   try { return await fn(); } catch (e) { toast(e.message); return null; } finally {
     $("#enroll-busy").hidden = true;
     $("#enroll-start").disabled = false;
-    const on = !!S.recipe;
-    $("#enroll-capture").disabled = !on; $("#enroll-finish").disabled = !on; $("#enroll-upload").disabled = !on;
+    enableEnroll();
   }
+}
+
+function readDataUrl(file) {
+  return new Promise((ok, bad) => { const r = new FileReader(); r.onload = () => ok(r.result); r.onerror = bad; r.readAsDataURL(file); });
 }
 
 $("#enroll-start").addEventListener("click", () => busy(async () => {
@@ -282,10 +291,7 @@ $("#enroll-capture").addEventListener("click", () => busy(async () => {
 
 $("#enroll-upload").addEventListener("change", (ev) => busy(async () => {
   const files = [];
-  for (const f of ev.target.files) {
-    const data = await new Promise((ok, bad) => { const r = new FileReader(); r.onload = () => ok(r.result); r.onerror = bad; r.readAsDataURL(f); });
-    files.push({ name: f.name, data });
-  }
+  for (const f of ev.target.files) files.push({ name: f.name, data: await readDataUrl(f) });
   ev.target.value = "";
   if (files.length) renderStep(await api("POST", "/api/enroll/upload", { recipe: S.recipe, files }));
 }));
@@ -301,6 +307,123 @@ $("#enroll-finish").addEventListener("click", () => busy(async () => {
   S.cameras = await api("GET", "/api/cameras");
 }));
 
+// --- known-defective parts: capture, upload or mark a golden sample; optional painted mask ----------
+// The brush paints on a visible canvas (the image with a red overlay) and, in white on black, on an
+// off-screen canvas of the image's own size: that one is sent as the PNG mask.
+const P = { img: null, mask: null, painted: false, drawing: null, target: null };
+
+function defectType() {
+  const v = $("#defect-type").value.trim();
+  return v || null;
+}
+
+async function openPaint(title, blob, target) {
+  const url = URL.createObjectURL(blob);
+  const img = new Image();
+  await new Promise((ok, bad) => { img.onload = ok; img.onerror = () => bad(new Error("cannot show this image")); img.src = url; });
+  const cv = $("#defect-canvas");
+  cv.width = img.naturalWidth; cv.height = img.naturalHeight;
+  P.mask = document.createElement("canvas");
+  P.mask.width = cv.width; P.mask.height = cv.height;
+  const m = P.mask.getContext("2d");
+  m.fillStyle = "#000"; m.fillRect(0, 0, cv.width, cv.height);
+  Object.assign(P, { img, painted: false, drawing: null, target });
+  $("#defect-paint-title").textContent = title;
+  $("#defect-paint").hidden = false;
+  drawPaint();
+  cv.scrollIntoView({ block: "center" });
+}
+
+function closePaint() {
+  if (P.img) URL.revokeObjectURL(P.img.src);
+  Object.assign(P, { img: null, mask: null, painted: false, drawing: null, target: null });
+  $("#defect-paint").hidden = true;
+}
+
+function drawPaint() {
+  const cv = $("#defect-canvas"), ctx = cv.getContext("2d");
+  if (!P.img) return;
+  ctx.globalAlpha = 1; ctx.drawImage(P.img, 0, 0);
+  ctx.globalAlpha = 0.45;
+  // The mask's white becomes red on the image: the technician sees exactly what will be sent.
+  const tmp = document.createElement("canvas");
+  tmp.width = cv.width; tmp.height = cv.height;
+  const t = tmp.getContext("2d");
+  t.drawImage(P.mask, 0, 0);
+  t.globalCompositeOperation = "multiply"; t.fillStyle = "#f00"; t.fillRect(0, 0, cv.width, cv.height);
+  ctx.globalCompositeOperation = "lighter"; ctx.drawImage(tmp, 0, 0);
+  ctx.globalCompositeOperation = "source-over"; ctx.globalAlpha = 1;
+}
+
+function paintAt(ev) {
+  const cv = $("#defect-canvas"), b = cv.getBoundingClientRect();
+  const x = (ev.clientX - b.left) * cv.width / b.width, y = (ev.clientY - b.top) * cv.height / b.height;
+  const r = Number($("#defect-brush").value) * cv.width / Math.max(b.width, 1) / 2;
+  const m = P.mask.getContext("2d");
+  m.strokeStyle = "#fff"; m.fillStyle = "#fff"; m.lineWidth = 2 * r; m.lineCap = "round";
+  m.beginPath();
+  if (P.drawing) { m.moveTo(P.drawing[0], P.drawing[1]); m.lineTo(x, y); m.stroke(); }
+  else { m.arc(x, y, r, 0, 2 * Math.PI); m.fill(); }
+  P.drawing = [x, y]; P.painted = true;
+  drawPaint();
+}
+
+$("#defect-canvas").addEventListener("pointerdown", (ev) => {
+  if (!P.img) return;
+  ev.preventDefault();
+  $("#defect-canvas").setPointerCapture(ev.pointerId);
+  P.drawing = null;
+  paintAt(ev);
+});
+$("#defect-canvas").addEventListener("pointermove", (ev) => { if (P.img && P.drawing) paintAt(ev); });
+$("#defect-canvas").addEventListener("pointerup", () => { P.drawing = null; });
+$("#defect-clear").addEventListener("click", () => {
+  if (!P.mask) return;
+  const m = P.mask.getContext("2d");
+  m.fillStyle = "#000"; m.fillRect(0, 0, P.mask.width, P.mask.height);
+  P.painted = false; drawPaint();
+});
+$("#defect-cancel").addEventListener("click", closePaint);
+
+$("#defect-save").addEventListener("click", () => busy(async () => {
+  if (!P.target) throw new Error("capture, upload or mark a part first");
+  const mask = P.painted ? P.mask.toDataURL("image/png") : null;
+  const t = P.target, type = defectType();
+  let res;
+  if (t.kind === "upload") {
+    res = await api("POST", "/api/enroll/defect/upload", { recipe: S.recipe,
+      files: [{ name: t.name, data: t.data, mask, defect_type: type }] });
+  } else {
+    res = await api("POST", "/api/enroll/defect/mark", { recipe: S.recipe, sample: t.name, mask, defect_type: type });
+  }
+  closePaint();
+  renderStep(res);
+  toast(`${t.name} enrolled as a defect${mask ? " with its painted region" : ""}`, true);
+}));
+
+$("#defect-capture").addEventListener("click", () => busy(async () => {
+  renderStep(await api("POST", "/api/enroll/defect/capture", { recipe: S.recipe, camera: $("#enroll-camera").value,
+                                                              defect_type: defectType() }));
+}));
+
+$("#defect-upload").addEventListener("change", (ev) => busy(async () => {
+  const chosen = [...ev.target.files];
+  ev.target.value = "";
+  if (chosen.length === 1) {  // one image: paint its defect first
+    const f = chosen[0];
+    await openPaint(`Uploaded ${f.name}: paint the defect (optional)`, f, { kind: "upload", name: f.name, data: await readDataUrl(f) });
+    return;
+  }
+  const files = [];
+  for (const f of chosen) files.push({ name: f.name, data: await readDataUrl(f), defect_type: defectType() });
+  if (files.length) renderStep(await api("POST", "/api/enroll/defect/upload", { recipe: S.recipe, files }));
+}));
+
+async function markDefective(recipe, s) {
+  const blob = await api("GET", `/api/recipes/${encodeURIComponent(recipe)}/samples/${s.sha256}.png`);
+  await openPaint(`Golden sample ${s.name} is defective: paint the defect (optional)`, blob, { kind: "mark", name: s.name });
+}
+
 function renderStep(res) {
   if (res.skipped && res.skipped.length) toast(res.skipped.join("; "), true);
   renderRecipe(res.state, res);
@@ -308,7 +431,8 @@ function renderStep(res) {
 
 function renderRecipe(state, step) {
   S.recipe = state.name;
-  $("#enroll-current").textContent = `recipe ${state.name} · ${state.k} samples · ${state.live ? "LIVE" : "not live"}`;
+  const nd = (state.defects || []).length;
+  $("#enroll-current").textContent = `recipe ${state.name} · ${state.k} samples${nd ? ` · ${nd} defects` : ""} · ${state.live ? "LIVE" : "not live"}`;
   const q = (step && step.quality) || state.quality;
   const qbox = $("#enroll-quality");
   qbox.replaceChildren();
@@ -326,14 +450,25 @@ function renderRecipe(state, step) {
       el("div", {}, s.name), el("div", {}, s.score === null ? "score –" : `score ${fmt(s.score)}`),
       s.flagged ? el("div", { class: "reason" }, s.flagged) : null,
       el("button", { type: "button", class: "remove", onclick: () => busy(async () =>
-        renderStep(await api("POST", "/api/enroll/remove", { recipe: state.name, sample: s.name }))) }, "Remove"));
+        renderStep(await api("POST", "/api/enroll/remove", { recipe: state.name, sample: s.name }))) }, "Remove"),
+      el("button", { type: "button", class: "mark", onclick: () => busy(() => markDefective(state.name, s)) }, "Defective"));
   }));
+  $("#defect-list").replaceChildren(...(state.defects || []).map((d) => {
+    const img = el("img", { alt: d.name });
+    loadImg(img, `/api/recipes/${encodeURIComponent(state.name)}/defects/${d.sha256}.png`);
+    return el("div", { class: "sample defect", "data-name": d.name }, img, el("div", {}, d.name),
+      el("div", {}, d.defect_type ? el("span", { class: "tag" }, d.defect_type) : null, d.has_mask ? "painted region" : "no mask"),
+      el("div", {}, d.score === null || d.score === undefined ? "score –" : `score ${fmt(d.score)}`),
+      el("button", { type: "button", class: "remove-defect", onclick: () => busy(async () =>
+        renderStep(await api("POST", "/api/enroll/defect/remove", { recipe: state.name, defect: d.name }))) }, "Remove"));
+  }));
+  const expect = (step && step.expectation) || state.expectation;
+  $("#enroll-expect").textContent = expect && expect.explained ? expect.explained : "";
   const explained = (step && step.threshold_explained) || state.threshold_explained;
   // The first warning ("only N scores ...") says what explain() already says in plain words.
   const warn = (((step && step.threshold) || state.threshold || {}).warnings || []).filter((w) => !w.startsWith("only "));
   $("#enroll-threshold").textContent = explained ? explained + (warn.length ? "  (" + warn.join("; ") + ")" : "") : "";
-  const on = !!S.recipe;
-  $("#enroll-capture").disabled = !on; $("#enroll-finish").disabled = !on; $("#enroll-upload").disabled = !on;
+  enableEnroll();
 }
 
 // --- history -------------------------------------------------------------------------------------
