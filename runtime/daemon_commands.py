@@ -263,6 +263,7 @@ class CommandCenter:
                 "camera": camera,
                 "recipe": name,
                 "existing_samples": len(recipe.samples),
+                "existing_defects": len(recipe.defects),
                 "expires_after_idle_s": self.session_timeout_s,
             }
         with self._sessions_lock:

@@ -377,6 +377,55 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     b.cmd("POST", "/window/rect", {"width": 1400, "height": 1500})  # the whole system page in one shot
     _shot(b, tmp_path, "6-system.png")
     b.cmd("POST", "/window/rect", {"width": 1400, "height": 1000})
+    # Mark one captured frame defective, paint its region with the brush, and finish again: the
+    # defect is listed beside the goldens and the finish step says what to expect in plain words.
+    # (The frame shows a good part: this checks the page's path to Enroller.add_defects, not what
+    # the head learns, which the HTTP and MQTT defect tests check on real defects.)
+    b.click('nav a[href="#enroll"]')
+    b.wait("the enrollment page", lambda: b.js("return !document.querySelector('#page-enroll').hidden"))
+    golden_before = b.js("return document.querySelectorAll('#enroll-samples .sample').length")
+    marked = b.js("return document.querySelector('#enroll-samples .sample').dataset.name")
+    b.type("#defect-type", "scratch")
+    b.click(f'#enroll-samples .sample[data-name="{marked}"] button.mark')
+    b.wait(
+        "the brush on the sample",
+        lambda: b.js(
+            "const c = document.querySelector('#defect-canvas');"
+            "return !document.querySelector('#defect-paint').hidden && c.width === S.roi[2] && c.height === S.roi[3]"
+        ),
+    )
+    left, top, width, height = b.js(
+        "const c = document.querySelector('#defect-canvas'); c.scrollIntoView({block: 'center'});"
+        "const r = c.getBoundingClientRect(); return [r.left, r.top, r.width, r.height];"
+    )
+    b.drag(left + 0.3 * width, top + 0.3 * height, left + 0.6 * width, top + 0.5 * height)
+    assert b.js("return P.painted") is True
+    b.click("#defect-save")
+    b.wait(
+        "the marked sample among the defects",
+        lambda: b.js(f"return !!document.querySelector('#defect-list .sample[data-name=\"{marked}\"]')"),
+        timeout=40,
+    )
+    b.wait("the wizard to be idle", lambda: b.js("return document.querySelector('#enroll-busy').hidden"))
+    assert "painted region" in b.js(
+        f"return document.querySelector('#defect-list .sample[data-name=\"{marked}\"]').textContent"
+    )
+    assert b.js("return document.querySelectorAll('#enroll-samples .sample').length") == golden_before - 1
+    defects = st.recipe("plate-a")["defects"]
+    assert [(d["name"], d["defect_type"], d["has_mask"]) for d in defects] == [(marked, "scratch", True)]
+    b.click("#enroll-finish")
+    b.wait(
+        "the second finish",
+        lambda: (
+            f"{golden_before - 1} golden samples" in b.js("return document.querySelector('#enroll-status').textContent")
+            and b.js("return document.querySelector('#enroll-busy').hidden")
+        ),
+        timeout=40,
+    )
+    expect = b.js("return document.querySelector('#enroll-expect').textContent")
+    assert "labelled defects" in expect and "false rejects" in expect, expect
+    _shot(b, tmp_path, "7-enrollment-defect.png")
+
     # No page shows a rendering slip to the technician.
     for page in ("#live", "#enroll", "#history", "#ask", "#system"):
         b.click(f'nav a[href="{page}"]')
@@ -393,5 +442,6 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     assert sum('"enroll.capture"' in a for a in audit) == captures
     assert any('"enroll.remove"' in a and "defective-part.png" in a for a in audit)
     assert any('"recipe.assign"' in a and '"cam2"' in a for a in audit)
+    assert any('"enroll.defect.add"' in a and f'"from_sample":"{marked}"' in a and '"ok":true' in a for a in audit)
     for name in ("1-live.png", "3-enrollment.png", "4-history.png"):
         assert (tmp_path / name).stat().st_size > 10_000
