@@ -455,12 +455,20 @@ class CommandCenter:
                 del self.sessions[camera]
             self._expired.pop(camera, None)
         if session is None:
-            return {"action": "cancel", "camera": camera, "recipe": None, "discarded": 0, "was_open": False}
+            return {
+                "action": "cancel",
+                "camera": camera,
+                "recipe": None,
+                "discarded": 0,
+                "discarded_defects": 0,
+                "was_open": False,
+            }
         return {
             "action": "cancel",
             "camera": camera,
             "recipe": session.recipe,
-            "discarded": len(session.frames),
+            "discarded": len(session.frames) + len(session.defects),
+            "discarded_defects": len(session.defects),
             "was_open": True,
         }
 
@@ -479,11 +487,12 @@ class CommandCenter:
             self.sessions_expired += len(stale)
         for camera, s in stale:
             log.warning(
-                "enroll session into %s on %s expired after %.0f s idle: %d frames discarded",
+                "enroll session into %s on %s expired after %.0f s idle: %d frames (%d defective) discarded",
                 s.recipe,
                 camera,
                 self.session_timeout_s,
-                len(s.frames),
+                len(s.frames) + len(s.defects),
+                len(s.defects),
             )
 
     def _cmd_recipe(self, cmd: Command, data: dict[str, Any]) -> dict[str, Any]:

@@ -110,7 +110,8 @@ def test_an_mqtt_session_enrolls_goldens_then_labelled_defects_and_finishes_with
         assert _ask(sub, {"action": "start", "camera": "cam1", "recipe": "plate-d"})["ok"]
         unknown = _ask(sub, {"action": "remove", "camera": "cam1", "name": "no-such-defect"})
         removed = _ask(sub, {"action": "remove", "camera": "cam1", "name": plain["name"]})
-        assert _ask(sub, {"action": "cancel", "camera": "cam1"})["ok"]
+        assert _ask(sub, {"action": "add_defect", "camera": "cam1"})["ok"]
+        cancelled = _ask(sub, {"action": "cancel", "camera": "cam1"})
     finally:
         daemon.stop()
         sub.close()
@@ -141,6 +142,8 @@ def test_an_mqtt_session_enrolls_goldens_then_labelled_defects_and_finishes_with
 
     assert unknown["ok"] is False and "no single labelled defect 'no-such-defect'" in unknown["error"]
     assert removed["ok"] and removed["removed"] == plain["name"] and removed["defects"] == 1, removed
+
+    assert cancelled["ok"] and cancelled["discarded"] == 1 and cancelled["discarded_defects"] == 1, cancelled
 
     recipe = RecipeStore(tmp_path / "store").load("plate-d")
     assert recipe.live and len(recipe.samples) == done["k"]
