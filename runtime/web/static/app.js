@@ -454,9 +454,13 @@ function renderRecipe(state, step) {
       el("button", { type: "button", class: "mark", onclick: () => busy(() => markDefective(state.name, s)) }, "Defective"));
   }));
   $("#defect-list").replaceChildren(...(state.defects || []).map((d) => {
+    const base = `/api/recipes/${encodeURIComponent(state.name)}/defects/${d.sha256}`;
     const img = el("img", { alt: d.name });
-    loadImg(img, `/api/recipes/${encodeURIComponent(state.name)}/defects/${d.sha256}.png`);
-    return el("div", { class: "sample defect", "data-name": d.name }, img, el("div", {}, d.name),
+    loadImg(img, `${base}.png`);
+    // The painted region over the thumbnail (white on black, screen-blended: only the region lights up).
+    const mask = d.has_mask ? el("img", { alt: `${d.name} painted region`, class: "mask" }) : null;
+    if (mask) loadImg(mask, `${base}/mask.png`);
+    return el("div", { class: "sample defect", "data-name": d.name }, el("div", { class: "thumb" }, img, mask), el("div", {}, d.name),
       el("div", {}, d.defect_type ? el("span", { class: "tag" }, d.defect_type) : null, d.has_mask ? "painted region" : "no mask"),
       el("div", {}, d.score === null || d.score === undefined ? "score –" : `score ${fmt(d.score)}`),
       el("button", { type: "button", class: "remove-defect", onclick: () => busy(async () =>
