@@ -56,7 +56,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--resize", choices=("squash", "letterbox", "shorter_side_crop"), help="override the bundle's resize"
     )
     e.add_argument("--augment", default="", help="comma list of rot90,hflip,vflip (only for invariant parts)")
-    e.add_argument("--source", choices=("bank", "text"), default="bank", help="few-shot bank (default) or text decoder")
+    e.add_argument(
+        "--source",
+        choices=("bank", "text", "text+bank"),
+        default="bank",
+        help="few-shot bank (default), AnomalyGPT's text decoder, or both averaged (the paper's few-shot mode)",
+    )
     e.add_argument("--class-name", help="object name for the text decoder (source text)")
     e.add_argument("--target-frr", type=frr_arg, default=None, help="target false-reject rate (default 0.01)")
     e.add_argument("--budget", type=int, default=None, help="memory-bank patch budget per layer")

@@ -15,8 +15,8 @@ Training data, per labelled defect image:
 
 The head alone learns only the defect types it saw (measured: labelled blowholes and cracks do not
 help on breaks or frays), so it never replaces the bank: the inspected map is the **sum of the two
-z-scores**, each standardised by statistics of held-out golden patches (cross-fitted, so the head's
-statistics describe a good part it has not seen). A defect type not shown keeps the bank's signal.
+z-scores**, each standardised by the image scores of held-out golden parts (cross-fitted, so the
+head's statistics describe a good part it has not seen). A defect type not shown keeps the bank's signal.
 
 Stored as ``.npz`` with ``allow_pickle=False`` (arrays, metadata as a JSON string) and hash-checked
 from ``recipe.json`` like the bank.
@@ -37,7 +37,7 @@ from anomalygpt_edge.engines.integrity import atomic_write_bytes
 
 HEAD_FORMAT = 1
 #: L2 penalty on the standardised weights (mean log-loss scale). Chosen once, not per dataset.
-L2 = 1e-2
+L2 = 1e-3
 NEWTON_STEPS = 25
 #: Above this feature width the head works in a PCA projection of this many dimensions (kept as a
 #: single linear map, so inspection is still one dot product per patch).
@@ -80,7 +80,7 @@ class DefectHead:
         return x @ self.weight + np.float32(self.bias)
 
     def fuse(self, bank_map: np.ndarray, head_map: np.ndarray) -> np.ndarray:
-        """The inspected map: the bank's z-score plus the head's, both from held-out golden statistics."""
+        """The inspected map: the bank's z-score plus the head's, both scaled by held-out golden image scores."""
         return (bank_map - self.bank_mu) / self.bank_sd + (head_map - self.head_mu) / self.head_sd
 
     def check(self, dim: int, origin: str) -> None:

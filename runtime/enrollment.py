@@ -33,6 +33,7 @@ from anomalygpt_edge.runtime.memory_bank import MemoryBank, build_bank
 from anomalygpt_edge.runtime.preprocess import ImageError, Prepared, crop_roi
 from anomalygpt_edge.runtime.recipes import (
     DEFECT_TYPE,
+    USES_TEXT,
     DefectSample,
     GoldenSample,
     Recipe,
@@ -148,8 +149,8 @@ class Enroller:
         """A new, empty recipe (not live until golden parts are enrolled)."""
         if self.store.exists(name):
             raise RecipeError(f"recipe '{name}' already exists")
-        if settings.get("source") == "text" and not self.bundle.has("decoder"):
-            raise RecipeError(f"recipe {name}: source 'text' needs a bundle with AnomalyGPT's decoder")
+        if settings.get("source") in USES_TEXT and not self.bundle.has("decoder"):
+            raise RecipeError(f"recipe {name}: source '{settings['source']}' needs a bundle with AnomalyGPT's decoder")
         recipe = Recipe(
             name=name, bundle_sha256=self.bundle.sha256, bundle_path=str(self.bundle.path.resolve()), **settings
         )
@@ -396,13 +397,10 @@ class Enroller:
         """
         k = len(feats)
         names = self.pipeline.layer_names
+        text = self._text_features(recipe) if recipe.source in USES_TEXT else None
         if recipe.source == "text":
-            table = self.bundle.text_features()
-            cls = recipe.class_name or self.bundle.manifest.text_features.get("default_class", "object")
-            if cls not in table:
-                raise RecipeError(f"recipe {recipe.name}: class '{cls}' has no text features in the bundle")
             query = {n: np.stack([f[n][0] for f in feats]) for n in names}
-            maps = self.pipeline.text_maps(query, table[cls])
+            maps = self.pipeline.text_maps(query, text, smooth=False)
             empty = np.zeros(0, np.float32)
             return [ScoredPart(m, empty, empty) for m in maps], "zero-shot text decoder"
         if k < 2:
@@ -420,10 +418,19 @@ class Enroller:
             # Score the un-augmented view of each held-out sample (its first feature row).
             query = {n: np.stack([feats[i][n][0] for i in held]) for n in names}
             raw, patch_scores = self.pipeline.bank_raw(query, bank)
+            if text is not None:  # text+bank: the held-out part's map as the live recipe computes it
+                raw = 0.5 * (raw + self.pipeline.text_maps(query, text, smooth=False))
             for j, i in enumerate(held):
                 all_views = {n: feats[i][n] for n in names}
                 parts[i] = ScoredPart(raw[j], patch_scores[j], self.pipeline.patches(all_views))
         return [p for p in parts if p is not None], "leave-one-out" if k <= LOO_MAX else f"{KFOLD}-fold"
+
+    def _text_features(self, recipe: Recipe) -> np.ndarray:
+        table = self.bundle.text_features()
+        cls = recipe.class_name or self.bundle.manifest.text_features.get("default_class", "object")
+        if cls not in table:
+            raise RecipeError(f"recipe {recipe.name}: class '{cls}' has no text features in the bundle")
+        return table[cls]
 
     def golden_scores(self, recipe: Recipe, feats: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], str]:
         """Image scores of :meth:`golden_parts`, by sample name."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.runtime.preprocess import Prepared, map_to_source
-from anomalygpt_edge.runtime.recipes import Recipe, RecipeError, RecipeStore
+from anomalygpt_edge.runtime.recipes import USES_BANK, USES_TEXT, Recipe, RecipeError, RecipeStore
 from anomalygpt_edge.runtime.verdict import Region, Verdict, anomaly_sentence, location_word
 from anomalygpt_edge.runtime.vision import VisionPipeline
 
@@ -41,10 +41,10 @@ class Inspector:
         self.pipeline = pipeline or VisionPipeline(bundle)
         self.threshold = recipe.threshold.value
         widths = {layer.name: layer.dim for layer in bundle.manifest.patch_layers}
-        self.bank = store.load_bank(recipe, widths).layers if recipe.source == "bank" else None
+        self.bank = store.load_bank(recipe, widths).layers if recipe.source in USES_BANK else None
         self.head = store.load_head(recipe, self.pipeline.feature_dim) if recipe.source == "bank" else None
         self.text_features = None
-        if recipe.source == "text":
+        if recipe.source in USES_TEXT:
             table = bundle.text_features()
             cls = recipe.class_name or bundle.manifest.text_features.get("default_class", "object")
             if cls not in table:

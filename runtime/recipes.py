@@ -44,7 +44,10 @@ from anomalygpt_edge.runtime.memory_bank import DEFAULT_BUDGET, BankError, Memor
 #: recipes load unchanged (their bank is still checked for shape and finite values, not hash).
 RECIPE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
-SOURCES = ("bank", "text")
+#: Anomaly sources: the few-shot bank, AnomalyGPT's zero-shot text decoder, or both averaged.
+SOURCES = ("bank", "text", "text+bank")
+USES_TEXT = ("text", "text+bank")
+USES_BANK = ("bank", "text+bank")
 AUGMENTATIONS = ("rot90", "hflip", "vflip")
 RESIZE_MODES = ("squash", "letterbox", "shorter_side_crop")
 # \Z, not $: "$" also matches before a trailing newline, which let "nl\n" through as a folder name.

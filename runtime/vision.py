@@ -120,14 +120,26 @@ class VisionPipeline:
         """The image score of one map by the bundle's rule (``matching.image_score``)."""
         return image_score(anomaly_map, self.score_rule)
 
-    def text_maps(self, features: dict[str, np.ndarray], text_features: np.ndarray) -> np.ndarray:
+    def text_maps(self, features: dict[str, np.ndarray], text_features: np.ndarray, smooth: bool = True) -> np.ndarray:
         """AnomalyGPT's zero-shot text-matching maps (B, H, W) from the bundle's decoder graph."""
         decoder = self.bundle.engine("decoder")
         b = next(iter(features.values())).shape[0]
         feeds = {n: np.ascontiguousarray(features[n], np.float32) for n in self.layer_names}
         tf = np.ascontiguousarray(np.broadcast_to(text_features.astype(np.float32), (b, *text_features.shape)))
         feeds[(self.manifest.text_features or {}).get("decoder_input", "text_feats")] = tf
-        return self.smooth(decoder.run(feeds)["anomaly_map"][:, 0])
+        maps = decoder.run(feeds)["anomaly_map"][:, 0]
+        return self.smooth(maps) if smooth else maps
+
+    def combined_maps(
+        self, features: dict[str, np.ndarray], bank: dict[str, np.ndarray], text_features: np.ndarray
+    ) -> np.ndarray:
+        """AnomalyGPT's few-shot mode as the paper states it: the mean of the text map and the bank map.
+
+        (AnomalyGPT's released code *replaces* the text map by the bank map, which is source
+        ``bank``; the averaged form appears in its comments and paper, and is source ``text+bank``.)
+        """
+        raw, _ = self.bank_raw(features, bank)
+        return self.smooth(0.5 * (raw + self.text_maps(features, text_features, smooth=False)))
 
     def smooth(self, maps: np.ndarray) -> np.ndarray:
         """Gaussian blur each map by the bundle's ``smoothing_sigma`` (PatchCore's σ=4 default)."""
@@ -146,7 +158,12 @@ class VisionPipeline:
         t0 = time.perf_counter()
         feats = self.encode(prepared)
         t1 = time.perf_counter()
-        maps = self.bank_maps(feats, bank, head) if bank is not None else self.text_maps(feats, text_features)
+        if bank is not None and text_features is not None:
+            maps = self.combined_maps(feats, bank, text_features)
+        elif bank is not None:
+            maps = self.bank_maps(feats, bank, head)
+        else:
+            maps = self.text_maps(feats, text_features)
         t2 = time.perf_counter()
         self.last_timings = {"encoder": (t1 - t0) * 1e3, "matcher": (t2 - t1) * 1e3}
         return maps

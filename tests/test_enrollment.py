@@ -309,13 +309,13 @@ def tiny_anomalygpt_bundle(tmp_path_factory: pytest.TempPathFactory) -> EngineBu
     return EngineBundle.open(out)
 
 
-@pytest.mark.parametrize("source", ["bank", "text"])
-def test_anomalygpt_bundles_enroll_and_inspect_with_either_anomaly_source(
+@pytest.mark.parametrize("source", ["bank", "text", "text+bank"])
+def test_anomalygpt_bundles_enroll_and_inspect_with_every_anomaly_source(
     tmp_path: Path, tiny_anomalygpt_bundle: EngineBundle, source: str
 ) -> None:
     store = RecipeStore(tmp_path)
     enroller = Enroller(store, tiny_anomalygpt_bundle)
-    enroller.create("plate", source=source, class_name="object" if source == "text" else None)
+    enroller.create("plate", source=source, class_name="object" if source != "bank" else None)
     result = enroller.add("plate", golden(6), accept_flagged=True)
     assert result.recipe.live and len(result.quality.scores) == 6
     assert result.quality.method == ("zero-shot text decoder" if source == "text" else "leave-one-out")
@@ -323,6 +323,24 @@ def test_anomalygpt_bundles_enroll_and_inspect_with_either_anomaly_source(
     assert verdict.verdict in ("OK", "NG") and verdict.anomaly_map.shape == (240, 320)
     if source == "text":  # AnomalyGPT's text map is a softmax probability
         assert 0.0 <= verdict.score <= 1.0
+
+
+def test_text_plus_bank_source_averages_the_text_and_bank_maps(
+    tmp_path: Path, tiny_anomalygpt_bundle: EngineBundle
+) -> None:
+    from anomalygpt_edge.runtime.vision import VisionPipeline
+
+    store = RecipeStore(tmp_path)
+    enroller = Enroller(store, tiny_anomalygpt_bundle)
+    enroller.create("plate", source="text+bank", class_name="object")
+    recipe = enroller.add("plate", golden(4), accept_flagged=True).recipe
+    pipeline = VisionPipeline(tiny_anomalygpt_bundle)
+    feats = pipeline.encode([pipeline.prepare(parts.scratched_part(9))])
+    bank = store.load_bank(recipe).layers
+    text = tiny_anomalygpt_bundle.text_features()["object"]
+    both = pipeline.combined_maps(feats, bank, text)
+    expected = 0.5 * (pipeline.bank_maps(feats, bank) + pipeline.text_maps(feats, text))
+    assert np.allclose(both, expected, atol=1e-6)  # the AnomalyGPT bundle does not smooth (sigma 0)
 
 
 def test_text_source_needs_a_bundle_with_the_decoder(tmp_path: Path, bundle: EngineBundle) -> None:
