@@ -11,6 +11,10 @@ Threads (few and named, so ``py-spy dump`` reads like the design):
 * ``commands``: slow MQTT commands (enrollment, recipe switches, questions), off paho's thread;
 * paho's network thread; ``explanation-worker`` when an LLM is enabled.
 
+Every loop of ours (inspection, folder watch, camera grabbing, commands, explanations) is started
+through :meth:`Daemon._spawn`; the deadline watchdog guards itself; the verdict sender, the
+archive writer and paho's thread are watched (a dead one is a problem and stops the pings).
+
 Fail safe: every triggered part gets exactly one answer (:meth:`Job.claim`); an engine error, a
 deadline overrun or a camera lost during a trigger is an explicit ERROR verdict with its reason.
 
@@ -77,6 +81,9 @@ MAX_CRASHES = 5
 CRASH_WINDOW_S = 60.0
 #: How long a store moved aside at start-up keeps the status degraded.
 EVENT_DEGRADED_S = 300.0
+#: How long a loop that crashed and was restarted keeps the status degraded: long enough for a
+#: few heartbeats to carry it, short enough that a restarted loop that stays up clears by itself.
+CRASH_REPORT_S = 30.0
 
 
 class DeadlineWatchdog:
@@ -258,9 +265,12 @@ class Daemon:
     def switch_recipe(self, camera: str, name: str) -> str | None:
         """Make ``name`` the camera's recipe and announce it; return the previous recipe's name.
 
-        A recipe that cannot inspect is refused (:class:`RecipeError`, "cannot inspect: ...") and
-        the camera keeps inspecting with its previous recipe. Shared by ``cmd/recipe`` and the
-        technician station so both switch the same way.
+        A recipe that cannot inspect (not live, or a bank, head or ``recipe.json`` that fails its
+        checks) is refused (:class:`RecipeError`, "cannot inspect: ...", naming the file) and the
+        camera stays on it, answering every part ERROR with that reason, the status ``degraded``:
+        the PLC switches because the parts changed, so judging the new parts by the previous
+        recipe could pass them as OK (issue 12, rows 2 and 11). An unknown name changes nothing.
+        Shared by ``cmd/recipe`` and the technician station so both switch the same way.
         """
         if not self.store.exists(name):
             raise RecipeError(f"unknown recipe '{name}'; recipes: {', '.join(self.store.names()) or 'none'}")
@@ -268,14 +278,11 @@ class Daemon:
         try:
             self.load_recipe(camera, name)
         except RecipeError as exc:
-            if previous and previous != name:
-                try:
-                    self.load_recipe(camera, previous)  # keep inspecting with the old recipe
-                except RecipeError:
-                    log.warning("camera %s: previous recipe %s cannot inspect either", camera, previous)
             raise RecipeError(f"recipe '{name}' cannot inspect: {exc}") from None
-        if self.link is not None and self.link.connected.is_set():
-            self.link.publish_status()
+        finally:
+            # Refused or not, the camera's recipe changed: the retained status says which, and why.
+            if self.link is not None and self.link.connected.is_set():
+                self.link.publish_status()
         return previous
 
     def _open_storage(self) -> None:
@@ -331,6 +338,7 @@ class Daemon:
             lambda req: self.explainer.explain(req.verdict, req.question),
             self._on_explanation,
             max_queue=cfg.max_queue,
+            spawn=self._spawner,
         )
 
     def start(self, mqtt_wait_s: float = 10.0) -> Daemon:
@@ -346,7 +354,7 @@ class Daemon:
             log.warning("MQTT broker %s:%s not reachable yet; retrying", self.config.mqtt.host, self.config.mqtt.port)
         for n, (_key, queue) in enumerate(self.queues.items()):
             self._spawn(f"inspect-{n}", self._work, queue)
-        self.commands.start()
+        self.commands.start(self._spawner)
         for name, cam_cfg in self.config.cameras.items():
             binding = self.binding(name)
             if binding is not None and binding.trigger == "folder_watch":
@@ -354,7 +362,7 @@ class Daemon:
                 continue
             cam = Camera(create_source(cam_cfg), on_frame=self._on_frame, on_status=self._on_camera_status)
             self.cameras[name] = cam
-            cam.start()
+            cam.start(self._spawner)  # a grabbing loop that dies of a bug is recorded and restarted
         if self.spool is not None:
             self.health.add_source("spool", self.spool.stats)
         if self.archive is not None:
@@ -394,10 +402,16 @@ class Daemon:
         if self.link is not None and self.link.connected.is_set():
             self.link.publish_json(self.link.topic("status"), body, qos=1, retain=True)
 
-    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+    def _spawn(self, name: str, target: Any, *args: Any) -> threading.Thread:
+        """Start ``target(*args)`` on a thread ``name`` under the last-resort handler; the thread."""
         t = threading.Thread(target=self._supervised, args=(name, target, *args), name=name, daemon=True)
         self._threads.append(t)
         t.start()
+        return t
+
+    def _spawner(self, name: str, target: Callable[[], None]) -> threading.Thread:
+        """:meth:`_spawn` in the shape components take (cameras, commands, explanation worker)."""
+        return self._spawn(name, target)
 
     def _supervised(self, name: str, target: Any, *args: Any) -> None:
         """Run a long-lived loop under a last-resort handler: an exception it did not expect is
@@ -446,11 +460,13 @@ class Daemon:
             cam.stop()
         for q in self.queues.values():
             q.wake()
-        for t in self._threads:
-            t.join(3.0)
+        # The commands and explanation loops end on their own stop signal, not on ``_stop``:
+        # stop them before joining the supervised threads, or each join would wait its timeout.
         self.commands.stop()
         if self.explanations is not None:
             self.explanations.stop()
+        for t in self._threads:
+            t.join(3.0)
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.link is not None:
@@ -895,8 +911,14 @@ class Daemon:
             out.append(f"thread {name} is dead: {reason}")
         now_mono = time.monotonic()
         for name, crashes in list(self._crashes.items()):
-            if crashes and now_mono - crashes[-1] < CRASH_WINDOW_S and name not in self.health.dead_threads():
+            if crashes and now_mono - crashes[-1] < CRASH_REPORT_S and name not in self.health.dead_threads():
                 out.append(f"thread {name} crashed and was restarted: {self._crash_reason.get(name)}")
+        # A bound camera whose recipe cannot inspect answers every part ERROR: the line is not
+        # fully served, whatever the reason (not enrolled yet, or files refused by their checks).
+        with self._state_lock:
+            refused = [(c, self.recipe_names.get(c), p) for c, p in self.recipe_problems.items() if p]
+        for camera, recipe, problem in refused:
+            out.append(f"camera {camera}: recipe {recipe} cannot inspect: {problem}")
         return out
 
     def _uncamera_status(self, camera: str) -> str:

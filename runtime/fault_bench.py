@@ -17,6 +17,14 @@ assert on the figures; this command prints them as a table and JSON for BENCHMAR
   ``zero``-length file); the daemon must start, deliver what is readable, and report the rest.
 * ``empty_file`` (row 7): a folder-watch part that stays 0 bytes is answered ERROR.
 * ``burst`` (row 8): 300 triggers in 0.22 s with a 1 s deadline, from a PLC in its own process.
+* ``recipe_<kind>_<when>`` (rows 2 and 11): a recipe whose bank is full of NaN (with a matching
+  ``recipe.json`` record), of the wrong feature width, differs from its recorded sha256, or whose
+  ``bank_file`` is ``../../../etc/passwd``; the daemon is started on it (``start``) or switched
+  to it over MQTT (``switch``). It must refuse the recipe naming the file, say ``degraded``, answer
+  every part ERROR with that reason in time, never OK, and serve again once the recipe is good.
+* ``racing_enroll`` (row 4): one recipe enrolled from the station and over MQTT at the same time,
+  several rounds: every file the committed recipe names exists, it can be rebuilt, no
+  acknowledged frame is lost, each reply's ``k`` is the recipe as that writer committed it.
 """
 
 from __future__ import annotations
@@ -127,6 +135,25 @@ class Plc:
             self.sent[corr] = time.time()
         self.client.publish(f"{self.base}/cmd/trigger", json.dumps({"camera": camera, "part_id": corr}), 1,
                             properties=props)  # fmt: skip
+
+    def command(self, name: str, body: dict[str, Any], corr: str) -> None:
+        """Send ``cmd/<name>`` whose reply (on this PLC's answer topic) carries ``corr``."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.answer_topic
+        props.CorrelationData = corr.encode()
+        with self.lock:
+            self.sent[corr] = time.time()
+        self.client.publish(f"{self.base}/cmd/{name}", json.dumps(body), 1, properties=props)
+
+    def reply(self, corr: str, timeout: float) -> dict[str, Any] | None:
+        """The first answer carrying ``corr`` (waiting up to ``timeout``), None if none came."""
+        wait_until(lambda: self.answers.get(corr), timeout)
+        with self.lock:
+            got = self.answers.get(corr)
+        return got[0][1] if got else None
 
     def last_status(self) -> dict[str, Any]:
         """The newest retained status seen (``{}`` before the first)."""
@@ -673,6 +700,317 @@ def burst(rig: Rig, work: Path, n: int = 300, span_s: float = 0.22, deadline_ms:
     }
 
 
+# -- rows 2 and 11: a recipe whose files fail their checks ----------------------------------------
+
+RECIPE_KINDS = ("nan", "width", "sha", "path")
+#: What the refusal must say for each kind (besides naming the file).
+RECIPE_REASONS = {
+    "nan": "holds NaN or infinite values",
+    "width": "has feature width",
+    "sha": "does not match recipe.json",
+    "path": "is not a bank file of this recipe",
+}
+
+
+def damage_recipe(store: Path, source: str, name: str, kind: str) -> str:
+    """Copy recipe ``source`` to ``name`` in ``store`` and damage it as ``kind`` says.
+
+    ``nan`` and ``width`` are well-formed bad banks: ``recipe.json`` records their sha256, shapes
+    and dtype, so only the content checks can refuse them. Returns the file the refusal must name.
+    """
+    import hashlib
+
+    import numpy as np
+
+    from anomalygpt_edge.runtime.memory_bank import MemoryBank
+
+    dst = store / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(store / source, dst, ignore=shutil.ignore_patterns(".lock"))
+    doc = json.loads((dst / "recipe.json").read_text())
+    doc["name"] = name
+    bank_path = dst / doc["bank_file"]
+    if kind in ("nan", "width"):
+        bank = MemoryBank.load(bank_path)
+
+        def mutate(a: np.ndarray) -> np.ndarray:
+            return np.full_like(a, np.nan) if kind == "nan" else np.ascontiguousarray(a[:, : a.shape[1] // 2])
+
+        bank = MemoryBank({k: mutate(v) for k, v in bank.layers.items()}, bank.meta)
+        data = bank.to_bytes()
+        bank_path.write_bytes(data)
+        doc["bank_record"] = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "shapes": {k: list(v.shape) for k, v in bank.layers.items()},
+            "dtype": ",".join(sorted({str(v.dtype) for v in bank.layers.values()})),
+        }
+        named = str(bank_path)
+    elif kind == "sha":
+        data = bytearray(bank_path.read_bytes())
+        data[-100] ^= 0xFF
+        bank_path.write_bytes(bytes(data))
+        named = str(bank_path)
+    elif kind == "path":
+        doc["bank_file"] = "../../../etc/passwd"
+        named = "../../../etc/passwd"
+    else:
+        raise ValueError(f"unknown recipe damage {kind!r}; one of {RECIPE_KINDS}")
+    (dst / "recipe.json").write_text(json.dumps(doc, indent=2))
+    return named
+
+
+def _recipe_config(path: Path, rig: Rig, device: str, data: Path, store: Path, bindings: dict[str, str]) -> Path:
+    """A daemon config with one looping video camera per ``bindings`` entry (camera -> recipe)."""
+    cfg = {
+        "device": {"id": device},
+        "cameras": {cam: {"type": "video_file", "source": str(rig.video), "fps": 5, "loop": True} for cam in bindings},
+        "recipes": [
+            {"camera": cam, "recipe": recipe, "trigger": "mqtt", "deadline_ms": 1000}
+            for cam, recipe in bindings.items()
+        ],
+        "engines": {"bundle": str(rig.bundle), "backend": "onnxruntime"},
+        "mqtt": {"host": rig.host, "port": rig.port, "keepalive": 10},
+        "storage": {"store": str(store), "data": str(data)},
+        "health": {"heartbeat_s": 1.0},
+        # The bench's PLC switches recipes without a token: say so, as a plant's config would.
+        "commands": {"allow_anonymous_control": True},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def _parts(plc: Plc, camera: str, prefix: str, n: int, gap_s: float = 0.15) -> list[str]:
+    """``n`` triggers on ``camera``, ``gap_s`` apart (a part per frame at 5 fps, roughly)."""
+    corrs = []
+    for i in range(n):
+        corr = f"{prefix}-{i}"
+        plc.trigger(camera, corr)
+        corrs.append(corr)
+        time.sleep(gap_s)
+    return corrs
+
+
+def _refusal_row(
+    plc: Plc, fault: str, corrs: list[str], named: str, reason: str, refusal: str | None, problems: list[str]
+) -> dict[str, Any]:
+    """Figures of one damaged recipe: every part ERROR with the refusal's reason, none OK, in time."""
+    wait_until(lambda: all(plc.answers.get(c) for c in corrs), 5)
+    row = {"fault": fault, **tally(plc, corrs, 1000.0)}
+    with plc.lock:
+        bodies = [plc.answers[c][0][1] for c in corrs if plc.answers.get(c)]
+    row["ok_answers"] = sum(b.get("verdict") == "OK" for b in bodies)
+    row["errors_with_reason"] = sum(
+        b.get("verdict") == "ERROR" and named in str(b.get("reason")) and reason in str(b.get("reason")) for b in bodies
+    )
+    row["refusal"] = refusal
+    row["refusal_names_file"] = refusal is not None and named in refusal and reason in refusal
+    row["status_says"] = any(named in p and reason in p for p in problems)
+    row["lost"] = _lost(plc, _answer_ids(plc, corrs), 5)
+    row["duplicates"] = row.pop("duplicate_answers")
+    row["reason"] = bodies[0].get("reason") if bodies else None
+    return row
+
+
+def recipe_faults(rig: Rig, work: Path, when: str) -> list[dict[str, Any]]:
+    """Rows 2 and 11: damaged recipes at start-up (``when="start"``) or switched to over MQTT (``"switch"``).
+
+    ``recovery_s``: the good recipe put back (``start``: the files repaired, then ``switch`` to
+    the same recipe; ``switch``: a switch back) → the first part answered OK/NG again.
+    """
+    device = f"frec{when[:2]}"
+    store = work / f"recipes-{when}"
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.copytree(rig.store, store, ignore=shutil.ignore_patterns(".lock"))
+    named = {}
+    for kind in RECIPE_KINDS:
+        named[kind] = damage_recipe(store, rig.recipe, f"bad-{kind}", kind)
+    bindings = {f"cam-{k}": f"bad-{k}" for k in RECIPE_KINDS} if when == "start" else {"cam1": rig.recipe}
+    cfg = _recipe_config(work / f"recipes-{when}.yaml", rig, device, work / f"recipes-{when}-state", store, bindings)
+    plc = Plc(rig, device)
+    daemon = _start(cfg)
+    rows: list[dict[str, Any]] = []
+    try:
+        if not _online(plc):
+            raise RuntimeError("the daemon never published its status")
+        wait_until(lambda: all(c.online for c in daemon.cameras.values()), 10)
+        for kind in RECIPE_KINDS:
+            camera = f"cam-{kind}" if when == "start" else "cam1"
+            refusal = None
+            if when == "switch":
+                plc.command("recipe", {"action": "switch", "camera": camera, "recipe": f"bad-{kind}"}, f"sw-{kind}")
+                reply = plc.reply(f"sw-{kind}", 10) or {}
+                refusal = None if reply.get("ok", True) else reply.get("error")
+            else:
+                refusal = daemon.recipe_problems.get(camera)
+            since = time.time() - 1.5
+            wait_until(lambda since=since: plc.status_since(since, lambda d: d.get("state") == "degraded"), 3)
+            problems = list(daemon.status()["problems"])
+            corrs = _parts(plc, camera, f"{when}-{kind}", 5)
+            row = _refusal_row(
+                plc, f"recipe_{kind}_{when}", corrs, named[kind], RECIPE_REASONS[kind], refusal, problems
+            )
+            row["state"] = "degraded" if problems else "online"
+            # Put the good recipe back and time the first OK/NG answer after it.
+            t_back = time.time()
+            if when == "start":
+                shutil.rmtree(store / f"bad-{kind}")
+                shutil.copytree(store / rig.recipe, store / f"bad-{kind}", ignore=shutil.ignore_patterns(".lock"))
+                target = f"bad-{kind}"
+            else:
+                target = rig.recipe
+            plc.command("recipe", {"action": "switch", "camera": camera, "recipe": target}, f"back-{when}-{kind}")
+            back = plc.reply(f"back-{when}-{kind}", 10) or {}
+            good = None
+            for attempt in range(5):
+                corr = f"{when}-{kind}-good{attempt}"
+                plc.trigger(camera, corr)
+                body = plc.reply(corr, 3)
+                if body is not None and body.get("verdict") in ("OK", "NG"):
+                    good = plc.answers[corr][0][0]
+                    break
+            row["switch_back_ok"] = bool(back.get("ok"))
+            row["recovery_s"] = None if good is None else round(good - t_back, 2)
+            rows.append(row)
+        t_end = time.time()
+        cleared = wait_until(lambda: plc.status_since(t_end, lambda d: d.get("state") == "online"), 5)
+        dead = daemon.health.dead_threads()
+        alive = all(t.is_alive() for t in daemon._threads)
+    finally:
+        daemon.stop()
+        plc.close()
+    for row in rows:
+        row["online_at_end"] = bool(cleared)
+        row["daemon_alive"] = alive and not dead
+    return rows
+
+
+# -- row 4: the same recipe enrolled from the station and over MQTT at once -----------------------
+
+
+def racing_enroll(rig: Rig, work: Path, rounds: int = 3, frames: int = 3, uploads: int = 3) -> dict[str, Any]:
+    """Row 4: each round, an MQTT session (``frames`` camera frames) and a station upload
+    (``uploads`` images) finish the same recipe at the same moment, through the real daemon and
+    the real :class:`DaemonStation`; then the committed recipe is checked and rebuilt."""
+    import cv2
+
+    from anomalygpt_edge.runtime import synthetic
+    from anomalygpt_edge.runtime.recipes import RecipeStore
+    from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
+
+    device, recipe = "frace", "race"
+    store_dir = work / "race-store"
+    shutil.rmtree(store_dir, ignore_errors=True)
+    store = RecipeStore(store_dir)
+    cfg = _recipe_config(work / "race.yaml", rig, device, work / "race-state", store_dir, {"cam1": rig.recipe})
+    plc = Plc(rig, device)
+    daemon = _start(cfg)
+    station = DaemonStation(daemon)
+    images = synthetic.golden_images(4 + rounds * uploads, seed=99)
+
+    def png(image: Any) -> bytes:
+        ok, buf = cv2.imencode(".png", image)
+        assert ok
+        return buf.tobytes()
+
+    problems: list[str] = []
+    acknowledged = lost = replies = expected_replies = rebuilt = 0
+    ks: list[dict[str, int]] = []
+    t_start = time.time()
+    try:
+        if not _online(plc):
+            raise RuntimeError("the daemon never published its status")
+        wait_until(lambda: daemon.cameras["cam1"].online, 10)
+        station.enroll_start(recipe, "cam1", synthetic.PART_ROI)
+        station.enroll_upload(recipe, [(n, png(im)) for n, im in images[:4]])
+        for r in range(rounds):
+            plc.command("enroll", {"action": "start", "camera": "cam1", "recipe": recipe}, f"r{r}-start")
+            expected_replies += 1
+            if not (plc.reply(f"r{r}-start", 20) or {}).get("ok"):
+                problems.append(f"round {r}: MQTT start refused: {plc.answers.get(f'r{r}-start')}")
+                continue
+            replies += 1
+            for i in range(frames):
+                plc.command("enroll", {"action": "add", "camera": "cam1"}, f"r{r}-add{i}")
+                expected_replies += 1
+                body = plc.reply(f"r{r}-add{i}", 20) or {}
+                replies += body != {}
+                acknowledged += bool(body.get("ok"))
+            k0 = len(store.load(recipe).samples)
+            batch = images[4 + r * uploads : 4 + (r + 1) * uploads]
+            station_out: dict[str, Any] = {}
+            go = threading.Barrier(2)
+
+            def upload(batch: list = batch, out: dict = station_out, go: threading.Barrier = go) -> None:
+                go.wait(10)
+                try:
+                    out.update(station.enroll_upload(recipe, [(n, png(im)) for n, im in batch]))
+                except Exception as exc:  # reported as a problem of this round
+                    out["error"] = repr(exc)
+
+            thread = threading.Thread(target=upload, name="station-upload")
+            thread.start()
+            go.wait(10)
+            finish = {"action": "finish", "camera": "cam1", "accept_flagged": True, "switch": False}
+            plc.command("enroll", finish, f"r{r}-finish")
+            expected_replies += 1
+            thread.join(60)
+            mqtt = plc.reply(f"r{r}-finish", 60) or {}
+            replies += mqtt != {}
+            if "error" in station_out or not mqtt.get("ok"):
+                problems.append(f"round {r}: station {station_out.get('error')}, MQTT {mqtt.get('error')}")
+                continue
+            committed = store.load(recipe)
+            names = {s.name for s in committed.samples}
+            acked = list(mqtt.get("added", [])) + list(station_out.get("added", []))
+            lost += sum(n not in names for n in acked)
+            # Frames an add acknowledged that the finish neither enrolled nor skipped as duplicates.
+            lost += max(0, frames - len(mqtt.get("added", [])) - len(mqtt.get("skipped", [])))
+            missing = [
+                f"{s.name}.{ext}"
+                for s in committed.samples
+                for ext in ("png", "npz")
+                if not store.sample_path(recipe, s.sha256, ext).is_file()
+            ]
+            if missing:
+                problems.append(f"round {r}: recipe.json names missing files {missing[:4]}")
+            a_m, a_s = len(mqtt.get("added", [])), len(station_out.get("added", []))
+            k_m, k_s, final = int(mqtt.get("k", -1)), int(station_out.get("k", -1)), len(committed.samples)
+            ks.append({"before": k0, "mqtt": k_m, "station": k_s, "final": final})
+            # Serialised: the first writer's k is k0 + its own frames, the second's is the final recipe.
+            if final != k0 + a_m + a_s or max(k_m, k_s) != final or min(k_m, k_s) not in (k0 + a_m, k0 + a_s):
+                problems.append(f"round {r}: replies k mqtt={k_m} station={k_s}, before {k0}, final {final}")
+            try:
+                station.enroll_finish(recipe, None, accept_flagged=True)  # the station's rebuild
+                rebuilt += 1
+            except Exception as exc:  # noqa: BLE001 - a recipe that cannot be edited is what this finds
+                problems.append(f"round {r}: rebuild failed: {exc!r}")
+        leftovers = [str(p.relative_to(store_dir)) for p in store_dir.rglob(".*.tmp")]
+        if leftovers:
+            problems.append(f"temporary files left: {leftovers[:4]}")
+    finally:
+        station.stop()
+        daemon.stop()
+        plc.close()
+    return {
+        "fault": "racing_enroll",
+        "sent": expected_replies,
+        "answered": replies,
+        "in_time": None,
+        "errors": None,
+        "lost": lost,
+        "duplicates": 0,
+        "recovery_s": None,
+        "rounds": rounds,
+        "acknowledged_frames": acknowledged,
+        "rebuilt": rebuilt,
+        "k": ks,
+        "problems": problems,
+        "seconds": round(time.time() - t_start, 1),
+    }
+
+
 # -- the command ------------------------------------------------------------------------------------
 
 
@@ -697,6 +1035,16 @@ def _table(results: list[dict[str, Any]]) -> str:
             notes.append(f"lowest free {r['lowest_free_mib']} MiB of 8; archive {r['archive']}")
         if r.get("empty_answer"):
             notes.append(f"empty file: {r['empty_answer']['verdict']} after {r['empty_answer']['after_s']} s")
+        if r["fault"].startswith("recipe_"):
+            notes.append(
+                f"OK answers {r['ok_answers']}; ERROR with the reason {r['errors_with_reason']}; refusal names the "
+                f"file: {r['refusal_names_file']}; status {r['state']}"
+            )
+        if r["fault"] == "racing_enroll":
+            notes.append(
+                f"{r['rounds']} rounds, {r['acknowledged_frames']} MQTT frames acknowledged, rebuilt "
+                f"{r['rebuilt']}/{r['rounds']}; problems: {len(r['problems'])}"
+            )
         cells = [r.get(k) for k in ("sent", "answered", "in_time", "errors", "lost", "duplicates", "recovery_s")]
         lines.append(
             f"| {r['fault']} | " + " | ".join("–" if c is None else str(c) for c in cells) + f" | {'; '.join(notes)} |"
@@ -729,12 +1077,14 @@ def run(args: argparse.Namespace) -> int:
     broker = start_mosquitto(log_to=work / "mosquitto.log")
     rig = Rig(broker.host, broker.port, work / "store", bundle, work / "line.avi")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    plan: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+    plan: list[tuple[str, Callable[[], Any]]] = [
         ("disk_full", lambda: disk_full(rig, work)),
         ("self_fill", lambda: self_fill(rig, work)),
         *[(f"spool_{k}", lambda k=k: corrupt_spool(rig, work, k)) for k in SPOOL_KINDS],
         ("empty_file", lambda: empty_file(rig, work)),
         ("burst", lambda: burst(rig, work)),
+        *[(f"recipe_{w}", lambda w=w: recipe_faults(rig, work, w)) for w in ("start", "switch")],
+        ("racing_enroll", lambda: racing_enroll(rig, work)),
     ]
     results = []
     try:
@@ -742,10 +1092,11 @@ def run(args: argparse.Namespace) -> int:
             if only and name not in only and name.split("_")[0] not in only:
                 continue
             print(f"[bench faults] {name} ...", file=sys.stderr, flush=True)
-            result = scenario()
-            result.pop("answered_ids", None)  # for the tests' own subscriber; too long for the report
-            result.setdefault("fault", name)
-            results.append(result)
+            outcome = scenario()
+            for result in outcome if isinstance(outcome, list) else [outcome]:
+                result.pop("answered_ids", None)  # for the tests' own subscriber; too long for the report
+                result.setdefault("fault", name)
+                results.append(result)
     finally:
         broker.stop()
     figures = {"faults": results, "cpu_count": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)}
