@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -121,15 +122,22 @@ class CommandCenter:
         self.gate = _gate(daemon)
         self._queue: queue.Queue[tuple[Command, dict[str, Any]] | None] = queue.Queue(maxsize=16)
         self._ask_ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, spawn: Callable[[str, Callable[[], None]], threading.Thread] | None = None) -> None:
+        """Start the ``commands`` thread: plain, or through ``spawn`` (the daemon's last-resort handler,
+        which records an exception the loop did not expect and runs the loop again)."""
+        if spawn is not None:
+            self._thread = spawn("commands", self._run)
+        else:
+            self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
-        self._thread.join(5.0)
+        if self._thread is not None:
+            self._thread.join(5.0)
 
     # -- entry point (paho's network thread) -----------------------------------------------------
     def receive(self, cmd: Command) -> None:

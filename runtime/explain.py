@@ -374,7 +374,10 @@ class ExplanationWorker:
         on_result: Callable[[ExplainRequest, Explanation], None],
         max_queue: int = 4,
         max_age_s: float = 10.0,
+        spawn: Callable[[str, Callable[[], None]], threading.Thread] | None = None,
     ):
+        """``spawn(name, loop)``, when given, starts the loop (the daemon's last-resort handler,
+        which records an exception the loop did not expect and runs it again); else a plain thread."""
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self._explain = explain
@@ -387,8 +390,11 @@ class ExplanationWorker:
         self.dropped: collections.Counter[str] = collections.Counter()
         self.done = 0
         self.failed = 0
-        self._thread = threading.Thread(target=self._loop, name="explanation-worker", daemon=True)
-        self._thread.start()
+        if spawn is not None:
+            self._thread = spawn("explanation-worker", self._loop)
+        else:
+            self._thread = threading.Thread(target=self._loop, name="explanation-worker", daemon=True)
+            self._thread.start()
 
     @classmethod
     def for_explainer(

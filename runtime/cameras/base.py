@@ -5,11 +5,17 @@ thread around it: it keeps only the newest frame (a slow inspection never builds
 frames), stamps each with the capture time and a sequence number, and reopens a source that drops
 with exponential backoff, reporting its status (``starting``, ``online``, ``reconnecting``,
 ``ended``, ``stopped``) to a callback so the daemon can tell the PLC.
+
+The grabbing loop may be started through a ``spawn`` callable (the daemon's last-resort handler,
+:meth:`Daemon._spawn`): an exception the loop did not expect (a source's bug, not a
+:class:`CameraError`) closes the source, says ``reconnecting`` with the reason, and propagates to
+that handler, which records it and runs the loop again; the loop reopens the source.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import threading
 import time
@@ -117,17 +123,28 @@ class Camera:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._flowed = False
-        self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> Camera:
-        self._thread.start()
+    @property
+    def thread_name(self) -> str:
+        """The grabbing thread's name (``camera-<name>``)."""
+        return f"camera-{self.name}"
+
+    def start(self, spawn: Callable[[str, Callable[[], None]], threading.Thread] | None = None) -> Camera:
+        """Start grabbing: on a plain thread, or through ``spawn(name, loop)`` (a supervisor that restarts it)."""
+        if spawn is not None:
+            self._thread = spawn(self.thread_name, self._run)
+        else:
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+            self._thread.start()
         return self
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
         self._set_status("stopped", None)
 
     @property
@@ -183,6 +200,18 @@ class Camera:
                 self.on_status(self.name, status, reason)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:
+            # Not a CameraError: a bug. Release the device and say so before the supervisor
+            # (if any) restarts the loop; a trigger waiting for a frame is answered at once.
+            with contextlib.suppress(Exception):
+                self.source.close()
+            if not self._stop.is_set():
+                self._set_status("reconnecting", f"grabbing failed: {exc!r}")
+            raise
+
+    def _loop(self) -> None:
         cfg = self.source.config
         backoff = cfg.reconnect_min_s
         while not self._stop.is_set():
