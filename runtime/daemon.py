@@ -435,7 +435,8 @@ class Daemon:
                 self._stop.wait(0.2)
 
     def _install_excepthook(self) -> None:
-        """Threads not ours to supervise (cameras, paho, workers): a death is recorded, not silent."""
+        """Threads not started through :meth:`_spawn` (paho's, the verdict sender, the archive writer):
+        a death is recorded and marks the thread dead, not silent."""
         previous = threading.excepthook
         self._previous_excepthook = previous
 
