@@ -244,11 +244,9 @@ def expectations(
     if d.size:
         points = []
         for target in OPERATING_POINTS:
-            # Other targets use the normal model's point without fit_threshold's floor at the highest
+            # The normal model's point for each target, without fit_threshold's floor at the highest
             # golden score: with few goldens that floor makes every target collapse onto one threshold.
-            t = threshold.value
-            if not math.isclose(target, threshold.target_frr):
-                t = float(g.mean()) + NormalDist().inv_cdf(1 - target) * spread
+            t = float(g.mean()) + NormalDist().inv_cdf(1 - target) * spread
             points.append({"target_frr": target, "threshold": t, "expected_escape": float((d <= t).mean())})
         escape = float((d <= threshold.value).mean())
         out.update(
