@@ -537,6 +537,10 @@ def corrupt_spool(rig: Rig, work: Path, kind: str) -> dict[str, Any]:
         wait_until(lambda: plc.answers.get("after"), 5)
         answered = plc.answers.get("after")
         recovery = (answered[0][0] - t0) if answered else None
+        # The status must reflect the rows just read (a quarantine happens as they are sent): wait
+        # for the next heartbeat (1 s) rather than take one published before the deliveries.
+        t_done = time.time()
+        wait_until(lambda: plc.status_since(t_done, lambda d: d.get("state") != "offline"), 3)
         stats = daemon.spool.stats()
         status = plc.last_status()
     finally:
