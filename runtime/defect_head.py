@@ -7,11 +7,13 @@ so nothing but a dot product runs at inspection time and no torch is needed on t
 
 Training data, per labelled defect image:
 
-- **with a mask** (``mode="mask"``): positives are the patches the mask covers (at least half the
+- **with a mask**: positives are the patches the mask covers (at least half the
   image's largest coverage); negatives are the golden patches and the patches of the labelled
   image farther than one patch from the mask (they carry the line's dirt, wear and lighting);
-- **without a mask** (``mode="mil"``, multiple-instance): positives are the image's top-scoring
-  patches by the bank score (``MIL_TOP_SHARE`` of them), negatives the golden patches only.
+- **without a mask** (multiple-instance): positives are the image's top-scoring patches by the
+  bank score (``MIL_TOP_SHARE`` of them); it adds no negatives (its other patches may be defective).
+
+The head's mode is ``mask`` when every labelled image has a mask, ``mil`` when none has, else ``mixed``.
 
 The head alone learns only the defect types it saw (measured: labelled blowholes and cracks do not
 help on breaks or frays), so it never replaces the bank: the inspected map is the **sum of the two
@@ -67,7 +69,7 @@ class DefectHead:
     bank_sd: float
     head_mu: float
     head_sd: float
-    mode: str  # "mask" or "mil"
+    mode: str  # "mask", "mil" or "mixed": how the labelled images taught it
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -152,13 +154,18 @@ def training_rows(
     grid: tuple[int, int],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Patch rows and 0/1 labels for training, and the mode (``mask`` if every defect has a mask)."""
-    mode = "mask" if defects and all(d.coverage is not None for d in defects) else "mil"
+    """Patch rows and 0/1 labels for training, and the mode: ``mask``, ``mil`` or ``mixed``.
+
+    Each labelled image contributes by its own kind: a masked one its covered patches as positives
+    and its far-from-mask patches as negatives, an unmasked one its top bank-scoring patches.
+    """
     neg = [g.reshape(-1, g.shape[-1]) for g in golden]
     pos = []
+    masked = 0
     for d, bank_scores in zip(defects, defect_bank_scores):
         feats = d.features[0]  # the un-augmented view
-        if mode == "mask" and d.coverage is not None and d.coverage.max() > 0:
+        if d.coverage is not None and d.coverage.max() > 0:
+            masked += 1
             cov = d.coverage
             pos.append(feats[cov >= MASK_POSITIVE_SHARE * cov.max()])
             near = cv2.dilate((cov > 0).reshape(grid).astype(np.uint8), np.ones((3, 3), np.uint8)).reshape(-1)
@@ -167,7 +174,8 @@ def training_rows(
             top = max(1, int(round(MIL_TOP_SHARE * feats.shape[0])))
             pos.append(feats[np.argsort(bank_scores)[-top:]])
     if not pos:
-        raise HeadError("no defect patches to learn from (masks are empty)")
+        raise HeadError("no labelled defects to learn from")
+    mode = "mask" if masked == len(defects) else "mil" if masked == 0 else "mixed"
     negatives = np.concatenate(neg)
     if negatives.shape[0] > MAX_NEGATIVES:
         negatives = negatives[np.sort(rng.choice(negatives.shape[0], MAX_NEGATIVES, replace=False))]

@@ -86,7 +86,7 @@ class LabelledImage:
 
     label: str
     image: np.ndarray
-    mask: np.ndarray | None = None  # nonzero = defect
+    mask: np.ndarray | None = None  # bool, or 8-bit with defect where > 127 (soft-edged masks)
     defect_type: str | None = None
 
 
@@ -247,7 +247,10 @@ class Enroller:
                     f"{item.image.shape[1]}x{item.image.shape[0]}"
                 )
             mask = crop_roi(full, recipe.roi, f"{item.label} mask")
-            binary = (mask.reshape(mask.shape[0], mask.shape[1], -1).max(-1) > 127).astype(np.uint8) * 255
+            flat = mask.reshape(mask.shape[0], mask.shape[1], -1).max(-1)
+            binary = (flat if flat.dtype == bool else flat > 127).astype(np.uint8) * 255
+            if not binary.any():
+                raise ImageError(f"{item.label}: the mask marks no defect pixels (inside the recipe's ROI)")
             atomic_write_bytes(self.store.defect_path(recipe.name, sha, "mask.png"), _png_bytes(binary, item.label))
             coverage = patch_coverage(binary > 0, prep, self.pipeline.grid)
         atomic_write_bytes(self.store.defect_path(recipe.name, sha, "png"), png)

@@ -152,7 +152,8 @@ def _enroll(enroller: Enroller, golden: list[Path], defects: list[TestImage], sk
     for t in defects:
         r = skips.read(t.path, t)
         if r is not None:
-            labelled.append(LabelledImage(t.path.name, r[0], r[1] if t.mask is not None else None, t.defect))
+            mask = r[1] if t.mask is not None and r[1].any() else None  # an empty mask teaches no region
+            labelled.append(LabelledImage(t.path.name, r[0], mask, t.defect))
     if labelled:
         result = enroller.add_defects("eval", labelled, accept_flagged=True)
     return result

@@ -132,6 +132,23 @@ def test_enrollment_states_expected_false_rejects_and_escapes_in_plain_words(hea
     assert "false rejects" in exp["explained"] and "labelled defects" in exp["explained"]
 
 
+def test_boolean_and_soft_masks_teach_the_head_and_unmasked_defects_mix_in(
+    tmp_path: Path, bundle: EngineBundle
+) -> None:
+    store = RecipeStore(tmp_path)
+    enroller = Enroller(store, bundle)
+    enroller.create("plate", target_frr=0.05)
+    enroller.add("plate", [(f"good_{i}.png", parts.good_part(i)) for i in range(8)])
+    boolean = _defects(range(600, 602))
+    boolean = [LabelledImage(d.label, d.image, d.mask > 0, d.defect_type) for d in boolean]  # bool, as evaluate has
+    result = enroller.add_defects("plate", boolean + _defects(range(602, 604), masks=False))
+    assert result.head["mode"] == "mixed"
+    assert [d.has_mask for d in result.recipe.defects] == [True, True, False, False]
+    blank = LabelledImage("blank.png", parts.scratched_part(605), np.zeros((240, 320), np.uint8))
+    with pytest.raises(ValueError, match="blank.png: the mask marks no defect pixels"):
+        enroller.add_defects("plate", [blank])
+
+
 def test_removing_the_last_labelled_defect_drops_the_head(tmp_path: Path, bundle: EngineBundle) -> None:
     store = RecipeStore(tmp_path)
     enroller = Enroller(store, bundle)

@@ -116,6 +116,7 @@ def test_evaluate_over_several_datasets_prints_a_row_each_and_the_mean(
     assert data["mean"]["image_auroc"] == pytest.approx(np.mean(means))
     assert data["image_auroc"] == data["mean"]["image_auroc"]
     assert all(d["defects"] == 1 and len(d["per_seed"][0]["labelled_defects"]) == 1 for d in data["datasets"])
+    assert all(d["per_seed"][0]["head"]["mode"] == "mask" for d in data["datasets"])  # masks reached the head
     assert data["datasets"][1]["n_test"] == 4 + 3 - 1  # the labelled defect left the test set
     printed = capsys.readouterr().out
     assert "plate" in printed and "bracket" in printed and "\nmean " in printed
