@@ -44,7 +44,10 @@ def add_bench_target(targets: argparse._SubParsersAction) -> None:
     b.add_argument("--workdir", type=Path, default=Path("out/bench-line"))
     b.set_defaults(handler="anomalygpt_edge.runtime.line_bench:run")
     if "faults" not in targets.choices:
-        f = targets.add_parser("faults", help="issue-12 faults against the daemon: disk full, corrupt spool, burst")
+        f = targets.add_parser(
+            "faults",
+            help="faults against the daemon: disk full, corrupt spool, damaged recipes, racing enrollment, burst",
+        )
         f.add_argument("--json", type=Path, required=True, help="write the figures here")
         f.add_argument("--only", default="", help="comma list of faults to run (default all)")
         f.add_argument("--workdir", type=Path, default=Path("out/bench-faults"))

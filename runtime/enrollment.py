@@ -147,6 +147,10 @@ class Enroller:
     # -- recipe lifecycle ---------------------------------------------------------------------
     def create(self, name: str, **settings: Any) -> Recipe:
         """A new, empty recipe (not live until golden parts are enrolled)."""
+        with self.store.writer(name):  # two creators of one name: the second is told it exists
+            return self._create(name, **settings)
+
+    def _create(self, name: str, **settings: Any) -> Recipe:
         if self.store.exists(name):
             raise RecipeError(f"recipe '{name}' already exists")
         if settings.get("source") in USES_TEXT and not self.bundle.has("decoder"):
@@ -157,6 +161,11 @@ class Enroller:
         return self.store.commit(recipe)
 
     def open_or_create(self, name: str, **settings: Any) -> Recipe:
+        """The recipe if it exists (refused when enrolled with another bundle), else a new one."""
+        with self.store.writer(name):
+            return self._open_or_create(name, **settings)
+
+    def _open_or_create(self, name: str, **settings: Any) -> Recipe:
         if self.store.exists(name):
             recipe = self.store.load(name)
             if recipe.bundle_sha256 != self.bundle.sha256:
@@ -165,7 +174,7 @@ class Enroller:
                     f"{self.bundle.sha256[:12]}; re-enroll it into a new recipe"
                 )
             return recipe
-        return self.create(name, **settings)
+        return self._create(name, **settings)
 
     # -- samples ------------------------------------------------------------------------------
     def add(

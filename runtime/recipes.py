@@ -189,8 +189,8 @@ class Recipe:
             for key in ("bank_record", "head_record"):
                 fields[key] = FileRecord(**fields[key]) if fields.get(key) else None
             return cls(**fields)
-        except RecipeError:
-            raise
+        except RecipeError as exc:
+            raise RecipeError(f"{origin}: {exc}") from exc
         except (TypeError, KeyError, ValueError) as exc:
             raise RecipeError(f"{origin}: malformed recipe: {exc}") from exc
 

@@ -188,7 +188,7 @@ class DaemonStation(StationBase):
         return super().enroll_start(recipe, camera, roi, **settings)
 
     def assign(self, camera: str, recipe: str | None) -> dict[str, Any]:
-        """Switch the daemon's recipe for ``camera``; a recipe that cannot inspect keeps the previous one."""
+        """Switch the daemon's recipe for ``camera``; one that cannot inspect is refused, the camera answers ERROR."""
         self._check_camera(camera)
         if recipe is None:
             raise StationError("the line daemon keeps a recipe on every bound camera: pick another recipe instead")

@@ -524,7 +524,9 @@ class StationBase:
                 with contextlib.suppress(StationError):  # no frame yet: the ROI is checked at capture
                     crop_roi(self.latest_frame(camera).image, roi, f"camera {camera}")  # refuse an ROI off the image
         enroller = self.enroller_for(camera)
-        with self._enroll_lock:
+        # The recipe's writer lock too: an MQTT or CLI commit between the load and the ROI commit
+        # would otherwise be overwritten.
+        with self._enroll_lock, self.store.writer(recipe):
             if self.store.exists(recipe):
                 current = enroller.open_or_create(recipe)
                 if roi is not None and tuple(roi) != current.roi:
