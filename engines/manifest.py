@@ -102,6 +102,8 @@ class Manifest:
     graphs: dict[str, GraphEntry]
     files: dict[str, FileEntry]
     matching: dict[str, Any] = field(default_factory=dict)
+    #: Encoder outputs only a recipe's defect head reads (beside the patch layers), never the bank.
+    head_layers: list[PatchLayer] = field(default_factory=list)
     text_features: dict[str, Any] | None = None
     llm: dict[str, Any] | None = None
     engines: dict[str, Any] = field(default_factory=dict)
@@ -179,6 +181,12 @@ def parse_manifest(data: Any, origin: str = "manifest.json") -> Manifest:
             PatchLayer(str(p["name"]), (int(p["grid"][0]), int(p["grid"][1])), int(p["dim"]))
             for p in _require(data, "patch_layers", list, origin)
         ]
+        head_layers = [
+            PatchLayer(str(p["name"]), (int(p["grid"][0]), int(p["grid"][1])), int(p["dim"]))
+            for p in data.get("head_layers", [])
+        ]
+        if any(h.grid != layers[0].grid for h in head_layers):
+            raise ManifestError(f"{origin}: head_layers must share the patch layers' grid {layers[0].grid}")
         graphs = {
             str(name): GraphEntry(
                 file=_require(g, "file", str, f"graphs.{name}"),
@@ -206,6 +214,7 @@ def parse_manifest(data: Any, origin: str = "manifest.json") -> Manifest:
             graphs=graphs,
             files=files,
             matching=dict(data.get("matching", {})),
+            head_layers=head_layers,
             text_features=data.get("text_features"),
             llm=data.get("llm"),
             engines=dict(data.get("engines", {})),

@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
         def torch_path(xt: torch.Tensor = xt) -> torch.Tensor:
             with torch.inference_mode():
-                return matcher_t(encoder_t(xt), bank_t)[0]
+                out = encoder_t(xt)  # (patches, head features) when the bundle has head layers
+                return matcher_t(out[0] if isinstance(out, tuple) else out, bank_t)[0]
 
         def ort_path(x: np.ndarray = x) -> np.ndarray:
             q = encoder_o.run({"pixel_values": x})[layer.name]

@@ -124,6 +124,7 @@ class BundleWriter:
         matching: dict[str, Any],
         text_features: dict[str, Any] | None = None,
         llm: dict[str, Any] | None = None,
+        head_layers: list[PatchLayer] | None = None,
     ) -> EngineBundle:
         """Hash every file, write the manifest, verify the bundle loads, move it into place."""
         log("hashing files ...")
@@ -144,6 +145,7 @@ class BundleWriter:
             graphs=self.graphs,
             files=files,
             matching=matching,
+            head_layers=list(head_layers or []),
             text_features=text_features,
             llm=llm,
         )

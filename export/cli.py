@@ -54,6 +54,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument(
         "--taps", default=None, help="EfficientNet-Lite0 block indices to tap, e.g. 4,10 (default source; default 10)"
     )
+    v.add_argument(
+        "--head-taps",
+        default=None,
+        help="EfficientNet-Lite0 blocks only the defect head reads (default 14; 'none' for no head features)",
+    )
     v.add_argument("--no-fp16", action="store_true", help="skip the FP16 graph variants")
     v.add_argument("--imagebind", type=Path, help="imagebind_huge.pth (anomalygpt source)")
     v.add_argument(

@@ -24,6 +24,10 @@ from torch import nn
 #: Block indices (0-based) of EfficientNet-Lite0 whose outputs are tapped: the end of the
 #: stride-16 stage (112 channels).
 DEFAULT_TAPS = (10,)
+#: Extra taps only the defect head reads (``head_0``), never the bank: block 14, the stride-32
+#: stage (192 channels). Measured (BENCHMARKS.md, "Labelled defects"): in the bank they lower
+#: bsdata by 0.03 image AUROC; beside the bank features in the head they raise every shared set.
+DEFAULT_HEAD_TAPS = (14,)
 DEFAULT_IMAGE_SIZE = 256
 #: Output stride of each block of EfficientNet-Lite0 (stem is stride 2).
 BLOCK_STRIDES = (2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
@@ -58,29 +62,43 @@ def weights_path() -> str:
 
 
 class EfficientNetPatchEncoder(nn.Module):
-    """``pixel_values (B,3,H,W) -> patches_0 (B, N, C)`` with N = (H/8)·(W/8), C = 40 + 112."""
+    """``pixel_values (B,3,H,W) -> patches_0 (B, N, C)`` [and ``head_0 (B, N, C_h)`` with head taps].
 
-    def __init__(self, net: nn.Module, taps: tuple[int, ...] = DEFAULT_TAPS, pool: int = 3):
+    N is the finest tapped grid; every tapped block is 3×3-averaged and bilinearly resized to it.
+    """
+
+    def __init__(
+        self, net: nn.Module, taps: tuple[int, ...] = DEFAULT_TAPS, pool: int = 3, head_taps: tuple[int, ...] = ()
+    ):
         super().__init__()
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
-        self.blocks = nn.ModuleList(net._blocks[: max(taps) + 1])
+        self.blocks = nn.ModuleList(net._blocks[: max(taps + head_taps) + 1])
         self.taps = taps
+        self.head_taps = head_taps
         self.pool = pool
         self.n_blocks = len(net._blocks)
         self.drop_connect_rate = net._global_params.drop_connect_rate
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = self.stem(pixel_values)
-        feats = []
+        pooled: dict[int, torch.Tensor] = {}
         for idx, block in enumerate(self.blocks):
             x = block(x, drop_connect_rate=None)  # eval: no stochastic depth
-            if idx in self.taps:
-                feats.append(F.avg_pool2d(x, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False))
-        size = feats[0].shape[-2:]
-        fused = torch.cat(
-            [feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]], 1
-        )
-        return fused.flatten(2).transpose(1, 2)  # (B, N, C), row-major patches
+            if idx in self.taps or idx in self.head_taps:
+                pooled[idx] = F.avg_pool2d(x, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+        size = pooled[min(self.taps)].shape[-2:]
+
+        def to_grid(t: int) -> torch.Tensor:
+            if pooled[t].shape[-2:] == size:
+                return pooled[t]
+            return F.interpolate(pooled[t], size=size, mode="bilinear", align_corners=False)
+
+        def fuse(taps: tuple[int, ...]) -> torch.Tensor:
+            return torch.cat([to_grid(t) for t in taps], 1).flatten(2).transpose(1, 2)  # (B, N, C), row-major
+
+        if not self.head_taps:
+            return fuse(self.taps)
+        return fuse(self.taps), fuse(self.head_taps)
 
     def grid_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid (rows, cols) of the finest tapped stage for an input of ``image_size`` (H, W)."""
@@ -89,3 +107,6 @@ class EfficientNetPatchEncoder(nn.Module):
 
     def channels(self) -> int:
         return sum(self.blocks[i]._bn2.num_features for i in self.taps)
+
+    def head_channels(self) -> int:
+        return sum(self.blocks[i]._bn2.num_features for i in self.head_taps)

@@ -41,6 +41,7 @@ SOURCE_FLAGS: dict[str, Any] = {
     "weights": None,
     "random_weights": False,
     "taps": None,
+    "head_taps": None,
     "imagebind": None,
     "anomalygpt": None,
     "pandagpt_delta": None,
@@ -152,16 +153,18 @@ def _write_patch_bundle(
     source: dict[str, Any],
     preprocess: Preprocess,
     image_score: str,
+    head_dim: int = 0,
 ) -> EngineBundle:
-    """``encoder`` (-> ``patches_0``) + a one-layer bank matcher, and the manifest."""
+    """``encoder`` (-> ``patches_0`` [, ``head_0``]) + a one-layer bank matcher, and the manifest."""
     size = preprocess.size
     fp16 = not args.no_fp16
+    outputs = ["patches_0", "head_0"] if head_dim else ["patches_0"]
     writer.add_graph(
         "encoder",
         encoder.eval(),
         {"pixel_values": torch.randn(1, 3, *size)},
-        ["patches_0"],
-        {"pixel_values": {0: "batch"}, "patches_0": {0: "batch"}},
+        outputs,
+        {"pixel_values": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
         fp16=fp16,
     )
     matcher = BankMatcher(1, grid, size, metric=args.metric)
@@ -175,20 +178,26 @@ def _write_patch_bundle(
         patch_layers=[PatchLayer("patches_0", grid, dim)],
         map_size=size,
         matching={"metric": args.metric, "image_score": image_score, "smoothing_sigma": args.smoothing_sigma},
+        head_layers=[PatchLayer("head_0", grid, head_dim)] if head_dim else None,
     )
 
 
 # --- efficientnet-lite0 (the offline default) ------------------------------------------------------
 
 
-def _efficientnet_taps(args: argparse.Namespace) -> tuple[int, ...]:
+def _efficientnet_taps(args: argparse.Namespace, key: str = "taps", default: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """``--taps`` / ``--head-taps`` as sorted block indices (``none`` for no head taps)."""
     from anomalygpt_edge.export import efficientnet_encoder as eff
 
-    if not getattr(args, "taps", None):
-        return eff.DEFAULT_TAPS
-    taps = tuple(sorted(int(t) for t in args.taps.split(",")))
+    text = getattr(args, key, None)
+    if not text:
+        return default or eff.DEFAULT_TAPS
+    if key == "head_taps" and text == "none":
+        return ()
+    taps = tuple(sorted(int(t) for t in text.split(",")))
     if not all(0 <= t < len(eff.BLOCK_STRIDES) for t in taps):
-        raise SystemExit(f"--taps must be block indices 0..{len(eff.BLOCK_STRIDES) - 1}, got {args.taps}")
+        flag = "--" + key.replace("_", "-")
+        raise SystemExit(f"{flag} must be block indices 0..{len(eff.BLOCK_STRIDES) - 1}, got {text}")
     return taps
 
 
@@ -199,24 +208,29 @@ def export_efficientnet(args: argparse.Namespace, writer: BundleWriter) -> Engin
     size = (args.image_size, args.image_size)
     log(f"loading EfficientNet-Lite0 ImageNet weights from {eff.weights_path()}")
     taps = _efficientnet_taps(args)
-    encoder = eff.EfficientNetPatchEncoder(eff.load_efficientnet_lite0(args.image_size), taps=taps).eval()
+    head_taps = _efficientnet_taps(args, "head_taps", eff.DEFAULT_HEAD_TAPS)
+    net = eff.load_efficientnet_lite0(args.image_size)
+    encoder = eff.EfficientNetPatchEncoder(net, taps=taps, head_taps=head_taps).eval()
     source = {
         "kind": "efficientnet-lite0",
         "checkpoints": [{"name": "efficientnet-lite0-57934424.pth", "sha256": sha256_file(Path(eff.weights_path()))}],
         "taps": list(taps),
+        "head_taps": list(head_taps),
         "licence": "Apache-2.0",
     }
     preprocess = Preprocess(size=size, resize="squash", interpolation="area", mean=eff.MEAN, std=eff.STD, color="RGB")
     return _write_patch_bundle(
-        args, writer, encoder, encoder.grid_for(size), encoder.channels(), source, preprocess, "max"
-    )
+        args, writer, encoder, encoder.grid_for(size), encoder.channels(), source, preprocess, "max",
+        head_dim=encoder.head_channels(),
+    )  # fmt: skip
 
 
 def _efficientnet_reference(m: Manifest) -> nn.Module:
     from anomalygpt_edge.export import efficientnet_encoder as eff
 
     net = eff.load_efficientnet_lite0(m.preprocess.size[0])
-    return eff.EfficientNetPatchEncoder(net, taps=tuple(m.source["taps"])).eval()
+    head_taps = tuple(m.source.get("head_taps", ()))
+    return eff.EfficientNetPatchEncoder(net, taps=tuple(m.source["taps"]), head_taps=head_taps).eval()
 
 
 # --- wide_resnet50: PatchCore ------------------------------------------------------------------------
@@ -337,7 +351,13 @@ SOURCES: dict[str, VisionSource] = {
     s.name: s
     for s in (
         VisionSource(
-            "efficientnet-lite0", 256, 8, 32, ("taps",), export_efficientnet, reference=_efficientnet_reference
+            "efficientnet-lite0",
+            256,
+            8,
+            32,
+            ("taps", "head_taps"),
+            export_efficientnet,
+            reference=_efficientnet_reference,
         ),
         # Multiple of 16: the layer3 grid is then exactly half the layer2 grid.
         VisionSource(

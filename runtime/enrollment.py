@@ -319,7 +319,7 @@ class Enroller:
             )
             return EnrollmentResult(recipe)
         feats = [self._load_features(recipe.name, s.sha256) for s in recipe.samples]
-        layers, info = build_bank(feats, recipe.bank_budget)
+        layers, info = build_bank([{n: f[n] for n in self.pipeline.layer_names} for f in feats], recipe.bank_budget)
         bank = MemoryBank(
             layers,
             {
@@ -387,7 +387,7 @@ class Enroller:
     ) -> tuple[DefectHead, Any]:
         """Cross-fitted defect head from the recipe's labelled defects against the full bank."""
         loaded = [self._load_defect(recipe.name, d) for d in recipe.defects]
-        query = {n: np.stack([f[n][0] for f, _ in loaded]) for n in self.pipeline.layer_names}
+        query = {n: np.stack([f[n][0] for f, _ in loaded]) for n in self.pipeline.feature_names}
         raw, patch_scores = self.pipeline.bank_raw(query, bank)
         patches = self.pipeline.patches(query)
         defects = [ScoredPart(raw[j], patch_scores[j], patches[j][None]) for j in range(len(loaded))]
@@ -433,7 +433,7 @@ class Enroller:
             if text is not None:  # text+bank: the held-out part's map as the live recipe computes it
                 raw = 0.5 * (raw + self.pipeline.text_maps(query, text, smooth=False))
             for j, i in enumerate(held):
-                all_views = {n: feats[i][n] for n in names}
+                all_views = {n: feats[i][n] for n in self.pipeline.feature_names}
                 parts[i] = ScoredPart(raw[j], patch_scores[j], self.pipeline.patches(all_views))
         return [p for p in parts if p is not None], "leave-one-out" if k <= LOO_MAX else f"{KFOLD}-fold"
 
@@ -494,11 +494,11 @@ def _read_features(path: Any, pipeline: VisionPipeline) -> tuple[dict[str, np.nd
     """A stored sample's features per layer (float32) and, for a masked defect, its patch coverage."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            feats = {n: data[f"layer_{i}"].astype(np.float32) for i, n in enumerate(pipeline.layer_names)}
+            feats = {n: data[f"layer_{i}"].astype(np.float32) for i, n in enumerate(pipeline.feature_names)}
             coverage = data["coverage"].astype(np.float32) if "coverage" in data.files else None
     except Exception as exc:
         raise RecipeError(f"{path}: sample features unreadable ({exc}); remove and re-add that sample") from exc
-    for n, layer in zip(pipeline.layer_names, pipeline.manifest.patch_layers):
+    for n, layer in zip(pipeline.feature_names, [*pipeline.manifest.patch_layers, *pipeline.manifest.head_layers]):
         if feats[n].ndim != 3 or feats[n].shape[-1] != layer.dim or not np.all(np.isfinite(feats[n])):
             raise RecipeError(f"{path}: sample features of layer {n} are damaged; remove and re-add that sample")
     return feats, coverage

@@ -68,7 +68,9 @@ class VisionPipeline:
             )
         layers = self.manifest.patch_layers
         self.grid = tuple(layers[0].grid)
-        self.feature_dim = sum(layer.dim for layer in layers)
+        #: Every encoder output a recipe stores per sample: the bank's layers, then the head-only ones.
+        self.feature_names = self.layer_names + [layer.name for layer in self.manifest.head_layers]
+        self.feature_dim = sum(layer.dim for layer in (*layers, *self.manifest.head_layers))
         self.last_timings: dict[str, float] = {}
 
     def prepare(
@@ -82,12 +84,12 @@ class VisionPipeline:
         return preprocess(crop_roi(image, roi, name), self.manifest.preprocess, resize=resize, name=name)
 
     def encode(self, prepared: Sequence[Prepared]) -> dict[str, np.ndarray]:
-        """Patch features per layer, (B, N, C) float32, encoded in batches of :data:`ENCODE_BATCH`."""
-        chunks: dict[str, list[np.ndarray]] = {n: [] for n in self.layer_names}
+        """Patch features per output (bank layers, then head layers), (B, N, C) float32, in batches."""
+        chunks: dict[str, list[np.ndarray]] = {n: [] for n in self.feature_names}
         for i in range(0, len(prepared), ENCODE_BATCH):
             batch = np.stack([p.pixel_values for p in prepared[i : i + ENCODE_BATCH]])
             out = self.encoder.run({"pixel_values": batch})
-            for n in self.layer_names:
+            for n in self.feature_names:
                 chunks[n].append(out[n])
         return {n: np.concatenate(c) for n, c in chunks.items()}
 
@@ -99,8 +101,8 @@ class VisionPipeline:
         return out["anomaly_map"][:, 0], out["patch_scores"]
 
     def patches(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        """Every layer's patch features side by side (B, N, ΣC): what a defect head reads."""
-        return np.concatenate([features[n] for n in self.layer_names], axis=-1)
+        """Every output's patch features side by side (B, N, ΣC), head-only layers included: what a head reads."""
+        return np.concatenate([features[n] for n in self.feature_names], axis=-1)
 
     def head_map(self, head: DefectHead, features: dict[str, np.ndarray]) -> np.ndarray:
         """A defect head's patch logits upsampled to the map size (B, H, W), unsmoothed."""
