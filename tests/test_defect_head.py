@@ -90,6 +90,9 @@ def test_labelled_defects_train_a_head_that_goes_live_with_the_recipe_and_is_has
     assert recipe.bank_record is not None and recipe.bank_record.sha256
     inspector = Inspector(bundle, recipe, headed)
     assert inspector.head is not None and inspector.head.mode == "mask"
+    # The head reads the bank's patches and the head-only stride-32 features; the bank only its own layer.
+    assert [h.name for h in bundle.manifest.head_layers] == ["head_0"]
+    assert inspector.head.dim == 112 + 192 and list(inspector.bank) == ["patches_0"]
     ok = [inspector.inspect(parts.good_part(s)) for s in (900, 901, 902)]
     ng = [inspector.inspect(parts.scratched_part(s, "bottom right")) for s in (910, 911)]
     assert all(v.verdict == "OK" for v in ok), [(v.score, v.threshold) for v in ok]
