@@ -97,7 +97,7 @@ def fit_head(
     # Fusion statistics at the image level: the z-scores of each map are scaled by how much the
     # *image scores* (map maxima) of held-out good parts vary, so each source weighs by how well it
     # separates whole parts. Measured against patch-level statistics over the three shared sets
-    # (BENCHMARKS.md, "Labelled defects"): equal on magnetic tile, +0.06 on bsdata.
+    # (BENCHMARKS.md, "Variants tried"): equal on magnetic tile and deeppcb, +0.06 on bsdata.
     def image_level(raw: np.ndarray) -> float:
         return pipeline.image_score(pipeline.smooth(raw[None])[0])
 
