@@ -261,16 +261,23 @@ def expectations(
             f"Of {d.size} labelled defects, {100 * escape:.0f}% would pass at this threshold "
             f"(target {100 * threshold.target_frr:g}% false rejects)."
         )
-        if escape > ESCAPE_WARN:
-            alt = min(
-                points, key=lambda p: p["expected_escape"] + p["target_frr"] + (p["threshold"] == threshold.value)
-            )
-            words.append(
-                f"With these parts the two cannot both be met: either {100 * threshold.target_frr:g}% false "
-                f"rejects and about {100 * escape:.0f}% escapes, or {100 * alt['target_frr']:g}% and about "
-                f"{100 * alt['expected_escape']:.0f}%; choose with the recipe's target false-reject rate, "
-                "or enroll more labelled defects."
-            )
+        looser = [p for p in points if p["target_frr"] > threshold.target_frr + 1e-12]
+        if escape > ESCAPE_WARN and looser:
+            # The least false rejects that buy the fewest escapes: the first looser target at the minimum.
+            alt = min(looser, key=lambda p: (round(p["expected_escape"], 6), p["target_frr"]))
+            if alt["expected_escape"] < escape:
+                words.append(
+                    f"With these parts the two cannot both be met: either {100 * threshold.target_frr:g}% false "
+                    f"rejects and about {100 * escape:.0f}% escapes, or {100 * alt['target_frr']:g}% and about "
+                    f"{100 * alt['expected_escape']:.0f}%; choose with the recipe's target false-reject rate, "
+                    "or enroll more labelled defects."
+                )
+            else:
+                words.append(
+                    f"Accepting up to {100 * looser[-1]['target_frr']:g}% false rejects would not stop these "
+                    "escapes: the missed defects score like good parts; enroll more labelled defects of their "
+                    "kind, or use a stronger encoder."
+                )
     out["explained"] = " ".join(words)
     # NaN (too few goldens for a model estimate) travels as null: strict JSON has no NaN.
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}

@@ -82,3 +82,17 @@ def test_labelled_parts_report_escapes_and_extra_good_parts_refine_the_threshold
     assert refined.n_scores == 70 and refined.supported and refined.method.endswith("+labelled")
     assert refined.value <= base.value
     assert report["escape_rate"] == pytest.approx(0.25) and report["labelled_bad"] == 4
+
+
+def test_expectations_offer_a_looser_target_only_when_it_lowers_the_escapes() -> None:
+    from anomalygpt_edge.calibration.threshold import expectations
+
+    golden = np.random.default_rng(0).normal(1.0, 0.2, 16)
+    threshold = fit_threshold(golden, 0.01)
+    near = expectations(threshold, golden, np.array([1.3, 1.35, 1.4, 1.45, 2, 2, 2, 2]), 16)
+    assert near["expected_escape"] == 0.25
+    assert "either 1% false rejects and about 25% escapes, or 5% and about 0%" in near["explained"]
+    hidden = expectations(threshold, golden, np.array([0.5, 0.6, 0.7, 0.8, 2, 2, 2, 2]), 16)
+    assert "would not stop these escapes" in hidden["explained"] and "either" not in hidden["explained"]
+    few = expectations(fit_threshold(golden[:2], 0.01), golden[:2], np.array([]), 2)
+    assert few["estimated_frr"] is None and "cannot estimate" in few["explained"]  # strict JSON, plain words
