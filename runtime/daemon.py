@@ -425,10 +425,11 @@ class Daemon:
             except Exception as exc:
                 now = time.monotonic()
                 crashes = [t for t in self._crashes[name] if now - t < CRASH_WINDOW_S] + [now]
-                self._crashes[name] = crashes
-                self._crash_reason[name] = f"{exc!r}"
-                log.exception("thread %s died; %s", name, "giving up" if len(crashes) >= MAX_CRASHES else "restarting")
+                # last_error first: whoever sees the crash in the status also sees its reason.
                 self.health.error(f"thread {name} died: {exc!r} ({len(crashes)} in {CRASH_WINDOW_S:g} s)")
+                self._crash_reason[name] = f"{exc!r}"
+                self._crashes[name] = crashes
+                log.exception("thread %s died; %s", name, "giving up" if len(crashes) >= MAX_CRASHES else "restarting")
                 if len(crashes) >= MAX_CRASHES:
                     self.health.mark_dead(name, f"{exc!r}")
                     return

@@ -401,7 +401,9 @@ def test_qdq_int8_encoder_is_symmetric_and_scores_like_fp32(default_bundle_dir: 
     model = onnx.load(str(qdq))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     quant = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    assert len(quant) > 20 and sum(n.op_type == "Conv" for n in model.graph.node) == 33
+    source_convs = sum(n.op_type == "Conv" for n in onnx.load(str(src)).graph.node)
+    # Every Conv of the encoder survives quantisation (33 for block 10, 45 with the head's block 14).
+    assert len(quant) > 20 and source_convs >= 33 and sum(n.op_type == "Conv" for n in model.graph.node) == source_convs
     for node in quant:  # TensorRT takes symmetric INT8 only: zero points 0, int8
         zp = inits[node.input[2]]
         assert zp.dtype == np.int8 and not zp.any()
