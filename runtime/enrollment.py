@@ -40,6 +40,7 @@ from anomalygpt_edge.runtime.recipes import (
     RecipeError,
     RecipeStore,
     now_iso,
+    text_features_for,
 )
 from anomalygpt_edge.runtime.vision import VisionPipeline
 
@@ -409,7 +410,7 @@ class Enroller:
         """
         k = len(feats)
         names = self.pipeline.layer_names
-        text = self._text_features(recipe) if recipe.source in USES_TEXT else None
+        text = text_features_for(recipe, self.bundle) if recipe.source in USES_TEXT else None
         if recipe.source == "text":
             query = {n: np.stack([f[n][0] for f in feats]) for n in names}
             maps = self.pipeline.text_maps(query, text, smooth=False)
@@ -436,13 +437,6 @@ class Enroller:
                 all_views = {n: feats[i][n] for n in self.pipeline.feature_names}
                 parts[i] = ScoredPart(raw[j], patch_scores[j], self.pipeline.patches(all_views))
         return [p for p in parts if p is not None], "leave-one-out" if k <= LOO_MAX else f"{KFOLD}-fold"
-
-    def _text_features(self, recipe: Recipe) -> np.ndarray:
-        table = self.bundle.text_features()
-        cls = recipe.class_name or self.bundle.manifest.text_features.get("default_class", "object")
-        if cls not in table:
-            raise RecipeError(f"recipe {recipe.name}: class '{cls}' has no text features in the bundle")
-        return table[cls]
 
     def golden_scores(self, recipe: Recipe, feats: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], str]:
         """Image scores of :meth:`golden_parts`, by sample name."""

@@ -11,7 +11,14 @@ import numpy as np
 
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.runtime.preprocess import Prepared, map_to_source
-from anomalygpt_edge.runtime.recipes import USES_BANK, USES_TEXT, Recipe, RecipeError, RecipeStore
+from anomalygpt_edge.runtime.recipes import (
+    USES_BANK,
+    USES_TEXT,
+    Recipe,
+    RecipeError,
+    RecipeStore,
+    text_features_for,
+)
 from anomalygpt_edge.runtime.verdict import Region, Verdict, anomaly_sentence, location_word
 from anomalygpt_edge.runtime.vision import VisionPipeline
 
@@ -45,11 +52,7 @@ class Inspector:
         self.head = store.load_head(recipe, self.pipeline.feature_dim) if recipe.source == "bank" else None
         self.text_features = None
         if recipe.source in USES_TEXT:
-            table = bundle.text_features()
-            cls = recipe.class_name or bundle.manifest.text_features.get("default_class", "object")
-            if cls not in table:
-                raise RecipeError(f"recipe {recipe.name}: class '{cls}' has no text features in the bundle")
-            self.text_features = table[cls]
+            self.text_features = text_features_for(recipe, bundle)
 
     @classmethod
     def from_store(

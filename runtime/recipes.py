@@ -252,6 +252,15 @@ class _WriterLock:
                     state[1] = -1
 
 
+def text_features_for(recipe: Recipe, bundle: Any) -> np.ndarray:
+    """The bundle's AnomalyGPT text features for the recipe's object class (text sources)."""
+    table = bundle.text_features()
+    cls = recipe.class_name or bundle.manifest.text_features.get("default_class", "object")
+    if cls not in table:
+        raise RecipeError(f"recipe {recipe.name}: class '{cls}' has no text features in the bundle")
+    return table[cls]
+
+
 class RecipeStore:
     """The folder holding every recipe of this device."""
 
