@@ -17,11 +17,11 @@ import anomalygpt_edge
 #: Modules that contribute subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES = (
     "anomalygpt_edge.export.cli",
-    "anomalygpt_edge.runtime.cli",
-    "anomalygpt_edge.runtime.llm_cli",
-    "anomalygpt_edge.runtime.archive_cli",
-    "anomalygpt_edge.runtime.daemon_cli",
-    "anomalygpt_edge.runtime.web.cli",
+    "anomalygpt_edge.runtime.cli.parts",
+    "anomalygpt_edge.runtime.cli.explain",
+    "anomalygpt_edge.runtime.cli.archive",
+    "anomalygpt_edge.runtime.cli.line",
+    "anomalygpt_edge.runtime.cli.station",
 )
 
 

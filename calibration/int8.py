@@ -33,9 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from anomalygpt_edge.engines.integrity import atomic_write_bytes, sha256_file
+from anomalygpt_edge.atomic_files import atomic_write_bytes, sha256_file
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class CalibrationError(ValueError):
@@ -44,13 +43,14 @@ class CalibrationError(ValueError):
 
 def list_images(folder: Path | str) -> list[Path]:
     """Image files directly in ``folder``, sorted by name (so every build sees the same order)."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    from anomalygpt_edge.engines import preprocess
+
+    if not Path(folder).is_dir():
         raise CalibrationError(f"--calib-images: {folder} is not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise CalibrationError(f"--calib-images: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return paths
+    try:
+        return preprocess.list_images(folder)
+    except preprocess.ImageError as exc:
+        raise CalibrationError(f"--calib-images: {exc}") from None
 
 
 def split_holdout(paths: Sequence[Path], fraction: float = 0.2) -> tuple[list[Path], list[Path]]:
@@ -98,7 +98,7 @@ def calibration_batches(images: Sequence[np.ndarray], batch_size: int) -> list[n
 
 def load_preprocessed(paths: Sequence[Path], preprocess_spec: Any) -> list[np.ndarray]:
     """Read and preprocess images with the runtime's own recipe (the manifest's ``preprocess``)."""
-    from anomalygpt_edge.runtime.preprocess import preprocess, read_image
+    from anomalygpt_edge.engines.preprocess import preprocess, read_image
 
     return [preprocess(read_image(p), preprocess_spec, name=str(p)).pixel_values for p in paths]
 

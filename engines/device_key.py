@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from anomalygpt_edge.engines.base import EngineError
-from anomalygpt_edge.engines.integrity import atomic_write_bytes
+from anomalygpt_edge.atomic_files import atomic_write_bytes
 
 ENGINES_NAME = "engines.json"
 RECORDS_SCHEMA = 1

@@ -39,7 +39,7 @@ from anomalygpt_edge.engines.device_key import (
     read_engine_records,
     record_for,
 )
-from anomalygpt_edge.engines.integrity import sha256_bytes, sha256_file
+from anomalygpt_edge.atomic_files import sha256_bytes, sha256_file
 from anomalygpt_edge.engines.manifest import Manifest, ManifestError, read_manifest
 
 try:  # cuda-python >= 12.6 moved the runtime bindings; older releases have cuda.cudart

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from anomalygpt_edge.engines.bundle import EngineBundle
-from anomalygpt_edge.engines.integrity import sha256_file
+from anomalygpt_edge.atomic_files import sha256_file
 from anomalygpt_edge.engines.manifest import PatchLayer, Preprocess
 from anomalygpt_edge.export import checkpoints as ckpt
 from anomalygpt_edge.export.anomalygpt_models import (

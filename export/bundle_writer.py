@@ -21,7 +21,7 @@ import torch
 
 import anomalygpt_edge
 from anomalygpt_edge.engines.bundle import EngineBundle
-from anomalygpt_edge.engines.integrity import sha256_file
+from anomalygpt_edge.atomic_files import sha256_file
 from anomalygpt_edge.engines.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,

@@ -83,3 +83,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     for name in EXPORT_TARGET_MODULES:
         importlib.import_module(name).add_export_target(targets)
+
+
+def default_vision_args(out: Path) -> argparse.Namespace:
+    """The arguments of ``export vision --out OUT`` with every default, for code that exports the
+    embedded default bundle itself (the demo, first runs) without going through the command line."""
+    parser = argparse.ArgumentParser(prog="anomalygpt-edge")
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["export", "vision", "--out", str(out)])

@@ -44,7 +44,7 @@ from anomalygpt_edge.engines.device_key import (
     read_engine_records,
     write_engine_record,
 )
-from anomalygpt_edge.engines.integrity import atomic_write_bytes, sha256_file
+from anomalygpt_edge.atomic_files import atomic_write_bytes, sha256_file
 from anomalygpt_edge.engines.manifest import GraphEntry, Manifest
 
 BATCH_AXIS = "batch"

@@ -18,8 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from anomalygpt_edge.runtime import synthetic
-from anomalygpt_edge.runtime.local_broker import LocalBroker, find_mosquitto, start_mosquitto
+from anomalygpt_edge.runtime.tools import synthetic
+from anomalygpt_edge.runtime.tools.local_broker import LocalBroker, find_mosquitto, start_mosquitto
 
 #: Every field the issue requires in a verdict message.
 REQUIRED_VERDICT_FIELDS = (
@@ -57,8 +57,8 @@ def broker_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBr
 def line_fixture(default_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Synthetic line and golden videos plus a store with the live recipe ``bracket`` (ROI on the part)."""
     from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.enrollment import Enroller
-    from anomalygpt_edge.runtime.recipes import RecipeStore
+    from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
 
     root = tmp_path_factory.mktemp("line")
     parts = synthetic.write_line_video(root / "line.avi", n_parts=12, frames_per_part=5)

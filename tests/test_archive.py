@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from anomalygpt_edge.cli import main
-from anomalygpt_edge.runtime.archive import Archive, ArchiveError, ArchiveWriter
+from anomalygpt_edge.runtime.delivery.archive import Archive, ArchiveError, ArchiveWriter
 
 
 def verdict(i: int, kind: str = "OK", camera: str = "cam1", recipe: str = "bracket", minute: int = 0) -> dict:
@@ -217,8 +217,8 @@ def test_an_archive_that_cannot_be_opened_is_moved_aside_and_its_images_kept_und
 
 
 def test_below_the_free_space_floor_images_stop_first_then_rows_wait_in_memory_and_catch_up(tmp_path: Path) -> None:
-    from anomalygpt_edge.runtime.archive import DiskBudget
-    from anomalygpt_edge.runtime.spool import free_bytes
+    from anomalygpt_edge.runtime.delivery.archive import DiskBudget
+    from anomalygpt_edge.runtime.delivery.spool import free_bytes
 
     free = free_bytes(tmp_path)
     disk = DiskBudget(tmp_path, floor_bytes=free // 2 + 1, interval_s=0)  # free < 2 x floor: "low"
@@ -235,8 +235,8 @@ def test_below_the_free_space_floor_images_stop_first_then_rows_wait_in_memory_a
 
 
 def test_the_disk_budget_counts_every_file_and_caps_the_image_quota(tmp_path: Path) -> None:
-    from anomalygpt_edge.runtime.archive import DiskBudget
-    from anomalygpt_edge.runtime.spool import VerdictSpool
+    from anomalygpt_edge.runtime.delivery.archive import DiskBudget
+    from anomalygpt_edge.runtime.delivery.spool import VerdictSpool
 
     budget = 3_000_000
     disk = DiskBudget(tmp_path, budget_bytes=budget, interval_s=0)
@@ -253,7 +253,7 @@ def test_the_disk_budget_counts_every_file_and_caps_the_image_quota(tmp_path: Pa
 
 
 def test_the_archive_wal_is_kept_small(tmp_path: Path) -> None:
-    from anomalygpt_edge.runtime.spool import JOURNAL_SIZE_LIMIT
+    from anomalygpt_edge.runtime.delivery.spool import JOURNAL_SIZE_LIMIT
 
     archive = Archive(tmp_path / "archive")
     for i in range(3000):

@@ -21,8 +21,8 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from anomalygpt_edge.runtime.config import ConfigError, DaemonConfig, parse_config
-from anomalygpt_edge.runtime.daemon import Daemon
+from anomalygpt_edge.runtime.line.config import ConfigError, DaemonConfig, parse_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
 
 # -- config loading -------------------------------------------------------------------------------
 
@@ -144,7 +144,7 @@ def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory, broker: Any, line: dic
     cfg = write_config(
         tmp / "fuzz.yaml", broker, cameras, recipes, store, line["bundle"], device=DEVICE, max_payload_bytes=8192
     )
-    from anomalygpt_edge.runtime.config import load_config
+    from anomalygpt_edge.runtime.line.config import load_config
 
     # Anonymous control on: the random enroll/recipe commands must reach their handlers, not stop
     # at the gate (the refusal itself is tested in test_limits_commands.py).

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from anomalygpt_edge.runtime.command_auth import (
+from anomalygpt_edge.runtime.line.command_gate import (
     COMMANDS,
     CommandGate,
     CommandPolicy,

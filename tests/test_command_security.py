@@ -19,8 +19,8 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from anomalygpt_edge.runtime.config import ConfigError, load_config, parse_config
-from anomalygpt_edge.runtime.daemon import Daemon
+from anomalygpt_edge.runtime.line.config import ConfigError, load_config, parse_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
 
 DEVICE = "sec"
 REPLIES = f"tech/{DEVICE}"

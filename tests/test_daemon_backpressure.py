@@ -15,9 +15,9 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     write_config,
 )
 
-from anomalygpt_edge.runtime.config import load_config
-from anomalygpt_edge.runtime.daemon import Daemon
-from anomalygpt_edge.runtime.jobs import Job, WorkQueue
+from anomalygpt_edge.runtime.line.config import load_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
+from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
 
 
 def _job(camera: str, kind: str, n: int) -> Job:

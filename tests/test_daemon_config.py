@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from anomalygpt_edge.cli import main as cli_main
-from anomalygpt_edge.runtime.config import ConfigError, load_config, parse_config
+from anomalygpt_edge.runtime.line.config import ConfigError, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "runtime" / "config.example.yaml"
 

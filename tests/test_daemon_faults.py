@@ -30,9 +30,9 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     line_fixture,
 )
 
-from anomalygpt_edge.runtime.archive import Archive
-from anomalygpt_edge.runtime.config import load_config
-from anomalygpt_edge.runtime.daemon import Daemon
+from anomalygpt_edge.runtime.delivery.archive import Archive
+from anomalygpt_edge.runtime.line.config import load_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mosquitto") is None or shutil.which("mosquitto_sub") is None,
@@ -234,7 +234,7 @@ def test_a_camera_that_disappears_is_reported_and_inspection_resumes(
 ) -> None:
     import cv2
 
-    from anomalygpt_edge.runtime import synthetic
+    from anomalygpt_edge.runtime.tools import synthetic
 
     folder = tmp_path / "frames"
     folder.mkdir()

@@ -17,9 +17,9 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     write_config,
 )
 
-from anomalygpt_edge.runtime.config import load_config
-from anomalygpt_edge.runtime.daemon import Daemon
-from anomalygpt_edge.runtime.messages import VERDICT_SCHEMA
+from anomalygpt_edge.runtime.line.config import load_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
+from anomalygpt_edge.runtime.delivery.messages import VERDICT_SCHEMA
 
 
 def _start(tmp_path: Path, broker: Any, line: dict, recipe: dict, device: str, **mqtt: Any) -> Daemon:
@@ -186,7 +186,7 @@ def test_cameras_sharing_a_bundle_share_its_engines_and_both_get_verdicts(
 ) -> None:
     import cv2
 
-    from anomalygpt_edge.runtime import synthetic
+    from anomalygpt_edge.runtime.tools import synthetic
 
     folder = tmp_path / "cam2"
     folder.mkdir()

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from daemon_fixtures import broker_fixture, line_fixture  # noqa: F401 - fixtures are used by name
 
-from anomalygpt_edge.runtime.config import load_config
-from anomalygpt_edge.runtime.daemon import Daemon
+from anomalygpt_edge.runtime.line.config import load_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
 
 
 def _config(tmp_path: Path, broker: Any, line: dict, trigger: str = "free_run", metrics: str | None = None) -> Path:

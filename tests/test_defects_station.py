@@ -57,7 +57,7 @@ def _audit(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture()
 def station(default_bundle_dir: Path, tmp_path: Path):
     from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.recipes import RecipeStore
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
     from anomalygpt_edge.runtime.web.station import CameraSpec, LocalStation
 
     video = write_video(tmp_path / "good.avi", 20, mixed=False, seed0=300)

@@ -14,12 +14,12 @@ import pytest
 
 from anomalygpt_edge.cli import main
 from anomalygpt_edge.engines import EngineBundle
-from anomalygpt_edge.runtime import recipes as recipes_module
-from anomalygpt_edge.runtime.enrollment import Enroller
-from anomalygpt_edge.runtime.inspector import Inspector
-from anomalygpt_edge.runtime.memory_bank import MemoryBank, build_bank, greedy_coreset
-from anomalygpt_edge.runtime.preprocess import ImageError, read_image
-from anomalygpt_edge.runtime.recipes import RecipeError, RecipeStore
+from anomalygpt_edge.runtime.recipes import store as recipes_module
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+from anomalygpt_edge.runtime.recipes.inspector import Inspector
+from anomalygpt_edge.runtime.inspection.memory_bank import MemoryBank, build_bank, greedy_coreset
+from anomalygpt_edge.engines.preprocess import ImageError, read_image
+from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +165,8 @@ def test_sigkill_during_enrollment_never_leaves_an_unloadable_recipe(tmp_path: P
 import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
 import parts
 from anomalygpt_edge.engines import EngineBundle
-from anomalygpt_edge.runtime.enrollment import Enroller
-from anomalygpt_edge.runtime.recipes import RecipeStore
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+from anomalygpt_edge.runtime.recipes.store import RecipeStore
 e = Enroller(RecipeStore({str(tmp_path)!r}), EngineBundle.open({str(default_bundle_dir)!r}))
 i = 0
 while True:
@@ -328,7 +328,7 @@ def test_anomalygpt_bundles_enroll_and_inspect_with_every_anomaly_source(
 def test_text_plus_bank_source_averages_the_text_and_bank_maps(
     tmp_path: Path, tiny_anomalygpt_bundle: EngineBundle
 ) -> None:
-    from anomalygpt_edge.runtime.vision import VisionPipeline
+    from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
 
     store = RecipeStore(tmp_path)
     enroller = Enroller(store, tiny_anomalygpt_bundle)

@@ -11,7 +11,7 @@ import parts
 import pytest
 
 from anomalygpt_edge.cli import main
-from anomalygpt_edge.runtime.metrics import aupro, auroc
+from anomalygpt_edge.runtime.evaluation.accuracy import aupro, auroc
 
 
 @pytest.fixture()

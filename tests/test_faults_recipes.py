@@ -20,7 +20,7 @@ import faults  # tests/faults.py
 import pytest
 from daemon_fixtures import broker_fixture, line_fixture  # noqa: F401 - fixtures are used by name
 
-from anomalygpt_edge.runtime import fault_bench
+from anomalygpt_edge.runtime.tools import fault_bench
 
 
 def _rig(broker: Any, line: dict) -> fault_bench.Rig:

@@ -185,7 +185,7 @@ def test_calibration_batches_are_full_and_cycle_real_images() -> None:
 
 
 def test_calibration_images_are_preprocessed_like_the_runtime(default_bundle_dir: Path, tmp_path: Path) -> None:
-    from anomalygpt_edge.runtime.preprocess import preprocess
+    from anomalygpt_edge.engines.preprocess import preprocess
 
     rng = np.random.default_rng(6)
     for i in range(3):

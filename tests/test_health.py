@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalygpt_edge.runtime.health import Health, MetricsServer, SystemdNotifier, percentile, prometheus_text
+from anomalygpt_edge.runtime.line.health import Health, MetricsServer, SystemdNotifier, percentile, prometheus_text
 
 
 class Clock:

@@ -127,7 +127,7 @@ def test_debug_shows_the_traceback_of_the_same_error(enrolled: dict[str, Path], 
 
 def test_only_the_products_own_errors_and_os_errors_are_shortened() -> None:
     from anomalygpt_edge.engines.bundle import BundleError
-    from anomalygpt_edge.runtime.preprocess import ImageError
+    from anomalygpt_edge.engines.preprocess import ImageError
 
     assert is_expected_error(BundleError("x")) and is_expected_error(ImageError("x"))
     assert is_expected_error(FileNotFoundError(2, "No such file or directory", "/data/x.npz"))

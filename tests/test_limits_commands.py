@@ -18,8 +18,8 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     write_config,
 )
 
-from anomalygpt_edge.runtime.config import ConfigError, load_config, parse_config
-from anomalygpt_edge.runtime.daemon import Daemon
+from anomalygpt_edge.runtime.line.config import ConfigError, load_config, parse_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
 
 
 def _config(tmp_path: Path, broker: Any, line: dict, device: str, commands: dict | None, fps: float = 10) -> Path:

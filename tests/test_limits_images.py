@@ -27,11 +27,12 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
 )
 from station_http import Client
 
-from anomalygpt_edge.runtime import preprocess, synthetic
+from anomalygpt_edge.engines import preprocess
+from anomalygpt_edge.runtime.tools import synthetic
 from anomalygpt_edge.runtime.cameras import Camera, create_source
-from anomalygpt_edge.runtime.config import CameraConfig, load_config, parse_config
-from anomalygpt_edge.runtime.daemon import Daemon
-from anomalygpt_edge.runtime.preprocess import ImageError, decode_image, image_size, read_image
+from anomalygpt_edge.runtime.line.config import CameraConfig, load_config, parse_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
+from anomalygpt_edge.engines.preprocess import ImageError, decode_image, image_size, read_image
 
 SIDE = 20000
 
@@ -70,7 +71,7 @@ def _peak_rss_mb(code: str) -> tuple[float, str]:
 
 def test_a_huge_png_is_refused_from_its_header_before_decoding_and_peak_memory_stays_low(huge_png: Path) -> None:
     assert huge_png.stat().st_size < 2_000_000, "it is small on disk"
-    imports = "from anomalygpt_edge.runtime.preprocess import ImageError, read_image"
+    imports = "from anomalygpt_edge.engines.preprocess import ImageError, read_image"
     baseline, _ = _peak_rss_mb(imports)
     t0 = time.monotonic()
     peak, said = _peak_rss_mb(
@@ -274,7 +275,7 @@ def test_station_upload_refuses_a_huge_png_before_decoding_and_skips_duplicates_
     default_bundle_dir: Path, tmp_path: Path, huge_png: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.recipes import RecipeStore
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
     from anomalygpt_edge.runtime.web import station as station_module
     from anomalygpt_edge.runtime.web.auth import UserStore
     from anomalygpt_edge.runtime.web.server import StationServer, WebConfig

@@ -18,7 +18,7 @@ gguf = pytest.importorskip("gguf")
 
 from anomalygpt_edge.engines.gguf_check import GGML_TYPES, GGUFError, check_gguf  # noqa: E402
 from anomalygpt_edge.engines.llm import AnomalyGPTChat, GenerationConfig, LLMError, create_llm  # noqa: E402
-from anomalygpt_edge.runtime.explain import (  # noqa: E402
+from anomalygpt_edge.runtime.explain.explainer import (  # noqa: E402
     Explainer,
     ExplainRequest,
     Explanation,
@@ -27,7 +27,7 @@ from anomalygpt_edge.runtime.explain import (  # noqa: E402
     default_model_path,
     findings_text,
 )
-from anomalygpt_edge.runtime.verdict import Region, Verdict, anomaly_sentence  # noqa: E402
+from anomalygpt_edge.runtime.inspection.verdict import Region, Verdict, anomaly_sentence  # noqa: E402
 
 #: Embedding path vs token path, same segmentation: both must produce the same logits. Observed:
 #: bit-identical (max abs diff 0.0); asserted with headroom for other CPUs' kernels.

@@ -15,11 +15,11 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("llama_cpp")
-pytest.importorskip("anomalygpt_edge.runtime.inspector")  # the vision side of `ask`
+pytest.importorskip("anomalygpt_edge.runtime.recipes.inspector")  # the vision side of `ask`
 
 from anomalygpt_edge.cli import main as cli_main  # noqa: E402
-from anomalygpt_edge.runtime.explain import contradiction  # noqa: E402
-from anomalygpt_edge.runtime.verdict import Region, Verdict  # noqa: E402
+from anomalygpt_edge.runtime.explain.explainer import contradiction  # noqa: E402
+from anomalygpt_edge.runtime.inspection.verdict import Region, Verdict  # noqa: E402
 
 
 def _part(rng: np.random.Generator) -> np.ndarray:

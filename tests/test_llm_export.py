@@ -376,7 +376,7 @@ def test_ask_with_exported_anomalygpt_llm_feeds_image_and_prompt_vectors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`ask` with an `export llm` GGUF and an AnomalyGPT bundle: img_llm + 18 prompt vectors as embeddings."""
-    pytest.importorskip("anomalygpt_edge.runtime.inspector")
+    pytest.importorskip("anomalygpt_edge.runtime.recipes.inspector")
     import cv2
 
     bundle = tmp_path / "agpt"

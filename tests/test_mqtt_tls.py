@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from daemon_fixtures import line_fixture  # noqa: F401 - fixture used by name
 
-from anomalygpt_edge.runtime.config import load_config
-from anomalygpt_edge.runtime.daemon import Daemon
+from anomalygpt_edge.runtime.line.config import load_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("mosquitto", "mosquitto_sub", "mosquitto_passwd", "openssl")),

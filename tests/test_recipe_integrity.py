@@ -14,10 +14,10 @@ import parts
 import pytest
 
 from anomalygpt_edge.engines import EngineBundle
-from anomalygpt_edge.runtime.enrollment import Enroller
-from anomalygpt_edge.runtime.inspector import Inspector
-from anomalygpt_edge.runtime.memory_bank import MemoryBank
-from anomalygpt_edge.runtime.recipes import RecipeError, RecipeStore, check_name
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+from anomalygpt_edge.runtime.recipes.inspector import Inspector
+from anomalygpt_edge.runtime.inspection.memory_bank import MemoryBank
+from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore, check_name
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +138,8 @@ import sys
 sys.path.insert(0, {tests!r})
 import parts
 from anomalygpt_edge.engines import EngineBundle
-from anomalygpt_edge.runtime.enrollment import Enroller
-from anomalygpt_edge.runtime.recipes import RecipeStore
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+from anomalygpt_edge.runtime.recipes.store import RecipeStore
 store = RecipeStore({store!r})
 enroller = Enroller(store, EngineBundle.open({bundle!r}))
 start = int(sys.argv[1])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalygpt_edge.runtime.spool import SpoolError, VerdictSpool, mark_redelivered
+from anomalygpt_edge.runtime.delivery.spool import SpoolError, VerdictSpool, mark_redelivered
 
 
 class FakeClock:
@@ -160,7 +160,7 @@ def test_invalid_bounds_are_refused(tmp_path: Path, kwargs: dict) -> None:
 
 _WRITER = """
 import sys
-from anomalygpt_edge.runtime.spool import VerdictSpool
+from anomalygpt_edge.runtime.delivery.spool import VerdictSpool
 spool = VerdictSpool(sys.argv[1])
 i = 0
 while True:
@@ -283,7 +283,7 @@ def test_a_spool_that_comes_back_empty_reports_the_verdicts_it_had(tmp_path: Pat
 
 @pytest.mark.parametrize("damage", ["truncated", "header", "rows"])
 def test_a_damaged_spool_is_moved_aside_and_its_readable_rows_carried_over(tmp_path: Path, damage: str) -> None:
-    from anomalygpt_edge.runtime.fault_bench import damage_spool
+    from anomalygpt_edge.runtime.tools.fault_bench import damage_spool
 
     path = tmp_path / "spool.db"
     with VerdictSpool(path) as spool:

@@ -35,7 +35,7 @@ from anomalygpt_edge.engines.device_key import (
     refusal_message,
     write_engine_record,
 )
-from anomalygpt_edge.engines.integrity import sha256_file
+from anomalygpt_edge.atomic_files import sha256_file
 from anomalygpt_edge.engines.manifest import GraphEntry, TensorSpec
 from anomalygpt_edge.export import onnx_tools
 from anomalygpt_edge.export.tensorrt_build import (

@@ -148,7 +148,7 @@ def test_ipv6_clients_are_throttled_per_64_prefix():
 
 
 def _web_user(argv: list[str], stdin: str, monkeypatch) -> int:
-    from anomalygpt_edge.runtime.web import cli
+    from anomalygpt_edge.runtime.cli import station as cli
 
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers(dest="command"))

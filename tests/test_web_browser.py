@@ -64,9 +64,9 @@ class VerdictSubscriber:
 def station(default_bundle_dir, tmp_path):
     """The line daemon running from a config: cam1 replays good parts, cam2 a line with defective
     blocks, both bound to a recipe that does not exist yet; a local MQTT broker; the station page."""
-    from anomalygpt_edge.runtime.config import load_config
-    from anomalygpt_edge.runtime.daemon import Daemon
-    from anomalygpt_edge.runtime.local_broker import start_local_broker
+    from anomalygpt_edge.runtime.line.config import load_config
+    from anomalygpt_edge.runtime.line.daemon import Daemon
+    from anomalygpt_edge.runtime.tools.local_broker import start_local_broker
     from anomalygpt_edge.runtime.web.daemon_station import attach
 
     good = write_video(tmp_path / "line1-good.avi", VIDEO_FRAMES, mixed=False, seed0=0)
@@ -102,7 +102,7 @@ def station(default_bundle_dir, tmp_path):
 def _llm_installed() -> bool:
     """Whether the embedded SmolLM2 model ([llm] extra) is installed: ask then uses it."""
     try:
-        from anomalygpt_edge.runtime.explain import default_model_path
+        from anomalygpt_edge.runtime.explain.explainer import default_model_path
 
         default_model_path()
         import llama_cpp  # noqa: F401

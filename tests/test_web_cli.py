@@ -16,7 +16,7 @@ import pytest
 from station_http import Client
 from station_scene import PART_ROI, write_video
 
-from anomalygpt_edge.runtime.local_broker import start_local_broker
+from anomalygpt_edge.runtime.tools.local_broker import start_local_broker
 from anomalygpt_edge.runtime.web.auth import User, UserStore
 
 STATION = [sys.executable, "-m", "anomalygpt_edge"]  # the product's own command line

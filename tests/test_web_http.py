@@ -278,7 +278,7 @@ def _png_b64(image) -> str:
 @pytest.mark.slow
 def test_enrollment_over_http_then_verdicts_history_csv_and_ask(default_bundle_dir, tmp_path):
     from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.recipes import RecipeStore
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
     from anomalygpt_edge.runtime.web.station import CameraSpec, LocalStation
 
     video = write_video(tmp_path / "mixed.avi", 40, mixed=True, seed0=500)
@@ -383,7 +383,7 @@ class FakeExplainer:
         self._verdict = None
 
     def explain(self, verdict, question, on_text=None):
-        from anomalygpt_edge.runtime.explain import Explanation
+        from anomalygpt_edge.runtime.explain.explainer import Explanation
 
         self.calls.append(f"explain:{question}")
         self._verdict = verdict
@@ -391,7 +391,7 @@ class FakeExplainer:
         return Explanation("first answer", "llm")
 
     def follow_up(self, question, on_text=None):
-        from anomalygpt_edge.runtime.explain import Explanation
+        from anomalygpt_edge.runtime.explain.explainer import Explanation
 
         self.calls.append(f"follow_up:{question}")
         on_text("more")
@@ -399,8 +399,8 @@ class FakeExplainer:
 
 
 def test_ask_continues_a_conversation_only_while_the_model_still_holds_it(tmp_path):
-    from anomalygpt_edge.runtime.recipes import RecipeStore
-    from anomalygpt_edge.runtime.verdict import Verdict
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+    from anomalygpt_edge.runtime.inspection.verdict import Verdict
     from anomalygpt_edge.runtime.web.station import StationBase, make_record
 
     explainer = FakeExplainer()
@@ -426,8 +426,8 @@ def test_ask_continues_a_conversation_only_while_the_model_still_holds_it(tmp_pa
 
 
 def test_ask_without_a_model_streams_the_verdicts_own_sentence(tmp_path):
-    from anomalygpt_edge.runtime.recipes import RecipeStore
-    from anomalygpt_edge.runtime.verdict import Verdict
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+    from anomalygpt_edge.runtime.inspection.verdict import Verdict
     from anomalygpt_edge.runtime.web.station import StationBase, make_record
 
     def broken():

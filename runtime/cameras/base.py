@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from anomalygpt_edge.runtime.config import CameraConfig
+from anomalygpt_edge.runtime.line.config import CameraConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,18 +14,12 @@ from typing import Any
 import numpy as np
 
 from anomalygpt_edge.runtime.cameras.base import CameraError, CameraSource, EndOfStreamError, register_source
-from anomalygpt_edge.runtime.config import CameraConfig
-from anomalygpt_edge.runtime.preprocess import ImageError, read_image
+from anomalygpt_edge.runtime.line.config import CameraConfig
+from anomalygpt_edge.engines.preprocess import ImageError, list_images, read_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_FPS = 10.0
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files in ``folder`` in name order (hidden and temporary files skipped)."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 @register_source("image_folder")
@@ -52,8 +46,8 @@ class ImageFolderSource(CameraSource):
         if not folder.is_dir():
             raise CameraError(f"camera {self.config.name}: image folder {folder} not found")
         try:
-            self._files = list_images(folder)
-        except OSError as exc:  # gone between the check and the listing
+            self._files = list_images(folder, allow_empty=True)
+        except (OSError, ImageError) as exc:  # gone between the check and the listing
             raise CameraError(f"camera {self.config.name}: image folder {folder}: {exc.strerror or exc}") from exc
         if not self._files:
             raise CameraError(f"camera {self.config.name}: no images in {folder}")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomalygpt_edge.engines.integrity import atomic_write_bytes
+from anomalygpt_edge.atomic_files import atomic_write_bytes
 
 ROLES = ("operator", "technician", "admin")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")

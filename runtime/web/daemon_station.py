@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from anomalygpt_edge.runtime.enrollment import Enroller
-from anomalygpt_edge.runtime.recipes import RecipeError
-from anomalygpt_edge.runtime.verdict import Verdict
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+from anomalygpt_edge.runtime.recipes.store import RecipeError
+from anomalygpt_edge.runtime.inspection.verdict import Verdict
 from anomalygpt_edge.runtime.web.station import (
     KEEP_OK_IMAGE_EVERY,
     Frame,
@@ -37,7 +37,7 @@ from anomalygpt_edge.runtime.web.station import (
 )
 
 if TYPE_CHECKING:
-    from anomalygpt_edge.runtime.daemon import Daemon
+    from anomalygpt_edge.runtime.line.daemon import Daemon
 
 log = logging.getLogger(__name__)
 #: Verdicts waiting for JPEG encoding; beyond this the page skips some (the PLC path never waits).

@@ -1,0 +1,1 @@
+"""Command line: the runtime's subcommand parsers and their handlers."""

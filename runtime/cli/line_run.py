@@ -1,0 +1,50 @@
+"""``anomalygpt-edge run --config FILE``: validate the config, then run the daemon until SIGTERM/SIGINT.
+
+A start-up failure is one line on stderr naming the config file and what is wrong (exit code 2);
+``--debug`` adds the traceback. Damaged spool or archive files do not get here: they are moved
+aside and reported by the daemon itself (runtime/delivery/spool.py, runtime/delivery/archive.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from anomalygpt_edge.runtime.line.config import ConfigError, load_config
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, what: str = "") -> int:
+    """One clear line (the traceback too with ``--debug``); exit code 2."""
+    if getattr(args, "debug", False):
+        traceback.print_exception(exc, file=sys.stderr)
+    text = str(exc) or type(exc).__name__
+    prefix = f"{args.config}: " if str(args.config) not in text else ""
+    print(f"error: {prefix}{what}{text}".replace("\n", " "), file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate ``--config``, then run the daemon; 0 on a clean stop, 2 when it cannot start."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(args, exc)
+    if args.check:
+        print(f"{args.config}: OK ({len(config.cameras)} cameras, {len(config.recipes)} recipes)")
+        return 0
+    from anomalygpt_edge.engines.base import EngineError
+    from anomalygpt_edge.runtime.delivery.archive import ArchiveError
+    from anomalygpt_edge.runtime.line.daemon import Daemon
+    from anomalygpt_edge.runtime.recipes.store import RecipeError
+    from anomalygpt_edge.runtime.delivery.spool import SpoolError
+
+    try:
+        Daemon(config).run_forever()
+    except (EngineError, SpoolError, ArchiveError, RecipeError) as exc:
+        # A bundle missing or damaged, storage.data on a read-only or missing mount, a spool
+        # locked by another daemon …: each message names its file; no traceback without --debug.
+        return _fail(args, exc)
+    except OSError as exc:  # a folder that cannot be created, a port that cannot be bound …
+        return _fail(args, exc, f"{exc.filename}: " if exc.filename and str(exc.filename) not in str(exc) else "")
+    return 0

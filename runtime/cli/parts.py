@@ -1,0 +1,122 @@
+"""Runtime subcommands (no torch): enroll, calibrate, inspect, evaluate, and the ``bench`` group.
+
+Parsers only; each names its implementation module in ``handler`` (imported when it runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from anomalygpt_edge.runtime.defaults import DEFAULT_BUNDLE, DEFAULT_STORE
+
+#: Light modules that each add one ``bench`` target with ``add_bench_target(targets)``.
+BENCH_TARGET_MODULES: tuple[str, ...] = ("anomalygpt_edge.runtime.cli.line",)
+
+
+def roi_arg(text: str) -> tuple[int, int, int, int]:
+    """``x,y,w,h`` in pixels."""
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ROI must be x,y,w,h in pixels, got '{text}'") from None
+    if w <= 0 or h <= 0 or x < 0 or y < 0:
+        raise argparse.ArgumentTypeError(f"ROI needs x, y >= 0 and w, h > 0, got '{text}'")
+    return (x, y, w, h)
+
+
+def frr_arg(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 0.5:
+        raise argparse.ArgumentTypeError(f"target false-reject rate must be in (0, 0.5), got {text}")
+    return value
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"recipe store folder (default {DEFAULT_STORE})")
+    p.add_argument("--bundle", type=Path, help=f"engine bundle (default: the recipe's, else {DEFAULT_BUNDLE})")
+    p.add_argument("--backend", default="auto", help="engine backend (auto, onnxruntime, onnxruntime-cuda, tensorrt)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the runtime subcommands."""
+    e = sub.add_parser("enroll", help="enroll golden parts into a recipe (creates it if new)")
+    e.add_argument("--recipe", required=True)
+    e.add_argument("--images", type=Path, help="folder (or single file) of golden images to add")
+    e.add_argument(
+        "--defects",
+        type=Path,
+        help="folder (or file) of known-defective images; an optional NAME_mask.png beside each marks the defect",
+    )
+    e.add_argument("--defect-type", help="defect type of the --defects images (e.g. crack)")
+    e.add_argument("--remove", metavar="SAMPLE", help="remove one golden sample (file name or sha256 prefix)")
+    e.add_argument("--roi", type=roi_arg, help="crop x,y,w,h applied to every image (new recipes)")
+    e.add_argument(
+        "--resize", choices=("squash", "letterbox", "shorter_side_crop"), help="override the bundle's resize"
+    )
+    e.add_argument("--augment", default="", help="comma list of rot90,hflip,vflip (only for invariant parts)")
+    e.add_argument(
+        "--source",
+        choices=("bank", "text", "text+bank"),
+        default="bank",
+        help="few-shot bank (default), AnomalyGPT's text decoder, or both averaged (the paper's few-shot mode)",
+    )
+    e.add_argument("--class-name", help="object name for the text decoder (source text)")
+    e.add_argument("--target-frr", type=frr_arg, default=None, help="target false-reject rate (default 0.01)")
+    e.add_argument("--budget", type=int, default=None, help="memory-bank patch budget per layer")
+    e.add_argument("--accept-flagged", action="store_true", help="go live although the quality check flagged samples")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    _store_args(e)
+    e.set_defaults(handler="anomalygpt_edge.runtime.cli.parts_run:enroll")
+
+    c = sub.add_parser("calibrate", help="refine a recipe's threshold with known-good/known-bad parts")
+    c.add_argument("--recipe", required=True)
+    c.add_argument("--labelled", type=Path, required=True, help="folder with good/ and one or more defect folders")
+    c.add_argument("--json", action="store_true")
+    _store_args(c)
+    c.set_defaults(handler="anomalygpt_edge.runtime.cli.parts_run:calibrate")
+
+    i = sub.add_parser("inspect", help="OK/NG verdicts for image files")
+    i.add_argument("--recipe", required=True)
+    i.add_argument("images", nargs="+", type=Path)
+    i.add_argument("--json", action="store_true", help="one JSON object per line")
+    i.add_argument("--heatmap", type=Path, help="write heatmap overlays into this folder")
+    _store_args(i)
+    i.set_defaults(handler="anomalygpt_edge.runtime.cli.parts_run:inspect")
+
+    v = sub.add_parser("evaluate", help="k-shot accuracy on an MVTec-layout dataset")
+    v.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="one or more folders with train/good, test/<defect>, optional ground_truth/<defect>",
+    )
+    v.add_argument("--shots", type=int, default=16)
+    v.add_argument(
+        "--defects", type=int, default=0, help="labelled defects per seed moved from the test set into enrollment"
+    )
+    v.add_argument("--seeds", type=int, default=3)
+    v.add_argument("--json", type=Path, required=True, help="write the figures here")
+    v.add_argument("--report", type=Path, help="folder for a Markdown summary, ROC/PR curves and heatmap examples")
+    v.add_argument("--target-frr", type=frr_arg, default=None)
+    v.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    v.add_argument("--backend", default="auto")
+    v.add_argument("--resize", choices=("squash", "letterbox", "shorter_side_crop"))
+    v.add_argument("--augment", default="", help="comma list of rot90,hflip,vflip for the golden bank")
+    v.set_defaults(handler="anomalygpt_edge.runtime.evaluation.evaluate:run")
+
+    b = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
+    targets = b.add_subparsers(dest="target", required=True, metavar="TARGET")
+    bv = targets.add_parser("vision", help="encoder + bank matcher: PyTorch eager vs ONNX Runtime (needs torch)")
+    bv.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    bv.add_argument("--json", type=Path, required=True)
+    bv.add_argument("--shots", type=int, default=16, help="golden images in the bank")
+    bv.add_argument("--repeats", type=int, default=30)
+    bv.add_argument("--enroll-images", type=Path, help="golden images to time enrollment with (default: generated)")
+    bv.add_argument("--backend", default="auto")
+    bv.set_defaults(handler="anomalygpt_edge.export.bench_vision:run")
+    import importlib
+
+    for name in BENCH_TARGET_MODULES:
+        importlib.import_module(name).add_bench_target(targets)

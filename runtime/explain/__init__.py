@@ -1,0 +1,1 @@
+"""Explain: the LLM's explanations of verdicts, off the reject path."""

@@ -1,0 +1,1 @@
+"""Line: the daemon and its parts (config, jobs, MQTT commands and their gate, health and status)."""

@@ -1,0 +1,117 @@
+"""Inspection jobs and the bounded queue between cameras/triggers and an inspection worker.
+
+Back-pressure is explicit and different for the two kinds of work:
+
+* free-run frames: one slot per camera; a newer frame replaces a waiting older one (drop-oldest,
+  counted as ``superseded``), so a slow pipeline inspects the newest frame, never a backlog;
+* triggered parts (PLC trigger, folder watch): never dropped. They wait in FIFO order ahead of
+  free-run frames; when the queue is full or the deadline passes, the part is *answered* with an
+  ERROR verdict instead (see :class:`Job.answer`), so the PLC always hears back.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from anomalygpt_edge.runtime.cameras.base import Frame
+from anomalygpt_edge.runtime.delivery.mqtt_link import Command
+
+
+@dataclass
+class Job:
+    """One part (or free-run frame) to inspect and answer exactly once."""
+
+    camera: str
+    kind: str  # "free_run", "trigger" or "folder_watch"
+    deadline_mono: float
+    created_mono: float = field(default_factory=time.monotonic)
+    frame: Frame | None = None  # set when the image is there (triggers wait for the next frame)
+    image: np.ndarray | None = None  # folder watch: the file's image (no camera frame)
+    captured_at: float | None = None  # epoch seconds of capture (or of the trigger for folder files)
+    part_id: str | None = None
+    command: Command | None = None  # the PLC's trigger, for the reply with its correlation data
+    correlation: str | None = None
+    queued_mono: float | None = None
+    _answered: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def triggered(self) -> bool:
+        return self.kind != "free_run"
+
+    def claim(self) -> bool:
+        """First caller wins the right to answer (the worker or the deadline watchdog); never both."""
+        with self._lock:
+            if self._answered:
+                return False
+            self._answered = True
+            return True
+
+    @property
+    def answered(self) -> bool:
+        return self._answered
+
+    def pixels(self) -> np.ndarray | None:
+        return self.frame.image if self.frame is not None else self.image
+
+
+class WorkQueue:
+    """Triggered FIFO (bounded, never silently dropped) ahead of one free-run slot per camera."""
+
+    def __init__(self, max_triggered: int = 64):
+        self.max_triggered = max_triggered
+        self._triggered: collections.deque[Job] = collections.deque()
+        self._free: dict[str, Job] = {}
+        self._order: collections.deque[str] = collections.deque()  # round robin over cameras
+        self._cond = threading.Condition()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def put_triggered(self, job: Job) -> bool:
+        """Queue a triggered part; False when full (the caller must answer it with ERROR)."""
+        with self._cond:
+            if len(self._triggered) >= self.max_triggered:
+                self.counts["triggered_refused"] += 1
+                return False
+            job.queued_mono = time.monotonic()
+            self._triggered.append(job)
+            self._cond.notify()
+            return True
+
+    def put_free(self, job: Job) -> None:
+        """Offer a free-run frame; it replaces the camera's waiting one (drop-oldest)."""
+        with self._cond:
+            job.queued_mono = time.monotonic()
+            if job.camera in self._free:
+                self.counts["superseded"] += 1
+            else:
+                self._order.append(job.camera)
+            self._free[job.camera] = job
+            self._cond.notify()
+
+    def get(self, timeout: float) -> Job | None:
+        """Next job: triggered parts first, then free-run frames round robin; None on timeout."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while not self._triggered and not self._free:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            if self._triggered:
+                return self._triggered.popleft()
+            camera = self._order.popleft()
+            return self._free.pop(camera)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def depth(self) -> dict[str, Any]:
+        with self._cond:
+            return {"triggered": len(self._triggered), "free_run": len(self._free)}

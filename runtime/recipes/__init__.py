@@ -1,0 +1,1 @@
+"""Recipes: the crash-safe recipe store and enrollment of golden (and labelled defective) parts."""

@@ -1,0 +1,1 @@
+"""Tools: the demo, benchmarks, synthetic parts and the local brokers they start."""
