@@ -36,7 +36,6 @@ import numpy as np
 from anomalygpt_edge.atomic_files import atomic_write_bytes, sha256_file
 
 
-
 class CalibrationError(ValueError):
     """Calibration images or cache are unusable; the message says which and why."""
 

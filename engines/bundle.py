@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalygpt_edge.engines.base import Engine, EngineError, create_engine
 from anomalygpt_edge.atomic_files import sha256_bytes, sha256_file
+from anomalygpt_edge.engines.base import Engine, EngineError, create_engine
 from anomalygpt_edge.engines.manifest import GraphEntry, Manifest, ManifestError, read_manifest
 
 

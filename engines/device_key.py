@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from anomalygpt_edge.engines.base import EngineError
 from anomalygpt_edge.atomic_files import atomic_write_bytes
+from anomalygpt_edge.engines.base import EngineError
 
 ENGINES_NAME = "engines.json"
 RECORDS_SCHEMA = 1

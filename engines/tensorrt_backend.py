@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from anomalygpt_edge.atomic_files import sha256_bytes, sha256_file
 from anomalygpt_edge.engines.base import DTYPES, Engine, EngineError, TensorSpec, register_backend
 from anomalygpt_edge.engines.device_key import (
     DeviceKey,
@@ -39,7 +40,6 @@ from anomalygpt_edge.engines.device_key import (
     read_engine_records,
     record_for,
 )
-from anomalygpt_edge.atomic_files import sha256_bytes, sha256_file
 from anomalygpt_edge.engines.manifest import Manifest, ManifestError, read_manifest
 
 try:  # cuda-python >= 12.6 moved the runtime bindings; older releases have cuda.cudart

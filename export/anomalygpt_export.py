@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.atomic_files import sha256_file
+from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.engines.manifest import PatchLayer, Preprocess
 from anomalygpt_edge.export import checkpoints as ckpt
 from anomalygpt_edge.export.anomalygpt_models import (

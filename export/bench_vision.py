@@ -51,9 +51,8 @@ def _time_enrollment(bundle: EngineBundle, args: argparse.Namespace) -> dict:
     """Wall time of a full enrollment of ``args.shots`` images into a fresh recipe, as the CLI does it."""
     import tempfile
 
-    from anomalygpt_edge.engines.preprocess import list_images
+    from anomalygpt_edge.engines.preprocess import list_images, read_image
     from anomalygpt_edge.runtime.recipes.enrollment import Enroller
-    from anomalygpt_edge.engines.preprocess import read_image
     from anomalygpt_edge.runtime.recipes.store import RecipeStore
 
     if args.enroll_images:

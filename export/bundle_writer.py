@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 import anomalygpt_edge
-from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.atomic_files import sha256_file
+from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.engines.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anomalygpt_edge.atomic_files import atomic_write_bytes, sha256_file
 from anomalygpt_edge.engines.device_key import (
     DeviceKey,
     read_engine_records,
     write_engine_record,
 )
-from anomalygpt_edge.atomic_files import atomic_write_bytes, sha256_file
 from anomalygpt_edge.engines.manifest import GraphEntry, Manifest
 
 BATCH_AXIS = "batch"

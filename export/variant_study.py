@@ -23,13 +23,13 @@ import cv2
 import numpy as np
 
 from anomalygpt_edge.engines.bundle import EngineBundle
-from anomalygpt_edge.runtime.inspection.defect_head import LabelledDefect
-from anomalygpt_edge.runtime.recipes.enrollment import patch_coverage
-from anomalygpt_edge.runtime.evaluation.evaluate import load_mask, scan_dataset
-from anomalygpt_edge.runtime.inspection.head_training import ScoredPart, fit_head
-from anomalygpt_edge.runtime.evaluation.accuracy import auroc
 from anomalygpt_edge.engines.preprocess import read_image
+from anomalygpt_edge.runtime.evaluation.accuracy import auroc
+from anomalygpt_edge.runtime.evaluation.evaluate import load_mask, scan_dataset
+from anomalygpt_edge.runtime.inspection.defect_head import LabelledDefect
+from anomalygpt_edge.runtime.inspection.head_training import ScoredPart, fit_head
 from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline, image_score, upsample_aligned
+from anomalygpt_edge.runtime.recipes.enrollment import patch_coverage
 
 SHOTS = 16
 

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.atomic_files import sha256_file
+from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.engines.manifest import Manifest, PatchLayer, Preprocess
 from anomalygpt_edge.export import checkpoints as ckpt
 from anomalygpt_edge.export.bank_matcher import BankMatcher

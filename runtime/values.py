@@ -47,9 +47,7 @@ def check_roi(value: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     a frame is checked against the frame (its size is not known here)."""
     x, y, w, h = value
     if x < 0 or y < 0 or w < MIN_ROI_SIDE or h < MIN_ROI_SIDE:
-        raise ValueError(
-            f"roi {list(value)} must be [x, y, w, h] with x, y >= 0 and w, h >= {MIN_ROI_SIDE} pixels"
-        )
+        raise ValueError(f"roi {list(value)} must be [x, y, w, h] with x, y >= 0 and w, h >= {MIN_ROI_SIDE} pixels")
     return value
 
 

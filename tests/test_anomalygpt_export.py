@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomalygpt_edge.engines import EngineBundle
 from anomalygpt_edge.atomic_files import sha256_file
+from anomalygpt_edge.engines import EngineBundle
 from anomalygpt_edge.export import checkpoints as ckpt
 from anomalygpt_edge.export.anomalygpt_export import build_modules, compute_text_features
 from anomalygpt_edge.export.anomalygpt_models import (

@@ -20,10 +20,10 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
 )
 from paho.mqtt.enums import CallbackAPIVersion
 
-from anomalygpt_edge.runtime.tools import synthetic
 from anomalygpt_edge.runtime.cameras import Camera, CameraError, create_source
 from anomalygpt_edge.runtime.line.config import CameraConfig, load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
+from anomalygpt_edge.runtime.tools import synthetic
 from anomalygpt_edge.runtime.tools.local_broker import LocalBroker
 from anomalygpt_edge.runtime.tools.mini_broker import MiniBroker, topic_matches
 

@@ -17,10 +17,10 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     write_config,
 )
 
-from anomalygpt_edge.runtime.tools import synthetic
 from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.recipes.store import RecipeStore
+from anomalygpt_edge.runtime.tools import synthetic
 
 
 def _anonymous_control(path: Path) -> Path:

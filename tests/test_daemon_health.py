@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from anomalygpt_edge.runtime.line.status import DaemonHealth
 from anomalygpt_edge.runtime.line.health import SystemdNotifier
+from anomalygpt_edge.runtime.line.status import DaemonHealth
 
 
 class Clock:

@@ -17,9 +17,9 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     write_config,
 )
 
+from anomalygpt_edge.runtime.delivery.messages import VERDICT_SCHEMA
 from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
-from anomalygpt_edge.runtime.delivery.messages import VERDICT_SCHEMA
 
 
 def _start(tmp_path: Path, broker: Any, line: dict, recipe: dict, device: str, **mqtt: Any) -> Daemon:

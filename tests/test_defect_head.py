@@ -13,10 +13,10 @@ import pytest
 from anomalygpt_edge.cli import main
 from anomalygpt_edge.engines import EngineBundle
 from anomalygpt_edge.runtime.inspection.defect_head import DefectHead, HeadError, fit_logistic
+from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline, upsample_aligned
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller, LabelledImage, patch_coverage
 from anomalygpt_edge.runtime.recipes.inspector import Inspector
 from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
-from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline, upsample_aligned
 
 
 @pytest.fixture(scope="module")

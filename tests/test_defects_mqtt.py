@@ -21,10 +21,10 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     write_config,
 )
 
-from anomalygpt_edge.runtime.tools import synthetic
 from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.recipes.store import RecipeStore
+from anomalygpt_edge.runtime.tools import synthetic
 
 TOKEN = "line-3-technician-token"
 FRAMES = 6  # files in the camera's folder: golden parts first, then replaced by defective ones

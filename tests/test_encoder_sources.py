@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from anomalygpt_edge.atomic_files import sha256_file
 from anomalygpt_edge.cli import main
 from anomalygpt_edge.engines import EngineBundle
-from anomalygpt_edge.atomic_files import sha256_file
 from anomalygpt_edge.export import checkpoints as ckpt
 from anomalygpt_edge.export import cli as export_cli
 from anomalygpt_edge.export import dinov2, vision

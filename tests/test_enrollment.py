@@ -14,11 +14,11 @@ import pytest
 
 from anomalygpt_edge.cli import main
 from anomalygpt_edge.engines import EngineBundle
+from anomalygpt_edge.engines.preprocess import ImageError, read_image
+from anomalygpt_edge.runtime.inspection.memory_bank import MemoryBank, build_bank, greedy_coreset
 from anomalygpt_edge.runtime.recipes import store as recipes_module
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 from anomalygpt_edge.runtime.recipes.inspector import Inspector
-from anomalygpt_edge.runtime.inspection.memory_bank import MemoryBank, build_bank, greedy_coreset
-from anomalygpt_edge.engines.preprocess import ImageError, read_image
 from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
 
 

@@ -28,11 +28,11 @@ import faults  # tests/faults.py
 import pytest
 from daemon_fixtures import broker_fixture, line_fixture  # noqa: F401 - fixtures are used by name
 
-from anomalygpt_edge.runtime.tools import fault_bench
 from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import MAX_CRASHES, Daemon
-from anomalygpt_edge.runtime.line.status import DaemonHealth
 from anomalygpt_edge.runtime.line.health import SystemdNotifier
+from anomalygpt_edge.runtime.line.status import DaemonHealth
+from anomalygpt_edge.runtime.tools import fault_bench
 
 
 def _rig(broker: Any, line: dict) -> fault_bench.Rig:
@@ -163,8 +163,8 @@ def test_a_start_up_error_is_one_line_naming_the_file_and_debug_shows_the_traceb
 
 
 def test_an_exception_in_a_paho_callback_never_reaches_the_network_thread() -> None:
-    from anomalygpt_edge.runtime.line.config import MqttConfig
     from anomalygpt_edge.runtime.delivery.mqtt_link import MqttLink
+    from anomalygpt_edge.runtime.line.config import MqttConfig
 
     link = MqttLink(MqttConfig(), "dev", lambda cmd: None, lambda: {})
     errors: list[str] = []

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from daemon_fixtures import broker_fixture, line_fixture  # noqa: F401 - fixtures are used by name
 
-from anomalygpt_edge.runtime.line import daemon as daemon_module
-from anomalygpt_edge.runtime.tools import fault_bench
-from anomalygpt_edge.runtime.line.config import load_config
-from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.explain.explainer import ExplainRequest, Explanation, ExplanationWorker
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
+from anomalygpt_edge.runtime.line import daemon as daemon_module
+from anomalygpt_edge.runtime.line.config import load_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
+from anomalygpt_edge.runtime.tools import fault_bench
 
 #: The crash stays in the status this long here (30 s in production): the test sees it clear.
 REPORT_S = 2.0

@@ -99,8 +99,10 @@ def test_every_import_points_down_the_declared_order_of_rooms():
 
 def test_no_module_imports_itself_back_at_import_time():
     mods = _modules()
-    graph = {name: {t for t, _, top in _imports(path, mods) if top and t in mods and t != name}
-             for name, path in mods.items()}
+    graph = {
+        name: {t for t, _, top in _imports(path, mods) if top and t in mods and t != name}
+        for name, path in mods.items()
+    }
     # A package's __init__ importing its own modules is how packages export; the module importing
     # its package back for those names is the usual cycle Python resolves, so packages are skipped.
     packages = {n for n, p in mods.items() if p.name == "__init__.py"}
@@ -112,7 +114,7 @@ def test_no_module_imports_itself_back_at_import_time():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append([*stack[stack.index(nxt):], nxt])
+                cycles.append([*stack[stack.index(nxt) :], nxt])
             elif nxt not in state:
                 walk(nxt, [*stack, nxt])
         state[node] = 2

@@ -28,11 +28,11 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
 from station_http import Client
 
 from anomalygpt_edge.engines import preprocess
-from anomalygpt_edge.runtime.tools import synthetic
+from anomalygpt_edge.engines.preprocess import ImageError, decode_image, image_size, read_image
 from anomalygpt_edge.runtime.cameras import Camera, create_source
 from anomalygpt_edge.runtime.line.config import CameraConfig, load_config, parse_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
-from anomalygpt_edge.engines.preprocess import ImageError, decode_image, image_size, read_image
+from anomalygpt_edge.runtime.tools import synthetic
 
 SIDE = 20000
 

@@ -14,9 +14,9 @@ import parts
 import pytest
 
 from anomalygpt_edge.engines import EngineBundle
+from anomalygpt_edge.runtime.inspection.memory_bank import MemoryBank
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 from anomalygpt_edge.runtime.recipes.inspector import Inspector
-from anomalygpt_edge.runtime.inspection.memory_bank import MemoryBank
 from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore, check_name
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
+from anomalygpt_edge.atomic_files import sha256_file
 from anomalygpt_edge.engines import EngineBundle
 from anomalygpt_edge.engines import tensorrt_backend as trt_backend
 from anomalygpt_edge.engines.base import EngineError, resolve_backend
@@ -35,7 +36,6 @@ from anomalygpt_edge.engines.device_key import (
     refusal_message,
     write_engine_record,
 )
-from anomalygpt_edge.atomic_files import sha256_file
 from anomalygpt_edge.engines.manifest import GraphEntry, TensorSpec
 from anomalygpt_edge.export import onnx_tools
 from anomalygpt_edge.export.tensorrt_build import (

@@ -17,8 +17,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from anomalygpt_edge.runtime.delivery.spool import VerdictSpool
 from anomalygpt_edge.runtime.delivery.sender import VerdictSender
+from anomalygpt_edge.runtime.delivery.spool import VerdictSpool
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mosquitto") is None or shutil.which("mosquitto_sub") is None,

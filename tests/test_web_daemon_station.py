@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from anomalygpt_edge.runtime.delivery.archive import Archive
-from anomalygpt_edge.runtime.recipes.store import RecipeStore
 from anomalygpt_edge.runtime.inspection.verdict import Region, Verdict
+from anomalygpt_edge.runtime.recipes.store import RecipeStore
 from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
 from anomalygpt_edge.runtime.web.station import HistoryQuery, NotFoundError
 

@@ -399,8 +399,8 @@ class FakeExplainer:
 
 
 def test_ask_continues_a_conversation_only_while_the_model_still_holds_it(tmp_path):
-    from anomalygpt_edge.runtime.recipes.store import RecipeStore
     from anomalygpt_edge.runtime.inspection.verdict import Verdict
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
     from anomalygpt_edge.runtime.web.station import StationBase, make_record
 
     explainer = FakeExplainer()
@@ -426,8 +426,8 @@ def test_ask_continues_a_conversation_only_while_the_model_still_holds_it(tmp_pa
 
 
 def test_ask_without_a_model_streams_the_verdicts_own_sentence(tmp_path):
-    from anomalygpt_edge.runtime.recipes.store import RecipeStore
     from anomalygpt_edge.runtime.inspection.verdict import Verdict
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
     from anomalygpt_edge.runtime.web.station import StationBase, make_record
 
     def broken():

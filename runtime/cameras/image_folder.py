@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from anomalygpt_edge.engines.preprocess import ImageError, list_images, read_image
 from anomalygpt_edge.runtime.cameras.base import CameraError, CameraSource, EndOfStreamError, register_source
 from anomalygpt_edge.runtime.line.config import CameraConfig
-from anomalygpt_edge.engines.preprocess import ImageError, list_images, read_image
 
 log = logging.getLogger(__name__)
 

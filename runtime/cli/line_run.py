@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from anomalygpt_edge.engines.base import EngineError
     from anomalygpt_edge.runtime.delivery.archive import ArchiveError
+    from anomalygpt_edge.runtime.delivery.spool import SpoolError
     from anomalygpt_edge.runtime.line.daemon import Daemon
     from anomalygpt_edge.runtime.recipes.store import RecipeError
-    from anomalygpt_edge.runtime.delivery.spool import SpoolError
 
     try:
         Daemon(config).run_forever()

@@ -10,15 +10,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from anomalygpt_edge.atomic_files import atomic_write_bytes
 from anomalygpt_edge.calibration.threshold import refine_with_labels
 from anomalygpt_edge.engines.bundle import EngineBundle
-from anomalygpt_edge.atomic_files import atomic_write_bytes
-from anomalygpt_edge.runtime.defaults import DEFAULT_BUNDLE
-from anomalygpt_edge.runtime.recipes.enrollment import Enroller, EnrollmentResult, LabelledImage
-from anomalygpt_edge.runtime.inspection.heatmap import overlay
-from anomalygpt_edge.runtime.recipes.inspector import Inspector
 from anomalygpt_edge.engines.preprocess import ImageError, crop_roi, list_images, read_image
+from anomalygpt_edge.runtime.defaults import DEFAULT_BUNDLE
+from anomalygpt_edge.runtime.inspection.heatmap import overlay
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller, EnrollmentResult, LabelledImage
+from anomalygpt_edge.runtime.recipes.inspector import Inspector
 from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
+
 
 def _bundle_for(args: argparse.Namespace, store: RecipeStore) -> EngineBundle:
     if args.bundle is not None:

@@ -28,13 +28,13 @@ import cv2
 import numpy as np
 
 from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.engines.preprocess import ImageError, list_images, read_image
 from anomalygpt_edge.runtime.evaluation import accuracy as metrics
-from anomalygpt_edge.runtime.recipes.enrollment import Enroller, LabelledImage
 from anomalygpt_edge.runtime.inspection.heatmap import overlay
-from anomalygpt_edge.runtime.recipes.inspector import Inspector
-from anomalygpt_edge.engines.preprocess import ImageError, read_image
-from anomalygpt_edge.runtime.recipes.store import RecipeStore
 from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller, LabelledImage
+from anomalygpt_edge.runtime.recipes.inspector import Inspector
+from anomalygpt_edge.runtime.recipes.store import RecipeStore
 
 #: Pixel metrics are computed on maps and masks scaled so the longer side is at most this.
 PIXEL_EVAL_SIDE = 256

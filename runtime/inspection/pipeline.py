@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 
 from anomalygpt_edge.engines.bundle import EngineBundle
-from anomalygpt_edge.runtime.inspection.defect_head import DefectHead
 from anomalygpt_edge.engines.preprocess import Prepared, crop_roi, preprocess
+from anomalygpt_edge.runtime.inspection.defect_head import DefectHead
 
 ENCODE_BATCH = 8
 #: Image-score rules a manifest may name (``matching.image_score``): the map's maximum

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from anomalygpt_edge.runtime.line.command_gate import CommandGate, CommandPolicy, Rejection
-from anomalygpt_edge.runtime.recipes.enrollment import LabelledImage
+from anomalygpt_edge.engines.preprocess import ImageError, crop_roi, set_max_image_pixels
 from anomalygpt_edge.runtime.delivery.messages import reply
 from anomalygpt_edge.runtime.delivery.mqtt_link import COMMANDS, Command
-from anomalygpt_edge.engines.preprocess import ImageError, crop_roi, set_max_image_pixels
+from anomalygpt_edge.runtime.line.command_gate import CommandGate, CommandPolicy, Rejection
+from anomalygpt_edge.runtime.recipes.enrollment import LabelledImage
 from anomalygpt_edge.runtime.recipes.store import DEFECT_TYPE, RecipeError, check_name
 
 if TYPE_CHECKING:

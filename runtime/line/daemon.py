@@ -48,11 +48,8 @@ import numpy as np
 import anomalygpt_edge
 from anomalygpt_edge.engines.base import create_engine, resolve_backend
 from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.engines.preprocess import ImageError, crop_roi, list_images, read_image
 from anomalygpt_edge.runtime.cameras.base import Camera, Frame, create_source
-from anomalygpt_edge.runtime.line.config import DaemonConfig, RecipeBinding
-from anomalygpt_edge.runtime.recipes.enrollment import Enroller
-from anomalygpt_edge.runtime.recipes.inspector import Inspector
-from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
 from anomalygpt_edge.runtime.delivery.messages import (
     EXPLANATION_SCHEMA,
     STATUS_SCHEMA,
@@ -62,10 +59,13 @@ from anomalygpt_edge.runtime.delivery.messages import (
     verdict_message,
 )
 from anomalygpt_edge.runtime.delivery.mqtt_link import Command, MqttLink
-from anomalygpt_edge.engines.preprocess import ImageError, crop_roi, list_images, read_image
-from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
-from anomalygpt_edge.runtime.inspection.verdict import Verdict
 from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
+from anomalygpt_edge.runtime.inspection.verdict import Verdict
+from anomalygpt_edge.runtime.line.config import DaemonConfig, RecipeBinding
+from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+from anomalygpt_edge.runtime.recipes.inspector import Inspector
+from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
 
 log = logging.getLogger(__name__)
 FOLDER_POLL_S = 0.05

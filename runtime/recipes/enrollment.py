@@ -24,13 +24,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from anomalygpt_edge.atomic_files import atomic_write_bytes, sha256_bytes
 from anomalygpt_edge.calibration.threshold import Threshold, expectations, fit_threshold, variety_warning
 from anomalygpt_edge.engines.bundle import EngineBundle
-from anomalygpt_edge.atomic_files import atomic_write_bytes, sha256_bytes
+from anomalygpt_edge.engines.preprocess import ImageError, Prepared, crop_roi
 from anomalygpt_edge.runtime.inspection.defect_head import DefectHead, HeadError, LabelledDefect
 from anomalygpt_edge.runtime.inspection.head_training import ScoredPart, fit_head
 from anomalygpt_edge.runtime.inspection.memory_bank import MemoryBank, build_bank
-from anomalygpt_edge.engines.preprocess import ImageError, Prepared, crop_roi
+from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
 from anomalygpt_edge.runtime.recipes.store import (
     DEFECT_TYPE,
     USES_TEXT,
@@ -42,7 +43,6 @@ from anomalygpt_edge.runtime.recipes.store import (
     now_iso,
     text_features_for,
 )
-from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ import numpy as np
 
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.engines.preprocess import Prepared, map_to_source
+from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
+from anomalygpt_edge.runtime.inspection.verdict import Region, Verdict, anomaly_sentence, location_word
 from anomalygpt_edge.runtime.recipes.store import (
     USES_BANK,
     USES_TEXT,
@@ -19,8 +21,6 @@ from anomalygpt_edge.runtime.recipes.store import (
     RecipeStore,
     text_features_for,
 )
-from anomalygpt_edge.runtime.inspection.verdict import Region, Verdict, anomaly_sentence, location_word
-from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
 
 MAX_REGIONS = 8
 

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from anomalygpt_edge.calibration.threshold import DEFAULT_TARGET_FRR, Threshold
 from anomalygpt_edge.atomic_files import atomic_write_bytes, sha256_bytes
+from anomalygpt_edge.calibration.threshold import DEFAULT_TARGET_FRR, Threshold
 from anomalygpt_edge.runtime.inspection.defect_head import DefectHead, HeadError
 from anomalygpt_edge.runtime.inspection.memory_bank import DEFAULT_BUDGET, BankError, MemoryBank
 

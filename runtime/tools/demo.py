@@ -177,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         # The demo's own lines tell the story; the daemon's INFO log would interleave with them.
         logging.getLogger("anomalygpt_edge").setLevel(logging.WARNING)
-    from anomalygpt_edge.runtime.tools import synthetic
     from anomalygpt_edge.runtime.line.config import ConfigError, load_config
+    from anomalygpt_edge.runtime.tools import synthetic
     from anomalygpt_edge.runtime.tools.local_broker import start_local_broker
 
     work = args.workdir.resolve()

@@ -899,8 +899,8 @@ def racing_enroll(rig: Rig, work: Path, rounds: int = 3, frames: int = 3, upload
     the real :class:`DaemonStation`; then the committed recipe is checked and rebuilt."""
     import cv2
 
-    from anomalygpt_edge.runtime.tools import synthetic
     from anomalygpt_edge.runtime.recipes.store import RecipeStore
+    from anomalygpt_edge.runtime.tools import synthetic
     from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
 
     device, recipe = "frace", "race"
@@ -1061,12 +1061,12 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.tools import synthetic
     from anomalygpt_edge.runtime.defaults import DEFAULT_BUNDLE
-    from anomalygpt_edge.runtime.tools.demo import ensure_bundle
     from anomalygpt_edge.runtime.recipes.enrollment import Enroller
-    from anomalygpt_edge.runtime.tools.local_broker import start_mosquitto
     from anomalygpt_edge.runtime.recipes.store import RecipeStore
+    from anomalygpt_edge.runtime.tools import synthetic
+    from anomalygpt_edge.runtime.tools.demo import ensure_bundle
+    from anomalygpt_edge.runtime.tools.local_broker import start_mosquitto
 
     logging.getLogger("anomalygpt_edge").setLevel(logging.CRITICAL)
     work = args.workdir.resolve()

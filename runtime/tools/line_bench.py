@@ -91,14 +91,14 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.tools import synthetic
     from anomalygpt_edge.runtime.defaults import DEFAULT_BUNDLE
     from anomalygpt_edge.runtime.line.config import load_config
     from anomalygpt_edge.runtime.line.daemon import Daemon
-    from anomalygpt_edge.runtime.tools.demo import ensure_bundle
     from anomalygpt_edge.runtime.recipes.enrollment import Enroller
-    from anomalygpt_edge.runtime.tools.local_broker import start_mosquitto
     from anomalygpt_edge.runtime.recipes.store import RecipeStore
+    from anomalygpt_edge.runtime.tools import synthetic
+    from anomalygpt_edge.runtime.tools.demo import ensure_bundle
+    from anomalygpt_edge.runtime.tools.local_broker import start_mosquitto
 
     logging.getLogger("anomalygpt_edge").setLevel(logging.WARNING)
     work = args.workdir.resolve()

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from anomalygpt_edge.runtime.inspection.verdict import Verdict
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 from anomalygpt_edge.runtime.recipes.store import RecipeError
-from anomalygpt_edge.runtime.inspection.verdict import Verdict
 from anomalygpt_edge.runtime.web.station import (
     KEEP_OK_IMAGE_EVERY,
     Frame,

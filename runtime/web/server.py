@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from anomalygpt_edge.runtime.delivery.archive import csv_cell
 from anomalygpt_edge.engines.preprocess import ImageError
+from anomalygpt_edge.runtime.delivery.archive import csv_cell
 from anomalygpt_edge.runtime.recipes.store import RecipeError
 from anomalygpt_edge.runtime.web.audit import AuditLog
 from anomalygpt_edge.runtime.web.auth import (

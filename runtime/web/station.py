@@ -32,13 +32,12 @@ import numpy as np
 
 from anomalygpt_edge.calibration.threshold import Threshold
 from anomalygpt_edge.engines.bundle import EngineBundle
-from anomalygpt_edge.engines.preprocess import list_images
-from anomalygpt_edge.runtime.recipes.enrollment import Enroller, LabelledImage
+from anomalygpt_edge.engines.preprocess import ImageError, crop_roi, decode_image, list_images, read_image
 from anomalygpt_edge.runtime.inspection.heatmap import overlay
-from anomalygpt_edge.runtime.recipes.inspector import Inspector
-from anomalygpt_edge.engines.preprocess import ImageError, crop_roi, decode_image, read_image
-from anomalygpt_edge.runtime.recipes.store import Recipe, RecipeError, RecipeStore
 from anomalygpt_edge.runtime.inspection.verdict import Region, Verdict
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller, LabelledImage
+from anomalygpt_edge.runtime.recipes.inspector import Inspector
+from anomalygpt_edge.runtime.recipes.store import Recipe, RecipeError, RecipeStore
 
 log = logging.getLogger(__name__)
 
