@@ -57,6 +57,15 @@ class HeadError(ValueError):
     """A defect head that cannot be trained or used; the message says why."""
 
 
+def linear_logits(mean: np.ndarray, scale: np.ndarray, weight: np.ndarray, bias: float, patches: Any) -> np.ndarray:
+    """Patch logits ``((x - mean) / scale) · weight + bias`` for features (..., N, C) → (..., N).
+
+    The one implementation: the live head and the cross-fitting folds (which have no head yet) both use it.
+    """
+    x = (np.asarray(patches, np.float32) - mean) / scale
+    return x @ weight + np.float32(bias)
+
+
 @dataclass
 class DefectHead:
     """Linear patch logits ``((x - mean) / scale) · weight + bias`` and the fusion statistics."""
@@ -78,8 +87,7 @@ class DefectHead:
 
     def logits(self, patches: np.ndarray) -> np.ndarray:
         """Patch logits for features (..., N, C) → (..., N)."""
-        x = (np.asarray(patches, np.float32) - self.mean) / self.scale
-        return x @ self.weight + np.float32(self.bias)
+        return linear_logits(self.mean, self.scale, self.weight, self.bias, patches)
 
     def fuse(self, bank_map: np.ndarray, head_map: np.ndarray) -> np.ndarray:
         """The inspected map: the bank's z-score plus the head's, both scaled by held-out golden image scores."""

@@ -21,6 +21,7 @@ from anomalygpt_edge.runtime.inspection.defect_head import (
     DefectHead,
     LabelledDefect,
     fit_logistic,
+    linear_logits,
     robust_stats,
     training_rows,
 )
@@ -60,10 +61,6 @@ def _train(
     return mean, scale, weight, bias, mode
 
 
-def _logits(mean, scale, weight, bias, patches: np.ndarray) -> np.ndarray:
-    return ((patches - mean) / scale) @ weight + np.float32(bias)
-
-
 def fit_head(
     pipeline: VisionPipeline,
     golden: Sequence[ScoredPart],
@@ -86,13 +83,13 @@ def fit_head(
         d_train = [j for j in range(n_def) if j not in d_hold]
         params = _train(g_train, [defects[j] for j in d_train], [labels[j] for j in d_train], grid, seed + f)[:4]
         for i in g_hold:
-            golden_logits[i] = _logits(*params, golden[i].patches[0])
+            golden_logits[i] = linear_logits(*params, golden[i].patches[0])
         for j in d_hold:
-            defect_logits[j] = _logits(*params, defects[j].patches[0])
+            defect_logits[j] = linear_logits(*params, defects[j].patches[0])
     mean, scale, weight, bias, mode = _train(golden, defects, labels, grid, seed)
     for j in range(n_def):
         if defect_logits[j] is None:  # a single labelled defect: no model without it can score it
-            defect_logits[j] = _logits(mean, scale, weight, bias, defects[j].patches[0])
+            defect_logits[j] = linear_logits(mean, scale, weight, bias, defects[j].patches[0])
 
     # Fusion statistics at the image level: the z-scores of each map are scaled by how much the
     # *image scores* (map maxima) of held-out good parts vary, so each source weighs by how well it
