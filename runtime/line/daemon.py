@@ -154,8 +154,10 @@ class DeadlineWatchdog:
 class Daemon:
     """Everything ``anomalygpt-edge run`` runs; :meth:`start` / :meth:`stop` for tests and the demo."""
 
-    def __init__(self, config: DaemonConfig):
+    def __init__(self, config: DaemonConfig, *, link: Any = None):
         self.config = config
+        # An injected link (the standalone station's null link) replaces the MQTT link from the config.
+        self._injected_link = link
         self.store = RecipeStore(config.storage.store)
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -347,9 +349,12 @@ class Daemon:
         self._open_llm()
         self._install_excepthook()
         self.watchdog = DeadlineWatchdog(self._on_deadline, on_error=self._note_error)
-        self.link = MqttLink(self.config.mqtt, self.config.device_id, self.commands.receive, self.status, self.spool)
+        if self._injected_link is not None:
+            self.link = self._injected_link
+        else:
+            self.link = MqttLink(self.config.mqtt, self.config.device_id, self.commands.receive, self.status, self.spool)
         self.link.on_error = self._note_error
-        if not self.link.start(mqtt_wait_s):
+        if not self.link.start(mqtt_wait_s) and self._injected_link is None:
             log.warning("MQTT broker %s:%s not reachable yet; retrying", self.config.mqtt.host, self.config.mqtt.port)
         for n, (_key, queue) in enumerate(self.queues.items()):
             self._spawn(f"inspect-{n}", self._work, queue)
