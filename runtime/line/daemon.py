@@ -352,7 +352,9 @@ class Daemon:
         if self._injected_link is not None:
             self.link = self._injected_link
         else:
-            self.link = MqttLink(self.config.mqtt, self.config.device_id, self.commands.receive, self.status, self.spool)
+            self.link = MqttLink(
+                self.config.mqtt, self.config.device_id, self.commands.receive, self.status, self.spool
+            )
         self.link.on_error = self._note_error
         if not self.link.start(mqtt_wait_s) and self._injected_link is None:
             log.warning("MQTT broker %s:%s not reachable yet; retrying", self.config.mqtt.host, self.config.mqtt.port)
