@@ -21,6 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,11 +36,15 @@ from anomalygpt_edge.engines.llm import (
     register_llm_backend,
 )
 
+if TYPE_CHECKING:  # both ship py.typed; imported lazily at run time (the [llm] extra)
+    from gguf import GGMLQuantizationType
+    from llama_cpp import llama_sampler_p
+
 _init_lock = threading.Lock()
 _backend_ready = False
 
 
-def _lib():  # noqa: ANN202 - the llama_cpp module
+def _lib() -> ModuleType:
     """Import llama_cpp once and initialise its backend (cheap after the first call)."""
     global _backend_ready
     try:
@@ -117,7 +123,8 @@ class LlamaCppLLM(LLM):
         self._pending: list[int] = []
         self._since_answer_n = 0
         self._since_answer_s = 0.0
-        self._embd_rows = None  # lazily read token_embd.weight (see token_embeddings)
+        # Lazily read token_embd.weight (see token_embeddings): rows, their ggml type, the gguf module.
+        self._embd_rows: tuple[np.ndarray, GGMLQuantizationType, ModuleType] | None = None
         self._lock = threading.RLock()
 
     # --- properties ----------------------------------------------------------------------------
@@ -221,18 +228,18 @@ class LlamaCppLLM(LLM):
             t = found[0]
             self._embd_rows = (t.data, t.tensor_type, gguf)
         data, qtype, gguf = self._embd_rows
-        ids = np.asarray(list(ids), dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self._n_vocab):
+        idx = np.asarray(list(ids), dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._n_vocab):
             raise LLMError(f"token id out of range 0..{self._n_vocab - 1}")
-        rows = np.asarray(data[ids])
+        rows = np.asarray(data[idx])
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             out = rows.astype(np.float32)
         else:
             out = gguf.quants.dequantize(rows, qtype).astype(np.float32)
-        return out.reshape(len(ids), self._n_embd)
+        return out.reshape(len(idx), self._n_embd)
 
     # --- decoding ------------------------------------------------------------------------------
-    def _decode(self, batch, n: int) -> None:  # noqa: ANN001 - llama_batch
+    def _decode(self, batch: Any, n: int) -> None:
         batch.n_tokens = n
         rc = self._lib.llama_decode(self._ctx, batch)
         if rc != 0:
@@ -242,7 +249,9 @@ class LlamaCppLLM(LLM):
             )
         self._n_past += n
 
-    def _fill_common(self, batch, i: int, logits: bool) -> None:  # noqa: ANN001
+    # batch is a llama_batch; Any because llama-cpp-python annotates its fields wrongly (pos as an
+    # array of arrays where llama.cpp has one int32 per token), and these writes follow llama.cpp.
+    def _fill_common(self, batch: Any, i: int, logits: bool) -> None:
         batch.pos[i] = self._n_past + i
         batch.n_seq_id[i] = 1
         batch.seq_id[i][0] = 0
@@ -326,11 +335,11 @@ class LlamaCppLLM(LLM):
             self._since_answer_s = 0.0
 
     # --- sampling ------------------------------------------------------------------------------
-    def _sampler(self, config: GenerationConfig):  # noqa: ANN202 - llama_sampler_p
+    def _sampler(self, config: GenerationConfig) -> llama_sampler_p:
         lib = self._lib
         params = lib.llama_sampler_chain_default_params()
         params.no_perf = True
-        chain = lib.llama_sampler_chain_init(params)
+        chain: llama_sampler_p = lib.llama_sampler_chain_init(params)
         if config.temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain

@@ -13,6 +13,7 @@ import abc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -185,13 +186,16 @@ class LLM(abc.ABC):
         self.close()
 
 
-_LLM_BACKENDS: dict[str, type[LLM]] = {}
+# A backend is its class, called as ``cls(path, **options)``; the abstract LLM declares no
+# constructor because each backend takes its own options.
+_LLM_BACKENDS: dict[str, Callable[..., LLM]] = {}
+_LLMClass = TypeVar("_LLMClass", bound=type[LLM])
 
 
-def register_llm_backend(key: str) -> Callable[[type[LLM]], type[LLM]]:
+def register_llm_backend(key: str) -> Callable[[_LLMClass], _LLMClass]:
     """Class decorator: make an LLM subclass loadable under ``key``."""
 
-    def wrap(cls: type[LLM]) -> type[LLM]:
+    def wrap(cls: _LLMClass) -> _LLMClass:
         cls.backend = key
         _LLM_BACKENDS[key] = cls
         return cls

@@ -373,7 +373,7 @@ def preprocess(image: np.ndarray, spec: Preprocess, resize: str | None = None, n
         content = (left, top, left + rw, top + rh)
     else:
         raise ImageError(f"unknown resize mode '{mode}'")
-    x = out.astype(np.float32) * np.float32(spec.scale)
+    x: np.ndarray = out.astype(np.float32) * np.float32(spec.scale)
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return Prepared(np.ascontiguousarray(x.transpose(2, 0, 1)), (H, W), window, content)
 

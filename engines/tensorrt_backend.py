@@ -50,6 +50,9 @@ except ImportError:
     except ImportError:
         cudart = None
 
+#: Every tensor's (name, shape), sorted: a captured CUDA graph is valid for exactly one of these.
+_ShapeSignature = tuple[tuple[str, tuple[int, ...]], ...]
+
 #: Why TensorRT is missing, in the words tests and ``why_not`` use.
 TENSORRT_MISSING = "tensorrt is not installed (TensorRT comes from JetPack or NVIDIA's index)"
 
@@ -143,7 +146,7 @@ class _HostDeviceBuffer:
         """A numpy array over the pinned host memory (no copy)."""
         count = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         raw = (ctypes.c_uint8 * max(count, 1)).from_address(int(self.host_ptr))
-        return np.frombuffer(raw, dtype=np.uint8, count=count).view(dtype).reshape(shape)
+        return np.frombuffer(memoryview(raw), dtype=np.uint8, count=count).view(dtype).reshape(shape)
 
     def free(self) -> None:
         if self.capacity and cudart is not None:
@@ -188,7 +191,7 @@ class PlanRunner:
         self.use_cuda_graph = cuda_graph
         self._graph_exec: Any = None
         self._graph: Any = None
-        self._graph_signature: tuple | None = None
+        self._graph_signature: _ShapeSignature | None = None
         self._last_shapes: dict[str, tuple[int, ...]] = {}
         self.capture_error: str | None = None
         self._lock = threading.Lock()
@@ -259,7 +262,7 @@ class PlanRunner:
             )
             cuda_call(cudart.cudaMemcpyAsync(buf.host_ptr, buf.device_ptr, n, d2h, self.stream))
 
-    def _capture(self, shapes: Mapping[str, tuple[int, ...]], signature: tuple) -> None:
+    def _capture(self, shapes: Mapping[str, tuple[int, ...]], signature: _ShapeSignature) -> None:
         """Capture copies + inference for these shapes and addresses into a CUDA graph."""
         self._drop_graph()
         # TensorRT defers some shape-dependent setup to the first enqueue after a shape change;
