@@ -30,23 +30,35 @@ import errno
 import json
 import logging
 import os
-import queue
 import shutil
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# The format, the disk budget and the background writer live in modules of their own; the line's
+# storage, the station and the tests import them from here.
+from anomalygpt_edge.runtime.delivery.archive_format import (
+    CSV_COLUMNS,
+    SCHEMA,
+    ArchiveError,
+    csv_cell,
+    iso,
+    parse_time,
+    safe_file_name,
+    verdict_row,
+    verdict_time,
+)
+from anomalygpt_edge.runtime.delivery.archive_writer import ArchiveWriter
+from anomalygpt_edge.runtime.delivery.disk_budget import LEVELS, DiskBudget
 from anomalygpt_edge.runtime.delivery.spool import (
     JOURNAL_SIZE_LIMIT,
     WAL_AUTOCHECKPOINT_PAGES,
-    free_bytes,
     is_damaged,
     is_disk_full,
     move_aside,
@@ -58,184 +70,11 @@ DEFAULT_QUOTA_BYTES = 2 * 1024**3
 JPEG_QUALITY = 90
 #: Rows held in memory while the disk is too full to write them (then the oldest are dropped, counted).
 MAX_DEFERRED_ROWS = 5000
-#: Disk levels, from healthy to full (see :class:`DiskBudget`).
-LEVELS = ("ok", "low", "critical")
 
-
-class DiskBudget:
-    """One disk budget for the daemon's state folder: spool, archive, their WALs and images.
-
-    ``level()`` is ``ok``; ``low`` when free space is under twice ``floor_bytes`` or the files use
-    more than 90 % of ``budget_bytes`` (the archive stops writing images); ``critical`` under the
-    floor or over the budget (the archive stops writing rows too). ``budget_bytes`` 0 = no budget,
-    free space alone decides. Measured at most every ``interval_s`` (a few ``stat`` calls).
-    """
-
-    def __init__(
-        self,
-        root: Path | str,
-        budget_bytes: int = 0,
-        floor_bytes: int = 0,
-        reserve_bytes: int = 0,
-        interval_s: float = 0.25,
-    ):
-        self.root = Path(root)
-        self.budget_bytes = max(0, int(budget_bytes))
-        self.floor_bytes = max(0, int(floor_bytes))
-        self.reserve_bytes = max(0, int(reserve_bytes))
-        self.interval_s = interval_s
-        self._files: list[Path] = []
-        self._extra: list[Callable[[], int]] = []
-        self._lock = threading.Lock()
-        self._cached: tuple[float, str, int, int] | None = None
-
-    def track(self, *paths: Path) -> None:
-        """Count these files (and their ``-wal``/``-shm`` companions) against the budget."""
-        with self._lock:
-            for p in paths:
-                p = Path(p)
-                self._files += [p, p.with_name(p.name + "-wal"), p.with_name(p.name + "-shm")]
-
-    def track_bytes(self, source: Callable[[], int]) -> None:
-        """Count ``source()`` bytes too (the archive's image files, which it tallies itself)."""
-        with self._lock:
-            self._extra.append(source)
-
-    def used_bytes(self) -> int:
-        """Bytes of every tracked file (missing ones count 0) plus the tracked byte sources."""
-        total = 0
-        for p in list(self._files):
-            with contextlib.suppress(OSError):
-                total += p.stat().st_size
-        for source in list(self._extra):
-            with contextlib.suppress(Exception):
-                total += int(source())
-        return total
-
-    def measure(self) -> tuple[str, int, int]:
-        """``(level, used_bytes, free_bytes)``, cached for ``interval_s``."""
-        now = time.monotonic()
-        with self._lock:
-            if self._cached is not None and now - self._cached[0] < self.interval_s:
-                return self._cached[1:]
-        used, free = self.used_bytes(), free_bytes(self.root)
-        level = "ok"
-        budget = self.budget_bytes
-        if free < self.floor_bytes or (budget and used > budget):
-            level = "critical"
-        elif free < 2 * self.floor_bytes or (budget and used > 0.9 * budget):
-            level = "low"
-        with self._lock:
-            self._cached = (now, level, used, free)
-        return level, used, free
-
-    def level(self) -> str:
-        """``ok``, ``low`` or ``critical`` (see the class)."""
-        return self.measure()[0]
-
-    def image_allowance(self, image_bytes: int) -> int | None:
-        """Bytes of images the budget leaves room for (None: no budget), after the other files and
-        a tenth of the budget kept for rows and WAL growth."""
-        if not self.budget_bytes:
-            return None
-        other = self.used_bytes() - image_bytes
-        return max(0, int(self.budget_bytes * 0.9) - other - self.reserve_bytes)
-
-    def stats(self) -> dict[str, Any]:
-        """Level, bytes used by the tracked files, free bytes, budget and floor (the status's ``disk``)."""
-        level, used, free = self.measure()
-        return {
-            "level": level,
-            "used_bytes": used,
-            "free_bytes": free,
-            "budget_bytes": self.budget_bytes or None,
-            "floor_bytes": self.floor_bytes,
-        }
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS verdicts (
-    id TEXT PRIMARY KEY,
-    ts REAL NOT NULL,
-    captured_at TEXT NOT NULL,
-    camera TEXT,
-    recipe TEXT,
-    verdict TEXT NOT NULL,
-    score REAL,
-    threshold REAL,
-    part_id TEXT,
-    frame_seq INTEGER,
-    reason TEXT,
-    image TEXT,
-    heatmap TEXT,
-    images_evicted INTEGER NOT NULL DEFAULT 0,
-    json TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS verdicts_ts ON verdicts(ts);
-CREATE INDEX IF NOT EXISTS verdicts_camera_ts ON verdicts(camera, ts);
-CREATE INDEX IF NOT EXISTS verdicts_recipe_ts ON verdicts(recipe, ts);
-CREATE INDEX IF NOT EXISTS verdicts_verdict_ts ON verdicts(verdict, ts);
-CREATE TABLE IF NOT EXISTS files (
-    path TEXT PRIMARY KEY,
-    verdict_id TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    ts REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS files_ts ON files(ts);
-"""
-
-CSV_COLUMNS = (
-    "id",
-    "captured_at",
-    "camera",
-    "recipe",
-    "verdict",
-    "score",
-    "threshold",
-    "part_id",
-    "frame_seq",
-    "reason",
-    "location",
-    "sentence",
-    "image",
-    "heatmap",
-)
-
-
-def csv_cell(value: Any) -> Any:
-    """A CSV cell that a spreadsheet never runs as a formula: text starting with = + - @ is quoted.
-
-    Part ids and sentences can come from a PLC or an LLM; exported CSVs are opened in Excel.
-    """
-    if value is None:
-        return ""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
-class ArchiveError(RuntimeError):
-    """The archive cannot be opened or a query is malformed."""
-
-
-def parse_time(text: str | float | dt.datetime) -> float:
-    """Seconds since the epoch from an ISO-8601 string (naive = UTC), a datetime or a number."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    if isinstance(text, dt.datetime):
-        moment = text
-    else:
-        try:
-            moment = dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-        except ValueError:
-            raise ArchiveError(f"not an ISO-8601 time: {text!r} (e.g. 2026-11-23T08:00:00Z)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.timestamp()
-
-
-def iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds")
+__all__ = [
+    "CSV_COLUMNS", "DEFAULT_QUOTA_BYTES", "JPEG_QUALITY", "LEVELS", "MAX_DEFERRED_ROWS", "Archive", "ArchiveError",
+    "ArchiveStats", "ArchiveWriter", "DiskBudget", "csv_cell", "iso", "parse_time",
+]  # fmt: skip
 
 
 @dataclass
@@ -326,7 +165,7 @@ class Archive:
             # Bounded WAL: checkpoint every MiB and truncate it back, so the WAL cannot fill the disk.
             db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
-            db.executescript(_SCHEMA)
+            db.executescript(SCHEMA)
             self.stats.bytes_used = int(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM files").fetchone()[0])
             return db
         except (sqlite3.DatabaseError, OSError) as exc:
@@ -377,44 +216,17 @@ class Archive:
         if not vid:
             self._fail_row("verdict without an id")
             return False
-        try:
-            ts = parse_time(
-                verdict.get("captured_at") or verdict.get("published_at") or dt.datetime.now(dt.timezone.utc)
-            )
-        except ArchiveError:
-            ts = dt.datetime.now(dt.timezone.utc).timestamp()
+        ts = verdict_time(verdict)
         kind = str(verdict.get("verdict", "ERROR"))
         if keep_image is None:
             keep_image = image is not None and self.wants_image(kind)
         level = self._disk_level()
-        paths: dict[str, str | None] = {"image": None, "heatmap": None}
         if keep_image and level != "ok":
             with self._lock:
                 self.stats.images_skipped_disk += 1  # images give way first, so rows and the spool keep room
             keep_image = False
-        if keep_image:
-            day = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d")
-            for name, array in (("image", image), ("heatmap", heatmap)):
-                if array is not None:
-                    paths[name] = self._write_image(f"{day}/{_safe(vid)}.{name}.jpg", array, vid, ts)
-            if kind == "OK" and paths["image"]:
-                self.stats.ok_sampled += 1
-        row = (
-            vid,
-            ts,
-            iso(ts),
-            _opt_str(verdict.get("camera")),
-            _opt_str(verdict.get("recipe")),
-            kind,
-            _opt_float(verdict.get("score")),
-            _opt_float(verdict.get("threshold")),
-            _opt_str(verdict.get("part_id")),
-            _opt_int(verdict.get("frame_seq")),
-            _opt_str(verdict.get("reason")),
-            paths["image"],
-            paths["heatmap"],
-            json.dumps(verdict, separators=(",", ":"), default=str),
-        )
+        paths = self._keep_images(vid, ts, kind, image, heatmap) if keep_image else {"image": None, "heatmap": None}
+        row = verdict_row(verdict, ts, paths)
         if level == "critical":
             self._defer(row)
             return False
@@ -429,6 +241,19 @@ class Archive:
             else:
                 self._fail_row(f"archive row {vid}: {exc}")
             return False
+
+    def _keep_images(
+        self, vid: str, ts: float, kind: str, image: np.ndarray | None, heatmap: np.ndarray | None
+    ) -> dict[str, str | None]:
+        """Write the part's image and heatmap under the capture day; their paths (None: not kept)."""
+        paths: dict[str, str | None] = {"image": None, "heatmap": None}
+        day = dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d")
+        for name, array in (("image", image), ("heatmap", heatmap)):
+            if array is not None:
+                paths[name] = self._write_image(f"{day}/{safe_file_name(vid)}.{name}.jpg", array, vid, ts)
+        if kind == "OK" and paths["image"]:
+            self.stats.ok_sampled += 1
+        return paths
 
     def _insert(self, rows: list[tuple]) -> None:
         """Lock held. One transaction; OR IGNORE: a redelivered or replayed verdict keeps its first row."""
@@ -655,98 +480,3 @@ class Archive:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-class ArchiveWriter:
-    """Runs :meth:`Archive.record` on a background thread so JPEG encoding and disk writes never
-    delay a verdict. A full queue drops the archive entry (counted in ``queue_dropped``)."""
-
-    def __init__(self, archive: Archive, maxsize: int = 64, on_error: Callable[[str], None] | None = None):
-        self.archive = archive
-        self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=maxsize)
-        self._on_error = on_error
-        self._thread = threading.Thread(target=self._run, name="archive-writer", daemon=True)
-        self._thread.start()
-
-    def submit(
-        self, verdict: dict[str, Any], image: np.ndarray | None = None, heatmap: np.ndarray | None = None
-    ) -> bool:
-        """Queue one verdict; False (and counted) when the writer is behind."""
-        try:
-            self._queue.put_nowait((verdict, image, heatmap))
-            return True
-        except queue.Full:
-            self.archive.stats.queue_dropped += 1
-            return False
-
-    def depth(self) -> int:
-        return self._queue.qsize()
-
-    @property
-    def thread(self) -> threading.Thread:
-        """The writer thread (for liveness checks)."""
-        return self._thread
-
-    def _run(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                # Idle: rows kept back by a full disk go in by themselves once there is room.
-                with contextlib.suppress(Exception):
-                    self.archive.flush_deferred()
-                continue
-            if item is None:
-                self._queue.task_done()
-                return
-            try:
-                self.archive.record(*item)
-            except Exception as exc:  # never let the writer thread die: count and carry on
-                self.archive.stats.rows_failed += 1
-                self.archive.stats.last_error = f"archive writer: {exc!r}"
-                log.exception("archive writer")
-                if self._on_error:
-                    with contextlib.suppress(Exception):
-                        self._on_error(self.archive.stats.last_error)
-            finally:
-                self._queue.task_done()
-
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait (bounded) until everything queued so far is written."""
-        done = threading.Event()
-
-        def waiter() -> None:
-            self._queue.join()
-            done.set()
-
-        threading.Thread(target=waiter, daemon=True).start()
-        done.wait(timeout)
-
-    def close(self, timeout: float = 10.0) -> None:
-        self.flush(timeout)
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
-
-
-def _safe(name: str) -> str:
-    """A verdict id as a file name: anything outside ``[A-Za-z0-9_.-]`` becomes ``_``."""
-    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in name)[:128] or "_"
-
-
-def _opt_str(v: Any) -> str | None:
-    return None if v is None else str(v)
-
-
-def _opt_float(v: Any) -> float | None:
-    try:
-        return None if v is None else float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _opt_int(v: Any) -> int | None:
-    try:
-        return None if v is None else int(v)
-    except (TypeError, ValueError):
-        return None
