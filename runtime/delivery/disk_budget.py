@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anomalygpt_edge.runtime.delivery.spool import free_bytes
+from anomalygpt_edge.runtime.delivery.spool_files import free_bytes
 
 #: Disk levels, from healthy to full (see :class:`DiskBudget`).
 LEVELS = ("ok", "low", "critical")

@@ -50,7 +50,6 @@ Drop counters are stored in the database, so they survive restarts.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
@@ -58,9 +57,31 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# The store's files and its SQLite layer live in modules of their own; the sender, the archive,
+# the line's storage and the tests import these names from here.
+from anomalygpt_edge.runtime.delivery.spool_files import (
+    DAMAGED,
+    DiskReserve,
+    free_bytes,
+    is_damaged,
+    is_disk_full,
+    move_aside,
+    utc_stamp,
+)
+from anomalygpt_edge.runtime.delivery.spool_sqlite import (
+    COLUMNS,
+    SALVAGE_PROBES,
+    SCHEMA,
+    SpoolError,
+    SpoolItem,
+    Transaction,
+    decode_row,
+    mark_redelivered,
+    salvage_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,164 +92,12 @@ SYNCHRONOUS_MODES = ("FULL", "NORMAL")
 WAL_AUTOCHECKPOINT_PAGES = 256
 #: Bytes a WAL is truncated back to after a checkpoint (by default it keeps its largest size).
 JOURNAL_SIZE_LIMIT = 1024 * 1024
-#: How many corrupt-file probes salvaging may take (each one jumps further past a bad page).
-SALVAGE_PROBES = 48
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS spool (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    verdict_id TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    created REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_attempt REAL
-);
-CREATE TABLE IF NOT EXISTS counters (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    seq, verdict_id, topic, payload, created, attempts,
-    reason TEXT NOT NULL,
-    quarantined_at REAL NOT NULL
-);
-INSERT OR IGNORE INTO counters(name, value) VALUES ('dropped_full', 0), ('dropped_age', 0), ('quarantined', 0);
-"""
-_COLUMNS = "seq, verdict_id, topic, payload, created, attempts"
-
-
-class SpoolError(RuntimeError):
-    """The spool database cannot be opened or written (disk full, unreadable, not a database)."""
-
-
-@dataclass(frozen=True)
-class SpoolItem:
-    """One undelivered verdict."""
-
-    seq: int
-    verdict_id: str
-    topic: str
-    payload: bytes
-    created: float
-    attempts: int
-
-    @property
-    def redelivered(self) -> bool:
-        """True when an earlier publish of this item may have reached the broker (resend = duplicate)."""
-        return self.attempts > 0
-
-
-def mark_redelivered(payload: bytes) -> bytes:
-    """``payload`` (a JSON object) with ``"redelivered": true`` set; other payloads are returned as is.
-
-    The subscriber recognises the duplicate by ``id``; the flag tells it a duplicate is possible.
-    """
-    try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return payload
-    if not isinstance(data, dict):
-        return payload
-    data["redelivered"] = True
-    return json.dumps(data, separators=(",", ":")).encode()
-
-
-def utc_stamp(t: float | None = None) -> str:
-    """``20261201T213000Z``: the suffix of a store moved aside."""
-    return dt.datetime.fromtimestamp(time.time() if t is None else t, dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether an SQLite or OS error means the disk (or a quota) is full."""
-    text = str(exc).lower()
-    return "full" in text or "no space" in text or getattr(exc, "errno", None) in (28, 122)  # ENOSPC, EDQUOT
-
-
-#: Error texts that mean the store itself is damaged (and moving it aside helps), as opposed to
-#: locked by another process, read-only or out of space (where it would only hide good data).
-DAMAGED = ("not a database", "malformed", "is a directory", "quick check", "corrupt", "unsupported file format")
-
-
-def is_damaged(exc: BaseException) -> bool:
-    """Whether an error opening a store means the file itself is damaged."""
-    text = str(exc).lower()
-    return any(marker in text for marker in DAMAGED)
-
-
-def move_aside(path: Path, companions: Sequence[str] = ("-wal", "-shm"), now: float | None = None) -> Path:
-    """Rename ``path`` (file or folder) and its SQLite companions to ``<name>.corrupt-<UTC time>``.
-
-    Nothing is deleted: the moved file is the evidence (and what a person can still try to recover).
-    """
-    stamp = utc_stamp(now)
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    n = 1
-    while target.exists():  # two recoveries within a second
-        n += 1
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-    os.replace(path, target)
-    for suffix in companions:
-        side = path.with_name(path.name + suffix)
-        if side.exists():
-            with contextlib.suppress(OSError):
-                os.replace(side, target.with_name(target.name + suffix))
-    return target
-
-
-def free_bytes(path: Path) -> int:
-    """Bytes available to this process on the filesystem holding ``path`` (0 if it cannot be read)."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return 0
-    return int(st.f_bavail) * int(st.f_frsize)
-
-
-class DiskReserve:
-    """A file of ``size`` bytes held back for the spool, released when a commit finds the disk full."""
-
-    def __init__(self, path: Path, size: int):
-        self.path = Path(path)
-        self.size = max(0, int(size))
-        self.releases = 0
-
-    @property
-    def held(self) -> bool:
-        """Whether the reserve file is there at full size (always true for a zero-size reserve)."""
-        return self.size == 0 or (self.path.exists() and self.path.stat().st_size >= self.size)
-
-    def ensure(self, floor_bytes: int = 0) -> bool:
-        """Create the reserve when there is room for it above ``floor_bytes``; True when it is held."""
-        if self.held:
-            return True
-        if free_bytes(self.path.parent) < self.size + floor_bytes:
-            return False
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            # Real blocks (not a sparse file): on tmpfs and ext4 alike, deleting it frees that much.
-            with open(tmp, "wb") as fh:
-                chunk = b"\0" * 65536
-                left = self.size
-                while left > 0:
-                    left -= fh.write(chunk[: min(left, len(chunk))])
-            os.replace(tmp, self.path)
-            return True
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            return False
-
-    def release(self) -> bool:
-        """Delete the reserve; True if there was one to free."""
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            return False
-        except OSError:
-            return False
-        self.releases += 1
-        return True
+__all__ = [
+    "DAMAGED", "DEFAULT_MAX_AGE_S", "DEFAULT_MAX_ROWS", "JOURNAL_SIZE_LIMIT", "SALVAGE_PROBES", "SYNCHRONOUS_MODES",
+    "WAL_AUTOCHECKPOINT_PAGES", "DiskReserve", "SpoolError", "SpoolItem", "VerdictSpool", "free_bytes", "is_damaged",
+    "is_disk_full", "mark_redelivered", "move_aside", "utc_stamp",
+]  # fmt: skip
 
 
 class VerdictSpool:
@@ -275,23 +144,32 @@ class VerdictSpool:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SpoolError(f"spool {self.path}: cannot create its folder: {exc.strerror or exc}") from exc
+        self._db = self._open()
+        self.reserve.ensure(self.free_floor_bytes)
+        self.save_state()
+
+    # -- opening and recovery ----------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect; a damaged store is moved aside and what can be read carried over, a loss reported."""
         expected = self._read_state()
         fresh = not self.path.exists() or (self.path.is_file() and self.path.stat().st_size == 0)
         salvaged: list[tuple] = []
         try:
-            self._db = self._connect()
+            db = self._connect()
         except SpoolError as exc:
             if is_disk_full(exc) and self.reserve.release():
-                self._db = self._connect()  # the WAL and shm files needed room: the reserve is for that
+                db = self._connect()  # the WAL and shm files needed room: the reserve is for that
             elif not is_damaged(exc):
                 raise  # locked by another process, read-only, permissions: nothing to move aside
             else:
                 # Unusable store: keep it as evidence under another name, carry over what can be read.
-                salvaged = _salvage(self.path)
+                salvaged = salvage_rows(self.path)
                 moved = self._move_aside(str(exc))
-                self._db = self._connect()
+                db = self._connect()
                 self.events[-1].update({"salvaged": len(salvaged), "moved_to": str(moved)})
                 fresh = True
+        self._db = db
         if salvaged:
             self._insert_salvaged(salvaged)
         if fresh and expected and expected.get("pending", 0) > len(salvaged):
@@ -302,10 +180,7 @@ class VerdictSpool:
                 f" but was {'unreadable' if salvaged or self.events else 'empty or missing'}:"
                 f" {self.lost_on_open} verdicts lost",
             )
-        self.reserve.ensure(self.free_floor_bytes)
-        self.save_state()
-
-    # -- opening and recovery ----------------------------------------------------------------------
+        return db
 
     def _connect(self) -> sqlite3.Connection:
         db = None
@@ -324,7 +199,7 @@ class VerdictSpool:
             check = db.execute("PRAGMA quick_check").fetchall()
             if [tuple(r) for r in check] != [("ok",)]:
                 raise SpoolError(f"spool {self.path}: failed its quick check: {check[0][0]}")
-            db.executescript(_SCHEMA)
+            db.executescript(SCHEMA)
             return db
         except (sqlite3.DatabaseError, OSError) as exc:
             if db is not None:
@@ -501,14 +376,14 @@ class VerdictSpool:
                     self._expire(self._clock())
             try:
                 rows = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
+                    f"SELECT {COLUMNS} FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
                     (int(after_seq), int(limit)),
                 ).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise SpoolError(f"spool {self.path}: {exc}") from exc
             items, bad = [], []
             for r in rows:
-                item, problem = _decode(r)
+                item, problem = decode_row(r)
                 if item is not None:
                     items.append(item)
                 else:
@@ -523,7 +398,7 @@ class VerdictSpool:
             with self._tx():
                 for r, problem in bad:
                     self._db.execute(
-                        f"INSERT INTO quarantine({_COLUMNS}, reason, quarantined_at) VALUES (?,?,?,?,?,?,?,?)",
+                        f"INSERT INTO quarantine({COLUMNS}, reason, quarantined_at) VALUES (?,?,?,?,?,?,?,?)",
                         (*r, problem, now),
                     )
                     self._db.execute("DELETE FROM spool WHERE seq = ?", (r[0],))
@@ -541,8 +416,8 @@ class VerdictSpool:
     def quarantined(self) -> list[dict[str, Any]]:
         """The rows taken out of delivery because they could not be decoded, with the reason."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS}, reason FROM quarantine ORDER BY rowid").fetchall()
-        keys = (*_COLUMNS.split(", "), "reason")
+            rows = self._db.execute(f"SELECT {COLUMNS}, reason FROM quarantine ORDER BY rowid").fetchall()
+        keys = (*COLUMNS.split(", "), "reason")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def depth(self) -> int:
@@ -598,8 +473,8 @@ class VerdictSpool:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self.path)
+    def _tx(self) -> Transaction:
+        return Transaction(self._db, self.path)
 
     def _expire(self, now: float) -> None:
         if self.max_age_s is None:
@@ -611,110 +486,3 @@ class VerdictSpool:
     def _count(self, name: str, n: int) -> None:
         self._db.execute("INSERT OR IGNORE INTO counters(name, value) VALUES (?, 0)", (name,))
         self._db.execute("UPDATE counters SET value = value + ? WHERE name = ?", (int(n), name))
-
-
-def _decode(r: tuple) -> tuple[SpoolItem | None, str]:
-    """A row as a :class:`SpoolItem`, or None and why it cannot be delivered."""
-    seq, vid, topic, payload, created, attempts = r
-    if not isinstance(seq, int):
-        return None, f"seq is {type(seq).__name__}"
-    if not isinstance(vid, str) or not vid:
-        return None, f"verdict_id is {type(vid).__name__}"
-    if not isinstance(topic, str) or not topic or any(c in topic for c in "+#\0"):
-        return None, f"topic is not a publishable topic ({topic!r:.40})"
-    if isinstance(payload, str):
-        payload = payload.encode("utf-8", "surrogatepass")
-    if not isinstance(payload, bytes):
-        return None, f"payload is {type(payload).__name__}"
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None, "payload is not JSON"
-    if not isinstance(body, dict):
-        return None, "payload is not a JSON object"
-    if not isinstance(created, (int, float)) or not isinstance(attempts, int):
-        return None, "created/attempts are not numbers"
-    return SpoolItem(seq, vid, topic, payload, float(created), attempts), ""
-
-
-def _salvage(path: Path) -> list[tuple]:
-    """The rows of a damaged spool file that can still be read, oldest first (best effort, bounded).
-
-    The file is read into memory (never written) and, if it was cut short, padded with zeros to
-    the size its header declares, so SQLite can still reach the pages that survived. A damaged
-    page makes a scan fail where it starts; the scan resumes past it by jumping further ahead
-    each time, so one bad page costs the rows on it, not the rows behind it.
-    """
-    try:
-        data = path.read_bytes() if path.is_file() else b""
-    except OSError:
-        return []
-    if len(data) < 100:
-        return []
-    page = int.from_bytes(data[16:18], "big")
-    page = 65536 if page == 1 else page
-    declared = int.from_bytes(data[28:32], "big") * page
-    if page >= 512 and len(data) < declared <= 4 * len(data) + (1 << 20):
-        data += b"\0" * (declared - len(data))
-    data = bytearray(data)
-    data[:16] = b"SQLite format 3\x00"  # a damaged magic string alone must not cost every row
-    data[18:20] = b"\x01\x01"  # WAL-mode image -> rollback mode: an in-memory copy has no WAL to open
-    rows: dict[int, tuple] = {}
-    db = sqlite3.connect(":memory:", check_same_thread=False)
-    try:
-        db.deserialize(bytes(data))
-        after, jump = 0, 1
-        for _ in range(SALVAGE_PROBES):
-            try:
-                for r in db.execute(f"SELECT {_COLUMNS} FROM spool WHERE seq > ? ORDER BY seq", (after,)):
-                    item, _problem = _decode(tuple(r))
-                    if item is not None and item.seq > after:
-                        it = item
-                        rows[it.seq] = (it.seq, it.verdict_id, it.topic, it.payload, it.created, it.attempts)
-                        after = item.seq
-                break
-            except sqlite3.Error:
-                after += jump
-                jump *= 2
-    except sqlite3.Error:
-        pass
-    finally:
-        db.close()
-    return [rows[k] for k in sorted(rows)]
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on error; SQLite errors become :class:`SpoolError`.
-
-    SQLite rolls a transaction back by itself on some errors (``SQLITE_FULL``, ``SQLITE_IOERR``):
-    the ROLLBACK here is then refused ("no transaction is active"). It is issued only while a
-    transaction is open and its own failure is never raised: the caller gets one
-    :class:`SpoolError` naming the real cause, never a raw ``sqlite3.OperationalError``.
-    """
-
-    def __init__(self, db: sqlite3.Connection, path: Path):
-        self.db = db
-        self.path = path
-
-    def __enter__(self) -> None:
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool {self.path}: {exc}") from exc
-
-    def _rollback(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc_type is None:
-            try:
-                self.db.execute("COMMIT")
-                return
-            except sqlite3.Error as err:
-                self._rollback()
-                raise SpoolError(f"spool {self.path}: {err}") from err
-        self._rollback()
-        if isinstance(exc, sqlite3.Error):
-            raise SpoolError(f"spool {self.path}: {exc}") from exc
