@@ -100,3 +100,33 @@ def test_published_verdicts_reach_the_station_through_the_daemons_listeners(tmp_
         assert st.history_image(last["id"], "image")[:2] == b"\xff\xd8"
     finally:
         st.stop()
+
+
+def test_the_null_link_publishes_nowhere_says_connected_and_lets_replies_succeed():
+    from anomalygpt_edge.runtime.delivery.null_link import NullLink
+
+    link = NullLink("bench")
+    assert link.start(0.0) is True and link.connected.is_set(), "connected at once: there is no broker to wait for"
+    assert link.note == "no MQTT broker: standalone station" and link.sender is None and link.network_thread is None
+    durable: list[bool] = []
+    link.publish_verdict("v1", link.topic("cam1", "verdict"), b"{}", on_durable=durable.append)
+    assert durable == [False], "the PLC-reply callback still runs, as without a spool"
+    link.publish_json(link.topic("status"), {"state": "online"}, qos=1, retain=True)
+    link.publish_status()
+    link.publish_heatmap("cam1", "v1", b"\xff\xd8")
+    link.reply(SimpleNamespace(name="trigger"), {"ok": True})
+    assert link.topic("cam1", "verdict") == "anomalygpt/bench/cam1/verdict"
+    assert link.stats["not_sent"] == 5 and link.stats["published"] == 0, "nothing reached any broker"
+    link.stop()
+    assert not link.connected.is_set()
+
+
+def test_the_system_page_says_a_standalone_station_has_no_broker(tmp_path):
+    from anomalygpt_edge.runtime.delivery.null_link import NullLink
+    from anomalygpt_edge.runtime.web.daemon_station import _broker_status
+
+    link = NullLink()
+    link.start()
+    status = _broker_status(SimpleNamespace(mqtt=SimpleNamespace(host="h", port=1, protocol="5")), link)
+    assert status["connected"] is True and status["note"] == "no MQTT broker: standalone station"
+    assert "host" not in status, "no broker address is shown for a station that has none"
