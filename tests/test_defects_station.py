@@ -58,10 +58,10 @@ def _audit(path: Path) -> list[dict[str, Any]]:
 def station(default_bundle_dir: Path, tmp_path: Path):
     from anomalygpt_edge.engines.bundle import EngineBundle
     from anomalygpt_edge.runtime.recipes.store import RecipeStore
-    from anomalygpt_edge.runtime.web.station import CameraSpec, LocalStation
+    from anomalygpt_edge.runtime.web.standalone import CameraSpec, StandaloneStation
 
     video = write_video(tmp_path / "good.avi", 20, mixed=False, seed0=300)
-    st = LocalStation(
+    st = StandaloneStation(
         RecipeStore(tmp_path / "store"),
         EngineBundle.open(default_bundle_dir),
         [CameraSpec("cam1", "video_file", str(video), fps=10)],

@@ -135,7 +135,7 @@ def _serve(args: list[str]) -> tuple[subprocess.Popen, str]:
     raise AssertionError("the station did not say where it listens")
 
 
-def test_web_standalone_runs_its_own_cameras_without_a_broker(default_bundle_dir, tmp_path):
+def test_web_standalone_runs_the_daemon_with_a_null_link_and_no_broker(default_bundle_dir, tmp_path):
     from types import SimpleNamespace
 
     nobody = SimpleNamespace(host="127.0.0.1", port=1, protocols=("5",))  # no broker needed or used
@@ -147,11 +147,13 @@ def test_web_standalone_runs_its_own_cameras_without_a_broker(default_bundle_dir
         assert c.login("olga", "olga-password").status == 200
         for _ in range(100):
             cams = c.get("/api/cameras").json()
-            if cams[0]["status"] == "ok":
+            if cams[0]["status"] == "online":
                 break
             time.sleep(0.1)
-        assert cams[0]["status"] == "ok" and c.get("/api/cameras/cam1/frame.jpg").body[:2] == b"\xff\xd8"
-        assert c.get("/api/system").json()["broker"]["connected"] is None
+        # The daemon's own cameras, in the daemon's one vocabulary of camera states.
+        assert cams[0]["status"] == "online" and c.get("/api/cameras/cam1/frame.jpg").body[:2] == b"\xff\xd8"
+        broker = c.get("/api/system").json()["broker"]
+        assert broker["connected"] is True and broker["note"] == "no MQTT broker: standalone station"
         assert c.post("/api/enroll/start", {"recipe": "plate", "camera": "cam1"}).status == 403, "operators view only"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -159,6 +161,26 @@ def test_web_standalone_runs_its_own_cameras_without_a_broker(default_bundle_dir
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_a_config_without_an_mqtt_section_runs_the_daemon_with_the_null_link(default_bundle_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from anomalygpt_edge.runtime.cli.station import build_station
+    from anomalygpt_edge.runtime.delivery.null_link import NullLink
+
+    path = _config(tmp_path, default_bundle_dir, SimpleNamespace(host="127.0.0.1", port=1, protocols=("5",)))
+    cfg = json.loads(path.read_text())
+    del cfg["mqtt"]
+    path.write_text(json.dumps(cfg))
+    _, daemon, station = build_station(path)
+    try:
+        assert isinstance(daemon.link, NullLink) and daemon.link.connected.is_set()
+        assert station.daemon is daemon and station.camera_names() == ["cam1"]
+        assert station.system()["broker"]["note"] == "no MQTT broker: standalone station"
+    finally:
+        station.stop()
+        daemon.stop()
 
 
 def test_web_refuses_a_broken_config_with_a_message(tmp_path):

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     w.add_argument(
         "--standalone",
         action="store_true",
-        help="run the station's own cameras and inspection instead of the line daemon (no MQTT)",
+        help="run the daemon without MQTT even if the config has an mqtt: section (a config without one "
+        "always runs standalone)",
     )
-    w.add_argument("--inspect-fps", type=float, default=5.0, help="--standalone: inspections/s per camera")
-    w.add_argument("--llm", action="store_true", help="--standalone: load the LLM for ask and NG explanations")
+    w.add_argument(
+        "--llm", action="store_true", help="load the LLM (ask, NG explanations) even if the config's llm is off"
+    )
     w.set_defaults(handler="anomalygpt_edge.runtime.cli.station:run_web")
 
     u = sub.add_parser("web-user", help="add, remove or list station users (password read from stdin)")
@@ -98,65 +101,65 @@ def run_web_user(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_station(config_path: Path, inspect_fps: float = 5.0, llm: bool = False):
-    """A started :class:`LocalStation` for a daemon config file (cameras, recipe bindings, storage)."""
-    from anomalygpt_edge.engines.bundle import EngineBundle
+def declares_mqtt(config_path: Path) -> bool:
+    """Whether the config file has an ``mqtt:`` section (the parsed config fills in defaults)."""
+    import yaml
+
+    try:
+        top = yaml.safe_load(Path(config_path).read_text())
+    except (OSError, yaml.YAMLError):
+        return True  # load_config has read it already; when in doubt, keep the line's behaviour
+    return isinstance(top, dict) and "mqtt" in top
+
+
+def _with_llm(cfg: Any) -> Any:
+    """``cfg`` with the LLM enabled (frozen dataclass or pydantic model)."""
+    if hasattr(cfg.llm, "model_copy"):
+        return cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"enabled": True})})
+    from dataclasses import replace
+
+    return replace(cfg, llm=replace(cfg.llm, enabled=True))
+
+
+def build_station(config_path: Path, *, standalone: bool = False, llm: bool = False) -> tuple[Any, Any, Any]:
+    """The line daemon for a config file, started, and the station over it: ``(config, daemon, station)``.
+
+    With an ``mqtt:`` section (and not ``standalone``) the daemon talks to its broker as on the
+    line; otherwise it runs with a :class:`NullLink`: the same cameras, inspection, verdict ids,
+    archive and explanations, published nowhere.
+    """
+    from anomalygpt_edge.runtime.delivery.null_link import NullLink
     from anomalygpt_edge.runtime.line.config import load_config
-    from anomalygpt_edge.runtime.recipes.store import RecipeStore
-    from anomalygpt_edge.runtime.web.station import CameraSpec, LocalStation
+    from anomalygpt_edge.runtime.line.daemon import Daemon
+    from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
 
     cfg = load_config(config_path)
-    # Uploads and the station's folder cameras read images through preprocess: the config's limit.
-    from anomalygpt_edge.engines.preprocess import set_max_image_pixels
-
-    set_max_image_pixels(cfg.limits.max_image_pixels)
-    cameras = [CameraSpec(c.name, c.type, c.source, c.fps or 10.0, c.loop) for c in cfg.cameras.values()]
-    bindings = {b.camera: b.recipe for b in cfg.recipes}
-    factory = None
-    if llm or cfg.llm.enabled:
-        from anomalygpt_edge.runtime.explain.explainer import Explainer
-
-        def factory():  # loaded on first use: the page is usable before the model is
-            if cfg.llm.model is not None:
-                from anomalygpt_edge.engines.llm import create_llm
-
-                return Explainer(create_llm(cfg.llm.model, n_ctx=2048, n_threads=cfg.llm.threads))
-            return Explainer.default(n_threads=cfg.llm.threads)
-
-    station = LocalStation(
-        RecipeStore(cfg.storage.store),
-        EngineBundle.open(cfg.engines.bundle, backend=cfg.engines.backend),
-        cameras,
-        bindings,
-        inspect_fps=inspect_fps,
-        explainer_factory=factory,
-        explain_ng=factory is not None,
-    )
-    return cfg, station.start()
+    if llm:
+        cfg = _with_llm(cfg)
+    on_line = not standalone and getattr(cfg, "mqtt", None) is not None and declares_mqtt(config_path)
+    daemon = Daemon(cfg, link=None if on_line else NullLink(cfg.device_id))
+    # The station listens before the daemon starts: its history holds the very first verdicts too.
+    station = DaemonStation(daemon)
+    try:
+        daemon.start()
+    except BaseException:
+        station.stop()
+        daemon.stop()
+        raise
+    return cfg, daemon, station
 
 
 def run_web(args: argparse.Namespace) -> int:
     """Handler of ``anomalygpt-edge web``: the line daemon plus the station page, until SIGINT/SIGTERM.
 
-    ``--standalone`` runs the station's own cameras and inspection instead (no MQTT), for a bench.
+    Without an ``mqtt:`` section in the config, or with ``--standalone``, the daemon runs with a
+    null link (no broker), for a bench.
     """
-    from anomalygpt_edge.runtime.line.config import load_config
     from anomalygpt_edge.runtime.web.server import StationServer, WebConfig
 
-    daemon = None
     try:
-        cfg = load_config(args.config)
-        if args.standalone:
-            cfg, station = build_station(args.config, args.inspect_fps, args.llm)
-        else:
-            from anomalygpt_edge.runtime.line.daemon import Daemon
-            from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
-
-            daemon = Daemon(cfg).start()
-            station = DaemonStation(daemon)
+        cfg, daemon, station = build_station(args.config, standalone=args.standalone, llm=args.llm)
     except Exception as exc:  # noqa: BLE001 - config/bundle errors end with a message, not a traceback
-        if daemon is not None:
-            daemon.stop()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     web_dir = cfg.storage.data / "web"
@@ -170,8 +173,7 @@ def run_web(args: argparse.Namespace) -> int:
         server = StationServer(station, config)
     except OSError as exc:
         station.stop()
-        if daemon is not None:
-            daemon.stop()
+        daemon.stop()
         print(f"error: cannot listen on {args.bind}:{args.port}: {exc}", file=sys.stderr)
         return 2
     if not config.users_file.exists():
@@ -186,6 +188,5 @@ def run_web(args: argparse.Namespace) -> int:
     done.wait()
     server.stop()
     station.stop()
-    if daemon is not None:
-        daemon.stop()
+    daemon.stop()
     return 0

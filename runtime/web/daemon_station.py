@@ -1,5 +1,9 @@
 """The station over the running line daemon: its cameras, engines, recipes, verdicts and LLM.
 
+This is the station's one runtime: on a line the daemon talks MQTT to the PLC; a standalone
+station (``web --config`` without an ``mqtt:`` section, or ``--standalone``) runs the same daemon
+with a :class:`~anomalygpt_edge.runtime.delivery.null_link.NullLink` that publishes nowhere.
+
 The page sees exactly what the PLC gets: every verdict the daemon publishes is recorded here
 (with its image and heatmap overlay) from the daemon's after-verdict step, and LLM explanations
 the daemon publishes are attached to their verdicts. Enrollment uses the daemon's own enroller for
@@ -25,16 +29,9 @@ import numpy as np
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 from anomalygpt_edge.runtime.recipes.store import RecipeError
-from anomalygpt_edge.runtime.web.station import (
-    KEEP_OK_IMAGE_EVERY,
-    Frame,
-    HistoryQuery,
-    NotFoundError,
-    StationBase,
-    StationError,
-    bundle_status,
-    make_record,
-)
+from anomalygpt_edge.runtime.web.records import KEEP_OK_IMAGE_EVERY, make_record
+from anomalygpt_edge.runtime.web.station_base import StationBase, bundle_status
+from anomalygpt_edge.runtime.web.station_protocol import Frame, HistoryQuery, NotFoundError, StationError
 
 if TYPE_CHECKING:
     from anomalygpt_edge.runtime.line.daemon import Daemon
@@ -60,6 +57,8 @@ class DaemonStation(StationBase):
         self._queue: queue.Queue[tuple | None] = queue.Queue(LOG_QUEUE)
         self._archived: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._archived_lock = threading.Lock()
+        self._spare_enroller: Enroller | None = None  # for a daemon without cameras (uploads only)
+        self._spare_lock = threading.Lock()
         self._thread = threading.Thread(target=self._log_loop, name="station-log", daemon=True)
         self._thread.start()
         self._install_hooks()
@@ -140,7 +139,19 @@ class DaemonStation(StationBase):
         if camera is not None:
             return d.enrollers[d.bundle_key(camera)]
         default = d.config.engines.bundle.resolve()
-        return d.enrollers.get(default) or next(iter(d.enrollers.values()))
+        found = d.enrollers.get(default) or next(iter(d.enrollers.values()), None)
+        return found if found is not None else self._own_enroller()
+
+    def _own_enroller(self) -> Enroller:
+        """An enroller on the config's bundle, for a daemon that opened none (it has no cameras)."""
+        with self._spare_lock:
+            if self._spare_enroller is None:
+                from anomalygpt_edge.engines.bundle import EngineBundle
+
+                engines = self.daemon.config.engines
+                bundle = EngineBundle.open(engines.bundle, backend=engines.backend)
+                self._spare_enroller = Enroller(self.store, bundle)
+            return self._spare_enroller
 
     def cameras(self) -> list[dict[str, Any]]:
         d = self.daemon
@@ -164,6 +175,9 @@ class DaemonStation(StationBase):
                     "frame_seq": frame.seq if frame is not None else None,
                     "trigger": s.get("trigger"),
                     "inspection_error": s.get("problem"),
+                    "reason": s.get("reason"),  # why a camera is not online
+                    "skipped": s.get("skipped"),  # image-folder files that could not be read
+                    "last_error": s.get("last_error"),
                     **self.log.rates(name),
                     # The daemon's own rolling figures (what its heartbeat publishes) win over ours.
                     **_daemon_rates(s),
@@ -287,17 +301,23 @@ class DaemonStation(StationBase):
             "cameras": self.cameras(),
             "spool_depth": spool["depth"] if spool else None,
             "spool": spool,
-            "broker": {
-                "host": d.config.mqtt.host,
-                "port": d.config.mqtt.port,
-                "protocol": d.config.mqtt.protocol,
-                "connected": link.connected.is_set() if link is not None else False,
-                **(dict(link.stats) if link is not None else {}),
-            },
+            "broker": _broker_status(d.config, link),
             "archive": archive,
             "llm": {**self._llm_status(), "loaded": d.explainer is not None},
             "station_dropped": self.dropped,
         }
+
+
+def _broker_status(config: Any, link: Any) -> dict[str, Any]:
+    """The broker as the system page shows it; a standalone station's null link says it has none."""
+    out: dict[str, Any] = {"connected": link.connected.is_set() if link is not None else False}
+    note = getattr(link, "note", None)
+    mqtt = getattr(config, "mqtt", None)
+    if note is not None:
+        out["note"] = note
+    elif mqtt is not None:
+        out.update(host=mqtt.host, port=mqtt.port, protocol=mqtt.protocol)
+    return {**out, **(dict(link.stats) if link is not None else {})}
 
 
 def _daemon_rates(status: dict[str, Any]) -> dict[str, Any]:
