@@ -27,120 +27,51 @@ No torch is imported here: the target device may only have the runtime installed
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import importlib.util
-import os
-import sys
-import threading
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anomalygpt_edge.atomic_files import atomic_write_bytes, sha256_file
+from anomalygpt_edge.atomic_files import sha256_file
 from anomalygpt_edge.engines.device_key import (
     DeviceKey,
     read_engine_records,
     write_engine_record,
 )
-from anomalygpt_edge.engines.manifest import GraphEntry, Manifest
+from anomalygpt_edge.engines.manifest import GraphEntry
 
-BATCH_AXIS = "batch"
-BANK_AXIS = "bank"
-PRECISIONS = ("fp16", "int8")
-INT8_METHODS = ("auto", "calibrator", "qdq")
-#: The encoder with INT8 Q/DQ nodes, written beside the bundle's graphs by ``--int8-method qdq``.
-QDQ_ENCODER = "encoder.int8.qdq.onnx"
-DEFAULT_BUNDLE = Path(os.environ.get("ANOMALYGPT_EDGE_BUNDLE", "/var/lib/anomalygpt-edge/bundle"))
-#: Golden images a bank is built from at most / typically (the bank's profile max / opt).
-DEFAULT_MAX_SHOTS = 32
-DEFAULT_OPT_SHOTS = 4
+# One engine's build and the INT8 path are modules of their own; the command line and the tests
+# import these names from here.
+from anomalygpt_edge.export.tensorrt_int8 import (
+    build_int8_encoder,
+    calibration_identity,
+    int8_accuracy_report,
+    int8_method,
+)
+from anomalygpt_edge.export.tensorrt_plan import (
+    BANK_AXIS,
+    BATCH_AXIS,
+    DEFAULT_BUNDLE,
+    DEFAULT_MAX_SHOTS,
+    DEFAULT_OPT_SHOTS,
+    INT8_METHODS,
+    PRECISIONS,
+    QDQ_ENCODER,
+    BuildError,
+    ProfileShape,
+    build_plan,
+    log,
+    plan_name,
+    profile_shapes,
+    timing_cache_name,
+)
 
-
-class BuildError(RuntimeError):
-    """An engine could not be built; the message says which graph and why."""
-
-
-def log(message: str) -> None:
-    """Progress line on stderr (stdout keeps the summary and the INT8 report)."""
-    print(f"[engines] {message}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class ProfileShape:
-    """One input's optimisation-profile shapes."""
-
-    min: tuple[int, ...]
-    opt: tuple[int, ...]
-    max: tuple[int, ...]
-
-    def to_json(self) -> list[list[int]]:
-        return [list(self.min), list(self.opt), list(self.max)]
-
-
-def _patches_for_bank(entry: GraphEntry, bank_name: str) -> int:
-    """Patches per golden image for a bank input: axis 1 of the query input of the same layer.
-
-    The matcher names its inputs ``q_<l>`` (B, N, C) and ``bank_<l>`` (M, C); a bank of k images
-    holds k*N rows, so N turns a number of golden images into a bank length.
-    """
-    suffix = bank_name.split("_", 1)[1] if "_" in bank_name else ""
-    for spec in entry.inputs:
-        if spec.name == f"q_{suffix}" and len(spec.shape) == 3 and isinstance(spec.shape[1], int):
-            return int(spec.shape[1])
-    raise BuildError(f"graph {entry.file}: cannot tell patches per image for '{bank_name}' (no matching q_{suffix})")
-
-
-def profile_shapes(
-    entry: GraphEntry,
-    max_batch: int = 8,
-    opt_batch: int = 1,
-    max_shots: int = DEFAULT_MAX_SHOTS,
-    opt_shots: int = DEFAULT_OPT_SHOTS,
-) -> dict[str, ProfileShape]:
-    """min/opt/max shapes of every input of ``entry`` for one optimisation profile.
-
-    Fixed axes are pinned; ``batch`` spans ``1..max_batch`` around ``opt_batch``; ``bank`` spans one
-    patch up to ``max_shots`` images of patches around ``opt_shots`` images. Any other named axis
-    is an error, so a new dynamic axis gets a deliberate range rather than a silent guess.
-    """
-    if max_batch < 1 or not 1 <= opt_batch <= max_batch:
-        raise BuildError(f"need 1 <= opt batch ({opt_batch}) <= max batch ({max_batch})")
-    if max_shots < 1 or opt_shots < 1:
-        raise BuildError(f"need at least 1 golden image in the bank profile (opt {opt_shots}, max {max_shots})")
-    opt_shots = min(opt_shots, max_shots)
-    shapes: dict[str, ProfileShape] = {}
-    for spec in entry.inputs:
-        axes: list[tuple[int, int, int]] = []  # (min, opt, max) per axis
-        for axis in spec.shape:
-            if isinstance(axis, int):
-                axes.append((axis, axis, axis))
-            elif axis == BATCH_AXIS:
-                axes.append((1, opt_batch, max_batch))
-            elif axis == BANK_AXIS:
-                n = _patches_for_bank(entry, spec.name)
-                axes.append((1, n * opt_shots, n * max_shots))
-            else:
-                raise BuildError(
-                    f"graph {entry.file}: input '{spec.name}' has dynamic axis '{axis}' with no profile rule "
-                    f"(known: {BATCH_AXIS}, {BANK_AXIS})"
-                )
-        lo, opt, hi = (tuple(a[i] for a in axes) for i in range(3))
-        shapes[spec.name] = ProfileShape(lo, opt, hi)
-    return shapes
-
-
-def plan_name(graph: str, precision: str) -> str:
-    """File name of a built engine: ``<graph>.<precision>.plan``."""
-    return f"{graph}.{precision}.plan"
-
-
-def timing_cache_name(key: DeviceKey) -> str:
-    """Timing caches are per TensorRT version and GPU; the name says which, so a swap never mixes them."""
-    gpu = "".join(c if c.isalnum() else "-" for c in key.gpu_name).strip("-").lower() or "gpu"
-    return f"timing-cache.trt{key.tensorrt_version}.sm{key.compute_capability}.{gpu}.bin"
+__all__ = [
+    "BANK_AXIS", "BATCH_AXIS", "DEFAULT_BUNDLE", "DEFAULT_MAX_SHOTS", "DEFAULT_OPT_SHOTS", "INT8_METHODS", "PRECISIONS",
+    "QDQ_ENCODER", "BuildError", "ProfileShape", "build_plan", "int8_method", "needs_rebuild", "plan_name",
+    "profile_shapes", "run", "timing_cache_name",
+]  # fmt: skip
 
 
 def needs_rebuild(
@@ -186,115 +117,6 @@ def needs_rebuild(
     return None
 
 
-def _progress_monitor(trt: Any) -> Any:
-    """An ``IProgressMonitor`` that logs phases (TensorRT 10+); ``None`` where the API is absent."""
-    if not hasattr(trt, "IProgressMonitor"):
-        return None
-
-    class _Monitor(trt.IProgressMonitor):
-        def __init__(self) -> None:
-            trt.IProgressMonitor.__init__(self)
-            self._lock = threading.Lock()  # TensorRT may call from its own threads
-            self._depth: dict[str, int] = {}
-            self._steps: dict[str, int] = {}
-            self._last = 0.0
-
-        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            with self._lock:
-                depth = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
-                self._depth[phase_name], self._steps[phase_name] = depth, num_steps
-                if depth <= 1:
-                    log(f"{'  ' * depth}{phase_name} ({num_steps} steps)")
-
-        def step_complete(self, phase_name: str, step: int) -> bool:
-            with self._lock:
-                now = time.monotonic()
-                if self._depth.get(phase_name, 0) <= 1 and now - self._last > 10.0:
-                    self._last = now
-                    log(f"  {phase_name}: {step + 1}/{self._steps.get(phase_name, '?')}")
-            return True  # False would cancel the build
-
-        def phase_finish(self, phase_name: str) -> None:
-            with self._lock:
-                self._depth.pop(phase_name, None)
-
-    return _Monitor()
-
-
-def build_plan(
-    onnx_path: Path,
-    plan_path: Path,
-    profiles: Mapping[str, ProfileShape],
-    timing_cache: Path,
-    workspace_gb: float = 1.0,
-    weak_int8: bool = False,
-    calibrator: Any = None,
-    calibration_shapes: Mapping[str, tuple[int, ...]] | None = None,
-) -> float:
-    """Build one engine with TensorRT and write it atomically; returns the build time in seconds.
-
-    Default: strongly typed, precision is what the ONNX graph declares (FP16 variant, or a Q/DQ
-    graph on TensorRT 11). ``weak_int8`` (TensorRT 10.x only): weakly typed with the INT8 and FP16
-    flags, for a Q/DQ graph whose other layers should run FP16, or with ``calibrator`` for
-    implicit (calibrated) INT8.
-    """
-    import tensorrt as trt
-
-    major = int(trt.__version__.split(".")[0])
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    if calibrator is not None and not weak_int8:
-        raise BuildError("an INT8 calibrator needs a weakly typed INT8 build (weak_int8=True)")
-    if weak_int8:
-        if major >= 11:
-            raise BuildError(
-                f"TensorRT {trt.__version__} builds strongly typed networks only (no INT8 flag, no "
-                "calibrators); use --int8-method qdq"
-            )
-        flags = 0
-    else:
-        strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-        flags = 1 << int(strongly) if strongly is not None else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    # parse_from_file (not parse(bytes)) so ONNX external-data files beside the graph are found.
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuildError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    profile = builder.create_optimization_profile()
-    for name, shape in profiles.items():
-        profile.set_shape(name, shape.min, shape.opt, shape.max)
-    config.add_optimization_profile(profile)
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, False)
-    monitor = _progress_monitor(trt)
-    if monitor is not None:
-        config.progress_monitor = monitor
-    if weak_int8:
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to FP16, not FP32
-    if calibrator is not None:
-        config.int8_calibrator = calibrator
-        # With dynamic shapes the calibrator runs at the calibration profile's shapes: one fixed
-        # shape equal to the calibration batch.
-        calib = builder.create_optimization_profile()
-        for name, shape in profiles.items():
-            fixed = tuple((calibration_shapes or {}).get(name, shape.opt))
-            calib.set_shape(name, fixed, fixed, fixed)
-        config.set_calibration_profile(calib)
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - t0
-    if serialized is None:
-        raise BuildError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT log above)")
-    atomic_write_bytes(plan_path, bytes(memoryview(serialized)))
-    atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-    return seconds
-
-
 def _record(
     graph: str,
     onnx: str,
@@ -332,103 +154,6 @@ def _source_onnx(entry: GraphEntry, precision: str) -> tuple[str, str]:
     return entry.file, "fp32"
 
 
-def int8_method(requested: str, tensorrt_version: str) -> str:
-    """Resolve ``--int8-method``: ``auto`` is the calibrator on TensorRT 10, Q/DQ on 11 (no calibrators)."""
-    major = int(tensorrt_version.split(".")[0])
-    if requested == "auto":
-        return "calibrator" if major < 11 else "qdq"
-    if requested == "calibrator" and major >= 11:
-        raise BuildError(f"--int8-method calibrator: TensorRT {tensorrt_version} has no calibrators; use qdq (or auto)")
-    if requested not in INT8_METHODS:
-        raise BuildError(f"--int8-method must be one of {INT8_METHODS}")
-    return requested
-
-
-def _int8_encoder(
-    args: argparse.Namespace, bundle: Any, key: DeviceKey, profiles: Mapping[str, ProfileShape], cache: Path
-) -> tuple[Path, float, dict[str, Any], Any]:
-    """Calibrate and build the INT8 encoder; returns (plan, seconds, record extras, accuracy inputs)."""
-    from anomalygpt_edge.calibration import int8
-
-    manifest: Manifest = bundle.manifest
-    entry = manifest.graphs["encoder"]
-    input_name = entry.inputs[0].name
-    paths = int8.list_images(args.calib_images)
-    calib_paths, held_paths = int8.split_holdout(paths)
-    log(f"INT8: {len(calib_paths)} calibration image(s), {len(held_paths)} held out for the accuracy check")
-    calib_images = int8.load_preprocessed(calib_paths, manifest.preprocess)
-    batch = min(args.max_batch, 8, len(calib_images))
-    batches = int8.calibration_batches(calib_images, batch)
-    meta = {
-        "bundle_sha256": key.bundle_sha256,
-        "images_sha256": int8.images_digest(calib_paths),
-        "batch_size": batch,
-        "tensorrt_version": key.tensorrt_version,
-    }
-    method = int8_method(getattr(args, "int8_method", "auto"), key.tensorrt_version)
-    meta["method"] = method
-    plan = bundle.path / plan_name("encoder", "int8")
-    if method == "calibrator":
-        ccache = int8.CalibrationCache(bundle.path / "encoder.int8.calib")
-        log("INT8: calibration cache " + ("reused" if ccache.load(meta) else "will be computed (entropy)"))
-        calibrator = int8.make_entropy_calibrator(batches, input_name, ccache, meta)
-        shape = (batch, *(int(v) for v in entry.inputs[0].shape[1:]))
-        seconds = build_plan(
-            bundle.path / entry.file,
-            plan,
-            profiles,
-            cache,
-            args.workspace_gb,
-            True,
-            calibrator,
-            {input_name: shape},
-        )
-        source = entry.file
-    else:
-        qdq = bundle.path / QDQ_ENCODER
-        ccache = int8.CalibrationCache(bundle.path / "encoder.int8.ranges.json")
-        log("INT8: inserting Q/DQ nodes (entropy calibration with ONNX Runtime) ...")
-        with contextlib.redirect_stdout(sys.stderr):  # the quantizer prints progress to stdout
-            reused = int8.quantize_qdq(
-                bundle.path / entry.file, qdq, batches, input_name, ccache, meta, bool(entry.external_data)
-            )
-        log(f"INT8: wrote {qdq.name} (calibration ranges {'reused' if reused else 'computed'})")
-        # TensorRT 10: weakly typed so layers outside Q/DQ pairs run FP16; 11: strongly typed only.
-        weak = int(key.tensorrt_version.split(".")[0]) < 11
-        seconds = build_plan(qdq, plan, profiles, cache, args.workspace_gb, weak)
-        source = qdq.name
-    extras = {
-        "source_onnx": source,
-        "calibration": {"images": len(calib_paths), "held_out": len(held_paths), **meta},
-    }
-    return plan, seconds, extras, (calib_images, held_paths)
-
-
-def _int8_accuracy(bundle: Any, fp16_plan: Path, int8_plan: Path, calib_images: list, held_paths: list) -> str:
-    """Encode held-out images with both engines and compare scores against an FP16 bank."""
-    import numpy as np
-
-    from anomalygpt_edge.calibration import int8
-    from anomalygpt_edge.engines.tensorrt_backend import PlanRunner
-
-    manifest: Manifest = bundle.manifest
-    name = manifest.graphs["encoder"].inputs[0].name
-    metric = str(manifest.matching.get("metric", "cosine"))
-    fp16, quant = PlanRunner(fp16_plan, cuda_graph=False), PlanRunner(int8_plan, cuda_graph=False)
-    held = int8.load_preprocessed(held_paths, manifest.preprocess)
-    reports = []
-    for layer in manifest.patch_layers:
-        bank = np.concatenate(
-            [fp16.run({name: x[None]})[layer.name][0] for x in calib_images[:DEFAULT_MAX_SHOTS]]
-        ).astype(np.float32)
-        ref = np.stack([fp16.run({name: x[None]})[layer.name][0] for x in held])
-        cand = np.stack([quant.run({name: x[None]})[layer.name][0] for x in held])
-        report = int8.compare_int8(ref, cand, bank, metric)
-        reports.append(f"[{layer.name}] " + int8.format_report(report, [p.name for p in held_paths]))
-    fp16.close(), quant.close()
-    return "\n".join(reports)
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``export engines``; returns the exit code."""
     from anomalygpt_edge.calibration.int8 import CalibrationError
@@ -450,17 +175,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"export engines: {exc}") from None
 
 
-def _calibration_identity(args: argparse.Namespace, tensorrt_version: str) -> dict[str, str]:
-    """What an INT8 engine was calibrated from; a change means recalibrating and rebuilding."""
-    from anomalygpt_edge.calibration import int8
-
-    calib, _held = int8.split_holdout(int8.list_images(args.calib_images))
-    return {
-        "images_sha256": int8.images_digest(calib),
-        "method": int8_method(getattr(args, "int8_method", "auto"), tensorrt_version),
-    }
-
-
 def _build_all(args: argparse.Namespace) -> int:
     import tensorrt as trt
 
@@ -470,7 +184,7 @@ def _build_all(args: argparse.Namespace) -> int:
     bundle = EngineBundle.open(args.bundle)  # every graph's sha256 checked before building on it
     key = current_key(bundle.sha256)
     log(f"device: {key.describe()}; bundle {bundle.path}")
-    calibration = _calibration_identity(args, trt.__version__) if args.precision == "int8" else None
+    calibration = calibration_identity(args, trt.__version__) if args.precision == "int8" else None
     if calibration:
         log(f"INT8 method: {calibration['method']}")
     cache = bundle.path / timing_cache_name(key)
@@ -495,8 +209,8 @@ def _build_all(args: argparse.Namespace) -> int:
             fp16_plan = bundle.path / plan_name(graph, "fp16")
             log(f"{graph}: building the FP16 reference engine first (for the INT8 accuracy check)")
             build_plan(bundle.path / fp16_onnx, fp16_plan, profiles, cache, args.workspace_gb)
-            plan, seconds, extras, (calib_images, held) = _int8_encoder(args, bundle, key, profiles, cache)
-            report = _int8_accuracy(bundle, fp16_plan, plan, calib_images, held)
+            plan, seconds, extras, (calib_images, held) = build_int8_encoder(args, bundle, key, profiles, cache)
+            report = int8_accuracy_report(bundle, fp16_plan, plan, calib_images, held)
             extras["fp16_plan"] = fp16_plan.name
         else:
             plan = bundle.path / plan_name(graph, precision)
