@@ -130,3 +130,17 @@ def test_the_system_page_says_a_standalone_station_has_no_broker(tmp_path):
     status = _broker_status(SimpleNamespace(mqtt=SimpleNamespace(host="h", port=1, protocol="5")), link)
     assert status["connected"] is True and status["note"] == "no MQTT broker: standalone station"
     assert "host" not in status, "no broker address is shown for a station that has none"
+
+
+def test_the_daemon_station_implements_every_method_of_the_station_protocol():
+    import inspect
+
+    from anomalygpt_edge.runtime.web.station import Station
+
+    wanted = {n for n, f in vars(Station).items() if inspect.isfunction(f) and not n.startswith("_")}
+    missing = {n for n in wanted if not callable(getattr(DaemonStation, n, None))}
+    assert wanted and not missing, missing
+    for name in wanted:  # same parameters as the protocol: the web layer calls them by keyword too
+        assert list(inspect.signature(getattr(DaemonStation, name)).parameters) == list(
+            inspect.signature(getattr(Station, name)).parameters
+        ), name

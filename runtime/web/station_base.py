@@ -86,7 +86,7 @@ class StationBase:
         if camera not in self.camera_names():
             raise NotFoundError(f"no camera '{camera}' (cameras: {', '.join(self.camera_names()) or 'none'})")
 
-    def latestjpeg(self, camera: str) -> bytes:
+    def latest_jpeg(self, camera: str) -> bytes:
         return jpeg(self.latest_frame(camera).image)
 
     def last_verdict(self, camera: str) -> dict[str, Any] | None:
