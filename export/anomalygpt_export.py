@@ -29,19 +29,21 @@ from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.engines.manifest import PatchLayer, Preprocess
 from anomalygpt_edge.export import checkpoints as ckpt
 from anomalygpt_edge.export.anomalygpt_models import (
-    CLASS_NAMES,
-    DEFAULT_CLASS,
-    OBJECT_NAMES,
     PRESETS,
     AnomalyGPTConfig,
     AnomalyGPTEncoder,
-    ClipBPETokenizer,
-    ImageBindText,
     ImageBindVision,
     PromptLearner,
     TextMatchingDecoder,
-    class_text_features,
     tap_names,
+)
+from anomalygpt_edge.export.anomalygpt_text import (
+    CLASS_NAMES,
+    DEFAULT_CLASS,
+    OBJECT_NAMES,
+    ClipBPETokenizer,
+    ImageBindText,
+    class_text_features,
 )
 from anomalygpt_edge.export.bank_matcher import BankMatcher
 from anomalygpt_edge.export.bundle_writer import BundleWriter, log
@@ -67,6 +69,64 @@ class AnomalyGPTModules:
     random_parts: list[str]
 
 
+def _checkpoint_record(path: Path, role: str, report: ckpt.LoadReport) -> dict[str, Any]:
+    """The manifest's record of one loaded checkpoint: name, role, hash, size and key accounting."""
+    log(f"hashing {path} ...")
+    entry = {
+        "name": Path(path).name,
+        "role": role,
+        "sha256": sha256_file(Path(path)),
+        "size": Path(path).stat().st_size,
+        "keys_loaded": report.loaded,
+    }
+    if report.ignored:
+        entry["keys_ignored"] = dict(sorted(report.ignored.items()))
+    entry.update(report.info)
+    return entry
+
+
+def _random_parts(
+    imagebind: Path | None, anomalygpt: Path | None, pandagpt_delta: Path | None, random_weights: bool
+) -> list[str]:
+    """The parts no checkpoint is given for; refused unless ``random_weights`` (decided before any read)."""
+    random_parts = [
+        part
+        for part, path in (
+            ("vision", imagebind),
+            ("decoder", anomalygpt),
+            ("prompt_learner", anomalygpt),
+            ("llama_proj", pandagpt_delta),
+        )
+        if path is None
+    ]
+    if random_parts and not random_weights:
+        flags = {"vision": "--imagebind", "decoder": "--anomalygpt", "llama_proj": "--pandagpt-delta"}
+        need = ", ".join(f"{part} ({flags[part]})" for part in random_parts if part in flags)
+        raise ckpt.CheckpointError(f"no checkpoint for {need}; pass it, or --random-weights to test without")
+    return random_parts
+
+
+def _load_imagebind(
+    cfg: AnomalyGPTConfig, imagebind: Path, vision: ImageBindVision, bpe_vocab: Path | None
+) -> tuple[ImageBindText | None, ClipBPETokenizer | None, dict[str, Any]]:
+    """ImageBind's vision branch into ``vision`` and, with a BPE vocabulary, its text tower too."""
+    text = tokenizer = None
+    if bpe_vocab is not None:
+        tokenizer = ClipBPETokenizer(bpe_vocab, cfg.text_context)
+        if tokenizer.vocab_size != cfg.text_vocab:
+            raise ckpt.CheckpointError(
+                f"{bpe_vocab}: BPE vocabulary has {tokenizer.vocab_size} tokens, the text tower "
+                f"{cfg.text_vocab}; use CLIP's bpe_simple_vocab_16e6.txt.gz"
+            )
+        text = ImageBindText(cfg).eval()
+    log(f"loading {imagebind} ...")
+    state = ckpt.read_state_dict(imagebind)
+    report = ckpt.load_imagebind(imagebind, vision, text, state=state)
+    del state
+    role = "imagebind_huge (vision branch" + (" + text tower)" if text else ")")
+    return text, tokenizer, _checkpoint_record(imagebind, role, report)
+
+
 def build_modules(
     cfg: AnomalyGPTConfig,
     imagebind: Path | None = None,
@@ -82,20 +142,7 @@ def build_modules(
     ``random_weights`` (and is then recorded in the manifest).
     """
     # Decide up front, before reading gigabytes, whether every part has weights.
-    random_parts = [
-        part
-        for part, path in (
-            ("vision", imagebind),
-            ("decoder", anomalygpt),
-            ("prompt_learner", anomalygpt),
-            ("llama_proj", pandagpt_delta),
-        )
-        if path is None
-    ]
-    if random_parts and not random_weights:
-        flags = {"vision": "--imagebind", "decoder": "--anomalygpt", "llama_proj": "--pandagpt-delta"}
-        need = ", ".join(f"{part} ({flags[part]})" for part in random_parts if part in flags)
-        raise ckpt.CheckpointError(f"no checkpoint for {need}; pass it, or --random-weights to test without")
+    random_parts = _random_parts(imagebind, anomalygpt, pandagpt_delta, random_weights)
     torch.manual_seed(seed)
     vision = ImageBindVision(cfg).eval()
     llama_proj = torch.nn.Linear(cfg.embed_dim, cfg.llm_width).eval()
@@ -103,49 +150,17 @@ def build_modules(
     prompt_learner = PromptLearner(cfg).eval()
     text = tokenizer = None
     records: list[dict[str, Any]] = []
-
-    def record(path: Path, role: str, report: ckpt.LoadReport) -> None:
-        log(f"hashing {path} ...")
-        entry = {
-            "name": Path(path).name,
-            "role": role,
-            "sha256": sha256_file(Path(path)),
-            "size": Path(path).stat().st_size,
-            "keys_loaded": report.loaded,
-        }
-        if report.ignored:
-            entry["keys_ignored"] = dict(sorted(report.ignored.items()))
-        entry.update(report.info)
-        records.append(entry)
-
     if imagebind is not None:
-        if bpe_vocab is not None:
-            tokenizer = ClipBPETokenizer(bpe_vocab, cfg.text_context)
-            if tokenizer.vocab_size != cfg.text_vocab:
-                raise ckpt.CheckpointError(
-                    f"{bpe_vocab}: BPE vocabulary has {tokenizer.vocab_size} tokens, the text tower "
-                    f"{cfg.text_vocab}; use CLIP's bpe_simple_vocab_16e6.txt.gz"
-                )
-            text = ImageBindText(cfg).eval()
-        log(f"loading {imagebind} ...")
-        state = ckpt.read_state_dict(imagebind)
-        report = ckpt.load_imagebind(imagebind, vision, text, state=state)
-        del state
-        record(imagebind, "imagebind_huge (vision branch" + (" + text tower)" if text else ")"), report)
+        text, tokenizer, entry = _load_imagebind(cfg, imagebind, vision, bpe_vocab)
+        records.append(entry)
     if anomalygpt is not None:
         log(f"loading {anomalygpt} ...")
-        record(
-            anomalygpt,
-            "anomalygpt (image_decoder + prompt_learner)",
-            ckpt.load_anomalygpt(anomalygpt, decoder, prompt_learner),
-        )
+        report = ckpt.load_anomalygpt(anomalygpt, decoder, prompt_learner)
+        records.append(_checkpoint_record(anomalygpt, "anomalygpt (image_decoder + prompt_learner)", report))
     if pandagpt_delta is not None:
         log(f"loading {pandagpt_delta} ...")
-        record(
-            pandagpt_delta,
-            "pandagpt_delta (llama_proj; LoRA for the LLM)",
-            ckpt.load_pandagpt_delta(pandagpt_delta, llama_proj),
-        )
+        report = ckpt.load_pandagpt_delta(pandagpt_delta, llama_proj)
+        records.append(_checkpoint_record(pandagpt_delta, "pandagpt_delta (llama_proj; LoRA for the LLM)", report))
     return AnomalyGPTModules(cfg, vision, llama_proj, decoder, prompt_learner, text, tokenizer, records, random_parts)
 
 
@@ -202,10 +217,8 @@ def export_anomalygpt(args: argparse.Namespace, writer: BundleWriter) -> EngineB
     return bundle
 
 
-def write_bundle(
-    mods: AnomalyGPTModules, writer: BundleWriter, fp16: bool = True, seed: int = 0, preset: str = "full"
-) -> EngineBundle:
-    """Export every graph and the text features of ``mods`` through ``writer`` and finish the bundle."""
+def _add_graphs(mods: AnomalyGPTModules, writer: BundleWriter, fp16: bool) -> None:
+    """Export the encoder, bank matcher, decoder and prompt learner, each with a dynamic batch axis."""
     cfg = mods.cfg
     size, g, taps = cfg.image_size, cfg.grid, tap_names(cfg)
     batch = {0: "batch"}
@@ -252,9 +265,21 @@ def write_bundle(
         fp16=fp16,
     )
 
+
+def write_bundle(
+    mods: AnomalyGPTModules, writer: BundleWriter, fp16: bool = True, seed: int = 0, preset: str = "full"
+) -> EngineBundle:
+    """Export every graph and the text features of ``mods`` through ``writer`` and finish the bundle."""
+    _add_graphs(mods, writer, fp16)
     features, how = compute_text_features(mods, seed)
     writer.add_file(TEXT_FEATURES_FILE, _save_npz(features), f"text features ({len(features)} classes)")
+    return writer.finish(**_manifest_fields(mods, preset, how))
 
+
+def _manifest_fields(mods: AnomalyGPTModules, preset: str, how: str) -> dict[str, Any]:
+    """What the manifest says of an AnomalyGPT bundle beyond its graphs: source, preprocessing, text, LLM."""
+    cfg = mods.cfg
+    size, g, taps = cfg.image_size, cfg.grid, tap_names(cfg)
     source: dict[str, Any] = {
         "kind": "anomalygpt",
         "preset": preset,
@@ -265,7 +290,7 @@ def write_bundle(
         # ImageBind's weights are CC-BY-NC-4.0; the AnomalyGPT/PandaGPT/Vicuna files carry their own terms.
         "licence": "ImageBind weights CC-BY-NC-4.0 (non-commercial); see the AnomalyGPT/PandaGPT cards",
     }
-    return writer.finish(
+    return dict(
         source=source,
         preprocess=Preprocess(
             size=(size, size),

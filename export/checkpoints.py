@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 
 from anomalygpt_edge.export.anomalygpt_models import (
-    ImageBindText,
     ImageBindVision,
     PromptLearner,
     TextMatchingDecoder,
+)
+from anomalygpt_edge.export.anomalygpt_text import (
+    ImageBindText,
 )
 
 StateDict = dict[str, torch.Tensor]

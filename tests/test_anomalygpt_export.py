@@ -19,19 +19,21 @@ from anomalygpt_edge.engines import EngineBundle
 from anomalygpt_edge.export import checkpoints as ckpt
 from anomalygpt_edge.export.anomalygpt_export import build_modules, compute_text_features
 from anomalygpt_edge.export.anomalygpt_models import (
-    CLASS_NAMES,
     FULL,
-    OBJECT_NAMES,
     SPEC_PARAMS,
     TINY,
-    ClipBPETokenizer,
-    ImageBindText,
     ImageBindVision,
     PromptLearner,
     TextMatchingDecoder,
+    expected_parameters,
+)
+from anomalygpt_edge.export.anomalygpt_text import (
+    CLASS_NAMES,
+    OBJECT_NAMES,
+    ClipBPETokenizer,
+    ImageBindText,
     class_sentences,
     class_text_features,
-    expected_parameters,
     select_class,
 )
 
