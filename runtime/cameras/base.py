@@ -21,11 +21,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from anomalygpt_edge.runtime.line.config import CameraConfig
+from anomalygpt_edge.runtime.values import Flag, Name, Text, number, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,57 @@ class Frame:
     name: str | None = None  # file name, for sources that replay files
 
 
+class _KindCall(type(BaseModel)):  # type: ignore[misc]
+    """``CameraConfig("cam", "video_file", "line.avi", fps=10)``: positional ``name, type, source``
+    as before the models were typed, and the base class called with a registered ``type`` builds
+    that kind's model. Only calls go through here; validation (which must keep its context, the
+    config file's folder) never does."""
+
+    def __call__(cls, *args: Any, **data: Any) -> Any:
+        data.update(zip(("name", "type", "source"), args, strict=False))
+        model = cls
+        if cls is CameraConfig and isinstance(data.get("type"), str):
+            load_sources()
+            model = _CONFIGS.get(data["type"], cls)
+        return super(_KindCall, model).__call__(**data)  # noqa: UP008 - the kind's class, not cls
+
+
+class CameraConfig(BaseModel, metaclass=_KindCall):
+    """One camera (or replayed source): what every kind shares. Each kind's module declares its own
+    subclass with ``type: Literal[<kind>]`` and the keys only it reads; the daemon config joins
+    them on ``type`` (:func:`camera_config_union`), so an ``opencv`` key on a video file is an error.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Name
+    type: str
+    source: Text  # device index, /dev/videoN, URL, GStreamer pipeline, video file or image folder
+    fps: number(0.1, 1000) | None = None  # pacing of file sources; requested rate of live cameras
+    reconnect_min_s: number(0.01, 60) = 0.5  # backoff after a camera drops: doubles up to reconnect_max_s
+    reconnect_max_s: number(0.01, 3600) = 10.0
+
+
+class FileCameraConfig(CameraConfig):
+    """A camera that replays files: ``source`` is relative to the config file's folder."""
+
+    loop: Flag = True  # start again at the end
+
+    @field_validator("source")
+    @classmethod
+    def relative_to_config(cls, value: str, info: ValidationInfo) -> str:
+        return str(resolve_path(value, info))
+
+
 class CameraSource(abc.ABC):
-    """One kind of image source. ``read`` blocks until the next frame (pacing is the source's job)."""
+    """One kind of image source. ``read`` blocks until the next frame (pacing is the source's job).
+
+    ``config_model`` is the kind's config model (a :class:`CameraConfig` subclass whose ``type``
+    is ``Literal[<kind>]``); :func:`register_source` registers both.
+    """
 
     kind = "abstract"
+    config_model: type[CameraConfig] = CameraConfig
 
     def __init__(self, config: CameraConfig):
         self.config = config
@@ -79,22 +127,43 @@ class CameraSource(abc.ABC):
 
 
 _SOURCES: dict[str, type[CameraSource]] = {}
+_CONFIGS: dict[str, type[CameraConfig]] = {}
 
 
 def register_source(key: str) -> Callable[[type[CameraSource]], type[CameraSource]]:
-    """Class decorator: make a CameraSource loadable under the config ``type`` ``key``."""
+    """Class decorator: make a CameraSource loadable under the config ``type`` ``key``; its
+    ``config_model`` joins the config's union of camera kinds."""
 
     def wrap(cls: type[CameraSource]) -> type[CameraSource]:
         cls.kind = key
         _SOURCES[key] = cls
+        _CONFIGS[key] = cls.config_model
         return cls
 
     return wrap
 
 
+def load_sources() -> None:
+    """Import the kind modules shipped with the runtime (importing one registers it)."""
+    # Registration order is the order an unknown ``type`` lists the kinds in.
+    from anomalygpt_edge.runtime.cameras import opencv, video_file, image_folder  # noqa: F401, I001
+
+
+def camera_config_union() -> Any:
+    """Every registered kind's config model, joined on ``type`` (pydantic's discriminated union),
+    in registration order (the order an unknown ``type`` lists them)."""
+    load_sources()
+    models = tuple(_CONFIGS.values())
+    if len(models) == 1:
+        return models[0]
+    from typing import Union
+
+    return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007 - built at run time
+
+
 def create_source(config: CameraConfig) -> CameraSource:
     """The source for a camera config; importing the kind modules registers them."""
-    from anomalygpt_edge.runtime.cameras import image_folder, opencv, video_file  # noqa: F401
+    load_sources()
 
     if config.type not in _SOURCES:
         raise CameraError(f"camera {config.name}: unknown type '{config.type}'; known: {', '.join(sorted(_SOURCES))}")

@@ -9,17 +9,28 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from anomalygpt_edge.engines.preprocess import ImageError, list_images, read_image
-from anomalygpt_edge.runtime.cameras.base import CameraError, CameraSource, EndOfStreamError, register_source
-from anomalygpt_edge.runtime.line.config import CameraConfig
+from anomalygpt_edge.runtime.cameras.base import (
+    CameraError,
+    CameraSource,
+    EndOfStreamError,
+    FileCameraConfig,
+    register_source,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FPS = 10.0
+
+
+class ImageFolderCameraConfig(FileCameraConfig):
+    """A folder of images replayed in name order at ``fps`` (default 10)."""
+
+    type: Literal["image_folder"] = "image_folder"
 
 
 @register_source("image_folder")
@@ -31,11 +42,13 @@ class ImageFolderSource(CameraSource):
     ``last_error`` in :meth:`stats`). Only a folder where no file can be read is a dropped camera.
     """
 
+    config_model = ImageFolderCameraConfig
+    config: ImageFolderCameraConfig
     _files: list[Path]
     _index = 0
     _next = 0.0
 
-    def __init__(self, config: CameraConfig):
+    def __init__(self, config: ImageFolderCameraConfig):
         super().__init__(config)
         self.skipped = 0
         self.last_error: str | None = None

@@ -9,19 +9,37 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import cv2
 import numpy as np
 
-from anomalygpt_edge.runtime.cameras.base import CameraError, CameraSource, register_source
+from anomalygpt_edge.runtime.cameras.base import CameraConfig, CameraError, CameraSource, register_source
+from anomalygpt_edge.runtime.values import Flag, integer
 
 _DEV_NODE = re.compile(r"^/dev/video(\d+)$")
+
+
+class OpenCVCameraConfig(CameraConfig):
+    """A live camera: ``fps``, ``width`` and ``height`` are requested from the driver."""
+
+    type: Literal["opencv"] = "opencv"
+    width: integer(1, 16384) | None = None  # requested capture size
+    height: integer(1, 16384) | None = None
+    gstreamer: Flag = False  # ``source`` is a GStreamer pipeline (cv2.CAP_GSTREAMER)
+
+    @property
+    def loop(self) -> bool:
+        """A live camera has no end to start again from (file kinds have a ``loop`` key)."""
+        return True
 
 
 @register_source("opencv")
 class OpenCVSource(CameraSource):
     """A ``cv2.VideoCapture`` device or stream."""
 
+    config_model = OpenCVCameraConfig
+    config: OpenCVCameraConfig
     cap: cv2.VideoCapture | None = None
 
     def _target(self) -> tuple[int | str, int]:

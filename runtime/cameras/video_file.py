@@ -8,18 +8,34 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 
-from anomalygpt_edge.runtime.cameras.base import CameraError, CameraSource, EndOfStreamError, register_source
+from anomalygpt_edge.runtime.cameras.base import (
+    CameraError,
+    CameraSource,
+    EndOfStreamError,
+    FileCameraConfig,
+    register_source,
+)
 
 DEFAULT_FPS = 10.0
+
+
+class VideoFileCameraConfig(FileCameraConfig):
+    """A video file replayed at ``fps`` (default: the file's own rate)."""
+
+    type: Literal["video_file"] = "video_file"
 
 
 @register_source("video_file")
 class VideoFileSource(CameraSource):
     """A video file read with OpenCV's FFmpeg backend."""
+
+    config_model = VideoFileCameraConfig
+    config: VideoFileCameraConfig
 
     cap: cv2.VideoCapture | None = None
     fps: float = DEFAULT_FPS

@@ -30,9 +30,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig
 from anomalygpt_edge.runtime.delivery.sender import VerdictSender
 from anomalygpt_edge.runtime.delivery.spool import VerdictSpool
-from anomalygpt_edge.runtime.line.config import MqttConfig
 
 log = logging.getLogger(__name__)
 COMMANDS = ("trigger", "enroll", "recipe", "ask")
