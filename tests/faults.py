@@ -14,10 +14,25 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import paho.mqtt.publish as mqtt_publish
+
+
+def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``condition`` until it is true or ``timeout`` seconds pass; returns whether it came true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -80,6 +95,12 @@ class Broker:
         self.proc.wait(10)
         wait_port(self.port, up=False, timeout=5)
 
+    def wait_persisted(self, after_ns: int, timeout: float = 10.0) -> bool:
+        """Wait until the broker has written its persistence file (autosave, every second) after
+        ``after_ns`` (``time.time_ns()``): what it held then now survives a SIGKILL."""
+        db = self.dir / "mosquitto.db"  # written as mosquitto.db.new, then renamed: never half-written
+        return wait_until(lambda: db.is_file() and db.stat().st_mtime_ns > after_ns, timeout, 0.05)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -104,6 +125,7 @@ class ExternalSubscriber:
         if shutil.which("mosquitto_sub") is None:
             raise RuntimeError("mosquitto_sub is not installed")
         self.out = Path(out)
+        self.port, self.topic = port, topic
         self._fh = open(self.out, "wb")  # noqa: SIM115 - closed in stop()
         session = ["-c", "-i", client_id] if persistent else ["-i", client_id + "-clean"]
         self.proc = subprocess.Popen(
@@ -123,11 +145,23 @@ class ExternalSubscriber:
         return out
 
     def wait_for(self, ids: set[str], timeout: float) -> bool:
+        return wait_until(lambda: ids <= {m.get("id") for _, m in self.messages()}, timeout, 0.1)
+
+    def wait_raw(self, token: bytes, timeout: float) -> bool:
+        """Wait until ``token`` appears anywhere in what the subscriber printed."""
+        return wait_until(lambda: token in self.out.read_bytes(), timeout, 0.05)
+
+    def wait_subscribed(self, timeout: float = 15.0) -> bool:
+        """Wait until the subscription is live: probes published on a topic it matches (a non-JSON
+        payload, which :meth:`messages` skips) until one comes out of ``mosquitto_sub``."""
+        probe_topic = "/".join("_probe" if level in ("+", "#") else level for level in self.topic.split("/"))
+        token = f"probe-{uuid.uuid4()}".encode()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if ids <= {m.get("id") for _, m in self.messages()}:
+            # Before the SUBSCRIBE is processed a probe goes nowhere; publish again until one arrives.
+            mqtt_publish.single(probe_topic, token, qos=1, hostname="127.0.0.1", port=self.port)
+            if self.wait_raw(token, 0.3):
                 return True
-            time.sleep(0.1)
         return False
 
     def stop(self) -> None:

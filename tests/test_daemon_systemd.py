@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import faults  # tests/faults.py: bounded condition waits
 import pytest
 from daemon_fixtures import broker_fixture, line_fixture  # noqa: F401 - fixtures are used by name
 
@@ -72,6 +73,16 @@ class NotifySocket:
             time.sleep(0.05)
         return None
 
+    def barrier(self, path: Path, timeout: float = 5.0) -> float:
+        """Send a marker datagram to this socket and wait until it is recorded; returns its arrival
+        time. A datagram socket is FIFO: everything sent before the marker is recorded before it."""
+        marker = f"TEST_BARRIER={time.monotonic_ns()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(marker.encode(), str(path))
+        arrived = self.wait_for(marker, timeout)
+        assert arrived is not None, "the notify socket stopped reading"
+        return arrived
+
     def count(self, text: str, since: float = 0.0) -> int:
         return sum(1 for t, m in list(self.messages) if t >= since and text in m.split("\n"))
 
@@ -98,6 +109,7 @@ def test_run_under_systemd_sends_ready_watchdog_status_and_stopping(tmp_path: Pa
     try:
         ready = notify.wait_for("READY=1", 60)
         assert ready is not None, "no READY=1"
+        # The sleep is the measurement: how many pings arrive in 3 s (the rate systemd relies on).
         time.sleep(3.0)
         pings = notify.count("WATCHDOG=1", since=ready)
         statuses = [m for _, m in notify.messages if m.startswith("STATUS=")]
@@ -128,17 +140,22 @@ def test_a_hung_inspection_stops_the_watchdog_pings(
     release = threading.Event()
     try:
         assert notify.wait_for("READY=1", 30) is not None
-        time.sleep(1.5)
-        before = notify.count("WATCHDOG=1")
-        assert before >= 2, "pings while the pipeline runs"
+        seen_ready = time.monotonic()
+        assert faults.wait_until(lambda: notify.count("WATCHDOG=1") >= 2, 10), "pings while the pipeline runs"
+        second_ping = sorted(t for t, m in list(notify.messages) if "WATCHDOG=1" in m.split("\n"))[1]
+        assert second_ping <= seen_ready + 1.5, "two pings within 1.5 s of READY=1"
+        entered = threading.Event()
 
         def hang(*args: Any, **kwargs: Any) -> None:
+            entered.set()
             release.wait(30)  # an engine call that never returns
             raise RuntimeError("released")
 
         daemon.inspectors["cam1"].inspect = hang  # type: ignore[method-assign]
-        time.sleep(1.0)  # the worker enters the hung call; half an interval of grace
-        hung_since = time.monotonic()
+        assert entered.wait(10), "the worker never called the engine"
+        # Pings sent before the worker entered the call are recorded before the barrier.
+        hung_since = notify.barrier(tmp_path / "notify")
+        # The sleep is the behaviour: 2.5 s (five ping periods) of silence is what systemd acts on.
         time.sleep(2.5)
         during = notify.count("WATCHDOG=1", since=hung_since)
     finally:

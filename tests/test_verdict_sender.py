@@ -52,12 +52,15 @@ class Publisher:
         self.sender.start()
 
     def wait_idle(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.sender.idle():
-                return True
-            time.sleep(0.05)
-        return False
+        return faults.wait_until(self.sender.idle, timeout, 0.05)
+
+    def flush_to(self, *subs: Any, timeout: float = 15.0) -> bool:
+        """Publish a marker on the verdict topic through this client and wait until every subscriber
+        printed it: MQTT keeps one publisher's messages on one topic in order, so every copy this
+        client sent before it (resends included) has then arrived. Non-JSON: messages() skips it."""
+        token = f"flush-{uuid.uuid4()}".encode()
+        self.client.publish(TOPIC, token, qos=1)
+        return all(sub.wait_raw(token, timeout) for sub in subs)
 
     def close(self) -> None:
         self.sender.stop()
@@ -77,11 +80,15 @@ def broker(tmp_path: Path):  # noqa: ANN201 - yields a running Broker
     b.stop()
 
 
-def subscriber(broker: Any, tmp_path: Path, persistent: bool = True, wait: bool = True) -> Any:
+def subscriber(broker: Any, tmp_path: Path, persistent: bool = True) -> Any:
+    """mosquitto_sub, subscribed; a persistent one also saved in the broker's persistence (autosave
+    every second), so its session survives a broker SIGKILL."""
     name = "sub.txt" if persistent else "sub-clean.txt"
     sub = faults.ExternalSubscriber(broker.port, "anomalygpt/dev1/+/verdict", tmp_path / name, persistent=persistent)
-    if wait:
-        time.sleep(1.5)  # connected, and its persistent session autosaved by the broker (1 s interval)
+    assert sub.wait_subscribed(15), f"{name}: mosquitto_sub did not subscribe"
+    if persistent:
+        subscribed_ns = time.time_ns()
+        assert broker.wait_persisted(subscribed_ns, 10), "the broker did not save the subscriber's session"
     return sub
 
 
@@ -111,7 +118,7 @@ def test_verdicts_arrive_once_in_order_and_leave_the_spool(
 def test_broker_sigkill_and_restart_at_10fps_loses_nothing_and_flags_every_duplicate(
     broker: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    clean = subscriber(broker, tmp_path, persistent=False, wait=False)
+    clean = subscriber(broker, tmp_path, persistent=False)
     sub = subscriber(broker, tmp_path)
     spool = VerdictSpool(tmp_path / "spool.db")
     pub = Publisher(broker.port, spool)
@@ -125,10 +132,11 @@ def test_broker_sigkill_and_restart_at_10fps_loses_nothing_and_flags_every_dupli
             broker.kill()
         if i == 45:
             broker.start()
+        # Pacing, not synchronisation: verdicts arrive at 10 fps, as from a camera.
         time.sleep(max(0.0, t0 + (i + 1) * 0.1 - time.monotonic()))
     assert pub.wait_idle(30), f"spool not drained: {spool.stats()} {pub.sender.stats}"
     assert sub.wait_for(set(sent), 15)
-    time.sleep(0.5)
+    assert pub.flush_to(sub, clean), "late copies still on their way"
     sub.stop()
     clean.stop()
     pub.close()
@@ -229,9 +237,7 @@ def test_a_puback_with_a_failure_reason_keeps_the_verdict_spooled(tmp_path: Path
     sender.on_connect()
     sender.submit("v1", TOPIC, b'{"id": "v1"}')
     sender.submit("v2", TOPIC, b'{"id": "v2"}')
-    deadline = time.monotonic() + 5
-    while len(client.published) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    faults.wait_until(lambda: len(client.published) >= 2, 5)
     sender.on_publish(1, Refused())
     sender.on_publish(2, None)
     sender.stop()
@@ -243,13 +249,13 @@ def test_while_disconnected_verdicts_are_only_spooled(tmp_path: Path) -> None:
     spool = VerdictSpool(tmp_path / "spool.db")
     client = FakeClient()
     sender = VerdictSender(client, spool).start()
-    sender.submit("v1", TOPIC, b"{}")
-    time.sleep(0.3)
+    spooled = threading.Event()
+    sender.submit("v1", TOPIC, b"{}", lambda durable: spooled.set())
+    # on_durable runs after the commit, in the pass that would publish if the sender were connected.
+    assert spooled.wait(5)
     assert client.published == [] and spool.depth() == 1
     sender.on_connect()
-    deadline = time.monotonic() + 5
-    while not client.published and time.monotonic() < deadline:
-        time.sleep(0.01)
+    faults.wait_until(lambda: client.published, 5)
     sender.stop()
     assert client.published == [(TOPIC, b"{}")]  # first delivery: not flagged
 
@@ -288,15 +294,11 @@ def test_a_publish_lost_with_the_connection_keeps_the_sender_alive_and_the_verdi
     sender = VerdictSender(client, spool, on_error=errors.append).start()
     sender.on_connect()
     sender.submit("v1", TOPIC, b'{"id": "v1"}')
-    deadline = time.monotonic() + 5
-    while not errors and time.monotonic() < deadline:
-        time.sleep(0.01)
+    faults.wait_until(lambda: errors, 5)
     assert errors and "rc 4" in errors[0] and spool.depth() == 1
     sender.on_disconnect()
     sender.on_connect()  # the reconnect resends from the spool, flagged as a redelivery
-    deadline = time.monotonic() + 5
-    while sender.inflight() == 0 and time.monotonic() < deadline:  # published and awaiting its PUBACK
-        time.sleep(0.01)
+    faults.wait_until(lambda: sender.inflight() > 0, 5)  # published and awaiting its PUBACK
     sender.on_publish(1, None)
     sender.stop()
     assert spool.depth() == 0 and sender.stats["acked"] == 1
@@ -329,9 +331,7 @@ def test_a_burst_is_committed_in_a_few_group_commits_and_each_reply_follows_its_
 
         sender.submit(vid, TOPIC, json.dumps({"id": vid}).encode(), on_durable)
     sender.start()
-    deadline = time.monotonic() + 10
-    while len(client.published) < 300 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    faults.wait_until(lambda: len(client.published) >= 300, 10)
     sender.stop()
     assert CountingSpool.commits <= 3, "one fsync for the whole burst, not one per verdict"
     assert [d[0] for d in durable] == [f"v{i}" for i in range(300)] and all(d[1] for d in durable)
@@ -351,18 +351,14 @@ def test_when_the_spool_cannot_commit_verdicts_go_out_from_memory_and_delivery_r
     sender.on_connect()
     big = json.dumps({"id": "m1", "pad": "x" * 20000}).encode()
     sender.submit("m1", TOPIC, big, answered.append)
-    deadline = time.monotonic() + 5
-    while not client.published and time.monotonic() < deadline:
-        time.sleep(0.01)
+    faults.wait_until(lambda: client.published, 5)
     assert answered == [False], "the PLC's answer does not wait for a disk that cannot take it"
     assert client.published[0][1] == big and sender.memory_depth() == 1
     assert sender.problem and "spool cannot commit" in sender.problem and "full" in errors[0]
     spool._db.execute("PRAGMA max_page_count=1000000")  # space returns
     sender.on_publish(1, None)  # the broker's PUBACK for the verdict sent from memory
     sender.submit("v2", TOPIC, b'{"id": "v2"}')
-    deadline = time.monotonic() + 5
-    while len(client.published) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    faults.wait_until(lambda: len(client.published) >= 2, 5)
     sender.on_publish(2, None)
     sender.stop()
     assert sender.problem is None, "recovered by itself"
