@@ -9,6 +9,7 @@ with a :class:`~anomalygpt_edge.runtime.delivery.null_link.NullLink` instead of 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,13 +18,7 @@ from typing import Any
 
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.runtime.delivery.null_link import NullLink
-from anomalygpt_edge.runtime.line.config import (
-    CameraConfig,
-    DaemonConfig,
-    EnginesConfig,
-    RecipeBinding,
-    StorageConfig,
-)
+from anomalygpt_edge.runtime.line.config import DaemonConfig, RecipeBinding, parse_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.recipes.store import RecipeStore
 from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
@@ -44,9 +39,16 @@ class CameraSpec:
     fps: float = 10.0
     loop: bool = True
 
-    def config(self) -> CameraConfig:
-        """The daemon's camera config for this source."""
-        return CameraConfig(name=self.name, type=self.kind, source=self.source, fps=self.fps, loop=self.loop)
+    def section(self) -> dict[str, Any]:
+        """This camera as the daemon config's ``cameras.<name>`` section."""
+        out: dict[str, Any] = {"type": self.kind, "source": self.source, "fps": self.fps}
+        if self.kind in FILE_KINDS:
+            out["loop"] = self.loop
+        return out
+
+
+#: Camera kinds that replay files (and so may loop).
+FILE_KINDS = ("video_file", "image_folder")
 
 
 def bench_binding(camera: str, recipe: str, inspect_fps: float) -> RecipeBinding:
@@ -62,15 +64,21 @@ def bench_config(
     inspect_fps: float,
     data: Path,
 ) -> DaemonConfig:
-    """A daemon config for a bench: no spool (nothing to resend), no archive (history in memory)."""
-    return DaemonConfig(
-        device_id="standalone",
-        cameras={c.name: c.config() for c in cameras},
-        recipes=[bench_binding(cam, recipe, inspect_fps) for cam, recipe in bindings.items()],
-        engines=EnginesConfig(bundle=bundle.path, backend=bundle.backend),
-        storage=StorageConfig(store=store, data=data, spool=False, archive=False),
-        source="<standalone station>",
-    )
+    """A daemon config for a bench, validated like a config file: no ``mqtt:`` section, no spool
+    (nothing to resend), no archive (history in memory)."""
+    if not cameras:
+        raise StationError("a standalone station needs at least one camera")
+    text = {
+        "device": {"id": "standalone"},
+        "cameras": {c.name: c.section() for c in cameras},
+        "recipes": [
+            {"camera": cam, "recipe": recipe, "fps": inspect_fps, "deadline_ms": BENCH_DEADLINE_MS}
+            for cam, recipe in bindings.items()
+        ],
+        "engines": {"bundle": str(bundle.path), "backend": bundle.backend or "auto"},
+        "storage": {"store": str(store), "data": str(data), "spool": False, "archive": False},
+    }
+    return parse_config(json.dumps(text), "<standalone station>")  # JSON is YAML
 
 
 class StandaloneStation(DaemonStation):
