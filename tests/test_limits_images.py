@@ -230,26 +230,35 @@ def test_an_image_folder_with_only_bad_files_is_a_camera_that_reconnects_with_th
     assert "no readable image" in reasons[0] and "not a decodable image" in reasons[0], reasons
 
 
-def test_the_stations_own_folder_camera_skips_bad_files_too(tmp_path: Path, huge_png: Path) -> None:
-    from anomalygpt_edge.runtime.web.station import CameraSpec, FrameGrabber
+def test_the_stations_folder_camera_skips_bad_files_too(
+    default_bundle_dir: Path, tmp_path: Path, huge_png: Path
+) -> None:
+    from anomalygpt_edge.engines.bundle import EngineBundle
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+    from anomalygpt_edge.runtime.web.standalone import CameraSpec, StandaloneStation
 
     folder = tmp_path / "frames"
     _write_frames(folder, ["a.png", "c.png"])
     (folder / "b.png").write_bytes(huge_png.read_bytes())
-    grabber = FrameGrabber(CameraSpec("bench", "image_folder", str(folder), fps=50)).start()
+    # The station's cameras are the daemon's cameras (one runtime): the page shows their skips.
+    station = StandaloneStation(
+        RecipeStore(tmp_path / "store"),
+        EngineBundle.open(default_bundle_dir),
+        [CameraSpec("bench", "image_folder", str(folder), fps=50)],
+    ).start()
 
-    def seq() -> int:
-        frame = grabber.latest()
-        return frame.seq if frame is not None else 0
+    def cam() -> dict:
+        return station.cameras()[0]
 
     try:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (grabber.skipped >= 2 and seq() >= 4):
+        while time.monotonic() < deadline and not ((cam()["skipped"] or 0) >= 2 and (cam()["frame_seq"] or 0) >= 4):
             time.sleep(0.05)
+        info = cam()
     finally:
-        grabber.stop()
-    assert grabber.skipped >= 2 and seq() >= 4 and grabber.status == "ok", "two passes, the good files in each"
-    assert "b.png: image is 20000x20000" in (grabber.last_error or "")
+        station.stop()
+    assert info["skipped"] >= 2 and info["frame_seq"] >= 4 and info["status"] == "online", info
+    assert "b.png: image is 20000x20000" in (info["last_error"] or "")
 
 
 # -- station uploads: header check and duplicates before decoding ---------------------------------
@@ -276,10 +285,10 @@ def test_station_upload_refuses_a_huge_png_before_decoding_and_skips_duplicates_
 ) -> None:
     from anomalygpt_edge.engines.bundle import EngineBundle
     from anomalygpt_edge.runtime.recipes.store import RecipeStore
-    from anomalygpt_edge.runtime.web import station as station_module
+    from anomalygpt_edge.runtime.web import enroll_ops as station_module  # where uploads are decoded
     from anomalygpt_edge.runtime.web.auth import UserStore
     from anomalygpt_edge.runtime.web.server import StationServer, WebConfig
-    from anomalygpt_edge.runtime.web.station import LocalStation
+    from anomalygpt_edge.runtime.web.standalone import CameraSpec, StandaloneStation
 
     decoded: list[str] = []
     real_decode = station_module.decode_image
@@ -289,7 +298,11 @@ def test_station_upload_refuses_a_huge_png_before_decoding_and_skips_duplicates_
         return real_decode(data, name, max_pixels)
 
     monkeypatch.setattr(station_module, "decode_image", counting_decode)
-    station = LocalStation(RecipeStore(tmp_path / "store"), EngineBundle.open(default_bundle_dir), [])
+    _write_frames(tmp_path / "frames", ["a.png"])  # a station has a camera; this one is not used
+    camera = CameraSpec("bench", "image_folder", str(tmp_path / "frames"), fps=1)
+    station = StandaloneStation(
+        RecipeStore(tmp_path / "store"), EngineBundle.open(default_bundle_dir), [camera]
+    ).start()
     UserStore(tmp_path / "users.json").set("theo", "technician", "technician-pw")
     server = StationServer(station, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0)).start()
     try:
