@@ -29,14 +29,16 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from anomalygpt_edge.atomic_files import atomic_write_bytes, sha256_bytes
 from anomalygpt_edge.calibration.threshold import DEFAULT_TARGET_FRR, Threshold
+from anomalygpt_edge.runtime import values
 from anomalygpt_edge.runtime.inspection.defect_head import DefectHead, HeadError
 from anomalygpt_edge.runtime.inspection.memory_bank import DEFAULT_BUDGET, BankError, MemoryBank
 
@@ -50,11 +52,6 @@ USES_TEXT = ("text", "text+bank")
 USES_BANK = ("bank", "text+bank")
 AUGMENTATIONS = ("rot90", "hflip", "vflip")
 RESIZE_MODES = ("squash", "letterbox", "shorter_side_crop")
-# \Z, not $: "$" also matches before a trailing newline, which let "nl\n" through as a folder name.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-#: Device names Windows reserves in any folder, with or without an extension (the store may sit on
-#: a share, and exported archives travel): refused on every platform so a recipe copies anywhere.
-_RESERVED = re.compile(r"(CON|PRN|AUX|NUL|CONIN\$|CONOUT\$|COM[0-9¹²³]|LPT[0-9¹²³])(\..*)?\Z", re.IGNORECASE)
 #: File names recipe.json may point at: inside the recipe folder, nothing else.
 _BANK_FILE = re.compile(r"bank-v[0-9]{1,9}\.npz\Z")
 _HEAD_FILE = re.compile(r"head-v[0-9]{1,9}\.npz\Z")
@@ -70,17 +67,22 @@ def now_iso() -> str:
 
 
 def check_name(name: str) -> str:
-    """Recipe names become folder names: letters, digits, ``_.-``, at most 64 characters, no device names."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise RecipeError(f"recipe name {name!r} is invalid: use letters, digits, '_', '.', '-' (max 64)")
-    if _RESERVED.match(name):
-        raise RecipeError(f"recipe name {name!r} is a reserved device name (CON, NUL, COM1, ...): choose another")
-    return name
+    """Recipe names become folder names: :func:`values.check_name` (the config's rule too), as a RecipeError."""
+    try:
+        return values.check_name(name)
+    except ValueError as exc:
+        raise RecipeError(f"recipe {exc}") from None
+
+
+# The sample and record dataclasses are validated as parts of RecipeFile: unknown keys refused.
+_FILE_PART = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True)
 class DefectSample:
     """One labelled defective part, enrolled to train the recipe's defect head."""
+
+    __pydantic_config__ = _FILE_PART
 
     sha256: str
     name: str
@@ -94,6 +96,8 @@ class DefectSample:
 class FileRecord:
     """What ``recipe.json`` knows of a bank or head file: checked before the file is used."""
 
+    __pydantic_config__ = _FILE_PART
+
     sha256: str
     bytes: int
     shapes: dict[str, list[int]]
@@ -104,11 +108,75 @@ class FileRecord:
 class GoldenSample:
     """One enrolled good part."""
 
+    __pydantic_config__ = _FILE_PART
+
     sha256: str
     name: str
     added_at: str
     score: float | None = None  # leave-one-out score, once computed
     flagged: str | None = None  # why the quality check flagged it, if it did
+
+
+def _recipe_name(value: str) -> str:
+    check_name(value)  # RecipeError is a ValueError: pydantic reports its sentence
+    return value
+
+
+def _pattern(rule: re.Pattern[str], what: str) -> Any:
+    def check(value: str) -> str:
+        if not rule.match(value):
+            raise ValueError(f"{value!r} is not a {what} of this recipe")
+        return value
+
+    return AfterValidator(check)
+
+
+def _sha256s(samples: tuple[Any, ...]) -> tuple[Any, ...]:
+    for sample in samples:
+        if not re.fullmatch(r"[0-9a-f]{64}", str(sample.sha256)):
+            raise ValueError(f"sample {sample.name!r} has no valid sha256")
+    return samples
+
+
+class RecipeFile(BaseModel):
+    """``recipe.json``: format 2 as written, format 1 (no defects, head or file records) read as is.
+
+    The one place the file's fields are typed and checked: :meth:`Recipe.from_json` validates a
+    loaded file through it, and every :class:`Recipe` built in code is checked by it as well.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal[1, 2] = RECIPE_FORMAT
+    name: Annotated[str, AfterValidator(_recipe_name)]
+    bundle_sha256: str
+    bundle_path: str
+    source: Literal["bank", "text", "text+bank"] = "bank"
+    roi: values.Roi | None = None  # x, y, w, h in camera pixels
+    resize: Literal["squash", "letterbox", "shorter_side_crop"] | None = None  # overrides the bundle's
+    augment: tuple[Literal["rot90", "hflip", "vflip"], ...] = ()  # only for rotation/flip-invariant parts
+    class_name: str | None = None  # text source: the object name for AnomalyGPT's prompts
+    target_frr: values.TargetFrr = DEFAULT_TARGET_FRR
+    bank_budget: Annotated[int, Field(ge=256)] = DEFAULT_BUDGET
+    samples: Annotated[tuple[GoldenSample, ...], AfterValidator(_sha256s)] = ()
+    bank_file: Annotated[str, _pattern(_BANK_FILE, "bank file")] | None = None
+    bank_version: Annotated[int, Field(ge=0)] = 0
+    threshold: dict[str, Any] | None = None
+    quality: dict[str, Any] = Field(default_factory=dict)
+    bank_record: FileRecord | None = None
+    defects: Annotated[tuple[DefectSample, ...], AfterValidator(_sha256s)] = ()
+    head_file: Annotated[str, _pattern(_HEAD_FILE, "head file")] | None = None
+    head_record: FileRecord | None = None
+    created_at: str = Field(default_factory=now_iso)
+    updated_at: str = Field(default_factory=now_iso)
+
+
+def _problem(exc: ValidationError) -> str:
+    """pydantic's first error as ``key: what is wrong``."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    text = str(first.get("ctx", {}).get("error") or first["msg"])
+    return f"{where}: {text}" if where else text
 
 
 @dataclass(frozen=True)
@@ -138,27 +206,17 @@ class Recipe:
     updated_at: str = field(default_factory=now_iso)
 
     def __post_init__(self) -> None:
+        # The same rules as a loaded recipe.json: a recipe built in code is one that would load.
         check_name(self.name)
-        if self.source not in SOURCES:
-            raise RecipeError(f"recipe {self.name}: source must be one of {SOURCES}, got {self.source!r}")
-        if self.resize is not None and self.resize not in RESIZE_MODES:
-            raise RecipeError(f"recipe {self.name}: resize must be one of {RESIZE_MODES}, got {self.resize!r}")
-        bad = [a for a in self.augment if a not in AUGMENTATIONS]
-        if bad:
-            raise RecipeError(f"recipe {self.name}: unknown augmentation {bad}; allowed {AUGMENTATIONS}")
-        if self.roi is not None and (len(self.roi) != 4 or min(self.roi[2:]) <= 0 or min(self.roi[:2]) < 0):
-            raise RecipeError(f"recipe {self.name}: roi must be [x, y, w, h] with w, h > 0, got {self.roi}")
-        if not 0 < self.target_frr < 0.5:
-            raise RecipeError(f"recipe {self.name}: target_frr must be in (0, 0.5), got {self.target_frr}")
-        if self.bank_budget < 256:
-            raise RecipeError(f"recipe {self.name}: bank_budget must be at least 256 patches")
-        if self.bank_file is not None and not _BANK_FILE.match(str(self.bank_file)):
-            raise RecipeError(f"recipe {self.name}: bank_file {self.bank_file!r} is not a bank file of this recipe")
-        if self.head_file is not None and not _HEAD_FILE.match(str(self.head_file)):
-            raise RecipeError(f"recipe {self.name}: head_file {self.head_file!r} is not a head file of this recipe")
-        for sample in (*self.samples, *self.defects):
-            if not re.fullmatch(r"[0-9a-f]{64}", str(sample.sha256)):
-                raise RecipeError(f"recipe {self.name}: sample {sample.name!r} has no valid sha256")
+        try:
+            RecipeFile.model_validate(self._fields())
+        except ValidationError as exc:
+            raise RecipeError(f"recipe {self.name}: {_problem(exc)}") from None
+
+    def _fields(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["threshold"] = self.threshold.to_json() if self.threshold else None
+        return data
 
     @property
     def live(self) -> bool:
@@ -166,6 +224,7 @@ class Recipe:
         return self.threshold is not None and (self.source == "text" or self.bank_file is not None)
 
     def to_json(self) -> dict[str, Any]:
+        """``recipe.json``'s content (format 2)."""
         data = asdict(self)
         data["format"] = RECIPE_FORMAT
         data["threshold"] = self.threshold.to_json() if self.threshold else None
@@ -173,22 +232,22 @@ class Recipe:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], origin: str) -> Recipe:
-        if data.get("format") not in READABLE_FORMATS:
-            newer = isinstance(data.get("format"), int) and data["format"] > RECIPE_FORMAT
+        """A loaded ``recipe.json`` validated by :class:`RecipeFile`; RecipeError naming ``origin``."""
+        fmt = data.get("format") if isinstance(data, dict) else None
+        if fmt not in READABLE_FORMATS or isinstance(fmt, bool):
+            newer = isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > RECIPE_FORMAT
             raise RecipeError(
-                f"{origin}: recipe format {data.get('format')} is not one of {READABLE_FORMATS}"
+                f"{origin}: recipe format {fmt} is not one of {READABLE_FORMATS}"
                 + ("; it was written by a newer version: upgrade anomalygpt-edge" if newer else "")
             )
         try:
-            fields = {k: v for k, v in data.items() if k != "format"}
-            fields["roi"] = tuple(fields["roi"]) if fields.get("roi") else None
-            fields["augment"] = tuple(fields.get("augment", ()))
-            fields["samples"] = tuple(GoldenSample(**s) for s in fields.get("samples", ()))
-            fields["defects"] = tuple(DefectSample(**s) for s in fields.get("defects", ()))
-            fields["threshold"] = Threshold.from_json(fields["threshold"]) if fields.get("threshold") else None
-            for key in ("bank_record", "head_record"):
-                fields[key] = FileRecord(**fields[key]) if fields.get(key) else None
-            return cls(**fields)
+            doc = RecipeFile.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(f"{origin}: malformed recipe: {_problem(exc)}") from None
+        try:
+            threshold = Threshold.from_json(doc.threshold) if doc.threshold else None
+            loaded = {f.name: getattr(doc, f.name) for f in fields(cls) if f.name != "threshold"}
+            return cls(**loaded, threshold=threshold)
         except RecipeError as exc:
             raise RecipeError(f"{origin}: {exc}") from exc
         except (TypeError, KeyError, ValueError) as exc:
