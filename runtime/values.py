@@ -90,8 +90,16 @@ def _roi_sequence(value: Any) -> Any:
 
 Name = Annotated[str, AfterValidator(check_name)]
 Roi = Annotated[tuple[int, int, int, int], BeforeValidator(_roi_sequence), AfterValidator(check_roi)]
+
+
+def _frr(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 0.5:
+        raise ValueError(f"must be a number in (0, 0.5), got {value!r}")
+    return value
+
+
 #: The false-reject rate the automatic threshold aims at: above 0, below one part in two.
-TargetFrr = Annotated[float, Field(gt=0.0, lt=0.5)]
+TargetFrr = Annotated[float, BeforeValidator(_frr), Field(gt=0.0, lt=0.5)]
 
 
 def parse(kind: Any, value: Any, what: str) -> Any:

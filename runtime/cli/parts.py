@@ -9,27 +9,31 @@ import argparse
 from pathlib import Path
 
 from anomalygpt_edge.runtime.defaults import DEFAULT_BUNDLE, DEFAULT_STORE
+from anomalygpt_edge.runtime.values import TargetFrr, parse, roi_from_text
 
 #: Light modules that each add one ``bench`` target with ``add_bench_target(targets)``.
 BENCH_TARGET_MODULES: tuple[str, ...] = ("anomalygpt_edge.runtime.cli.line",)
 
 
 def roi_arg(text: str) -> tuple[int, int, int, int]:
-    """``x,y,w,h`` in pixels."""
+    """``x,y,w,h`` in pixels, the one :data:`~anomalygpt_edge.runtime.values.Roi` every surface accepts."""
     try:
-        x, y, w, h = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ROI must be x,y,w,h in pixels, got '{text}'") from None
-    if w <= 0 or h <= 0 or x < 0 or y < 0:
-        raise argparse.ArgumentTypeError(f"ROI needs x, y >= 0 and w, h > 0, got '{text}'")
-    return (x, y, w, h)
+        return roi_from_text(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def frr_arg(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 0.5:
-        raise argparse.ArgumentTypeError(f"target false-reject rate must be in (0, 0.5), got {text}")
-    return value
+    """A target false-reject rate, the one :data:`~anomalygpt_edge.runtime.values.TargetFrr`: in (0, 0.5)."""
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text  # refused below with the same sentence as an out-of-range number
+    try:
+        frr: float = parse(TargetFrr, value, "target false-reject rate")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return frr
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
