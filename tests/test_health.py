@@ -7,13 +7,22 @@ import json
 import os
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.exposition import generate_latest
 
-from anomalygpt_edge.runtime.line.health import Health, MetricsServer, SystemdNotifier, percentile, prometheus_text
+from anomalygpt_edge.runtime.line.health import (
+    CAMERA_UP_STATES,
+    Health,
+    MetricsServer,
+    SystemdNotifier,
+    percentile,
+    prometheus_text,
+)
 
 
 class Clock:
@@ -76,12 +85,86 @@ def test_prometheus_text_is_valid_exposition_with_camera_labels() -> None:
     text = prometheus_text(h.snapshot())
     for line in text.splitlines():
         assert line.startswith("# ") or _SAMPLE.match(line), line
+    # prometheus_client writes every value as a float ("14.0"): the prefix checks name, labels and value.
     assert 'anomalygpt_edge_camera_latency_ms{camera="cam\\"1",quantile="0.99"} 14' in text
+    assert 'anomalygpt_edge_camera_latency_ms_count{camera="cam\\"1"} 2' in text
+    assert 'anomalygpt_edge_camera_latency_ms_sum{camera="cam\\"1"} 26' in text
+    assert 'anomalygpt_edge_camera_frames_total{camera="cam\\"1"} 2' in text
+    assert "# TYPE anomalygpt_edge_camera_frames_total counter" in text
+    assert "# TYPE anomalygpt_edge_verdicts_total counter" in text
+    assert "# TYPE anomalygpt_edge_errors_total counter" in text
+    assert "# TYPE anomalygpt_edge_camera_fps gauge" in text
     assert 'anomalygpt_edge_verdicts_total{camera="cam\\"1",verdict="NG"} 1' in text
     assert "anomalygpt_edge_spool_depth 2" in text and "anomalygpt_edge_spool_dropped_full 1" in text
     assert 'anomalygpt_edge_commands_rejected{key="malformed_json"} 2' in text
     assert "oldest_age_s" not in text  # None is not a number: left out, not written as 0
     assert text.count("# TYPE anomalygpt_edge_camera_latency_ms summary") == 1
+
+
+def test_latency_sum_and_count_are_cumulative_while_quantiles_roll() -> None:
+    clock = Clock()
+    h = Health("line1", window_s=10, clock=clock)
+    h.frame("cam1", latency_ms=10.0)
+    clock.t += 30  # the window has emptied: no quantiles, but _sum/_count never go down
+    h.frame("cam1", latency_ms=30.0)
+    text = prometheus_text(h.snapshot())
+    assert 'anomalygpt_edge_camera_latency_ms{camera="cam1",quantile="0.5"} 30' in text
+    assert 'anomalygpt_edge_camera_latency_ms_count{camera="cam1"} 2' in text
+    assert 'anomalygpt_edge_camera_latency_ms_sum{camera="cam1"} 40' in text
+
+
+def test_camera_up_follows_the_camera_vocabulary() -> None:
+    h = Health("line1")
+    for camera, state in (("a", "online"), ("b", "reconnecting"), ("c", "starting"), ("d", "stopped")):
+        h.camera_state(camera, state)
+    text = prometheus_text(h.snapshot())
+    assert {"online"} == CAMERA_UP_STATES
+    assert 'anomalygpt_edge_camera_up{camera="a"} 1' in text
+    for camera in "bcd":
+        assert f'anomalygpt_edge_camera_up{{camera="{camera}"}} 0' in text
+
+
+def test_camera_up_is_1_for_an_online_camera(tmp_path: Path) -> None:
+    """A real image-folder camera reports its status to the daemon's health part the way the daemon
+    wires it (``on_status`` -> ``camera_state``); /metrics then says the camera is up."""
+    import cv2
+    import numpy as np
+
+    from anomalygpt_edge.runtime.cameras.base import Camera, create_source
+    from anomalygpt_edge.runtime.line.config import CameraConfig
+    from anomalygpt_edge.runtime.line.status import DaemonHealth
+
+    cv2.imwrite(str(tmp_path / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    health = DaemonHealth("line1", notifier=SystemdNotifier(environ={}))
+    source = create_source(CameraConfig(name="cam1", type="image_folder", source=str(tmp_path), fps=50.0))
+    camera = Camera(source, on_status=health.camera_state).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not camera.online:
+            assert time.monotonic() < deadline, camera.info()
+            time.sleep(0.01)
+        snapshot = health.health.snapshot()
+        assert snapshot["cameras"]["cam1"]["state"] == camera.status == "online"
+        assert 'anomalygpt_edge_camera_up{camera="cam1"} 1' in prometheus_text(snapshot)
+    finally:
+        camera.stop()
+    assert 'anomalygpt_edge_camera_up{camera="cam1"} 0' in prometheus_text(health.health.snapshot())
+
+
+def test_each_metrics_server_has_its_own_registry() -> None:
+    """Two daemons in one process (the tests do this) must not see each other's cameras."""
+    a, b = Health("a"), Health("b")
+    a.frame("cam_a", 1.0)
+    b.frame("cam_b", 1.0)
+    sa, sb = MetricsServer(a, "127.0.0.1:0"), MetricsServer(b, "127.0.0.1:0")
+    try:
+        assert sa.registry is not sb.registry
+        ta, tb = generate_latest(sa.registry).decode(), generate_latest(sb.registry).decode()
+        assert 'camera="cam_a"' in ta and 'camera="cam_b"' not in ta
+        assert 'camera="cam_b"' in tb and 'camera="cam_a"' not in tb
+    finally:
+        sa.stop()
+        sb.stop()
 
 
 def test_metrics_endpoint_serves_prometheus_text_and_json_over_http() -> None:

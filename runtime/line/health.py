@@ -1,5 +1,5 @@
 """Health: rolling per-camera figures, the status heartbeat, Prometheus ``/metrics`` and systemd
-notifications — all with the standard library.
+notifications.
 
 * :class:`Health` collects per-camera frame times and latencies over a rolling window (fps,
   p50/p99), queue depths, camera states, the engine backend and the last error, plus any number
@@ -7,6 +7,8 @@ notifications — all with the standard library.
   gate's counters). :meth:`Health.snapshot` is the retained status heartbeat's body.
 * :class:`MetricsServer` serves the same snapshot as Prometheus text exposition on ``/metrics``
   (and ``/healthz``) from ``http.server`` on a configurable bind address; off unless configured.
+  The text is prometheus_client's: a custom collector (:class:`SnapshotCollector`) turns the
+  snapshot into metric families at scrape time, in a registry of the server's own.
 * :class:`SystemdNotifier` speaks the ``sd_notify`` datagram protocol on ``$NOTIFY_SOCKET``
   (``READY=1``, ``STATUS=…``, ``WATCHDOG=1``, ``STOPPING=1``) with :mod:`socket`: no libsystemd
   binding to install, and a no-op when not started by systemd.
@@ -15,6 +17,7 @@ notifications — all with the standard library.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -22,9 +25,19 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,9 @@ class _CameraWindow:
         self.verdicts: Counter[str] = Counter()
         self.state = "unknown"
         self.last_frame_at: float | None = None
+        # Since start, not per window: the summary's _sum/_count must only ever grow.
+        self.latency_sum_ms = 0.0
+        self.latency_count = 0
 
     def add(self, t: float, latency_ms: float | None, verdict: str | None) -> None:
         self.frames += 1
@@ -64,6 +80,8 @@ class _CameraWindow:
             self.verdicts[verdict] += 1
         if latency_ms is not None and math.isfinite(latency_ms):
             self.samples.append((t, float(latency_ms)))
+            self.latency_sum_ms += float(latency_ms)
+            self.latency_count += 1
 
     def figures(self, now: float) -> dict[str, Any]:
         while self.samples and self.samples[0][0] < now - self.window_s:
@@ -80,6 +98,8 @@ class _CameraWindow:
                 "p50": None if p50 is None else round(p50, 2),
                 "p99": None if p99 is None else round(p99, 2),
             },
+            "latency_sum_ms": round(self.latency_sum_ms, 3),
+            "latency_count": self.latency_count,
             "frames": self.frames,
             "verdicts": dict(self.verdicts),
             "last_frame_age_s": None if self.last_frame_at is None else round(now - self.last_frame_at, 3),
@@ -121,7 +141,8 @@ class Health:
             self._camera(camera).add(self._clock(), latency_ms, verdict)
 
     def camera_state(self, camera: str, state: str) -> None:
-        """``open``, ``reconnecting``, ``lost`` …: shown per camera in the heartbeat."""
+        """The camera's status (``online``, ``reconnecting`` …, see :data:`CAMERA_UP_STATES`):
+        shown per camera in the heartbeat and as ``camera_up`` in /metrics."""
         with self._lock:
             self._camera(camera).state = state
 
@@ -186,11 +207,15 @@ class Health:
         return ", ".join(parts)
 
 
-# -- Prometheus text exposition ---------------------------------------------------------------------
+# -- Prometheus exposition (prometheus_client) ------------------------------------------------------
 
+#: Camera states in which frames flow: the vocabulary of :attr:`runtime.cameras.base.Camera.status`
+#: (``starting``, ``online``, ``reconnecting``, ``ended``, ``stopped``), which the daemon passes to
+#: :meth:`Health.camera_state` unchanged. ``camera_up`` is 1 exactly in these.
+CAMERA_UP_STATES: frozenset[str] = frozenset({"online"})
 
-def _label_value(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+#: Top-level snapshot keys that are not sources of ``<source>_<field>`` gauges.
+_NOT_SOURCES = frozenset({"cameras", "queues", "last_error"})
 
 
 def _metric_name(*parts: str) -> str:
@@ -204,147 +229,172 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def _fmt(value: float) -> str:
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+def _name(suffix: str) -> str:
+    return _metric_name(METRIC_PREFIX, suffix)
+
+
+def _daemon_families(snapshot: Mapping[str, Any]) -> list[Metric]:
+    up = GaugeMetricFamily(_name("up"), "1 while the daemon runs", value=1)
+    info = InfoMetricFamily(METRIC_PREFIX, "device and engine backend")
+    info.add_metric(
+        [], {"device": str(snapshot.get("device", "")), "engine_backend": str(snapshot.get("engine_backend") or "")}
+    )
+    uptime = GaugeMetricFamily(_name("uptime_seconds"), "seconds since start", value=float(snapshot.get("uptime_s", 0)))
+    # CounterMetricFamily appends ``_total`` itself: the exposed name is anomalygpt_edge_errors_total.
+    errors = CounterMetricFamily(_name("errors"), "errors since start", value=float(snapshot.get("errors", 0)))
+    queues = GaugeMetricFamily(_name("queue_depth"), "items waiting per queue", labels=["queue"])
+    for queue, depth in sorted((snapshot.get("queues") or {}).items()):
+        if (num := _number(depth)) is not None:
+            queues.add_metric([str(queue)], num)
+    return [up, info, uptime, errors, queues]
+
+
+def _latency_family(cams: Mapping[str, Mapping[str, Any]]) -> SummaryMetricFamily:
+    """Rolling-window p50/p99 as quantiles, with cumulative ``_sum``/``_count`` since start (the
+    Prometheus summary convention: ``rate(_sum)/rate(_count)`` is the mean over any range)."""
+    name = _name("camera_latency_ms")
+    family = SummaryMetricFamily(name, "capture to verdict latency, rolling window", labels=["camera"])
+    for camera, figures in cams.items():
+        for quantile, key in (("0.5", "p50"), ("0.99", "p99")):
+            if (value := figures["latency_ms"][key]) is not None:
+                family.add_sample(name, {"camera": camera, "quantile": quantile}, float(value))
+        family.add_metric([camera], figures.get("latency_count", 0), figures.get("latency_sum_ms", 0.0))
+    return family
+
+
+def _camera_families(cams: Mapping[str, Mapping[str, Any]]) -> list[Metric]:
+    fps = GaugeMetricFamily(_name("camera_fps"), "inspected frames per second (rolling)", labels=["camera"])
+    frames = CounterMetricFamily(_name("camera_frames"), "frames inspected", labels=["camera"])
+    verdicts = CounterMetricFamily(_name("verdicts"), "verdicts by kind", labels=["camera", "verdict"])
+    up = GaugeMetricFamily(_name("camera_up"), "1 when the camera is delivering frames", labels=["camera"])
+    for camera, figures in cams.items():
+        fps.add_metric([camera], float(figures["fps"]))
+        frames.add_metric([camera], float(figures["frames"]))
+        for verdict, count in sorted(figures["verdicts"].items()):
+            verdicts.add_metric([camera, verdict], float(count))
+        up.add_metric([camera], 1.0 if figures["state"] in CAMERA_UP_STATES else 0.0)
+    return [fps, _latency_family(cams), frames, verdicts, up]
+
+
+def _source_families(snapshot: Mapping[str, Any], taken: set[str]) -> list[Metric]:
+    """Every numeric field of a source (``spool``, ``archive``, ``commands`` …) as the gauge
+    ``anomalygpt_edge_<source>_<field>``; a nested dict of numbers gets a label ``key``.
+
+    Gauges, because a source's fields mix levels (``depth``) and counts (``dropped_full``) and the
+    sources do not declare which is which; typing a level as a counter would break ``rate()``.
+    A name already taken (by a daemon metric or an earlier source) is skipped, not duplicated.
+    """
+    out: list[Metric] = []
+    for source, data in snapshot.items():
+        if source in _NOT_SOURCES or not isinstance(data, Mapping):
+            continue
+        for key, value in data.items():
+            name = _name(f"{source}_{key}")
+            if name in taken:
+                continue
+            if (num := _number(value)) is not None:
+                family = GaugeMetricFamily(name, f"{source} {key}", value=num)
+            else:
+                family = GaugeMetricFamily(name, f"{source} {key}", labels=["key"])
+                for k, v in sorted(value.items()) if isinstance(value, Mapping) else ():
+                    if (n := _number(v)) is not None:
+                        family.add_metric([str(k)], n)
+            if family.samples:  # None and text fields are not numbers: left out, not written as 0
+                taken.add(name)
+                out.append(family)
+    return out
+
+
+def metric_families(snapshot: Mapping[str, Any]) -> list[Metric]:
+    """The snapshot as Prometheus metric families: daemon, per-camera (label ``camera``), sources."""
+    cams: Mapping[str, Mapping[str, Any]] = snapshot.get("cameras") or {}
+    families = _daemon_families(snapshot) + _camera_families(cams)
+    taken = {f.name for f in families} | {f.name + "_total" for f in families if f.type == "counter"}
+    return families + _source_families(snapshot, taken)
+
+
+class SnapshotCollector(Collector):
+    """A custom collector: builds the families from ``snapshot()`` at every scrape, so the figures
+    are as fresh as the heartbeat's and nothing is kept twice."""
+
+    def __init__(self, snapshot: Callable[[], Mapping[str, Any]]):
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        return metric_families(self._snapshot())
+
+
+def metrics_registry(snapshot: Callable[[], Mapping[str, Any]]) -> CollectorRegistry:
+    """A registry of its own (not prometheus_client's global one: several daemons may run in one
+    process, e.g. the tests) holding only the snapshot collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    return registry
 
 
 def prometheus_text(snapshot: Mapping[str, Any]) -> str:
-    """The snapshot in Prometheus text exposition format 0.0.4.
-
-    Per-camera figures get a ``camera`` label; every numeric field of a source (``spool``,
-    ``archive``, ``commands`` …) becomes ``anomalygpt_edge_<source>_<field>``, a nested dict of
-    numbers a label ``key``.
-    """
-    lines: list[str] = []
-    seen: set[str] = set()
-
-    def emit(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, Any], float]]) -> None:
-        name = _metric_name(METRIC_PREFIX, name)
-        if name not in seen:
-            seen.add(name)
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            text = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{text}}} {_fmt(value)}" if text else f"{name} {_fmt(value)}")
-
-    emit("up", "gauge", "1 while the daemon runs", [({}, 1)])
-    emit(
-        "info",
-        "gauge",
-        "device and engine backend",
-        [({"device": snapshot.get("device"), "engine_backend": snapshot.get("engine_backend") or ""}, 1)],
-    )
-    emit("uptime_seconds", "gauge", "seconds since start", [({}, float(snapshot.get("uptime_s", 0)))])
-    emit("errors_total", "counter", "errors since start", [({}, float(snapshot.get("errors", 0)))])
-    cams: Mapping[str, Any] = snapshot.get("cameras", {})
-    emit(
-        "camera_fps",
-        "gauge",
-        "inspected frames per second (rolling)",
-        [({"camera": c}, v["fps"]) for c, v in cams.items()],
-    )
-    emit(
-        "camera_latency_ms",
-        "summary",
-        "capture to verdict latency, rolling window",
-        [
-            ({"camera": c, "quantile": q}, v["latency_ms"][k])
-            for c, v in cams.items()
-            for q, k in (("0.5", "p50"), ("0.99", "p99"))
-            if v["latency_ms"][k] is not None
-        ],
-    )
-    emit("camera_frames_total", "counter", "frames inspected", [({"camera": c}, v["frames"]) for c, v in cams.items()])
-    emit(
-        "verdicts_total",
-        "counter",
-        "verdicts by kind",
-        [({"camera": c, "verdict": k}, n) for c, v in cams.items() for k, n in sorted(v["verdicts"].items())],
-    )
-    emit(
-        "camera_up",
-        "gauge",
-        "1 when the camera is delivering frames",
-        [({"camera": c}, 1.0 if v["state"] in ("open", "ok", "running") else 0.0) for c, v in cams.items()],
-    )
-    emit(
-        "queue_depth",
-        "gauge",
-        "items waiting per queue",
-        [({"queue": q}, n) for q, n in sorted(snapshot.get("queues", {}).items())],
-    )
-    for source, data in snapshot.items():
-        if source in ("cameras", "queues", "last_error") or not isinstance(data, Mapping):
-            continue
-        for key, value in data.items():
-            if (num := _number(value)) is not None:
-                emit(f"{source}_{key}", "gauge", f"{source} {key}", [({}, num)])
-            elif isinstance(value, Mapping):
-                samples = [({"key": k}, n) for k, v in sorted(value.items()) if (n := _number(v)) is not None]
-                if samples:
-                    emit(f"{source}_{key}", "gauge", f"{source} {key}", samples)
-    return "\n".join(lines) + "\n"
+    """The snapshot in Prometheus text exposition format 0.0.4, as prometheus_client writes it."""
+    return generate_latest(metrics_registry(lambda: snapshot)).decode()
 
 
 class MetricsServer:
     """``GET /metrics`` (Prometheus text) and ``GET /healthz`` (JSON snapshot) on ``host:port``.
 
     Bind to 127.0.0.1 unless the scraper is remote: the figures name cameras and recipes.
-    Port 0 picks a free port (see :attr:`port`).
+    Port 0 picks a free port (see :attr:`port`). A plain ``http.server`` with two routes rather than
+    prometheus_client's ``start_http_server``: ``/healthz`` and a 404 for anything else.
     """
 
     def __init__(self, health: Health, bind: str = "127.0.0.1:9108"):
         host, _, port = bind.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"metrics bind must be HOST:PORT, got {bind!r}")
-        snapshot = health.snapshot
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                import json
-
-                if self.path.split("?")[0] == "/metrics":
-                    body = prometheus_text(snapshot()).encode()
-                    ctype = "text/plain; version=0.0.4; charset=utf-8"
-                elif self.path.split("?")[0] == "/healthz":
-                    body = json.dumps(snapshot(), default=str).encode()
-                    ctype = "application/json"
-                else:
-                    self.send_error(404, "try /metrics or /healthz")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt: str, *args: Any) -> None:  # scrapes every 15 s: keep them out of the journal
-                log.debug("metrics: " + fmt, *args)
-
-        self._server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+        self.registry = metrics_registry(health.snapshot)
+        self._server = ThreadingHTTPServer((host.strip("[]"), int(port)), _handler(self.registry, health.snapshot))
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
+        """The bound port (the free one picked when the bind said port 0)."""
         return int(self._server.server_address[1])
 
     def start(self) -> MetricsServer:
+        """Serve on a daemon thread; returns self."""
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Stop serving and close the socket (also for a server that was never started)."""
+        if self._thread is not None:  # shutdown() waits for serve_forever: it would hang otherwise
+            self._server.shutdown()
         self._server.server_close()
         if self._thread:
             self._thread.join(5)
+
+
+def _handler(registry: CollectorRegistry, snapshot: Callable[[], Mapping[str, Any]]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            path = self.path.split("?")[0]
+            if path == "/metrics":
+                body, ctype = generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+            elif path == "/healthz":
+                body, ctype = json.dumps(snapshot(), default=str).encode(), "application/json"
+            else:
+                self.send_error(404, "try /metrics or /healthz")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # scrapes every 15 s: keep them out of the journal
+            log.debug("metrics: " + fmt, *args)
+
+    return Handler
 
 
 # -- systemd notification ---------------------------------------------------------------------------
