@@ -16,7 +16,7 @@ from daemon_fixtures import broker_fixture, line_fixture  # noqa: F401 - fixture
 
 from anomalygpt_edge.runtime.explain.explainer import ExplainRequest, Explanation, ExplanationWorker
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
-from anomalygpt_edge.runtime.line import daemon as daemon_module
+from anomalygpt_edge.runtime.line import supervisor as supervisor_module
 from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.tools import fault_bench
@@ -53,7 +53,7 @@ def _answered(plc: fault_bench.Plc, corr: str) -> str | None:
 
 @pytest.fixture()
 def short_report(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(daemon_module, "CRASH_REPORT_S", REPORT_S)
+    monkeypatch.setattr(supervisor_module, "CRASH_REPORT_S", REPORT_S)
 
 
 def test_a_camera_grab_loop_that_raises_is_restarted_the_status_says_so_and_verdicts_keep_flowing(

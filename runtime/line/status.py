@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from anomalygpt_edge.runtime.line.health import Health, MetricsServer, SystemdNotifier
+from anomalygpt_edge.runtime.line.states import CAMERA_NOT_FAULTY, CameraState
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,11 @@ class DaemonHealth:
     def frame(self, camera: str, latency_ms: float | None, verdict: str | None) -> None:
         self.health.frame(camera, latency_ms, verdict)
 
-    def camera_state(self, camera: str, state: str, reason: str | None = None) -> None:
+    def camera_state(self, camera: str, state: CameraState | str, reason: str | None = None) -> None:
+        """A camera's new state (one of :data:`~anomalygpt_edge.runtime.line.states.CameraState`);
+        a state that is a fault (``reconnecting``, ``ended``, ``folder missing``) is also an error."""
         self.health.camera_state(camera, state)
-        if state not in ("online", "starting", "stopped"):
+        if state not in CAMERA_NOT_FAULTY:
             self.health.error(f"camera {camera} {state}" + (f": {reason}" if reason else ""), camera=camera)
 
     def error(self, message: str, camera: str | None = None) -> None:

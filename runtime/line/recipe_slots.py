@@ -1,0 +1,165 @@
+"""Recipe slots: the engine bundles, pipelines and enrollers, and each camera's live inspector.
+
+One bundle, one pipeline, one enroller per bundle path: cameras sharing a bundle share its engines.
+Each bound camera has a slot holding its recipe's name, its :class:`Inspector` (None while the
+recipe cannot inspect) and the reason it cannot. A recipe that is missing or not live does not stop
+the daemon: that camera answers every part ERROR with the reason until it is enrolled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from anomalygpt_edge.engines.base import create_engine, resolve_backend
+from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+from anomalygpt_edge.runtime.recipes.inspector import Inspector
+from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
+
+if TYPE_CHECKING:
+    from anomalygpt_edge.runtime.line.config import DaemonConfig, RecipeBinding
+
+log = logging.getLogger(__name__)
+
+
+class RecipeSlots:
+    """Bundles, pipelines, enrollers and per-camera inspectors; loads and switches recipes.
+
+    ``on_change`` is called after a switch or a reload (the daemon republishes its status).
+    """
+
+    def __init__(self, config: DaemonConfig, store: RecipeStore, on_change: Callable[[], None] | None = None):
+        self.config = config
+        self.store = store
+        self.on_change = on_change
+        self.bundles: dict[Path, EngineBundle] = {}
+        self.pipelines: dict[Path, VisionPipeline] = {}
+        self.enrollers: dict[Path, Enroller] = {}
+        self.inspectors: dict[str, Inspector | None] = {}
+        self.recipe_names: dict[str, str] = {}
+        self.recipe_problems: dict[str, str | None] = {}
+        self.lock = threading.Lock()
+
+    # -- bundles ---------------------------------------------------------------------------------
+    def binding(self, camera: str) -> RecipeBinding | None:
+        """The camera's recipe binding from the config (None for an unbound camera)."""
+        return self.config.binding(camera)
+
+    def bundle_key(self, camera: str) -> Path:
+        """The resolved path of the bundle that inspects ``camera``."""
+        binding = self.binding(camera)
+        path = self.config.bundle_for(binding) if binding else self.config.engines.bundle
+        return Path(path).resolve()
+
+    def enroller(self, camera: str) -> Enroller:
+        """The enroller for ``camera``'s bundle."""
+        return self.enrollers[self.bundle_key(camera)]
+
+    def bundle_sha256(self, camera: str) -> str | None:
+        """The sha256 of ``camera``'s bundle, None before the engines are open."""
+        bundle = self.bundles.get(self.bundle_key(camera))
+        return bundle.sha256 if bundle is not None else None
+
+    def open(self) -> None:
+        """Open every camera's bundle once, then load every bound recipe (one that cannot inspect is noted)."""
+        for camera in self.config.cameras:
+            key = self.bundle_key(camera)
+            if key not in self.bundles:
+                bundle = EngineBundle.open(key, backend=self.config.engines.backend)
+                self.bundles[key] = bundle
+                self.pipelines[key] = self._pipeline(bundle)
+                self.enrollers[key] = Enroller(self.store, bundle, self.pipelines[key])
+        for b in self.config.recipes:
+            with contextlib.suppress(RecipeError):
+                self.load_recipe(b.camera, b.recipe)
+
+    def _pipeline(self, bundle: EngineBundle) -> VisionPipeline:
+        """The bundle's pipeline; on the CPU backend with ``engines.threads`` ONNX Runtime threads."""
+        pipeline = VisionPipeline(bundle)
+        threads = self.config.engines.threads
+        if threads and resolve_backend(self.config.engines.backend) == "onnxruntime":
+            for attr, graph in (("encoder", "encoder"), ("matcher", "bank_matcher")):
+                entry = bundle.graph(graph)
+                engine = create_engine(
+                    bundle.path / entry.file, entry.inputs, entry.outputs, "onnxruntime", threads=threads
+                )
+                setattr(pipeline, attr, engine)
+        return pipeline
+
+    # -- recipes ---------------------------------------------------------------------------------
+    def current(self, camera: str) -> tuple[Inspector | None, str | None, str | None]:
+        """``(inspector, problem, recipe name)`` of the camera's slot, read together."""
+        with self.lock:
+            return self.inspectors.get(camera), self.recipe_problems.get(camera), self.recipe_names.get(camera)
+
+    def load_recipe(self, camera: str, name: str) -> Inspector:
+        """Make ``name`` the camera's recipe; a recipe that cannot go live leaves the camera answering ERROR."""
+        key = self.bundle_key(camera)
+        binding = self.binding(camera)
+        with self.lock:
+            self.recipe_names[camera] = name
+        try:
+            recipe = self.store.load(name)
+            if binding is not None and binding.roi is not None:
+                recipe = replace(recipe, roi=binding.roi)
+            inspector = Inspector(self.bundles[key], recipe, self.store, self.pipelines[key])
+        except (RecipeError, ValueError, OSError) as exc:
+            with self.lock:
+                self.inspectors[camera] = None
+                self.recipe_problems[camera] = str(exc)
+            log.warning("camera %s: recipe %s cannot inspect: %s", camera, name, exc)
+            raise RecipeError(str(exc)) from exc
+        with self.lock:
+            self.inspectors[camera] = inspector
+            self.recipe_problems[camera] = None
+        log.info("camera %s: recipe %s live (threshold %.4g)", camera, name, inspector.threshold)
+        return inspector
+
+    def switch_recipe(self, camera: str, name: str) -> str | None:
+        """Make ``name`` the camera's recipe and announce it; return the previous recipe's name.
+
+        A recipe that cannot inspect (not live, or a bank, head or ``recipe.json`` that fails its
+        checks) is refused (:class:`RecipeError`, "cannot inspect: ...", naming the file) and the
+        camera stays on it, answering every part ERROR with that reason, the status ``degraded``:
+        the PLC switches because the parts changed, so judging the new parts by the previous
+        recipe could pass them as OK (issue 12, rows 2 and 11). An unknown name changes nothing.
+        Shared by ``cmd/recipe`` and the technician station so both switch the same way.
+        """
+        if not self.store.exists(name):
+            raise RecipeError(f"unknown recipe '{name}'; recipes: {', '.join(self.store.names()) or 'none'}")
+        previous = self.recipe_names.get(camera)
+        try:
+            self.load_recipe(camera, name)
+        except RecipeError as exc:
+            raise RecipeError(f"recipe '{name}' cannot inspect: {exc}") from None
+        finally:
+            # Refused or not, the camera's recipe changed: the retained status says which, and why.
+            self.changed()
+        return previous
+
+    def reload_users(self, recipe: str) -> None:
+        """Cameras inspecting with ``recipe`` pick up its new bank, head and threshold."""
+        for camera, name in list(self.recipe_names.items()):
+            if name == recipe:
+                # Not live any more: load_recipe leaves the camera answering ERROR and says why.
+                with contextlib.suppress(RecipeError):
+                    self.load_recipe(camera, name)
+        self.changed()
+
+    def changed(self) -> None:
+        """Tell ``on_change`` (the daemon republishes its status)."""
+        if self.on_change is not None:
+            self.on_change()
+
+    def refused(self) -> list[str]:
+        """A problem line for every bound camera whose recipe cannot inspect."""
+        with self.lock:
+            refused = [(c, self.recipe_names.get(c), p) for c, p in self.recipe_problems.items() if p]
+        return [f"camera {camera}: recipe {recipe} cannot inspect: {problem}" for camera, recipe, problem in refused]
