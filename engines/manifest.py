@@ -8,26 +8,35 @@ a migration exists, otherwise refused with the command that re-exports it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from anomalygpt_edge.engines.base import TensorSpec
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-RESIZE_MODES = ("shorter_side_crop", "squash", "letterbox")
-INTERPOLATIONS = ("bicubic", "bilinear", "area", "nearest")
+ResizeMode = Literal["shorter_side_crop", "squash", "letterbox"]
+Interpolation = Literal["bicubic", "bilinear", "area", "nearest"]
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
 #: Bank-matcher metrics: AnomalyGPT's cosine (1 - max similarity) and PatchCore's L2 (min distance).
 MATCH_METRICS = ("cosine", "l2")
+
+# The manifest is written by this package's exporter only: a key it does not know is a bundle
+# from another tool or a damaged file, never something to skip.
+_FORBID = ConfigDict(extra="forbid")
 
 
 class ManifestError(ValueError):
     """The manifest is missing, malformed, or of a schema this runtime cannot read."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_FORBID)
 class FileEntry:
     """A file of the bundle, relative to the bundle folder, with its size and sha256."""
 
@@ -36,7 +45,7 @@ class FileEntry:
     size: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_FORBID)
 class GraphEntry:
     """One exported graph: its ONNX file (plus external data, if any) and its signature."""
 
@@ -49,9 +58,11 @@ class GraphEntry:
     fp16_external_data: list[str] = field(default_factory=list)
 
     def input(self, name: str) -> TensorSpec:
+        """The input tensor called ``name`` (KeyError naming the graph file otherwise)."""
         return _by_name(self.inputs, name, self.file)
 
     def output(self, name: str) -> TensorSpec:
+        """The output tensor called ``name`` (KeyError naming the graph file otherwise)."""
         return _by_name(self.outputs, name, self.file)
 
 
@@ -62,7 +73,7 @@ def _by_name(specs: list[TensorSpec], name: str, where: str) -> TensorSpec:
     raise KeyError(f"{where} has no tensor '{name}'")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_FORBID)
 class Preprocess:
     """How a camera image becomes the encoder's ``pixel_values``.
 
@@ -71,15 +82,15 @@ class Preprocess:
     """
 
     size: tuple[int, int]
-    resize: str
-    interpolation: str
+    resize: ResizeMode
+    interpolation: Interpolation
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     color: str = "RGB"
     scale: float = 1.0 / 255.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_FORBID)
 class PatchLayer:
     """One patch-feature output of the encoder: ``grid`` (rows, cols) of ``dim``-d tokens, row-major."""
 
@@ -88,7 +99,14 @@ class PatchLayer:
     dim: int
 
 
-@dataclass(frozen=True)
+def _keyed_files(value: Any) -> Any:
+    # ``files`` maps each path to its entry; the entry repeats the path (older writers left it out).
+    if isinstance(value, dict):
+        return {k: {"path": k, **v} if isinstance(v, dict) else v for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True, config=_FORBID)
 class Manifest:
     """Parsed ``manifest.json`` of an engine bundle."""
 
@@ -100,7 +118,7 @@ class Manifest:
     patch_layers: list[PatchLayer]
     map_size: tuple[int, int]
     graphs: dict[str, GraphEntry]
-    files: dict[str, FileEntry]
+    files: Annotated[dict[str, FileEntry], BeforeValidator(_keyed_files)]
     matching: dict[str, Any] = field(default_factory=dict)
     #: Encoder outputs only a recipe's defect head reads (beside the patch layers), never the bank.
     head_layers: list[PatchLayer] = field(default_factory=list)
@@ -109,6 +127,7 @@ class Manifest:
     engines: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The manifest as ``manifest.json`` holds it."""
         data = asdict(self)
         data["graphs"] = {
             k: {
@@ -121,28 +140,25 @@ class Manifest:
         return data
 
     def dumps(self) -> str:
+        """``manifest.json``'s text: sorted keys, two-space indents, a final newline."""
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
 
 
 #: Migrations from schema N to N+1, applied in order to raw JSON. Empty while only v1 exists.
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+_MANIFEST = TypeAdapter(Manifest)
 
 
-def _require(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = "manifest") -> Any:
-    if key not in data:
-        raise ManifestError(f"{where}: missing key '{key}'")
-    value = data[key]
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ManifestError(f"{where}: '{key}' must be {names}, got {type(value).__name__}")
-    return value
-
-
-def parse_manifest(data: Any, origin: str = "manifest.json") -> Manifest:
-    """Validate raw manifest JSON (migrating old schemas) and return a :class:`Manifest`."""
+def _migrated(data: Any, origin: str) -> dict[str, Any]:
+    """``data`` at :data:`SCHEMA_VERSION`: newer refused ("upgrade"), older migrated or refused ("re-export")."""
     if not isinstance(data, dict):
         raise ManifestError(f"{origin}: must be a JSON object")
-    version = _require(data, "schema_version", int, origin)
+    doc: dict[str, Any] = data
+    version = doc.get("schema_version")
+    if "schema_version" not in doc:
+        raise ManifestError(f"{origin}: missing key 'schema_version'")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ManifestError(f"{origin}: 'schema_version' must be int, got {type(version).__name__}")
     if version > SCHEMA_VERSION:
         raise ManifestError(
             f"{origin}: schema_version {version} was written by a newer exporter; this runtime reads "
@@ -155,80 +171,45 @@ def parse_manifest(data: Any, origin: str = "manifest.json") -> Manifest:
                 f"{origin}: schema_version {version} has no migration to {SCHEMA_VERSION}; re-export the "
                 f"bundle with `anomalygpt-edge export vision`."
             )
-        data = migrate(data)
-        version = data["schema_version"]
+        doc = migrate(doc)
+        version = doc["schema_version"]
+    return doc
 
-    try:
-        pre = _require(data, "preprocess", dict, origin)
-        preprocess = Preprocess(
-            size=tuple(int(v) for v in _require(pre, "size", list, "preprocess")),
-            resize=_require(pre, "resize", str, "preprocess"),
-            interpolation=_require(pre, "interpolation", str, "preprocess"),
-            mean=tuple(float(v) for v in _require(pre, "mean", list, "preprocess")),
-            std=tuple(float(v) for v in _require(pre, "std", list, "preprocess")),
-            color=pre.get("color", "RGB"),
-            scale=float(pre.get("scale", 1.0 / 255.0)),
-        )
-        if preprocess.resize not in RESIZE_MODES:
-            raise ManifestError(f"{origin}: preprocess.resize must be one of {RESIZE_MODES}, got '{preprocess.resize}'")
-        if preprocess.interpolation not in INTERPOLATIONS:
-            raise ManifestError(
-                f"{origin}: preprocess.interpolation must be one of {INTERPOLATIONS}, got '{preprocess.interpolation}'"
-            )
-        if len(preprocess.size) != 2 or len(preprocess.mean) != 3 or len(preprocess.std) != 3:
-            raise ManifestError(f"{origin}: preprocess: size needs 2 values, mean and std 3 each")
-        layers = [
-            PatchLayer(str(p["name"]), (int(p["grid"][0]), int(p["grid"][1])), int(p["dim"]))
-            for p in _require(data, "patch_layers", list, origin)
-        ]
-        head_layers = [
-            PatchLayer(str(p["name"]), (int(p["grid"][0]), int(p["grid"][1])), int(p["dim"]))
-            for p in data.get("head_layers", [])
-        ]
-        if any(h.grid != layers[0].grid for h in head_layers):
-            raise ManifestError(f"{origin}: head_layers must share the patch layers' grid {layers[0].grid}")
-        graphs = {
-            str(name): GraphEntry(
-                file=_require(g, "file", str, f"graphs.{name}"),
-                inputs=[TensorSpec.from_json(s) for s in _require(g, "inputs", list, f"graphs.{name}")],
-                outputs=[TensorSpec.from_json(s) for s in _require(g, "outputs", list, f"graphs.{name}")],
-                external_data=list(g.get("external_data", [])),
-                fp16_file=g.get("fp16_file"),
-                fp16_external_data=list(g.get("fp16_external_data", [])),
-            )
-            for name, g in _require(data, "graphs", dict, origin).items()
-        }
-        files = {
-            str(name): FileEntry(str(name), str(f["sha256"]), int(f["size"]))
-            for name, f in _require(data, "files", dict, origin).items()
-        }
-        map_size = tuple(int(v) for v in _require(data, "map_size", list, origin))
-        manifest = Manifest(
-            schema_version=version,
-            source=_require(data, "source", dict, origin),
-            exporter=_require(data, "exporter", dict, origin),
-            created_at=_require(data, "created_at", str, origin),
-            preprocess=preprocess,
-            patch_layers=layers,
-            map_size=(map_size[0], map_size[1]),
-            graphs=graphs,
-            files=files,
-            matching=dict(data.get("matching", {})),
-            head_layers=head_layers,
-            text_features=data.get("text_features"),
-            llm=data.get("llm"),
-            engines=dict(data.get("engines", {})),
-        )
-    except ManifestError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ManifestError(f"{origin}: malformed entry: {exc!r}") from exc
+
+def _problem(exc: ValidationError) -> str:
+    """pydantic's first error as ``where: what`` (``preprocess: missing key 'mean'``)."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
+    if first["type"] == "missing":
+        return f"{'.'.join(loc[:-1]) or 'manifest'}: missing key '{loc[-1]}'"
+    if first["type"] == "extra_forbidden":
+        return f"{'.'.join(loc)}: unknown key"
+    return f"{'.'.join(loc) or 'manifest'}: {first['msg']}, got {first.get('input')!r}"
+
+
+def _check_references(manifest: Manifest, origin: str) -> None:
+    """Head layers on the patch grid; every graph file listed in ``files``; an encoder graph."""
+    if not manifest.patch_layers:
+        raise ManifestError(f"{origin}: patch_layers: at least one patch layer is needed")
+    grid = manifest.patch_layers[0].grid
+    if any(h.grid != grid for h in manifest.head_layers):
+        raise ManifestError(f"{origin}: head_layers must share the patch layers' grid {grid}")
     for name, graph in manifest.graphs.items():
         for f in [graph.file, *graph.external_data, *filter(None, [graph.fp16_file]), *graph.fp16_external_data]:
             if f not in manifest.files:
                 raise ManifestError(f"{origin}: graph '{name}' refers to '{f}', which is not listed in files")
     if "encoder" not in manifest.graphs:
         raise ManifestError(f"{origin}: a bundle needs an 'encoder' graph")
+
+
+def parse_manifest(data: Any, origin: str = "manifest.json") -> Manifest:
+    """Validate raw manifest JSON (migrating old schemas) and return a :class:`Manifest`."""
+    data = _migrated(data, origin)
+    try:
+        manifest = _MANIFEST.validate_python(data)
+    except ValidationError as exc:
+        raise ManifestError(f"{origin}: {_problem(exc)}") from None
+    _check_references(manifest, origin)
     return manifest
 
 
