@@ -185,3 +185,109 @@ def test_every_malformed_command_gets_an_error_reply_and_the_daemon_keeps_inspec
     assert plain.json()["ok"] is False and bytes(plain.properties.CorrelationData) == b"plain"
     assert good["verdict"] in ("OK", "NG") and good["part_id"] == "after"
     assert daemon.commands.errors == len(batch) + 1
+
+
+# -- cmd/ask bookkeeping and command bodies, without a broker ---------------------------------------
+
+
+class _RecordingLink:
+    """The two link members an explanation uses: ``reply`` (an ask's answer) and ``publish_json``."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[Any, dict]] = []
+        self.published: list[tuple[str, dict]] = []
+
+    def topic(self, *parts: str) -> str:
+        return "/".join(("anomalygpt", "dev", *parts))
+
+    def reply(self, cmd: Any, body: dict) -> None:
+        self.replies.append((cmd, body))
+
+    def publish_json(self, topic: str, body: dict, qos: int = 1, retain: bool = False) -> int:
+        self.published.append((topic, body))
+        return 0
+
+
+def _ask_command(correlation: bytes) -> Any:
+    from anomalygpt_edge.runtime.delivery.mqtt_link import Command
+
+    return Command("ask", b"{}", "hmi/dev", correlation, 0.0, 0.0)
+
+
+def _publisher(link: _RecordingLink) -> Any:
+    from anomalygpt_edge.runtime.line.verdict_publisher import VerdictPublisher
+
+    return VerdictPublisher(None, link, None, None, {})  # type: ignore[arg-type] - explanations use only the link
+
+
+def test_an_explanation_reusing_a_dropped_asks_object_identity_never_answers_that_stale_ask() -> None:
+    from anomalygpt_edge.runtime.explain.explainer import Explanation
+    from anomalygpt_edge.runtime.inspection.verdict import Verdict
+    from anomalygpt_edge.runtime.line.asks import AskBook
+
+    book, link = AskBook(), _RecordingLink()
+    verdict = Verdict.error("bracket", "test")
+    stale = book.open(_ask_command(b"q-old"), "cam1", "v1", verdict, "Where?")
+    # The worker dropped that request; CPython hands its memory (its id) to the next request. Model
+    # that exactly: the same object, now a verdict's own explanation for camera cam1.
+    stale.key, stale.question, stale.verdict_id = "cam1", "Is there any anomaly in the image?", "v2"
+    fresh = book.open(_ask_command(b"q-new"), "cam1", "v3", verdict, "How large?")
+    explanation = Explanation(text="a scratch, top left", source="template")
+    publisher = _publisher(link)
+    publisher.publish_explanation(stale, explanation, book.take(stale))
+    publisher.publish_explanation(fresh, explanation, book.take(fresh))
+    assert [t for t, _ in link.published] == ["anomalygpt/dev/cam1/explanation"], "the verdict's own explanation"
+    assert [bytes(c.correlation_data) for c, _ in link.replies] == [b"q-new"], "only the ask that asked is answered"
+    assert link.replies[0][1]["verdict_id"] == "v3" and len(book) == 1, "the dropped ask is still open, to expire"
+
+
+def test_an_ask_answer_names_its_camera_whatever_its_correlation_data_contains() -> None:
+    from anomalygpt_edge.runtime.explain.explainer import Explanation
+    from anomalygpt_edge.runtime.inspection.verdict import Verdict
+    from anomalygpt_edge.runtime.line.asks import AskBook
+
+    book, link = AskBook(), _RecordingLink()
+    request = book.open(_ask_command(b"plc:7:cam2"), "cam1", "v1", Verdict.error("bracket", "test"), "Where?")
+    _publisher(link).publish_explanation(request, Explanation(text="ok", source="template"), book.take(request))
+    body = link.replies[0][1]
+    assert body["camera"] == "cam1" and body["correlation_id"] == "plc:7:cam2" and body["command"] == "ask"
+
+
+def test_an_ask_the_explanation_worker_dropped_is_answered_with_an_error_once_it_expires() -> None:
+    from anomalygpt_edge.runtime.inspection.verdict import Verdict
+    from anomalygpt_edge.runtime.line.asks import ASK_GRACE_S, AskBook
+
+    book = AskBook()
+    book.open(_ask_command(b"q1"), "cam1", "v1", Verdict.error("bracket", "test"), "Where?")
+    assert book.expire(max_age_s=10.0) == [], "young asks stay open"
+    expired = book.expire(max_age_s=-ASK_GRACE_S - 1.0)
+    assert [bytes(a.command.correlation_data) for a in expired] == [b"q1"] and len(book) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"action": "start", "camera": "cam1", "recipe": "r", "roi": [0, 0, 4, 4]}, "field 'roi'"),
+        ({"action": "start", "camera": "cam1", "recipe": "r", "roi": [-1, 0, 40, 40]}, "field 'roi'"),
+        ({"action": "start", "camera": "cam1", "recipe": "r", "roi": [0, 0, 40, True]}, "field 'roi'"),
+        ({"action": "start", "camera": "cam1", "recipe": "r", "target_frr": 0.5}, "field 'target_frr'"),
+        ({"action": "start", "camera": "cam1", "recipe": "r", "target_frr": True}, "field 'target_frr'"),
+        ({"action": "start", "camera": "cam1", "recipe": "CON"}, "reserved device name"),
+        ({"action": "finish", "camera": "cam1", "switch": "yes"}, "field 'switch' must be bool"),
+        ({"action": "remove", "camera": "cam1"}, "missing field 'name'"),
+        ({"action": "add", "camera": None}, "missing field 'camera'"),
+    ],
+)
+def test_an_enroll_body_out_of_bounds_is_refused_naming_the_field(body: dict, expected: str) -> None:
+    from anomalygpt_edge.runtime.line.command_bodies import CommandError, enroll_body
+
+    with pytest.raises(CommandError) as refused:
+        enroll_body(body)
+    assert expected in str(refused.value), str(refused.value)
+
+
+def test_an_enroll_start_within_bounds_carries_the_shared_value_types() -> None:
+    from anomalygpt_edge.runtime.line.command_bodies import EnrollStart, enroll_body
+
+    body = enroll_body({"action": "start", "camera": "cam1", "recipe": "bracket-b", "roi": [0, 0, 64, 48], "x": 1})
+    assert isinstance(body, EnrollStart) and body.roi == (0, 0, 64, 48) and body.target_frr is None

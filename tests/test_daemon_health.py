@@ -140,3 +140,26 @@ def test_metrics_endpoint_serves_when_configured() -> None:
     finally:
         h.stop()
     assert 'anomalygpt_edge_verdicts_total{camera="cam1",verdict="NG"} 1' in text
+
+
+def test_every_state_a_camera_reports_is_a_word_of_the_one_camera_vocabulary() -> None:
+    import inspect
+    import re
+
+    from anomalygpt_edge.runtime.cameras import base as cameras_base
+    from anomalygpt_edge.runtime.line import status_report
+    from anomalygpt_edge.runtime.line.states import CAMERA_NOT_FAULTY, CAMERA_SERVING, CAMERA_STATES
+
+    reported = set(re.findall(r'_set_status\("([^"]+)"', inspect.getsource(cameras_base)))
+    reported |= set(re.findall(r'self\.status = "([^"]+)"', inspect.getsource(cameras_base)))
+    reported |= set(re.findall(r'"(watching|folder missing|starting|stopped)"', inspect.getsource(status_report)))
+    assert reported and reported <= set(CAMERA_STATES), reported - set(CAMERA_STATES)
+    assert CAMERA_SERVING <= CAMERA_NOT_FAULTY <= set(CAMERA_STATES)
+
+
+def test_a_lost_camera_is_an_error_and_a_serving_one_is_not() -> None:
+    health = DaemonHealth("dev")
+    health.camera_state("cam1", "online")
+    assert health.health.snapshot()["errors"] == 0
+    health.camera_state("cam1", "reconnecting", "grabbing failed")
+    assert health.health.snapshot()["errors"] == 1
