@@ -32,6 +32,14 @@ from anomalygpt_edge.runtime.inspection.defect_head import DefectHead, HeadError
 from anomalygpt_edge.runtime.inspection.head_training import ScoredPart, fit_head
 from anomalygpt_edge.runtime.inspection.memory_bank import MemoryBank, build_bank
 from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
+
+# The golden set's self-check is a module of its own.
+from anomalygpt_edge.runtime.recipes.golden_check import (
+    QualityReport,
+    golden_parts,
+    part_score,
+    quality_report,
+)
 from anomalygpt_edge.runtime.recipes.store import (
     DEFECT_TYPE,
     USES_TEXT,
@@ -41,44 +49,9 @@ from anomalygpt_edge.runtime.recipes.store import (
     RecipeError,
     RecipeStore,
     now_iso,
-    text_features_for,
 )
 
 log = logging.getLogger(__name__)
-
-#: Above this many golden samples, leave-one-out becomes k-fold with this many folds.
-LOO_MAX = 32
-KFOLD = 8
-#: A sample is flagged when its score is this many robust standard deviations above the golden
-#: median *and* at least OUTLIER_RATIO times that median: the ratio guard keeps a very tight golden
-#: set (tiny MAD) from flagging ordinary part-to-part variation.
-OUTLIER_Z = 3.5
-OUTLIER_RATIO = 1.5
-#: A golden set whose scores spread (p90 - p10) by more than this multiple of the median is inconsistent.
-MAX_SPREAD = 1.5
-
-
-@dataclass
-class QualityReport:
-    """Outcome of the golden-sample quality check."""
-
-    scores: dict[str, float] = field(default_factory=dict)
-    flagged: list[dict[str, Any]] = field(default_factory=list)
-    inconsistent: str | None = None
-    method: str = "leave-one-out"
-
-    @property
-    def ok(self) -> bool:
-        return not self.flagged and self.inconsistent is None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "method": self.method,
-            "scores": self.scores,
-            "flagged": self.flagged,
-            "inconsistent": self.inconsistent,
-        }
 
 
 @dataclass(frozen=True)
@@ -312,14 +285,8 @@ class Enroller:
     def _load_defect(self, name: str, sample: DefectSample) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         return _read_features(self.store.defect_path(name, sample.sha256, "npz"), self.pipeline)
 
-    def _rebuild(self, recipe: Recipe, accept_flagged: bool) -> EnrollmentResult:
-        """Bank from all samples, LOO / k-fold scores, quality check, defect head, threshold; one commit."""
-        if not recipe.samples:
-            recipe = self.store.commit(
-                replace(recipe, bank_file=None, threshold=None, quality={}, head_file=None, bank_record=None)
-            )
-            return EnrollmentResult(recipe)
-        feats = [self._load_features(recipe.name, s.sha256) for s in recipe.samples]
+    def _bank(self, recipe: Recipe, feats: list[dict[str, np.ndarray]]) -> tuple[dict, dict[str, Any], MemoryBank]:
+        """The memory bank of every golden sample's features, with its build record."""
         layers, info = build_bank([{n: f[n] for n in self.pipeline.layer_names} for f in feats], recipe.bank_budget)
         bank = MemoryBank(
             layers,
@@ -332,6 +299,17 @@ class Enroller:
                 **info,
             },
         )
+        return layers, info, bank
+
+    def _rebuild(self, recipe: Recipe, accept_flagged: bool) -> EnrollmentResult:
+        """Bank from all samples, LOO / k-fold scores, quality check, defect head, threshold; one commit."""
+        if not recipe.samples:
+            recipe = self.store.commit(
+                replace(recipe, bank_file=None, threshold=None, quality={}, head_file=None, bank_record=None)
+            )
+            return EnrollmentResult(recipe)
+        feats = [self._load_features(recipe.name, s.sha256) for s in recipe.samples]
+        layers, info, bank = self._bank(recipe, feats)
         parts, method = self.golden_parts(recipe, feats)
         quality = self.quality_report(recipe, {s.name: self._part_score(p) for s, p in zip(recipe.samples, parts)})
         quality.method = method
@@ -349,23 +327,9 @@ class Enroller:
                 threshold, normal, defect_scores, len(recipe.samples), [varied] if varied else []
             )
         go_live = threshold is not None and (quality.ok or accept_flagged)
-        scored = (
-            {s.name: float(v) for s, v in zip(recipe.samples, normal)} if normal.size == len(recipe.samples) else {}
-        )
-        samples = tuple(
-            replace(
-                s,
-                score=scored.get(s.name),
-                flagged=next((f["reason"] for f in quality.flagged if f["sha256"] == s.sha256), None),
-            )
-            for s in recipe.samples
-        )
-        defects = tuple(replace(d, score=float(v)) for d, v in zip(recipe.defects, defect_scores))
+        recipe = _scored(recipe, quality, normal, defect_scores, head is not None)
         recipe = replace(
             recipe,
-            samples=samples,
-            defects=defects or recipe.defects,
-            head_file=None if head is None else recipe.head_file,
             threshold=threshold if go_live else None,
             quality={
                 **quality.to_json(),
@@ -400,43 +364,11 @@ class Enroller:
         return fit.head, fit
 
     def _part_score(self, part: ScoredPart) -> float:
-        return self.pipeline.image_score(self.pipeline.smooth(part.raw_map[None])[0])
+        return part_score(self.pipeline, part)
 
     def golden_parts(self, recipe: Recipe, feats: list[dict[str, np.ndarray]]) -> tuple[list[ScoredPart], str]:
-        """Each golden sample scored as the live recipe would score a new good part, unsmoothed.
-
-        Bank source: each sample against a bank of the others (leave-one-out, k-fold above LOO_MAX).
-        Text source: each sample's zero-shot text-decoder map (no bank is involved).
-        """
-        k = len(feats)
-        names = self.pipeline.layer_names
-        text = text_features_for(recipe, self.bundle) if recipe.source in USES_TEXT else None
-        if recipe.source == "text":
-            query = {n: np.stack([f[n][0] for f in feats]) for n in names}
-            maps = self.pipeline.text_maps(query, text, smooth=False)
-            empty = np.zeros(0, np.float32)
-            return [ScoredPart(m, empty, empty) for m in maps], "zero-shot text decoder"
-        if k < 2:
-            return [], "none: a single golden sample cannot be checked against others"
-        folds = [[i] for i in range(k)] if k <= LOO_MAX else [list(range(f, k, KFOLD)) for f in range(KFOLD)]
-        parts: list[ScoredPart | None] = [None] * k
-        rng = np.random.default_rng(0)
-        for held in folds:
-            rest = [feats[i] for i in range(k) if i not in held]
-            bank = {n: np.concatenate([r[n].reshape(-1, r[n].shape[-1]) for r in rest]) for n in names}
-            m = next(iter(bank.values())).shape[0]
-            if m > recipe.bank_budget:  # random subsample for speed: scores run high, i.e. conservative
-                idx = np.sort(rng.choice(m, recipe.bank_budget, replace=False))
-                bank = {n: v[idx] for n, v in bank.items()}
-            # Score the un-augmented view of each held-out sample (its first feature row).
-            query = {n: np.stack([feats[i][n][0] for i in held]) for n in names}
-            raw, patch_scores = self.pipeline.bank_raw(query, bank)
-            if text is not None:  # text+bank: the held-out part's map as the live recipe computes it
-                raw = 0.5 * (raw + self.pipeline.text_maps(query, text, smooth=False))
-            for j, i in enumerate(held):
-                all_views = {n: feats[i][n] for n in self.pipeline.feature_names}
-                parts[i] = ScoredPart(raw[j], patch_scores[j], self.pipeline.patches(all_views))
-        return [p for p in parts if p is not None], "leave-one-out" if k <= LOO_MAX else f"{KFOLD}-fold"
+        """Each golden sample scored as the live recipe would score a new good part, unsmoothed."""
+        return golden_parts(self.pipeline, self.bundle, recipe, feats)
 
     def golden_scores(self, recipe: Recipe, feats: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], str]:
         """Image scores of :meth:`golden_parts`, by sample name."""
@@ -452,36 +384,29 @@ class Enroller:
 
     def quality_report(self, recipe: Recipe, scores: dict[str, float]) -> QualityReport:
         """The quality check on given leave-one-out scores (bank only: a defect head never hides an outlier)."""
-        k = len(recipe.samples)
-        report = QualityReport(scores=scores)
-        if not scores:
-            return report
-        values = np.array(list(scores.values()))
-        med = float(np.median(values))
-        mad = float(np.median(np.abs(values - med))) * 1.4826
-        if k >= 4 and mad > 0:
-            for s in recipe.samples:
-                z = (scores[s.name] - med) / mad
-                if z > OUTLIER_Z and scores[s.name] > OUTLIER_RATIO * med:
-                    report.flagged.append(
-                        {
-                            "name": s.name,
-                            "sha256": s.sha256,
-                            "score": scores[s.name],
-                            "reason": (
-                                f"scores {scores[s.name]:.4g} against the other golden parts, {z:.1f} robust SDs "
-                                f"above their median {med:.4g}: possibly a defective or different part"
-                            ),
-                        }
-                    )
-        if k >= 4 and med > 0:
-            p10, p90 = np.percentile(values, [10, 90])
-            if (p90 - p10) / med > MAX_SPREAD:
-                report.inconsistent = (
-                    f"golden scores spread from {p10:.4g} to {p90:.4g} (median {med:.4g}): the parts or the "
-                    f"imaging differ too much to decide on; check lighting, ROI and part pose"
-                )
-        return report
+        return quality_report(recipe, scores)
+
+
+def _scored(
+    recipe: Recipe, quality: QualityReport, normal: np.ndarray, defect_scores: np.ndarray, has_head: bool
+) -> Recipe:
+    """The recipe with each golden and defect sample's held-out score and flag, and its head file kept or not."""
+    scored = {s.name: float(v) for s, v in zip(recipe.samples, normal)} if normal.size == len(recipe.samples) else {}
+    samples = tuple(
+        replace(
+            s,
+            score=scored.get(s.name),
+            flagged=next((f["reason"] for f in quality.flagged if f["sha256"] == s.sha256), None),
+        )
+        for s in recipe.samples
+    )
+    defects = tuple(replace(d, score=float(v)) for d, v in zip(recipe.defects, defect_scores))
+    return replace(
+        recipe,
+        samples=samples,
+        defects=defects or recipe.defects,
+        head_file=recipe.head_file if has_head else None,
+    )
 
 
 def _read_features(path: Any, pipeline: VisionPipeline) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
