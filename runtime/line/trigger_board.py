@@ -76,8 +76,8 @@ class TriggerBoard:
         cam = frame.camera
         self.counts[cam]["frames"] += 1
         with self._await_lock:
-            waiting = self._awaiting.get(cam)
-            ready = [j for j in waiting or () if frame.captured_mono >= j.created_mono + self._settle(cam)]
+            waiting = self._awaiting.get(cam) or []
+            ready = [j for j in waiting if frame.captured_mono >= j.created_mono + self._settle(cam)]
             if ready:
                 self._awaiting[cam] = [j for j in waiting if j not in ready]
         for job in ready:
