@@ -21,7 +21,8 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
 from paho.mqtt.enums import CallbackAPIVersion
 
 from anomalygpt_edge.runtime.cameras import Camera, CameraError, create_source
-from anomalygpt_edge.runtime.line.config import CameraConfig, load_config
+from anomalygpt_edge.runtime.cameras.base import CameraConfig
+from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.tools import synthetic
 from anomalygpt_edge.runtime.tools.local_broker import LocalBroker
@@ -33,6 +34,57 @@ def _frames_folder(folder: Path, video: Path, n: int) -> Path:
     for i, image in enumerate(synthetic.read_video_frames(video)[:n]):
         cv2.imwrite(str(folder / f"{i:04d}.png"), image)
     return folder
+
+
+def test_a_camera_config_built_in_code_is_its_kinds_model_with_its_kinds_keys(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from anomalygpt_edge.runtime.cameras.image_folder import ImageFolderCameraConfig
+    from anomalygpt_edge.runtime.cameras.opencv import OpenCVCameraConfig
+    from anomalygpt_edge.runtime.line import config as line_config
+
+    assert line_config.CameraConfig is CameraConfig  # the old import path still works
+    folder = CameraConfig("inbox", "image_folder", str(tmp_path), fps=5, loop=False)
+    assert isinstance(folder, ImageFolderCameraConfig) and folder.loop is False and folder.fps == 5.0
+    usb = CameraConfig("usb", "opencv", "0", width=640)
+    assert isinstance(usb, OpenCVCameraConfig) and usb.width == 640 and usb.loop is True
+    with pytest.raises(ValidationError, match="width"):
+        CameraConfig("inbox", "image_folder", str(tmp_path), width=640)  # only opencv has a capture size
+    with pytest.raises(ValidationError, match="name"):
+        CameraConfig("in box", "opencv", "0")
+
+
+def test_a_registered_camera_kind_joins_the_config_union_with_its_own_model() -> None:
+    from typing import Literal
+
+    from pydantic import TypeAdapter
+
+    from anomalygpt_edge.runtime.cameras import base
+
+    class PatternConfig(base.CameraConfig):
+        type: Literal["test_pattern"] = "test_pattern"
+        stripes: int = 4
+
+    class PatternSource(base.CameraSource):
+        config_model = PatternConfig
+
+        def open(self) -> None:
+            pass
+
+        def read(self) -> Any:
+            raise CameraError("never read")
+
+    try:
+        base.register_source("test_pattern")(PatternSource)
+        assert base.camera_kinds()[-1] == "test_pattern"
+        parsed = TypeAdapter(base.camera_config_union()).validate_python(
+            {"name": "p", "type": "test_pattern", "source": "x", "stripes": 8}
+        )
+        assert isinstance(parsed, PatternConfig) and parsed.stripes == 8
+        assert isinstance(create_source(parsed), PatternSource)
+    finally:
+        base._SOURCES.pop("test_pattern", None)
+        base._CONFIGS.pop("test_pattern", None)
 
 
 def test_the_grabbing_thread_keeps_only_the_newest_frame(line: dict) -> None:

@@ -120,3 +120,67 @@ def test_the_mqtt_password_comes_from_its_file_or_the_environment(
     assert parse_config(VALID, "line.yaml").mqtt.password == "from-env"
     with pytest.raises(ConfigError, match="line.yaml:11: mqtt.password_file: .*does not exist"):
         parse_config(VALID.replace("  port: 1883", "  password_file: /nonexistent/pw"), "line.yaml")
+
+
+@pytest.mark.parametrize("name", ["Bracket:v2", "CON", "nul.txt", ".x", "x" * 65])
+def test_a_recipe_name_the_store_refuses_is_refused_by_the_config(name: str) -> None:
+    from anomalygpt_edge.runtime.recipes.store import RecipeError, check_name
+
+    with pytest.raises(RecipeError) as refused:
+        check_name(name)
+    with pytest.raises(ConfigError) as info:
+        parse_config(VALID.replace("recipe: bracket", f"recipe: '{name}'"), "line.yaml")
+    assert f"line.yaml:9: recipes[0].recipe: {refused.value}" in str(info.value)
+
+
+def test_each_camera_kind_has_its_own_keys_from_its_own_model() -> None:
+    from anomalygpt_edge.runtime.cameras.opencv import OpenCVCameraConfig
+    from anomalygpt_edge.runtime.cameras.video_file import VideoFileCameraConfig
+
+    cfg = load_config(EXAMPLE)
+    assert isinstance(cfg.cameras["top"], OpenCVCameraConfig) and cfg.cameras["top"].width == 1280
+    assert isinstance(cfg.cameras["replay"], VideoFileCameraConfig) and cfg.cameras["replay"].loop is True
+    with pytest.raises(ConfigError) as info:
+        parse_config(VALID.replace("    source: line.avi", "    source: line.avi\n    width: 640"), "line.yaml")
+    assert "line.yaml:7: cameras.cam1.width: unknown key; allowed here: fps, loop," in str(info.value)
+
+
+def test_the_camera_kinds_and_engine_backends_come_from_their_registries() -> None:
+    from anomalygpt_edge.engines import base as engines
+    from anomalygpt_edge.runtime.cameras import base as cameras
+
+    kinds = ", ".join(cameras.camera_kinds())
+    with pytest.raises(ConfigError, match=f"cameras.cam1.type: must be one of {kinds}, got 'webcam'"):
+        parse_config(VALID.replace("type: video_file", "type: webcam"), "line.yaml")
+    names = ", ".join(["auto", *engines.backend_names()])
+    with pytest.raises(ConfigError, match=f"line.yaml:13: engines.backend: must be one of {names}, got 'tpu'"):
+        parse_config(VALID + "engines:\n  backend: tpu\n", "line.yaml")
+    for name in engines.backend_names():
+        assert parse_config(VALID + f"engines:\n  backend: {name}\n").engines.backend == name
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("  tls:\n    cert: {pem}\n", "line.yaml:13: mqtt.tls: cert and key go together"),
+        ("  tls:\n    ca: /nonexistent/ca.pem\n", "line.yaml:13: mqtt.tls.ca: /nonexistent/ca.pem does not exist"),
+        ("  tls:\n    check_hostname: maybe\n", "line.yaml:13: mqtt.tls.check_hostname: must be true or false"),
+        ("  port: 1884\n", "line.yaml:12: mqtt.port: duplicate key"),
+    ],
+)
+def test_the_mqtt_sections_own_model_checks_tls_and_keys(tmp_path: Path, extra: str, expected: str) -> None:
+    pem = tmp_path / "client.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(VALID + extra.format(pem=pem), "line.yaml", tmp_path)
+    assert expected in str(info.value), str(info.value)
+
+
+def test_cross_field_mistakes_name_the_key_that_is_wrong() -> None:
+    two = VALID.replace("mqtt:", "  - camera: cam1\n    recipe: other\nmqtt:")
+    with pytest.raises(ConfigError, match=r"line.yaml:10: recipes\[1\].camera: camera 'cam1' already has a recipe"):
+        parse_config(two, "line.yaml")
+    with pytest.raises(ConfigError, match="line.yaml:4: cameras.cam 1: name 'cam 1' is invalid"):
+        parse_config(VALID.replace("  cam1:", "  cam 1:"), "line.yaml")
+    with pytest.raises(ConfigError, match="line.yaml:3: cameras: at least one camera is needed"):
+        parse_config("device:\n  id: d\ncameras: {}\nrecipes: []\n", "line.yaml")

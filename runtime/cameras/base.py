@@ -149,6 +149,12 @@ def load_sources() -> None:
     from anomalygpt_edge.runtime.cameras import opencv, video_file, image_folder  # noqa: F401, I001
 
 
+def camera_kinds() -> list[str]:
+    """The registered camera ``type`` names, in registration order."""
+    load_sources()
+    return list(_CONFIGS)
+
+
 def camera_config_union() -> Any:
     """Every registered kind's config model, joined on ``type`` (pydantic's discriminated union),
     in registration order (the order an unknown ``type`` lists them)."""
