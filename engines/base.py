@@ -115,9 +115,22 @@ class Engine(abc.ABC):
 
 
 _BACKENDS: dict[str, type[Engine]] = {}
-#: Order tried by ``backend="auto"``: fastest first. A backend is used only if ``available()``;
-#: torch-cuda serves GPU workstations that have torch but neither TensorRT nor onnxruntime-gpu.
-AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
+#: Order tried by ``backend="auto"``: fastest first. A backend is used only if ``available()``.
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime")
+#: Backend keys that existed once, with what to use instead: a config naming one gets this line,
+#: not a bare "unknown backend".
+REMOVED_BACKENDS: dict[str, str] = {
+    "torch-cuda": (
+        "engine backend 'torch-cuda' was removed (the torch ONNX interpreter had no GPU figure to "
+        "justify it): use 'onnxruntime-cuda' (onnxruntime-gpu) or 'tensorrt' on a GPU, 'onnxruntime' "
+        "on the CPU, or 'auto'"
+    ),
+}
+
+
+def removed_backend(name: str) -> str | None:
+    """The one-line explanation when ``name`` is a backend that was removed, else None."""
+    return REMOVED_BACKENDS.get(name)
 
 
 def register_backend(key: str) -> Callable[[type[Engine]], type[Engine]]:
@@ -138,9 +151,9 @@ def _import_backends() -> None:
 
     from anomalygpt_edge.engines import onnxruntime_backend  # noqa: F401
 
-    # GPU backends: their modules import without tensorrt/cuda/torch (those load lazily), but a
+    # GPU backends: their modules import without tensorrt/cuda (those load lazily), but a
     # broken optional install must never take the CPU backend down with it.
-    for module in ("tensorrt_backend", "torch_cuda_backend"):
+    for module in ("tensorrt_backend",):
         with contextlib.suppress(ImportError):
             importlib.import_module(f"anomalygpt_edge.engines.{module}")
 
@@ -166,6 +179,8 @@ def resolve_backend(name: str) -> str:
         if not usable:
             raise EngineError("no engine backend is usable: install onnxruntime")
         return usable[0]
+    if (removed := removed_backend(name)) is not None:
+        raise EngineError(removed)
     if name not in _BACKENDS:
         raise EngineError(f"unknown engine backend '{name}'; known: {', '.join(sorted(_BACKENDS))}")
     if not _BACKENDS[name].available():

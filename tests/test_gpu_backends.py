@@ -1,7 +1,6 @@
-"""GPU backends without a GPU: the torch-cuda ONNX interpreter against ONNX Runtime on the CPU,
-INT8 calibration batching/cache/accuracy maths, and the no-torch promise of engines/ and calibration/.
-
-CUDA-only checks (CUDA graphs, FP16 on the GPU) skip with their reason where torch sees no GPU.
+"""GPU backends without a GPU: the backend registry (and the removed torch-cuda key), INT8
+calibration batching/cache/accuracy maths, the no-torch promise of engines/ and calibration/, and
+the GPU bench script run end to end on the CPU.
 """
 
 from __future__ import annotations
@@ -12,17 +11,21 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import pytest
 
 from anomalygpt_edge.calibration import int8
 from anomalygpt_edge.engines import EngineBundle
-from anomalygpt_edge.engines.base import EngineError, available_backends, backend_names
-from anomalygpt_edge.engines.torch_cuda_backend import SUPPORTED_OPS, TorchCudaEngine, torch_cuda_version
+from anomalygpt_edge.engines.base import (
+    AUTO_ORDER,
+    EngineError,
+    available_backends,
+    backend_names,
+    removed_backend,
+    resolve_backend,
+)
 
 torch = pytest.importorskip("torch")
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="torch sees no CUDA device (no GPU lent to this run)")
 
 
 @pytest.fixture(scope="module")
@@ -36,125 +39,29 @@ def tiny_anomalygpt_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _pair(bundle: EngineBundle, graph: str, precision: str = "fp32"):
-    ref = bundle.engine(graph, precision, backend="onnxruntime")
-    return ref, TorchCudaEngine(ref.path, ref.inputs, ref.outputs, device="cpu")
-
-
-def _feeds(engine, rng: np.random.Generator, batch: int = 2, bank: int = 300) -> dict[str, np.ndarray]:
-    feeds = {}
-    for s in engine.inputs:
-        shape = [batch if d == "batch" else bank if d == "bank" else d for d in s.shape]
-        feeds[s.name] = np.abs(rng.standard_normal(shape)).astype(s.dtype)
-    return feeds
-
-
 def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
 
 
-# --- torch-cuda: the ONNX interpreter, checked on the CPU --------------------------------------
-
-
-def test_torch_backend_matches_onnx_runtime_on_the_default_encoder(default_bundle_dir: Path) -> None:
-    ref, eng = _pair(EngineBundle.open(default_bundle_dir), "encoder")
-    x = np.random.default_rng(0).standard_normal((2, 3, 256, 256)).astype(np.float32)
-    want, got = ref.run({"pixel_values": x}), eng.run({"pixel_values": x})
-    assert got["patches_0"].shape == (2, 256, 112) and got["patches_0"].dtype == np.float32
-    assert _max_rel(want["patches_0"], got["patches_0"]) < 1e-5
-
-
-def test_torch_backend_matches_onnx_runtime_on_the_bank_matcher(default_bundle_dir: Path) -> None:
-    bundle = EngineBundle.open(default_bundle_dir)
-    q = bundle.engine("encoder").run(
-        {"pixel_values": np.random.default_rng(1).standard_normal((3, 3, 256, 256)).astype(np.float32)}
-    )["patches_0"]
-    ref, eng = _pair(bundle, "bank_matcher")
-    feeds = {"q_0": q[:2], "bank_0": q[2]}  # queries not in the bank: no near-zero distances
-    want, got = ref.run(feeds), eng.run(feeds)
-    for name in ("anomaly_map", "patch_scores"):
-        assert _max_rel(want[name], got[name]) < 1e-5
-    # Bank length is dynamic here too: enrolling more parts needs no reload.
-    assert eng.run({"q_0": q[:1], "bank_0": q[1:].reshape(-1, 112)})["anomaly_map"].shape == (1, 1, 256, 256)
-
-
-@pytest.mark.parametrize("graph", ["encoder", "bank_matcher", "decoder", "prompt_learner"])
-def test_torch_backend_runs_every_anomalygpt_graph_like_onnx_runtime(tiny_anomalygpt_bundle: Path, graph: str) -> None:
-    ref, eng = _pair(EngineBundle.open(tiny_anomalygpt_bundle), graph)
-    feeds = _feeds(ref, np.random.default_rng(2))
-    want, got = ref.run(feeds), eng.run(feeds)
-    assert set(got) == {s.name for s in ref.outputs}
-    for name in want:
-        assert got[name].shape == want[name].shape
-        assert _max_rel(want[name], got[name]) < 1e-4, name
-
-
-@pytest.mark.parametrize("graph", ["encoder", "prompt_learner"])
-def test_fp16_graphs_run_in_the_precision_they_declare(tiny_anomalygpt_bundle: Path, graph: str) -> None:
-    bundle = EngineBundle.open(tiny_anomalygpt_bundle)
-    ref, eng = _pair(bundle, graph, "fp16")
-    fp32_ref = bundle.engine(graph, "fp32", backend="onnxruntime")
-    feeds = _feeds(ref, np.random.default_rng(3), batch=1)
-    got = eng.run(feeds)
-    want16 = ref.run(feeds)
-    want32 = fp32_ref.run({k: v.astype(np.float32) for k, v in feeds.items()})
-    for name in got:
-        assert got[name].dtype == np.float16
-        assert _max_rel(want16[name], got[name]) < 5e-3  # same graph, same types: ORT-level agreement
-        assert _max_rel(want32[name], got[name]) < 2e-2  # and close to the FP32 reference
-
-
-def test_unsupported_op_is_refused_at_load_by_name(tmp_path: Path) -> None:
-    node = onnx.helper.make_node("Einsum", ["x", "x"], ["y"], equation="ij,jk->ik")
-    graph = onnx.helper.make_graph(
-        [node],
-        "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 2])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])],
-    )
-    path = tmp_path / "einsum.onnx"
-    onnx.save(onnx.helper.make_model(graph), str(path))
-    from anomalygpt_edge.engines.base import TensorSpec
-
-    spec = [TensorSpec("x", (2, 2), "float32")]
-    with pytest.raises(EngineError, match=r"does not implement ONNX op\(s\) \['Einsum'\]"):
-        TorchCudaEngine(path, spec, [TensorSpec("y", (2, 2), "float32")], device="cpu")
-    assert "Einsum" not in SUPPORTED_OPS and {"LayerNormalization", "Softmax", "Resize"} <= SUPPORTED_OPS
-
-
-def test_torch_backend_refuses_a_graph_that_does_not_match_the_manifest(default_bundle_dir: Path) -> None:
-    ref = EngineBundle.open(default_bundle_dir).engine("encoder")
-    from anomalygpt_edge.engines.base import TensorSpec
-
-    with pytest.raises(EngineError, match="does not match its manifest entry"):
-        TorchCudaEngine(ref.path, [TensorSpec("image", ("batch", 3, 256, 256), "float32")], ref.outputs, device="cpu")
+# --- backend registry ------------------------------------------------------------------------
 
 
 def test_gpu_backends_register_but_auto_stays_on_the_cpu_here() -> None:
-    assert {"tensorrt", "torch-cuda", "onnxruntime", "onnxruntime-cuda"} <= set(backend_names())
+    assert {"tensorrt", "onnxruntime", "onnxruntime-cuda"} <= set(backend_names())
+    assert "torch-cuda" not in backend_names() and "torch-cuda" not in AUTO_ORDER
     if not CUDA:
         assert available_backends() == ["onnxruntime"]
-        reason = TorchCudaEngine.why_not()
-        assert reason and ("CPU-only" in reason or "no CUDA" in reason or "device node" in reason)
-    if torch.version.cuda is None:
-        assert torch_cuda_version() is None  # read from torch/version.py without importing torch
 
 
-@needs_cuda
-def test_cuda_graph_replay_matches_eager_and_follows_new_shapes(
-    default_bundle_dir: Path,
-) -> None:  # pragma: no cover
-    bundle = EngineBundle.open(default_bundle_dir)
-    ref = bundle.engine("encoder", "fp16", backend="onnxruntime")
-    eng = TorchCudaEngine(ref.path, ref.inputs, ref.outputs, device="cuda", cuda_graph=True)
-    x = np.random.default_rng(4).standard_normal((1, 3, 256, 256)).astype(np.float16)
-    first, again = eng.run({"pixel_values": x}), eng.run({"pixel_values": x})
-    np.testing.assert_array_equal(first["patches_0"], again["patches_0"])
-    assert _max_rel(ref.run({"pixel_values": x})["patches_0"], first["patches_0"]) < 1e-2
-    x2 = np.random.default_rng(5).standard_normal((1, 3, 256, 256)).astype(np.float16)
-    assert not np.array_equal(eng.run({"pixel_values": x2})["patches_0"], first["patches_0"])
-    assert eng.run({"pixel_values": np.concatenate([x, x2])})["patches_0"].shape[0] == 2  # batch 2: eager
+def test_selecting_the_removed_torch_cuda_backend_says_what_to_use_instead(default_bundle_dir: Path) -> None:
+    want = r"'torch-cuda' was removed .*use 'onnxruntime-cuda' \(onnxruntime-gpu\) or 'tensorrt' on a GPU"
+    with pytest.raises(EngineError, match=want) as err:
+        resolve_backend("torch-cuda")
+    assert "\n" not in str(err.value)  # one line, for the log and the status topic
+    with pytest.raises(EngineError, match=want):
+        EngineBundle.open(default_bundle_dir).engine("encoder", backend="torch-cuda")
+    assert removed_backend("torch-cuda") == str(err.value) and removed_backend("onnxruntime") is None
 
 
 # --- INT8 calibration (numpy parts) ------------------------------------------------------------
@@ -198,7 +105,7 @@ def test_calibration_images_are_preprocessed_like_the_runtime(default_bundle_dir
     assert images[0].shape == (3, 256, 256) and images[0].dtype == np.float32
     np.testing.assert_array_equal(images[1], preprocess(cv2.imread(str(paths[1])), spec).pixel_values)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(int8.CalibrationError, match="holds no images"):
+    with pytest.raises(int8.CalibrationError, match=r"empty: no image files \(\.png"):  # the one list_images
         int8.list_images(tmp_path / "empty")
 
 
@@ -266,14 +173,14 @@ class Block:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 import numpy as np
-from anomalygpt_edge.engines import EngineBundle, tensorrt_backend, torch_cuda_backend, device_key
+from anomalygpt_edge.engines import EngineBundle, tensorrt_backend, device_key
 from anomalygpt_edge.engines.base import available_backends, resolve_backend
 from anomalygpt_edge.calibration import int8
 import anomalygpt_edge.export.engines_cli
 b = EngineBundle.open({str(default_bundle_dir)!r})
 assert resolve_backend('auto') == 'onnxruntime', available_backends()
 b.engine('encoder').run({{'pixel_values': np.zeros((1, 3, 256, 256), np.float32)}})
-print('why', torch_cuda_backend.TorchCudaEngine.why_not(), '|', tensorrt_backend.TensorRTEngine.why_not())
+print('why', tensorrt_backend.TensorRTEngine.why_not())
 assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorrt', 'cuda', 'onnx')]
 print('ok')
 """
@@ -307,19 +214,7 @@ def test_gpu_bench_script_runs_end_to_end_on_the_cpu_with_tiny_weights(
     # The fixture bundle was exported with seed 0, like the script's own modules: same weights.
     assert gpu_bench.main(argv) == 0
     report = __import__("json").loads(out.read_text())
-    parity = report["results"]["torch-cuda fp32"]["parity"]
+    parity = report["results"]["onnxruntime fp32"]["parity"]
     assert set(parity) == {"tap_last", "anomaly_map", "prompt_embeds", "img_llm"}
     assert all(v["max_rel"] < 1e-4 for v in parity.values())
     assert report["results"]["eager fp32"]["batch1"]["n"] == 2 and "gpu_bench" in report["command"]
-
-
-def test_small_tensors_cross_to_the_device_once_so_cuda_graph_capture_never_copies() -> None:
-    from anomalygpt_edge.engines import torch_cuda_backend as tcb
-
-    meta = torch.device("meta")  # a non-CPU device that needs no GPU
-    a = tcb._to_device(torch.tensor([0, 2, 1]), meta)
-    b = tcb._to_device(torch.tensor([0, 2, 1]), meta)  # a new tensor with the same values
-    assert a.device == meta and a is b
-    assert tcb._to_device(torch.tensor([0, 2, 2]), meta) is not a
-    cpu = torch.tensor([1.5])
-    assert tcb._to_device(cpu, torch.device("cpu")) is cpu and tcb._scalar(cpu) == 1.5
