@@ -197,6 +197,38 @@ def make_entropy_calibrator(
     return _EntropyCalibrator()
 
 
+def _batch_reader(batches: Sequence[np.ndarray], input_name: str) -> Any:
+    """ONNX Runtime's calibration reader over ``batches`` (one input feed per batch)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._it, None)
+            return None if batch is None else {input_name: batch}
+
+    return _Reader()
+
+
+def _calibration_options(params: Any, cache: CalibrationCache, meta: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """Whether cached ranges are reused, and the quantizer options this ONNX Runtime supports for it."""
+    import onnxruntime as ort
+
+    kwargs: dict[str, Any] = {}
+    reused = False
+    if "calibration_cache_path" in params:
+        reused = cache.load(meta) is not None
+        if not reused:  # stale ranges (other images, bundle or settings): compute afresh
+            cache.path.unlink(missing_ok=True)
+            cache.meta_path.unlink(missing_ok=True)
+        kwargs["calibration_cache_path"] = str(cache.path)
+    if "calibration_providers" in params and "CUDAExecutionProvider" in ort.get_available_providers():
+        kwargs["calibration_providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return reused, kwargs
+
+
 def quantize_qdq(
     src: Path,
     dst: Path,
@@ -216,34 +248,15 @@ def quantize_qdq(
     """
     import inspect
 
-    import onnxruntime as ort
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
 
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(batches)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._it, None)
-            return None if batch is None else {input_name: batch}
-
     params = inspect.signature(quantize_static).parameters
-    kwargs: dict[str, Any] = {}
-    reused = False
-    if "calibration_cache_path" in params:
-        reused = cache.load(meta) is not None
-        if not reused:  # stale ranges (other images, bundle or settings): compute afresh
-            cache.path.unlink(missing_ok=True)
-            cache.meta_path.unlink(missing_ok=True)
-        kwargs["calibration_cache_path"] = str(cache.path)
-    if "calibration_providers" in params and "CUDAExecutionProvider" in ort.get_available_providers():
-        kwargs["calibration_providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    reused, kwargs = _calibration_options(params, cache, meta)
     # ImageBind-H in FP32 is 2.5 GB, past protobuf's 2 GB limit: external data for the output too.
     external = external_data or Path(src).stat().st_size > 1_900_000_000
     # The quantizer logs a generic "consider pre-processing" warning on every call: advice about
@@ -254,7 +267,7 @@ def quantize_qdq(
         quantize_static(
             str(src),
             str(dst),
-            _Reader(),
+            _batch_reader(batches, input_name),
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,

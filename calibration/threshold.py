@@ -204,6 +204,47 @@ def variety_warning(bank_scores: np.ndarray, k: int) -> str | None:
     )
 
 
+def _defect_expectations(
+    threshold: Threshold, g: np.ndarray, d: np.ndarray, spread: float
+) -> tuple[dict[str, Any], list[str]]:
+    """Escape rates of the labelled defects at this threshold and at each operating point, and the words."""
+    points = []
+    for target in OPERATING_POINTS:
+        # The normal model's point for each target, without fit_threshold's floor at the highest
+        # golden score: with few goldens that floor makes every target collapse onto one threshold.
+        t = float(g.mean()) + NormalDist().inv_cdf(1 - target) * spread
+        points.append({"target_frr": target, "threshold": t, "expected_escape": float((d <= t).mean())})
+    escape = float((d <= threshold.value).mean())
+    figures = {
+        "labelled_defects": int(d.size),
+        "expected_escape": escape,
+        "defect_margin_sd": float((np.median(d) - threshold.value) / spread),
+        "operating_points": points,
+    }
+    words = [
+        f"Of {d.size} labelled defects, {100 * escape:.0f}% would pass at this threshold "
+        f"(target {100 * threshold.target_frr:g}% false rejects)."
+    ]
+    looser = [p for p in points if p["target_frr"] > threshold.target_frr + 1e-12]
+    if escape > ESCAPE_WARN and looser:
+        # The least false rejects that buy the fewest escapes: the first looser target at the minimum.
+        alt = min(looser, key=lambda p: (round(p["expected_escape"], 6), p["target_frr"]))
+        if alt["expected_escape"] < escape:
+            words.append(
+                f"With these parts the two cannot both be met: either {100 * threshold.target_frr:g}% false "
+                f"rejects and about {100 * escape:.0f}% escapes, or {100 * alt['target_frr']:g}% and about "
+                f"{100 * alt['expected_escape']:.0f}%; choose with the recipe's target false-reject rate, "
+                "or enroll more labelled defects."
+            )
+        else:
+            words.append(
+                f"Accepting up to {100 * looser[-1]['target_frr']:g}% false rejects would not stop these "
+                "escapes: the missed defects score like good parts; enroll more labelled defects of their "
+                "kind, or use a stronger encoder."
+            )
+    return figures, words
+
+
 def expectations(
     threshold: Threshold,
     golden_scores: np.ndarray,
@@ -242,42 +283,9 @@ def expectations(
     ]
     words += [f"Warning: {w}." for w in warnings]
     if d.size:
-        points = []
-        for target in OPERATING_POINTS:
-            # The normal model's point for each target, without fit_threshold's floor at the highest
-            # golden score: with few goldens that floor makes every target collapse onto one threshold.
-            t = float(g.mean()) + NormalDist().inv_cdf(1 - target) * spread
-            points.append({"target_frr": target, "threshold": t, "expected_escape": float((d <= t).mean())})
-        escape = float((d <= threshold.value).mean())
-        out.update(
-            {
-                "labelled_defects": int(d.size),
-                "expected_escape": escape,
-                "defect_margin_sd": float((np.median(d) - threshold.value) / spread),
-                "operating_points": points,
-            }
-        )
-        words.append(
-            f"Of {d.size} labelled defects, {100 * escape:.0f}% would pass at this threshold "
-            f"(target {100 * threshold.target_frr:g}% false rejects)."
-        )
-        looser = [p for p in points if p["target_frr"] > threshold.target_frr + 1e-12]
-        if escape > ESCAPE_WARN and looser:
-            # The least false rejects that buy the fewest escapes: the first looser target at the minimum.
-            alt = min(looser, key=lambda p: (round(p["expected_escape"], 6), p["target_frr"]))
-            if alt["expected_escape"] < escape:
-                words.append(
-                    f"With these parts the two cannot both be met: either {100 * threshold.target_frr:g}% false "
-                    f"rejects and about {100 * escape:.0f}% escapes, or {100 * alt['target_frr']:g}% and about "
-                    f"{100 * alt['expected_escape']:.0f}%; choose with the recipe's target false-reject rate, "
-                    "or enroll more labelled defects."
-                )
-            else:
-                words.append(
-                    f"Accepting up to {100 * looser[-1]['target_frr']:g}% false rejects would not stop these "
-                    "escapes: the missed defects score like good parts; enroll more labelled defects of their "
-                    "kind, or use a stronger encoder."
-                )
+        defects, defect_words = _defect_expectations(threshold, g, d, spread)
+        out.update(defects)
+        words += defect_words
     out["explained"] = " ".join(words)
     # NaN (too few goldens for a model estimate) travels as null: strict JSON has no NaN.
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
