@@ -17,11 +17,8 @@ VISION_SOURCES = ("efficientnet-lite0", "wide_resnet50", "dinov2-small", "dinov2
 EXPORT_TARGET_MODULES: tuple[str, ...] = ("anomalygpt_edge.export.engines_cli", "anomalygpt_edge.export.llm_cli")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export engine bundles (needs the [export] extra: torch, onnx)")
-    targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
-
-    v = targets.add_parser("vision", help="image-side bundle: encoder, bank matcher, decoder, prompt learner")
+def _add_encoder_args(v: argparse.ArgumentParser) -> None:
+    """Which encoder and where its bundle goes: source, output folder, input size, metric, weights, taps."""
     v.add_argument("--source", choices=VISION_SOURCES, default="efficientnet-lite0")
     v.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     v.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
@@ -59,6 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="EfficientNet-Lite0 blocks only the defect head reads (default 14; 'none' for no head features)",
     )
+
+
+def _add_weights_args(v: argparse.ArgumentParser) -> None:
+    """FP16 variants and the AnomalyGPT checkpoints (or seeded random weights for tests)."""
     v.add_argument("--no-fp16", action="store_true", help="skip the FP16 graph variants")
     v.add_argument("--imagebind", type=Path, help="imagebind_huge.pth (anomalygpt source)")
     v.add_argument(
@@ -77,6 +78,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--anomalygpt-size", choices=("full", "tiny"), default="full", help="architecture size (tiny: tests only)"
     )
     v.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``export`` and its targets: ``vision`` here, the others from :data:`EXPORT_TARGET_MODULES`."""
+    p = sub.add_parser("export", help="export engine bundles (needs the [export] extra: torch, onnx)")
+    targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+
+    v = targets.add_parser("vision", help="image-side bundle: encoder, bank matcher, decoder, prompt learner")
+    _add_encoder_args(v)
+    _add_weights_args(v)
     v.set_defaults(handler="anomalygpt_edge.export.vision:run")
 
     import importlib
