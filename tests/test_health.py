@@ -23,6 +23,7 @@ from anomalygpt_edge.runtime.line.health import (
     percentile,
     prometheus_text,
 )
+from anomalygpt_edge.runtime.line.states import CAMERA_STATES
 
 
 class Clock:
@@ -115,13 +116,13 @@ def test_latency_sum_and_count_are_cumulative_while_quantiles_roll() -> None:
 
 def test_camera_up_follows_the_camera_vocabulary() -> None:
     h = Health("line1")
-    for camera, state in (("a", "online"), ("b", "reconnecting"), ("c", "starting"), ("d", "stopped")):
-        h.camera_state(camera, state)
+    assert set(CAMERA_UP_STATES) <= set(CAMERA_STATES)  # the daemon's words, not a copy of its own
+    for i, state in enumerate(CAMERA_STATES):
+        h.camera_state(f"cam{i}", state)
     text = prometheus_text(h.snapshot())
-    assert {"online"} == CAMERA_UP_STATES
-    assert 'anomalygpt_edge_camera_up{camera="a"} 1' in text
-    for camera in "bcd":
-        assert f'anomalygpt_edge_camera_up{{camera="{camera}"}} 0' in text
+    for i, state in enumerate(CAMERA_STATES):
+        want = 1 if state in ("online", "watching") else 0
+        assert f'anomalygpt_edge_camera_up{{camera="cam{i}"}} {want}' in text, state
 
 
 def test_camera_up_is_1_for_an_online_camera(tmp_path: Path) -> None:

@@ -39,6 +39,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from anomalygpt_edge.runtime.line.states import CAMERA_SERVING
+
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_S = 10.0
@@ -141,7 +143,7 @@ class Health:
             self._camera(camera).add(self._clock(), latency_ms, verdict)
 
     def camera_state(self, camera: str, state: str) -> None:
-        """The camera's status (``online``, ``reconnecting`` …, see :data:`CAMERA_UP_STATES`):
+        """The camera's state (a :data:`runtime.line.states.CameraState` word: ``online`` …):
         shown per camera in the heartbeat and as ``camera_up`` in /metrics."""
         with self._lock:
             self._camera(camera).state = state
@@ -209,10 +211,10 @@ class Health:
 
 # -- Prometheus exposition (prometheus_client) ------------------------------------------------------
 
-#: Camera states in which frames flow: the vocabulary of :attr:`runtime.cameras.base.Camera.status`
-#: (``starting``, ``online``, ``reconnecting``, ``ended``, ``stopped``), which the daemon passes to
-#: :meth:`Health.camera_state` unchanged. ``camera_up`` is 1 exactly in these.
-CAMERA_UP_STATES: frozenset[str] = frozenset({"online"})
+#: Camera states in which parts are served: ``camera_up`` is 1 exactly in these. The one camera
+#: vocabulary lives in :mod:`runtime.line.states` (the daemon passes those words to
+#: :meth:`Health.camera_state` unchanged), so /metrics cannot drift from the status document.
+CAMERA_UP_STATES: frozenset[str] = CAMERA_SERVING
 
 #: Top-level snapshot keys that are not sources of ``<source>_<field>`` gauges.
 _NOT_SOURCES = frozenset({"cameras", "queues", "last_error"})
