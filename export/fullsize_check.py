@@ -26,10 +26,33 @@ def _rss_gb(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
 
 
-def export_full(out: Path, fp16: bool, seed: int, preset: str = "full") -> dict[str, Any]:
-    """Build, check counts, export; also save PyTorch reference encoder outputs for one image."""
+def _save_reference(mods: Any, out: Path, seed: int) -> float:
+    """PyTorch eager encoder outputs for one fixed image, beside the bundle; seconds the eager run took.
+
+    The Conv3d reference path, before any folding: what the exported graphs are compared with.
+    """
     import numpy as np
     import torch
+
+    cfg = mods.cfg
+    size = cfg.image_size
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32))
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        embed, taps = mods.vision(x)
+        ref = [embed, mods.llama_proj(embed).unsqueeze(1), *[t.transpose(0, 1)[:, 1:] for t in taps]]
+    eager_s = time.perf_counter() - t1
+    names = ["image_embed", "img_llm", *[f"tap{i}" for i in cfg.taps]]
+    np.savez(
+        out.with_name(out.name + ".reference.npz"),
+        pixel_values=x.numpy(),
+        **{n: t.numpy() for n, t in zip(names, ref, strict=True)},
+    )
+    return eager_s
+
+
+def export_full(out: Path, fp16: bool, seed: int, preset: str = "full") -> dict[str, Any]:
+    """Build, check counts, export; also save PyTorch reference encoder outputs for one image."""
 
     from anomalygpt_edge.export.anomalygpt_export import build_modules, write_bundle
     from anomalygpt_edge.export.anomalygpt_models import (
@@ -56,21 +79,7 @@ def export_full(out: Path, fp16: bool, seed: int, preset: str = "full") -> dict[
         raise SystemExit(f"parameter counts {counts} differ from the spec {want}")
     print(f"parameter counts match the spec: {counts}", flush=True)
 
-    # PyTorch eager reference for one fixed image (Conv3d reference path, before any folding).
-    size = cfg.image_size
-    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32))
-    t1 = time.perf_counter()
-    with torch.no_grad():
-        embed, taps = mods.vision(x)
-        ref = [embed, mods.llama_proj(embed).unsqueeze(1), *[t.transpose(0, 1)[:, 1:] for t in taps]]
-    eager_s = time.perf_counter() - t1
-    names = ["image_embed", "img_llm", *[f"tap{i}" for i in cfg.taps]]
-    np.savez(
-        out.with_name(out.name + ".reference.npz"),
-        pixel_values=x.numpy(),
-        **{n: t.numpy() for n, t in zip(names, ref, strict=True)},
-    )
-    del ref
+    eager_s = _save_reference(mods, out, seed)
 
     t2 = time.perf_counter()
     writer = BundleWriter(out, overwrite=True)
