@@ -15,12 +15,15 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from anomalygpt_edge.runtime.cameras.base import Frame
 from anomalygpt_edge.runtime.delivery.mqtt_link import Command
+
+#: Where a part came from: a free-run frame (may be superseded), a PLC trigger, a watched file.
+JobKind = Literal["free_run", "trigger", "folder_watch"]
 
 
 @dataclass
@@ -28,7 +31,7 @@ class Job:
     """One part (or free-run frame) to inspect and answer exactly once."""
 
     camera: str
-    kind: str  # "free_run", "trigger" or "folder_watch"
+    kind: JobKind
     deadline_mono: float
     created_mono: float = field(default_factory=time.monotonic)
     frame: Frame | None = None  # set when the image is there (triggers wait for the next frame)
