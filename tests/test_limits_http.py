@@ -193,3 +193,15 @@ def test_a_nan_in_an_answer_is_sent_as_null_so_the_browser_can_parse_it(tmp_path
         srv.stop()
     assert r.status == 200 and b"NaN" not in r.body and b"Infinity" not in r.body
     assert json.loads(r.body)[0]["threshold"] == {"estimated_frr": None, "value": None, "k": 2}
+
+
+def test_a_request_the_http_parser_refuses_gets_a_json_error_with_the_security_headers(server: StationServer) -> None:
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(_login_head(b"Content-Length: -1\r\n"))
+        data = b""
+        while chunk := sock.recv(65536):  # the server closes after answering
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"X-Frame-Options: DENY" in head and b"Content-Security-Policy:" in head
+    assert "error" in json.loads(body.decode())

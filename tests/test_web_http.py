@@ -439,3 +439,72 @@ def test_ask_without_a_model_streams_the_verdicts_own_sentence(tmp_path):
     pieces: list[str] = []
     out = st.ask("c", r["id"], "", pieces.append)
     assert pieces == [v.sentence] and out["source"] == "template" and "no gguf" in out["note"]
+
+
+# --- the route table is what runs ------------------------------------------------------------------
+
+
+AUDITED = [r for r in MUTATING if r.audit]
+
+
+@pytest.mark.parametrize("route", AUDITED, ids=lambda r: r.pattern)
+def test_every_audited_route_writes_the_action_its_route_table_names(fake_server, tmp_path, route):
+    server, _ = fake_server
+    admin = logged_in(server, "ada")  # admin passes every role check
+    body = BODIES[route.pattern]
+    assert admin.post(route.pattern, body).status == 200
+    last = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert last["action"] == route.audit.format_map(body), "the handler writes the route table's audit action"
+
+
+def test_the_users_route_audits_user_set_and_user_remove_as_its_table_entry_says():
+    users = next(r for r in ROUTES if r.pattern == "/api/users" and r.method == "POST")
+    assert users.audit.format_map({"action": "set"}) == "user.set"
+    assert users.audit.format_map({"action": "remove"}) == "user.remove"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/enroll/start", {"recipe": "part-a", "roi": [0, 0, 64, True]}, "roi"),
+        ("/api/enroll/start", {"recipe": "part-a", "roi": [0, 0, 64]}, "roi"),
+        ("/api/enroll/start", {"recipe": "part-a", "target_frr": "0.01"}, "target_frr"),
+        ("/api/enroll/start", {"recipe": "part-a", "target_frr": 0.5}, "target_frr"),
+        ("/api/enroll/start", {"recipe": "CON"}, "recipe"),
+        ("/api/enroll/start", {"camera": "cam1"}, "recipe"),
+        ("/api/enroll/finish", {"recipe": "part-a", "accept_flagged": "yes"}, "accept_flagged"),
+        ("/api/enroll/upload", {"recipe": "part-a", "files": []}, "files"),
+        ("/api/enroll/upload", {"recipe": "part-a", "files": [{"name": "a.png", "data": "!!"}]}, "files.0.data"),
+        ("/api/enroll/remove", {"recipe": "part-a", "sample": "../a.png"}, "sample"),
+        ("/api/ask", {"verdict_id": VID, "question": "x" * 1001}, "question"),
+        ("/api/users", {"action": "rename", "name": "x"}, "action"),
+    ],
+)
+def test_a_bad_body_field_is_refused_with_one_line_naming_the_field(fake_server, path, body, field):
+    server, station = fake_server
+    r = logged_in(server, "ada").post(path, body)
+    assert r.status == 400, r.body
+    message = r.json()["error"]
+    assert f"'{field}'" in message and "\n" not in message, message
+    assert station.calls == [], "refused before the station is called"
+
+
+def test_an_empty_optional_name_means_none_as_the_page_sends_it(fake_server):
+    server, station = fake_server
+    r = logged_in(server, "theo").post("/api/recipes/assign", {"camera": "cam1", "recipe": ""})
+    assert r.status == 200
+    assert station.calls == [("assign", ("cam1", None))]
+
+
+def test_the_server_serves_on_a_named_thread_and_stopping_it_ends_the_thread(tmp_path, users_json):
+    import threading
+
+    (tmp_path / "users.json").write_bytes(users_json)
+    server = StationServer(FakeStation(), WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0))
+    server.start()
+    assert Client(server.url).get("/api/session").status == 200
+    assert any(t.name == "station-http" for t in threading.enumerate())
+    server.stop()
+    assert not any(t.name == "station-http" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(OSError):
+        Client(server.url).get("/api/session")
