@@ -180,9 +180,11 @@ def _problem(exc: ValidationError) -> str:
     """pydantic's first error as ``where: what`` (``preprocess: missing key 'mean'``)."""
     first = exc.errors()[0]
     loc = [str(p) for p in first["loc"] if not str(p).startswith("function-")]
-    if first["type"] == "missing":
+    if first["type"] in ("missing", "missing_argument") and isinstance(first["loc"][-1], int):
+        return f"{'.'.join(loc[:-1])}: too few values, got {first.get('input')!r}"
+    if first["type"] in ("missing", "missing_argument"):
         return f"{'.'.join(loc[:-1]) or 'manifest'}: missing key '{loc[-1]}'"
-    if first["type"] == "extra_forbidden":
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"{'.'.join(loc)}: unknown key"
     return f"{'.'.join(loc) or 'manifest'}: {first['msg']}, got {first.get('input')!r}"
 

@@ -167,3 +167,31 @@ def test_unknown_backend_is_refused_with_the_known_ones() -> None:
 
 def test_auto_backend_picks_an_installed_one() -> None:
     assert resolve_backend("auto") in ("onnxruntime", "onnxruntime-cuda", "tensorrt")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(colour="red"), "manifest.json: colour: unknown key"),
+        (lambda d: d["preprocess"].update(resize="zoom"), "manifest.json: preprocess.resize: Input should be"),
+        (lambda d: d["preprocess"].update(size=[256]), r"manifest.json: preprocess.size: too few values, got \[256\]"),
+        (lambda d: d["graphs"]["encoder"].update(file=7), "manifest.json: graphs.encoder.file: Input should be"),
+        (lambda d: d.update(schema_version="1"), "manifest.json: 'schema_version' must be int, got str"),
+        (lambda d: d["files"].pop("encoder.onnx"), "graph 'encoder' refers to 'encoder.onnx', which is not listed"),
+    ],
+)
+def test_a_malformed_manifest_is_refused_naming_the_key(default_bundle_dir: Path, edit, message: str) -> None:
+    from anomalygpt_edge.engines.manifest import ManifestError, parse_manifest
+
+    data = json.loads((default_bundle_dir / "manifest.json").read_text())
+    assert parse_manifest(json.loads(json.dumps(data))).graphs["encoder"].file == "encoder.onnx"
+    edit(data)
+    with pytest.raises(ManifestError, match=message):
+        parse_manifest(data)
+
+
+def test_the_manifest_written_is_the_manifest_read(default_bundle_dir: Path) -> None:
+    from anomalygpt_edge.engines.manifest import read_manifest
+
+    manifest, raw = read_manifest(default_bundle_dir)
+    assert manifest.dumps() == raw.decode()

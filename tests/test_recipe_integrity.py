@@ -173,3 +173,46 @@ def test_bank_bytes_round_trip_through_the_checked_loader(store: RecipeStore) ->
     again = MemoryBank.from_bytes(bank.to_bytes(), "memory")
     assert np.array_equal(again.layers["patches_0"], bank.layers["patches_0"])
     assert again.meta["bank_version"] == recipe.bank_version
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"colour": "red"}, "malformed recipe: colour: Extra inputs are not permitted"),
+        ({"roi": [0, 0, 4, 4]}, r"malformed recipe: roi: must be \[x, y, w, h\] with x, y >= 0 and w, h >= 8"),
+        ({"target_frr": 0.7}, r"malformed recipe: target_frr: must be a number in \(0, 0.5\), got 0.7"),
+        ({"source": "magic"}, "malformed recipe: source: Input should be 'bank', 'text' or 'text\\+bank'"),
+        ({"name": "Bracket:v2"}, "malformed recipe: name: recipe name 'Bracket:v2' is invalid"),
+    ],
+)
+def test_recipe_json_is_validated_in_one_place_naming_the_file_and_the_key(
+    store: RecipeStore, edit: dict, message: str
+) -> None:
+    path = store.folder("plate") / "recipe.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, **edit}))
+    with pytest.raises(RecipeError, match=f"{path}: {message}"):
+        store.load("plate")
+
+
+def test_a_format_1_recipe_still_loads(store: RecipeStore) -> None:
+    path = store.folder("plate") / "recipe.json"
+    doc = json.loads(path.read_text())
+    for key in ("defects", "head_file", "head_record", "bank_record"):
+        doc.pop(key)
+    path.write_text(json.dumps({**doc, "format": 1}))
+    recipe = store.load("plate")
+    assert recipe.live and recipe.bank_record is None and recipe.defects == () and len(recipe.samples) == 6
+
+
+def test_a_recipe_built_in_code_obeys_the_rules_of_a_loaded_one(store: RecipeStore) -> None:
+    from dataclasses import replace
+
+    recipe = store.load("plate")
+    assert replace(recipe, roi=(0, 0, 64, 64)).roi == (0, 0, 64, 64)
+    with pytest.raises(RecipeError, match="recipe plate: roi: must be"):
+        replace(recipe, roi=(0, 0, 4, 4))
+    with pytest.raises(RecipeError, match=r"recipe plate: target_frr: must be a number in \(0, 0.5\)"):
+        replace(recipe, target_frr=0.5)
+    with pytest.raises(RecipeError, match="recipe plate: augment.0: Input should be"):
+        replace(recipe, augment=("spin",))
