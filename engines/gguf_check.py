@@ -4,7 +4,8 @@ GGUF files are untrusted input (a model copied onto a line PC by hand, a half-fi
 llama.cpp's own parser has had memory-safety bugs on crafted headers (CVE-2025-49847,
 CVE-2026-33298). This module reads the header in pure Python with every count and length checked
 against the bytes actually present, so a truncated, mismatched or hostile file is refused with an
-error naming the file before any C code touches it.
+error naming the file before any C code touches it. Only the ggml type tables (block sizes) come
+from elsewhere: ``gguf.constants``, the llama.cpp project's own Python tables (the [llm] extra).
 
 Layout (GGUF v2/v3, little endian): magic ``GGUF``, u32 version, u64 tensor count, u64 metadata
 count, the metadata key/values, the tensor infos (name, dims, ggml type, offset), padding to the
@@ -13,6 +14,7 @@ alignment (``general.alignment``, default 32), then the tensor data.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -29,40 +31,31 @@ MAX_DIMS = 4
 MAX_STRING = 64 << 20  # a chat template or one token: 64 MiB is already absurd
 DEFAULT_ALIGNMENT = 32
 
-#: ggml type id -> (name, elements per block, bytes per block); mirrors ggml's type traits.
-GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4),
-    1: ("F16", 1, 2),
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34),
-    10: ("Q2_K", 256, 84),
-    11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210),
-    15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66),
-    17: ("IQ2_XS", 256, 74),
-    18: ("IQ3_XXS", 256, 98),
-    19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18),
-    21: ("IQ3_S", 256, 110),
-    22: ("IQ2_S", 256, 82),
-    23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1),
-    25: ("I16", 1, 2),
-    26: ("I32", 1, 4),
-    27: ("I64", 1, 8),
-    28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56),
-    30: ("BF16", 1, 2),
-    34: ("TQ1_0", 256, 54),
-    35: ("TQ2_0", 256, 66),
-    39: ("MXFP4", 32, 17),
-}
+#: How to get the ggml type tables when they are missing (a runtime-only device has no [llm] extra).
+GGUF_MISSING = "the gguf package is not installed: pip install 'anomalygpt-edge[llm]'"
+
+
+@functools.cache
+def ggml_types() -> dict[int, tuple[str, int, int]]:
+    """ggml type id -> (name, elements per block, bytes per block), from ``gguf.constants``.
+
+    The tables come from the gguf package (kept by the llama.cpp project next to ggml's own type
+    traits), so a type llama.cpp added (Q8_1, MXFP4 …) is known as soon as gguf is upgraded.
+    Raises ImportError with one line (:data:`GGUF_MISSING`) when gguf is not installed.
+    """
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        raise ImportError(GGUF_MISSING) from None
+    return {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
+
+
+def __getattr__(name: str) -> object:
+    # GGML_TYPES stays importable by name, loaded on first use: importing this module needs no gguf.
+    if name == "GGML_TYPES":
+        return ggml_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Metadata value types: id -> struct format (None for string / array).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -177,9 +170,13 @@ def check_gguf(path: Path | str) -> GGUFInfo:
     Checks: magic, version, tensor and metadata counts (bounded and consistent with the file
     length), every string and array length, tensor ranks, dims and ggml types, unique tensor
     names, alignment, and that every tensor's data lies inside the file without overlapping
-    another.
+    another. Without the gguf package (no ggml type tables) it refuses with one line saying so.
     """
     path = Path(path)
+    try:
+        types = ggml_types()
+    except ImportError as exc:
+        raise GGUFError(f"{path}: cannot be checked: {exc}") from None
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -187,10 +184,12 @@ def check_gguf(path: Path | str) -> GGUFInfo:
     if size < 24:
         raise GGUFError(f"{path}: truncated: {size} bytes is shorter than a GGUF header (24 bytes)")
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        return _check(_Reader(buf, path), path, size)
+        return _check(_Reader(buf, path), size, types)
 
 
-def _check(r: _Reader, path: Path, size: int) -> GGUFInfo:
+def _header(r: _Reader, size: int) -> tuple[int, int, int]:
+    """Magic and version; the tensor and metadata counts, bounded by the limits and the file size."""
+    path = r.path
     magic = bytes(r.buf[0:4])
     if magic != MAGIC:
         raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected {MAGIC!r})")
@@ -210,51 +209,56 @@ def _check(r: _Reader, path: Path, size: int) -> GGUFInfo:
         raise GGUFError(f"{path}: absurd metadata count {n_kv} (limit {MAX_KV})")
     if n_kv * 14 > size:
         raise GGUFError(f"{path}: truncated or corrupt: {n_kv} metadata entries cannot fit in {size} bytes")
+    return version, n_tensors, n_kv
 
-    info = GGUFInfo(path=path, version=version, file_size=size, data_offset=0, alignment=DEFAULT_ALIGNMENT)
+
+def _metadata(r: _Reader, info: GGUFInfo, n_kv: int) -> None:
+    """The key/values (arrays summarised as their length) and the alignment they declare."""
     for i in range(n_kv):
         key = r.string(f"metadata key #{i}")
         vtype = int(r.unpack("I", f"metadata '{key}' type"))
         if key in info.metadata:
-            raise GGUFError(f"{path}: duplicate metadata key '{key}'")
+            raise GGUFError(f"{r.path}: duplicate metadata key '{key}'")
         info.metadata[key] = r.value(vtype, f"metadata '{key}'")
-
     align = info.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1) or align > 1 << 20:
-        raise GGUFError(f"{path}: general.alignment {align!r} is not a power of two")
+        raise GGUFError(f"{r.path}: general.alignment {align!r} is not a power of two")
     info.alignment = align
 
-    names: set[str] = set()
-    for i in range(n_tensors):
-        name = r.string(f"tensor #{i} name")
-        if name in names:
-            raise GGUFError(f"{path}: duplicate tensor name '{name}'")
-        names.add(name)
-        n_dims = int(r.unpack("I", f"tensor '{name}' rank"))
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise GGUFError(f"{path}: tensor '{name}' has rank {n_dims} (1..{MAX_DIMS} allowed)")
-        dims = tuple(int(r.unpack("Q", f"tensor '{name}' dim")) for _ in range(n_dims))
-        ttype = int(r.unpack("I", f"tensor '{name}' type"))
-        offset = int(r.unpack("Q", f"tensor '{name}' offset"))
-        if ttype not in GGML_TYPES:
-            raise GGUFError(f"{path}: tensor '{name}' has unknown ggml type {ttype}")
-        tname, block, bsize = GGML_TYPES[ttype]
-        if any(d == 0 for d in dims) or any(d > size * 8 for d in dims):
-            raise GGUFError(f"{path}: tensor '{name}' has impossible shape {dims}")
-        if dims[0] % block:
-            raise GGUFError(f"{path}: tensor '{name}' row of {dims[0]} is not a multiple of the {tname} block {block}")
-        n_el = 1
-        for d in dims:
-            n_el *= d
-            if n_el > size * 8:  # even 1-bit weights cannot be this many in this file
-                raise GGUFError(f"{path}: tensor '{name}' shape {dims} cannot fit in a {size}-byte file")
-        if offset % align:
-            raise GGUFError(f"{path}: tensor '{name}' offset {offset} is not aligned to {align}")
-        info.tensors.append(TensorInfo(name, dims, tname, offset, n_el // block * bsize))
 
+def _tensor(r: _Reader, i: int, size: int, align: int, types: dict[int, tuple[str, int, int]]) -> TensorInfo:
+    """One tensor info: rank, dims, a known ggml type, whole blocks, a plausible size, aligned offset."""
+    path = r.path
+    name = r.string(f"tensor #{i} name")
+    n_dims = int(r.unpack("I", f"tensor '{name}' rank"))
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise GGUFError(f"{path}: tensor '{name}' has rank {n_dims} (1..{MAX_DIMS} allowed)")
+    dims = tuple(int(r.unpack("Q", f"tensor '{name}' dim")) for _ in range(n_dims))
+    ttype = int(r.unpack("I", f"tensor '{name}' type"))
+    offset = int(r.unpack("Q", f"tensor '{name}' offset"))
+    if ttype not in types:
+        raise GGUFError(f"{path}: tensor '{name}' has unknown ggml type {ttype}")
+    tname, block, bsize = types[ttype]
+    if any(d == 0 for d in dims) or any(d > size * 8 for d in dims):
+        raise GGUFError(f"{path}: tensor '{name}' has impossible shape {dims}")
+    if dims[0] % block:
+        raise GGUFError(f"{path}: tensor '{name}' row of {dims[0]} is not a multiple of the {tname} block {block}")
+    n_el = 1
+    for d in dims:
+        n_el *= d
+        if n_el > size * 8:  # even 1-bit weights cannot be this many in this file
+            raise GGUFError(f"{path}: tensor '{name}' shape {dims} cannot fit in a {size}-byte file")
+    if offset % align:
+        raise GGUFError(f"{path}: tensor '{name}' offset {offset} is not aligned to {align}")
+    return TensorInfo(name, dims, tname, offset, n_el // block * bsize)
+
+
+def _data_layout(r: _Reader, info: GGUFInfo, size: int) -> None:
+    """Every tensor's bytes lie inside the file after the padded header, none overlapping another."""
+    path, align = r.path, info.alignment
     data_offset = (r.pos + align - 1) // align * align
     info.data_offset = data_offset
-    if data_offset > size and n_tensors:
+    if data_offset > size and info.tensors:
         raise GGUFError(
             f"{path}: truncated: header ends at {r.pos}, data would start at {data_offset}, file has {size} bytes"
         )
@@ -270,4 +274,18 @@ def _check(r: _Reader, path: Path, size: int) -> GGUFInfo:
                 f"at data offset {t.offset}) ends at byte {end}, file has {size} bytes"
             )
         end_prev, prev_name = t.offset + t.nbytes, t.name
+
+
+def _check(r: _Reader, size: int, types: dict[int, tuple[str, int, int]]) -> GGUFInfo:
+    version, n_tensors, n_kv = _header(r, size)
+    info = GGUFInfo(path=r.path, version=version, file_size=size, data_offset=0, alignment=DEFAULT_ALIGNMENT)
+    _metadata(r, info, n_kv)
+    names: set[str] = set()
+    for i in range(n_tensors):
+        tensor = _tensor(r, i, size, info.alignment, types)
+        if tensor.name in names:
+            raise GGUFError(f"{r.path}: duplicate tensor name '{tensor.name}'")
+        names.add(tensor.name)
+        info.tensors.append(tensor)
+    _data_layout(r, info, size)
     return info
