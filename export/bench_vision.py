@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +75,69 @@ def _time_enrollment(bundle: EngineBundle, args: argparse.Namespace) -> dict:
     return {"median_s": statistics.median(runs), "runs_s": runs, "k": len(images), "source": source}
 
 
+def _compare(
+    encoder_t: Any,
+    matcher_t: Any,
+    encoder_o: Any,
+    matcher_o: Any,
+    layer_name: str,
+    bank: np.ndarray,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    repeats: int,
+) -> tuple[dict[str, dict], float]:
+    """Both paths at batch 1 and 8, interleaved: latency figures per path and the largest map difference."""
+    bank_t = torch.from_numpy(bank)
+    results: dict[str, dict] = {"torch": {}, "onnxruntime": {}}
+    max_diff = 0.0
+    for batch in (1, 8):
+        x = rng.standard_normal((batch, 3, *size)).astype(np.float32)
+        xt = torch.from_numpy(x)
+
+        def torch_path(xt: torch.Tensor = xt) -> torch.Tensor:
+            with torch.inference_mode():
+                out = encoder_t(xt)  # (patches, head features) when the bundle has head layers
+                return matcher_t(out[0] if isinstance(out, tuple) else out, bank_t)[0]
+
+        def ort_path(x: np.ndarray = x) -> np.ndarray:
+            q = encoder_o.run({"pixel_values": x})[layer_name]
+            return matcher_o.run({"q_0": q, "bank_0": bank})["anomaly_map"]
+
+        max_diff = max(max_diff, float(np.abs(torch_path().numpy() - ort_path()).max()))
+        reps = repeats if batch == 1 else max(5, repeats // 4)
+        t_torch, t_ort = [], []
+        for _ in range(reps):  # interleave so load spikes hit both paths alike
+            t_torch += _time(torch_path, 1, warmup=0 if t_torch else 3)
+            t_ort += _time(ort_path, 1, warmup=0 if t_ort else 3)
+        for name, samples in (("torch", t_torch), ("onnxruntime", t_ort)):
+            stats = _percentiles(samples)
+            stats["images_per_s"] = 1e3 * batch / stats["p50_ms"]
+            results[name][f"batch{batch}"] = stats
+    return results, max_diff
+
+
+def _print_table(results: dict[str, dict], backend: str) -> None:
+    """Latency per path and batch as an aligned table."""
+    rows = [("path", "batch", "p50 ms", "p99 ms", "images/s")]
+    for name in ("torch", "onnxruntime"):
+        for b in (1, 8):
+            r = results[name][f"batch{b}"]
+            rows.append(
+                (
+                    name if name == "torch" else backend,
+                    str(b),
+                    f"{r['p50_ms']:.1f}",
+                    f"{r['p99_ms']:.1f}",
+                    f"{r['images_per_s']:.1f}",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``bench vision``."""
     bundle = EngineBundle.open(args.bundle, backend=args.backend)
@@ -96,32 +160,7 @@ def run(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(0)
     golden = rng.standard_normal((args.shots, 3, *size)).astype(np.float32)
     bank = encoder_o.run({"pixel_values": golden})[layer.name].reshape(-1, layer.dim)
-    bank_t = torch.from_numpy(bank)
-    results: dict[str, dict] = {"torch": {}, "onnxruntime": {}}
-    max_diff = 0.0
-    for batch in (1, 8):
-        x = rng.standard_normal((batch, 3, *size)).astype(np.float32)
-        xt = torch.from_numpy(x)
-
-        def torch_path(xt: torch.Tensor = xt) -> torch.Tensor:
-            with torch.inference_mode():
-                out = encoder_t(xt)  # (patches, head features) when the bundle has head layers
-                return matcher_t(out[0] if isinstance(out, tuple) else out, bank_t)[0]
-
-        def ort_path(x: np.ndarray = x) -> np.ndarray:
-            q = encoder_o.run({"pixel_values": x})[layer.name]
-            return matcher_o.run({"q_0": q, "bank_0": bank})["anomaly_map"]
-
-        max_diff = max(max_diff, float(np.abs(torch_path().numpy() - ort_path()).max()))
-        reps = args.repeats if batch == 1 else max(5, args.repeats // 4)
-        t_torch, t_ort = [], []
-        for _ in range(reps):  # interleave so load spikes hit both paths alike
-            t_torch += _time(torch_path, 1, warmup=0 if t_torch else 3)
-            t_ort += _time(ort_path, 1, warmup=0 if t_ort else 3)
-        for name, samples in (("torch", t_torch), ("onnxruntime", t_ort)):
-            stats = _percentiles(samples)
-            stats["images_per_s"] = 1e3 * batch / stats["p50_ms"]
-            results[name][f"batch{batch}"] = stats
+    results, max_diff = _compare(encoder_t, matcher_t, encoder_o, matcher_o, layer.name, bank, size, rng, args.repeats)
     enroll_s = _time_enrollment(bundle, args)
     speedup = results["torch"]["batch1"]["p50_ms"] / results["onnxruntime"]["batch1"]["p50_ms"]
     speedup8 = results["torch"]["batch8"]["p50_ms"] / results["onnxruntime"]["batch8"]["p50_ms"]
@@ -150,30 +189,20 @@ def run(args: argparse.Namespace) -> int:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    rows = [("path", "batch", "p50 ms", "p99 ms", "images/s")]
-    for name in ("torch", "onnxruntime"):
-        for b in (1, 8):
-            r = results[name][f"batch{b}"]
-            rows.append(
-                (
-                    name if name == "torch" else encoder_o.describe(),
-                    str(b),
-                    f"{r['p50_ms']:.1f}",
-                    f"{r['p99_ms']:.1f}",
-                    f"{r['images_per_s']:.1f}",
-                )
-            )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    _print_table(results, encoder_o.describe())
+    _print_summary(report)
+    return 0
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    """The speed-up, the map difference and the enrollment time in two lines."""
+    enroll_s = report["enroll_seconds"]
     print(
-        f"speedup_vs_torch (batch 1, p50) = {speedup:.2f}x; batch 8 = {speedup8:.2f}x; "
-        f"max |map diff| = {max_diff:.2e}; bank {bank.shape[0]} patches; load avg {report['load_average']:.1f}"
+        f"speedup_vs_torch (batch 1, p50) = {report['speedup_vs_torch']:.2f}x; batch 8 = "
+        f"{report['speedup_vs_torch_batch8']:.2f}x; max |map diff| = {report['max_abs_diff_anomaly_map']:.2e}; "
+        f"bank {report['bank_patches']} patches; load avg {report['load_average']:.1f}"
     )
     print(
-        f"enrolling {args.shots} golden images ({enroll_s['source']}): median {enroll_s['median_s']:.2f} s "
+        f"enrolling {report['shots']} golden images ({enroll_s['source']}): median {enroll_s['median_s']:.2f} s "
         f"over {len(enroll_s['runs_s'])} runs (encode, bank, leave-one-out check, threshold, crash-safe commit)"
     )
-    return 0
