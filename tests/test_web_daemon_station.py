@@ -144,3 +144,14 @@ def test_the_daemon_station_implements_every_method_of_the_station_protocol():
         assert list(inspect.signature(getattr(DaemonStation, name)).parameters) == list(
             inspect.signature(getattr(Station, name)).parameters
         ), name
+
+
+def test_a_record_without_a_daemon_id_gets_the_daemons_kind_of_id():
+    import uuid
+
+    from anomalygpt_edge.runtime.web.station import make_record
+
+    v = Verdict("OK", 0.01, 0.1, "plate")
+    ids = [make_record("cam1", v, i, time.time())["id"] for i in range(3)]
+    assert all(uuid.UUID(i).version == 7 for i in ids), "one verdict-id scheme: the daemon's uuid7"
+    assert ids == sorted(ids), "time-ordered, like the daemon's"
