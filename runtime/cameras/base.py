@@ -91,6 +91,7 @@ class FileCameraConfig(CameraConfig):
     @field_validator("source")
     @classmethod
     def relative_to_config(cls, value: str, info: ValidationInfo) -> str:
+        """A relative file or folder is relative to the config file's folder (validation context ``base``)."""
         return str(resolve_path(value, info))
 
 

@@ -44,6 +44,13 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the runtime subcommands."""
+    _add_enroll(sub)
+    _add_calibrate_and_inspect(sub)
+    _add_evaluate(sub)
+    _add_bench(sub)
+
+
+def _add_enroll(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("enroll", help="enroll golden parts into a recipe (creates it if new)")
     e.add_argument("--recipe", required=True)
     e.add_argument("--images", type=Path, help="folder (or single file) of golden images to add")
@@ -73,6 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _store_args(e)
     e.set_defaults(handler="anomalygpt_edge.runtime.cli.parts_run:enroll")
 
+
+def _add_calibrate_and_inspect(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("calibrate", help="refine a recipe's threshold with known-good/known-bad parts")
     c.add_argument("--recipe", required=True)
     c.add_argument("--labelled", type=Path, required=True, help="folder with good/ and one or more defect folders")
@@ -88,6 +97,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _store_args(i)
     i.set_defaults(handler="anomalygpt_edge.runtime.cli.parts_run:inspect")
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("evaluate", help="k-shot accuracy on an MVTec-layout dataset")
     v.add_argument(
         "--data",
@@ -110,6 +121,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--augment", default="", help="comma list of rot90,hflip,vflip for the golden bank")
     v.set_defaults(handler="anomalygpt_edge.runtime.evaluation.evaluate:run")
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     targets = b.add_subparsers(dest="target", required=True, metavar="TARGET")
     bv = targets.add_parser("vision", help="encoder + bank matcher: PyTorch eager vs ONNX Runtime (needs torch)")

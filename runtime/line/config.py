@@ -85,6 +85,8 @@ Backend = Annotated[Text, AfterValidator(_backend)]
 
 
 class DeviceConfig(_Section):
+    """This device on the broker."""
+
     id: TopicLevel  # required; an MQTT topic level
 
 
@@ -104,6 +106,8 @@ class RecipeBinding(_Section):
 
 
 class EnginesConfig(_Section):
+    """The engine bundle and the backend that runs it."""
+
     bundle: ConfigPath = Path("data/bundles/default")
     backend: Backend = "auto"
     # CPU (onnxruntime) threads per inspection worker; 0 = the backend's default (every core).
@@ -113,6 +117,8 @@ class EnginesConfig(_Section):
 
 
 class StorageConfig(_Section):
+    """Where recipes and daemon state live, and the spool, archive and disk bounds."""
+
     store: ConfigPath = Path("data/recipes")  # the recipe store (banks, golden samples)
     data: ConfigPath = Path("data")  # daemon state: <data>/spool.db, <data>/archive/
     spool: Flag = True  # every verdict on disk until the broker acknowledges it
@@ -129,6 +135,8 @@ class StorageConfig(_Section):
 
 
 class LlmConfig(_Section):
+    """The optional on-device LLM that explains verdicts and answers cmd/ask."""
+
     enabled: Flag = False
     model: ExistingPath | None = None  # GGUF; default the embedded SmolLM2-135M-Instruct
     threads: integer(1, 256) = 1  # keep the LLM off the cores the vision path needs
@@ -137,6 +145,8 @@ class LlmConfig(_Section):
 
 
 class HealthConfig(_Section):
+    """The heartbeat and the optional Prometheus endpoint."""
+
     heartbeat_s: number(0.5, 3600) = 10.0  # the status topic is republished with rolling figures this often
     metrics_bind: Text | None = None  # e.g. "127.0.0.1:9108" for Prometheus /metrics; off by default
 

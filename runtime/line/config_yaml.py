@@ -78,6 +78,7 @@ class _Plain:
         self.open: set[int] = set()
 
     def node(self, node: yaml.Node, loc: Loc) -> Any:
+        """Any node as plain data, its line recorded at ``loc``."""
         self.marks.values[loc] = node.start_mark.line + 1
         if id(node) in self.open:
             raise self.marks.fail(loc, "a YAML alias that contains itself")
@@ -92,6 +93,7 @@ class _Plain:
             self.open.discard(id(node))
 
     def mapping(self, node: yaml.Node, loc: Loc) -> dict[str, Any]:
+        """A mapping node as a dict of text keys (each key's line recorded too)."""
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
@@ -105,6 +107,7 @@ class _Plain:
         return out
 
     def scalar(self, node: yaml.ScalarNode, loc: Loc) -> Any:
+        """A scalar as YAML 1.1 reads it (``5`` an int, ``true`` a bool, ``null`` None)."""
         try:
             return self.constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # "!!int abc", an unknown "!tag"

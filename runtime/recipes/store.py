@@ -63,6 +63,7 @@ class RecipeError(ValueError):
 
 
 def now_iso() -> str:
+    """UTC now, ISO 8601 to the millisecond (recipe timestamps)."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
@@ -335,17 +336,21 @@ class RecipeStore:
         return _WriterLock.hold(self.folder(name) / ".lock")
 
     def folder(self, name: str) -> Path:
+        """The recipe's folder; RecipeError for a name that cannot be one."""
         return self.root / check_name(name)
 
     def names(self) -> list[str]:
+        """Every recipe in the store, sorted."""
         if not self.root.is_dir():
             return []
         return sorted(p.parent.name for p in self.root.glob("*/recipe.json"))
 
     def exists(self, name: str) -> bool:
+        """Whether the recipe has a committed ``recipe.json``."""
         return (self.folder(name) / "recipe.json").is_file()
 
     def load(self, name: str) -> Recipe:
+        """The committed recipe, validated (:class:`RecipeFile`); RecipeError naming the file otherwise."""
         path = self.folder(name) / "recipe.json"
         if not path.is_file():
             known = ", ".join(self.names()) or "none"
@@ -392,9 +397,11 @@ class RecipeStore:
         return head
 
     def sample_path(self, recipe: str, sha256: str, ext: str) -> Path:
+        """Where a golden sample's image (``png``) or features (``npz``) live."""
         return self.folder(recipe) / "samples" / f"{sha256}.{ext}"
 
     def defect_path(self, recipe: str, sha256: str, ext: str) -> Path:
+        """Where a labelled defect's image, mask or features live."""
         return self.folder(recipe) / "defects" / f"{sha256}.{ext}"
 
     def commit(self, recipe: Recipe, bank: MemoryBank | None = None, head: DefectHead | None = None) -> Recipe:
@@ -443,6 +450,7 @@ class RecipeStore:
             tmp.unlink(missing_ok=True)
 
     def delete(self, name: str) -> None:
+        """Remove the recipe's folder and everything in it."""
         import shutil
 
         shutil.rmtree(self.folder(name))
