@@ -81,6 +81,8 @@ class Body(BaseModel):
 
 
 class TriggerBody(Body):
+    """``cmd/trigger``: the camera and the PLC's optional part id."""
+
     camera: str
     part_id: str | int | None = None
 
@@ -93,6 +95,8 @@ class EnrollBody(Body):
 
 
 class EnrollStart(EnrollBody):
+    """``start``: the recipe to open or create, with its ROI and target FRR when new."""
+
     action: Literal["start"]
     recipe: Name
     roi: Roi | None = None
@@ -100,17 +104,23 @@ class EnrollStart(EnrollBody):
 
 
 class AddDefect(EnrollBody):
+    """``add_defect``: an optional defect type and rectangle mask."""
+
     action: Literal["add_defect"]
     defect_type: DefectType | None = None
     mask: MaskRects | None = None
 
 
 class RemoveDefect(EnrollBody):
+    """``remove``: the label (or sha256 prefix) of the defect to remove."""
+
     action: Literal["remove"]
     name: str
 
 
 class EnrollFinish(EnrollBody):
+    """``finish``: accept flagged frames? switch the camera to the recipe (default yes)?"""
+
     action: Literal["finish"]
     accept_flagged: bool | None = None
     switch: bool | None = None
@@ -133,10 +143,14 @@ class RecipeBody(Body):
 
 
 class RecipeShow(RecipeBody):
+    """``show``: the recipe to show."""
+
     recipe: Name
 
 
 class RecipeSwitch(RecipeBody):
+    """``switch``: the camera and the recipe it switches to."""
+
     camera: str
     recipe: Name
 
@@ -145,6 +159,8 @@ RECIPE_BODIES: dict[str, type[RecipeBody]] = {"list": RecipeBody, "show": Recipe
 
 
 class AskBody(Body):
+    """``cmd/ask``: the camera whose last verdict is asked about, and the question."""
+
     camera: str
     question: str | None = None
 

@@ -179,6 +179,9 @@ class CommandCenter:
                 raise CommandError("busy: too many commands waiting; retry") from None
         except CommandError as exc:
             self.fail(cmd, data, str(exc))
+        except Exception as exc:  # every command gets its one reply, whatever went wrong here
+            log.exception("command %s failed", cmd.name)
+            self.fail(cmd, data, f"internal error: {type(exc).__name__}: {exc}")
 
     def fail(self, cmd: Command, data: dict[str, Any], error: str) -> None:
         """Refuse ``cmd`` with ``error`` (counted in :attr:`errors`)."""
@@ -219,7 +222,8 @@ class CommandCenter:
     def _trigger(self, cmd: Command, data: dict[str, Any]) -> None:
         body = parse_body(TriggerBody, data)
         camera = self._camera(body.camera)
-        if camera not in self.cameras:
+        binding = self.slots.binding(camera)
+        if binding is not None and binding.trigger == "folder_watch":
             raise CommandError(f"camera '{camera}' is a watched folder: its parts are new files, not triggers")
         part = None if body.part_id is None else str(body.part_id)
         self._trigger_part(camera, part, cmd, _correlation(cmd, data))

@@ -127,38 +127,47 @@ class Daemon:
     # -- the parts' state under the names other code reads ----------------------------------------
     @property
     def store(self) -> RecipeStore:
+        """The recipe store (the slots')."""
         return self.slots.store
 
     @property
     def bundles(self) -> dict[Path, Any]:
+        """Bundle path -> open engine bundle."""
         return self.slots.bundles
 
     @property
     def pipelines(self) -> dict[Path, Any]:
+        """Bundle path -> its vision pipeline."""
         return self.slots.pipelines
 
     @property
     def enrollers(self) -> dict[Path, Any]:
+        """Bundle path -> its enroller."""
         return self.slots.enrollers
 
     @property
     def inspectors(self) -> dict[str, Inspector | None]:
+        """Camera -> live inspector (None while its recipe cannot inspect)."""
         return self.slots.inspectors
 
     @property
     def recipe_names(self) -> dict[str, str]:
+        """Camera -> the name of its recipe."""
         return self.slots.recipe_names
 
     @property
     def recipe_problems(self) -> dict[str, str | None]:
+        """Camera -> why its recipe cannot inspect (None when it can)."""
         return self.slots.recipe_problems
 
     @property
     def queues(self) -> dict[Path, WorkQueue]:
+        """Bundle path -> its work queue (empty before :meth:`start`)."""
         return self.board.queues if self.board is not None else {}
 
     @property
     def watchdog(self) -> DeadlineWatchdog | None:
+        """The deadline watchdog (None before :meth:`start`)."""
         return self.board.watchdog if self.board is not None else None
 
     @property
@@ -168,30 +177,37 @@ class Daemon:
 
     @property
     def spool(self) -> Any:
+        """The verdict spool (None when disabled or before :meth:`start`)."""
         return self.storage.spool
 
     @property
     def archive(self) -> Any:
+        """The archive writer (None when disabled, unavailable or before :meth:`start`)."""
         return self.storage.archive
 
     @property
     def disk(self) -> Any:
+        """The disk budget of ``storage.data`` (None before :meth:`start`)."""
         return self.storage.disk
 
     @property
     def archive_problem(self) -> str | None:
+        """Why the archive could not be opened, if it could not."""
         return self.storage.archive_problem
 
     @property
     def _stop(self) -> threading.Event:
+        """Set when the daemon stops."""
         return self.supervisor.stopping
 
     @property
     def _threads(self) -> list[threading.Thread]:
+        """Every supervised thread started so far."""
         return self.supervisor.threads
 
     @property
     def _crashes(self) -> dict[str, list[float]]:
+        """Loop name -> recent crash times."""
         return self.supervisor.crashes
 
     def _spawner(self, name: str, target: Callable[[], None]) -> threading.Thread:
@@ -228,7 +244,8 @@ class Daemon:
         self.storage.open()
         self._open_llm()
         self.supervisor.install_excepthook()
-        self.link = self._open_link(mqtt_wait_s)
+        self.link = self._build_link()
+        # Board and publisher before the link connects: a trigger may arrive the moment it does.
         self.board = TriggerBoard(self.slots, self.cameras, self.counts, self.answer_error, self.health.error)
         self.publisher = VerdictPublisher(
             self.config,
@@ -241,24 +258,30 @@ class Daemon:
             verdict_listeners=self.verdict_listeners,
             explanation_listeners=self.explanation_listeners,
         )
+        self._connect(mqtt_wait_s)
         self._start_loops()
         self._watch_health()
         self.health.start(self.status, self._publish_heartbeat)
         self.health.ready()
         return self
 
-    def _open_link(self, wait_s: float) -> Link:
-        """The injected link, or the MQTT link from the config; started (connecting in the background)."""
-        mqtt = self.config.mqtt or MqttConfig()  # no mqtt section: the defaults (a broker on localhost)
+    def _build_link(self) -> Link:
+        """The injected link, or the MQTT link from the config (not connected yet)."""
         link: Link
         if self._injected_link is not None:
             link = self._injected_link
         else:
+            mqtt = self.config.mqtt or MqttConfig()  # no mqtt section: the defaults (a broker on localhost)
             link = MqttLink(mqtt, self.config.device_id, self.commands.receive, self.status, self.storage.spool)
         link.on_error = self.health.error
-        if not link.start(wait_s) and self._injected_link is None:
-            log.warning("MQTT broker %s:%s not reachable yet; retrying", mqtt.host, mqtt.port)
         return link
+
+    def _connect(self, wait_s: float) -> None:
+        """Start the link (connecting in the background, up to ``wait_s`` here)."""
+        assert self.link is not None
+        if not self.link.start(wait_s) and self._injected_link is None:
+            mqtt = self.config.mqtt or MqttConfig()
+            log.warning("MQTT broker %s:%s not reachable yet; retrying", mqtt.host, mqtt.port)
 
     def _open_llm(self) -> None:
         cfg = self.config.llm
