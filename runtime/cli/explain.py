@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _bench_targets(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -92,93 +93,57 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 # --- ask -----------------------------------------------------------------------------------------
 
 
-def run_ask(args: argparse.Namespace) -> int:
-    """Handler of ``anomalygpt-edge ask``.
+class _AskError(Exception):
+    """``ask`` cannot go on; the message is what the user is told."""
 
-    With the embedded default model (or any chat GGUF) the findings go in as text. With a GGUF
-    written by ``export llm`` (AnomalyGPT's Vicuna) and an AnomalyGPT bundle, the image vector and
-    the 18 prompt vectors go in through the embedding input, as in AnomalyGPT itself.
-    """
-    from anomalygpt_edge.engines.llm import GenerationConfig, LLMError, create_llm
-    from anomalygpt_edge.runtime.explain.explainer import (
-        AnomalyGPTExplainer,
-        Explainer,
-        anomalygpt_llm_inputs,
-        default_model_path,
-    )
-    from anomalygpt_edge.runtime.recipes.inspector import Inspector
 
-    def fail(msg: object) -> int:
-        print(f"anomalygpt-edge ask: {msg}", file=sys.stderr)
-        return 2
+def _ask_anomalygpt(args: argparse.Namespace, inspector: Any, llm: Any, image: Any) -> tuple[Any, Any, Any]:
+    """AnomalyGPT's way: the image vector and the 18 prompt vectors through the embedding input."""
+    from anomalygpt_edge.engines.llm import GenerationConfig, LLMError
+    from anomalygpt_edge.runtime.explain.explainer import AnomalyGPTExplainer, anomalygpt_llm_inputs
 
-    from anomalygpt_edge.engines.preprocess import ImageError, read_image
-
-    try:  # the same bounded reader as everywhere: header pixel check before any decode
-        image = read_image(args.image)
-    except ImageError as exc:
-        return fail(f"cannot read image {exc}")
     try:
-        inspector = Inspector.from_store(args.store, args.recipe, args.bundle)
-        llm = create_llm(args.model or default_model_path(), n_ctx=2048, n_threads=args.threads)
-    except (OSError, ValueError, RuntimeError) as exc:  # LLMError and GGUFError are RuntimeErrors
-        return fail(exc)
-    anomalygpt = llm.metadata("anomalygpt.prompt_embeddings") is not None
-    if anomalygpt:
-        try:
-            verdict, img, prompts = anomalygpt_llm_inputs(inspector, image, args.image.name)
-        except ValueError as exc:
-            return fail(f"{exc}; {llm.path.name} is AnomalyGPT's LLM and needs an AnomalyGPT bundle")
-        if img.shape[1] != llm.n_embd:
-            return fail(f"the bundle's image vectors are {img.shape[1]} wide, {llm.path.name} takes {llm.n_embd}")
-        config = GenerationConfig(
-            max_tokens=args.max_tokens,
-            temperature=1.0 if args.temperature is None else args.temperature,
-            top_p=0.01 if args.top_p is None else args.top_p,
-            seed=args.seed,
-            stop=("###",),
-        )
-        explainer: AnomalyGPTExplainer | Explainer = AnomalyGPTExplainer(llm, config)
-        try:
-            answer = explainer.explain(verdict, img, prompts, args.question)
-        except LLMError as exc:
-            return fail(exc)
-    else:
-        verdict = inspector.inspect(image, name=args.image.name)
-        config = GenerationConfig(
-            max_tokens=args.max_tokens,
-            temperature=0.2 if args.temperature is None else args.temperature,
-            top_p=0.9 if args.top_p is None else args.top_p,
-            seed=args.seed,
-            stop=(),
-        )
-        explainer = Explainer(llm, config)
-        try:
-            answer = explainer.explain(verdict, args.question)
-        except LLMError as exc:
-            return fail(exc)
-    llm_input = "anomalygpt-embeddings" if anomalygpt else "findings-text"
-    if args.json:
-        out = {
-            "image": str(args.image),
-            "question": args.question,
-            "verdict": verdict.to_json(),
-            "answer": answer.to_json(),
-            "model": llm.path.name,
-            "llm_input": llm_input,
-        }
-        if anomalygpt:
-            out["prompt_tokens"] = explainer.last_prompt_tokens
-        print(json.dumps(out, indent=2))
-        return 0
-    print(
-        f"verdict: {verdict.verdict}  score {verdict.score:.4f} / threshold {verdict.threshold:.4f}"
-        + (f"  at the {verdict.location}" if verdict.location else "")
+        verdict, img, prompts = anomalygpt_llm_inputs(inspector, image, args.image.name)
+    except ValueError as exc:
+        raise _AskError(f"{exc}; {llm.path.name} is AnomalyGPT's LLM and needs an AnomalyGPT bundle") from exc
+    if img.shape[1] != llm.n_embd:
+        raise _AskError(f"the bundle's image vectors are {img.shape[1]} wide, {llm.path.name} takes {llm.n_embd}")
+    config = GenerationConfig(
+        max_tokens=args.max_tokens,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_p=0.01 if args.top_p is None else args.top_p,
+        seed=args.seed,
+        stop=("###",),
     )
-    note = f"  [model answer replaced: {answer.replaced}]" if answer.replaced else ""
-    print(f"answer: {answer.text}{note}")
-    if not args.chat:
-        return 0
+    explainer = AnomalyGPTExplainer(llm, config)
+    try:
+        return verdict, explainer.explain(verdict, img, prompts, args.question), explainer
+    except LLMError as exc:
+        raise _AskError(str(exc)) from exc
+
+
+def _ask_findings(args: argparse.Namespace, inspector: Any, llm: Any, image: Any) -> tuple[Any, Any, Any]:
+    """Any chat model: the inspection's findings go in as text."""
+    from anomalygpt_edge.engines.llm import GenerationConfig, LLMError
+    from anomalygpt_edge.runtime.explain.explainer import Explainer
+
+    verdict = inspector.inspect(image, name=args.image.name)
+    config = GenerationConfig(
+        max_tokens=args.max_tokens,
+        temperature=0.2 if args.temperature is None else args.temperature,
+        top_p=0.9 if args.top_p is None else args.top_p,
+        seed=args.seed,
+        stop=(),
+    )
+    explainer = Explainer(llm, config)
+    try:
+        return verdict, explainer.explain(verdict, args.question), explainer
+    except LLMError as exc:
+        raise _AskError(str(exc)) from exc
+
+
+def _chat(explainer: Any) -> None:
+    """Follow-up questions from stdin, answers streamed, until an empty line or end of input."""
     print("(follow-up questions; empty line or Ctrl-D to end)")
     while True:
         try:
@@ -192,6 +157,60 @@ def run_ask(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         if reply.replaced:
             print(f"[that answer contradicts the verdict ({reply.replaced}); the inspection says: {reply.text}]")
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    """Handler of ``anomalygpt-edge ask``.
+
+    With the embedded default model (or any chat GGUF) the findings go in as text. With a GGUF
+    written by ``export llm`` (AnomalyGPT's Vicuna) and an AnomalyGPT bundle, the image vector and
+    the 18 prompt vectors go in through the embedding input, as in AnomalyGPT itself.
+    """
+    from anomalygpt_edge.engines.llm import create_llm
+    from anomalygpt_edge.engines.preprocess import ImageError, read_image
+    from anomalygpt_edge.runtime.explain.explainer import default_model_path
+    from anomalygpt_edge.runtime.recipes.inspector import Inspector
+
+    def fail(msg: object) -> int:
+        print(f"anomalygpt-edge ask: {msg}", file=sys.stderr)
+        return 2
+
+    try:  # the same bounded reader as everywhere: header pixel check before any decode
+        image = read_image(args.image)
+    except ImageError as exc:
+        return fail(f"cannot read image {exc}")
+    try:
+        inspector = Inspector.from_store(args.store, args.recipe, args.bundle)
+        llm = create_llm(args.model or default_model_path(), n_ctx=2048, n_threads=args.threads)
+    except (OSError, ValueError, RuntimeError) as exc:  # LLMError and GGUFError are RuntimeErrors
+        return fail(exc)
+    anomalygpt = llm.metadata("anomalygpt.prompt_embeddings") is not None
+    try:
+        ask = _ask_anomalygpt if anomalygpt else _ask_findings
+        verdict, answer, explainer = ask(args, inspector, llm, image)
+    except _AskError as exc:
+        return fail(exc)
+    if args.json:
+        out = {
+            "image": str(args.image),
+            "question": args.question,
+            "verdict": verdict.to_json(),
+            "answer": answer.to_json(),
+            "model": llm.path.name,
+            "llm_input": "anomalygpt-embeddings" if anomalygpt else "findings-text",
+        }
+        if anomalygpt:
+            out["prompt_tokens"] = explainer.last_prompt_tokens
+        print(json.dumps(out, indent=2))
+        return 0
+    print(
+        f"verdict: {verdict.verdict}  score {verdict.score:.4f} / threshold {verdict.threshold:.4f}"
+        + (f"  at the {verdict.location}" if verdict.location else "")
+    )
+    note = f"  [model answer replaced: {answer.replaced}]" if answer.replaced else ""
+    print(f"answer: {answer.text}{note}")
+    if args.chat:
+        _chat(explainer)
     return 0
 
 
@@ -262,6 +281,45 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _alternating_runs(ours: Any, plain: Any, ids: list[int], k: int, n_gen: int, repeats: int) -> dict[str, list]:
+    """``repeats`` timed runs of each path, alternating which goes first; a discarded warm-up run first."""
+    runs: dict[str, list[dict]] = {"ours": [], "plain": []}
+    for rep in range(repeats + 1):  # run 0 warms caches and is discarded
+        # Alternate the order so drifting background load hits both paths alike.
+        order = ("plain", "ours") if rep % 2 else ("ours", "plain")
+        for name in order:
+            r = _time_ours(ours, ids, k, n_gen) if name == "ours" else _time_plain(plain, ids, n_gen)
+            if rep:
+                runs[name].append(r)
+    return runs
+
+
+def _bench_summary(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Median TTFT and token rates per path, with every run's figures."""
+    summary: dict[str, dict] = {}
+    for name, rs in runs.items():
+        summary[name] = {
+            key: statistics.median(r[key] for r in rs) for key in ("ttft_s", "prompt_tok_s", "gen_tok_s")
+        } | {"runs": [{k2: round(v, 4) for k2, v in r.items() if k2 != "tokens"} for r in rs]}
+    return summary
+
+
+def _print_bench(summary: dict[str, dict], result: dict[str, Any], threads: int) -> None:
+    """The two paths as a table, and the overhead in one line."""
+    rows = [("path", "TTFT ms", "prompt tok/s", "gen tok/s")]
+    for name, label in (("ours", "embeddings (low-level)"), ("plain", "plain Llama API")):
+        s = summary[name]
+        rows.append((label, f"{s['ttft_s'] * 1e3:.1f}", f"{s['prompt_tok_s']:.1f}", f"{s['gen_tok_s']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print(
+        f"overhead_ratio (plain gen tok/s / ours) = {result['overhead_ratio']:.3f}; "
+        f"prompt {result['n_prompt']} tokens ({N_INJECTED} as embeddings), {result['n_gen']} generated, "
+        f"{threads} thread(s); greedy outputs agree on the first {result['greedy_tokens_agree']} tokens"
+    )
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Handler of ``anomalygpt-edge bench llm``."""
     import llama_cpp
@@ -286,19 +344,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print("bench llm: the two APIs tokenize the prompt differently", file=sys.stderr)
         return 1
     k = min(24, max(0, len(ids) - N_INJECTED - 1))  # inject in the middle, like the image block
-    runs: dict[str, list[dict]] = {"ours": [], "plain": []}
-    for rep in range(args.repeats + 1):  # run 0 warms caches and is discarded
-        # Alternate the order so drifting background load hits both paths alike.
-        order = ("plain", "ours") if rep % 2 else ("ours", "plain")
-        for name in order:
-            r = _time_ours(ours, ids, k, args.n_gen) if name == "ours" else _time_plain(plain, ids, args.n_gen)
-            if rep:
-                runs[name].append(r)
-    summary: dict[str, dict] = {}
-    for name, rs in runs.items():
-        summary[name] = {
-            key: statistics.median(r[key] for r in rs) for key in ("ttft_s", "prompt_tok_s", "gen_tok_s")
-        } | {"runs": [{k2: round(v, 4) for k2, v in r.items() if k2 != "tokens"} for r in rs]}
+    runs = _alternating_runs(ours, plain, ids, k, args.n_gen, args.repeats)
+    summary = _bench_summary(runs)
     # Greedy decoding on both paths: the texts agree until a near-tie, where splitting the prompt
     # into three llama_decode calls (text, embeddings, text) changes float summation order.
     agree = min(_common_prefix(r["tokens"], p["tokens"]) for r, p in zip(runs["ours"], runs["plain"], strict=True))
@@ -319,18 +366,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "command": "anomalygpt-edge " + " ".join(sys.argv[1:]) if sys.argv else None,
     }
     args.json_out.write_text(json.dumps(result, indent=2))
-    rows = [("path", "TTFT ms", "prompt tok/s", "gen tok/s")]
-    for name, label in (("ours", "embeddings (low-level)"), ("plain", "plain Llama API")):
-        s = summary[name]
-        rows.append((label, f"{s['ttft_s'] * 1e3:.1f}", f"{s['prompt_tok_s']:.1f}", f"{s['gen_tok_s']:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    print(
-        f"overhead_ratio (plain gen tok/s / ours) = {result['overhead_ratio']:.3f}; "
-        f"prompt {len(ids)} tokens ({N_INJECTED} as embeddings), {args.n_gen} generated, "
-        f"{threads} thread(s); greedy outputs agree on the first {agree} tokens"
-    )
+    _print_bench(summary, result, threads)
     ours.close()
     plain.close()
     return 0
