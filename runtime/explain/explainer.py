@@ -199,23 +199,36 @@ class Explainer:
         if verdict.verdict == "ERROR":
             return Explanation(verdict.sentence, "template", None, None, 0.0, 0)
         with self._lock:  # one conversation per model: explanations run one at a time
-            self.llm.reset()
-            self.llm.feed([self.llm.chat_prompt(explanation_messages(verdict, question))])
-            self._verdict = verdict
-            return self._answer(verdict, on_text, require_location=True, t0=t0)
+            return self._first_turn(verdict, question, on_text, t0)
 
-    def follow_up(self, question: str, on_text: Callable[[str], None] | None = None) -> Explanation:
+    def follow_up(
+        self, question: str, on_text: Callable[[str], None] | None = None, verdict: Verdict | None = None
+    ) -> Explanation:
         """Answer a follow-up question about the last explained verdict, reusing the KV cache.
 
         Held to the same verdict (an answer denying the anomaly is replaced), except that it need
-        not repeat the location.
+        not repeat the location. ``verdict`` names the verdict the caller's conversation is about:
+        when the model no longer holds it (the explanation worker explained another part since the
+        caller looked), it is explained afresh, so the answer and any template that replaces it
+        speak of that verdict's regions, never of the other part's.
         """
         t0 = time.perf_counter()
         with self._lock:
+            if verdict is not None and self._verdict is not verdict:
+                return self._first_turn(verdict, question, on_text, t0)
             if self._verdict is None:
                 raise RuntimeError("follow_up needs an explain() first")
             self.llm.feed([_chat_turn(self.llm, question)])
             return self._answer(self._verdict, on_text, require_location=False, t0=t0)
+
+    def _first_turn(
+        self, verdict: Verdict, question: str, on_text: Callable[[str], None] | None, t0: float
+    ) -> Explanation:
+        """A fresh conversation about ``verdict`` (the caller holds the lock)."""
+        self.llm.reset()
+        self.llm.feed([self.llm.chat_prompt(explanation_messages(verdict, question))])
+        self._verdict = verdict
+        return self._answer(verdict, on_text, require_location=True, t0=t0)
 
     def _answer(
         self, verdict: Verdict, on_text: Callable[[str], None] | None, require_location: bool, t0: float
