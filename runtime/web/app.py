@@ -66,6 +66,7 @@ _SEG = r"([A-Za-z0-9][A-Za-z0-9_.@-]{0,63})"
 _SHA = "([0-9a-f]{64})"
 _VID = "([0-9a-f-]{8,64})"
 _UP = MAX_UPLOAD_BODY
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
 def _change(
@@ -182,8 +183,9 @@ class ApiRoute(BaseRoute):
 
 
 class TitleCaseHeaders:
-    """Send header names as ``Content-Type`` rather than Starlette's ``content-type``: equal to
-    HTTP, but some line-side tools and scripts match header names as written."""
+    """Send header names as ``Content-Type`` rather than Starlette's ``content-type``. Equal to
+    HTTP, but the station's answers keep the spelling they always had: scripts on the line and
+    the tests that read raw bytes match ``Connection: close`` as written."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -222,6 +224,9 @@ def build_app(state: StationState) -> ASGIApp:
         return answer(200, file.read_bytes(), ctype)
 
     def no_endpoint(request: Request) -> Response:
+        # Reached for a path no route has, or one whose routes take another method.
+        if any(r.regex.match(request.url.path) for r in ROUTES):
+            raise HttpError(405, "method not allowed")
         raise HttpError(404, f"no such endpoint {request.url.path}")
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -232,7 +237,7 @@ def build_app(state: StationState) -> ASGIApp:
         return error_answer(HttpError(status, message), request.method not in ("POST", "PUT", "PATCH"))
 
     routes: list[BaseRoute] = [ApiRoute(r, state) for r in ROUTES]
-    routes.append(StarletteRoute("/api/{rest:path}", no_endpoint))
+    routes.append(StarletteRoute("/api/{rest:path}", no_endpoint, methods=_ALL_METHODS))
     routes.append(StarletteRoute("/{path:path}", page, methods=["GET"]))
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, HttpError: http_error})
     return TitleCaseHeaders(app)

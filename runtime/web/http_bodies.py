@@ -146,7 +146,7 @@ class UsersBody(Body):
         return self
 
 
-def validate(model: type[Body], data: dict[str, Any]) -> Body:
+def validate(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
     """``data`` as ``model``; :class:`HttpError` 400 with one line naming the first bad field."""
     try:
         return model.model_validate(data)

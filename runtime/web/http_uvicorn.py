@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "AnomalyGPT-Edge-Station"
 KEEP_ALIVE_S = 30  # idle keep-alive connections close after this long
 STARTUP_S = 10.0
-SHUTDOWN_S = 5.0  # requests still running when the server stops get this long to finish
+SHUTDOWN_S = 3  # requests still running when the server stops get this long to finish
 
 
 class StationH11Protocol(H11Protocol):
@@ -54,7 +54,7 @@ class StationH11Protocol(H11Protocol):
             pass
         self.transport.close()
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol's own type
         cycle = self.cycle
         if cycle is None or cycle.response_complete:
             return None  # idle connection: close it
