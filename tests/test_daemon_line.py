@@ -244,3 +244,81 @@ def test_a_failing_verdict_listener_never_stops_verdicts_and_others_still_observ
         daemon.stop()
     ids = [m.json()["id"] for m in verdicts]
     assert len(ids) >= 10 and set(ids[:5]) <= set(seen)
+
+
+class _RecordingLink:
+    """A link (runtime/line/link.py's members) that records what the daemon sends through it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.connected = threading.Event()
+        self.on_error: Any = None
+        self.stats: dict[str, int] = {"published": 0}
+        self.sender = None
+        self.network_thread = None
+        self.verdicts: list[str] = []
+        self.json: list[str] = []
+
+    def start(self, wait_s: float = 10.0) -> bool:
+        self.connected.set()
+        return True
+
+    def stop(self) -> None:
+        self.connected.clear()
+
+    def topic(self, *parts: str) -> str:
+        return "/".join(("injected", *parts))
+
+    def publish_json(self, topic: str, body: dict, qos: int = 1, retain: bool = False) -> int:
+        self.json.append(topic)
+        return 0
+
+    def publish_verdict(self, verdict_id: str, topic: str, payload: bytes, on_durable: Any = None) -> None:
+        self.verdicts.append(topic)
+        if on_durable is not None:
+            on_durable(False)
+
+    def publish_heatmap(self, camera: str, verdict_id: str, jpeg: bytes) -> int:
+        return 0
+
+    def reply(self, cmd: Any, body: dict) -> None:
+        pass
+
+
+def test_an_injected_link_carries_the_verdicts_and_no_mqtt_link_is_built(tmp_path: Path, line: dict) -> None:
+    from types import SimpleNamespace
+
+    nowhere = SimpleNamespace(host="127.0.0.1", port=1)  # no broker: building an MqttLink would warn and retry
+    cfg = write_config(
+        tmp_path / "line.yaml",
+        nowhere,  # type: ignore[arg-type]
+        {"cam1": {"type": "video_file", "source": str(line["video"]), "fps": 10, "loop": True}},
+        [{"camera": "cam1", "recipe": "bracket", "trigger": "free_run", "fps": 10, "deadline_ms": 1000}],
+        line["store"],
+        line["bundle"],
+        device="injected",
+    )
+    import threading
+
+    link = _RecordingLink()
+    seen: list[str] = []
+    three = threading.Event()
+
+    def observe(job: Any, vid: str, verdict: Any, msg: dict, image: Any) -> None:
+        seen.append(vid)
+        if len(seen) >= 3:
+            three.set()
+
+    daemon = Daemon(load_config(cfg), link=link)
+    daemon.verdict_listeners.append(observe)
+    daemon.start(mqtt_wait_s=0.0)
+    try:
+        three.wait(30)
+        status = daemon.status()
+    finally:
+        daemon.stop()
+    assert daemon.link is link and link.on_error is not None
+    assert len(seen) >= 3 and set(link.verdicts) == {"injected/cam1/verdict"}, (seen, link.verdicts)
+    assert "injected/status" in link.json, "camera changes republish the status through the injected link"
+    assert status["cameras"]["cam1"]["status"] == "online" and status["state"] == "online", status["problems"]
