@@ -138,7 +138,7 @@ class _FlakyQueue(list):
 def test_the_explanation_worker_that_raises_is_restarted_by_the_daemon_and_explains_the_next_request(
     tmp_path: Path, broker: Any, line: dict, short_report: None
 ) -> None:
-    # No LLM here: the worker as the daemon builds it (spawned through Daemon._spawn), with a stub explainer.
+    # No LLM here: the worker as the daemon builds it (spawned through the daemon's Supervisor), with a stub explainer.
     cfg = fault_bench.write_config(tmp_path / "e.yaml", _rig(broker, line), "fexp", tmp_path / "state")
     daemon = Daemon(load_config(cfg))
     done: list[str] = []
