@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -172,14 +173,94 @@ class PlcView:
         self.client.loop_stop()
 
 
+@dataclass
+class _Broker:
+    """Where the demo's daemon and PLC connect: a started local broker, or the one a config names."""
+
+    host: str
+    port: int
+    protocol: str
+    prefix: str
+    extra: dict[str, Any] = field(default_factory=dict)  # username / password for the PLC client
+    mqtt_extra: str = ""  # lines added under mqtt: in the daemon's config
+    local: Any = None  # the broker this demo started (stopped at the end), None for a configured one
+
+
+def _enroll(work: Path, bundle: Path) -> bool:
+    """Enroll the golden parts read through the OpenCV video camera; whether a live recipe came of it."""
+    from anomalygpt_edge.engines.bundle import EngineBundle
+    from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+    from anomalygpt_edge.runtime.tools import synthetic
+
+    say(f"[demo] enrolling {GOLDEN} golden parts read through the OpenCV video camera ...")
+    enroller = Enroller(RecipeStore(work / "store"), EngineBundle.open(bundle))
+    enroller.open_or_create("bracket", roi=synthetic.PART_ROI)
+    golden = read_through_camera(work / "golden.avi")
+    result = enroller.add("bracket", [(f"golden-{i:02d}", im) for i, im in enumerate(golden)])
+    t = result.threshold
+    say(f"       recipe bracket: {len(result.recipe.samples)} golden parts, quality check "
+        f"{'passed' if result.quality and result.quality.ok else 'FAILED'}, threshold {t.value:.4g} ({t.method})"
+        if t else "       recipe bracket: no threshold")  # fmt: skip
+    return result.recipe.live
+
+
+def _broker(args: argparse.Namespace) -> _Broker:
+    """The broker of ``--config`` (raises ConfigError), else a local one started now."""
+    from anomalygpt_edge.runtime.line.config import load_config
+    from anomalygpt_edge.runtime.tools.local_broker import start_local_broker
+
+    if args.config is not None:
+        user = load_config(args.config).mqtt
+        mqtt_extra = f"  prefix: {user.prefix}\n"
+        if user.username:
+            mqtt_extra += f"  username: {user.username}\n  password_file: {user.password_file}\n"
+        say(f"[demo] using the broker from {args.config}: {user.host}:{user.port}")
+        extra = {"username": user.username, "password": user.password}
+        return _Broker(user.host, user.port, user.protocol, user.prefix, extra, mqtt_extra)
+    broker = start_local_broker(prefer_embedded=args.embedded_broker)
+    protocol = "5" if "5" in broker.protocols else "3.1.1"
+    what = "mosquitto" if broker.kind == "mosquitto" else "the embedded Python broker (MQTT 3.1.1)"
+    say(f"[demo] no broker configured: started {what} on {broker.host}:{broker.port}")
+    return _Broker(broker.host, broker.port, protocol, "anomalygpt", local=broker)
+
+
+def _start_subscriber(b: _Broker, topic: str, out: Path) -> subprocess.Popen | None:
+    """``mosquitto_sub`` on the verdict topic writing to ``out``, where it is installed."""
+    if not shutil.which("mosquitto_sub"):
+        return None
+    # A subscriber that is not our code: its output is checked for schema-complete verdicts below.
+    cmd = ["mosquitto_sub", "-h", b.host, "-p", str(b.port), "-t", topic, "-q", "1", "-W", "90"]
+    cmd += ["-V", "mqttv5" if b.protocol == "5" else "mqttv311"]
+    if b.extra.get("username"):
+        cmd += ["-u", b.extra["username"], "-P", b.extra.get("password") or ""]
+    return subprocess.Popen(cmd, stdout=open(out, "wb"), stderr=subprocess.DEVNULL)  # noqa: SIM115
+
+
+def _run_line(daemon: Any, plc: PlcView, n_parts: int) -> int:
+    """Let the video play through, with three PLC triggers along the way; how many were sent."""
+    cam = daemon.cameras["cam1"]
+    triggered = 0
+    deadline = time.monotonic() + n_parts * FRAMES_PER_PART / FPS + 20
+    next_trigger = time.monotonic() + 2.0
+    while cam.status not in ("ended", "stopped") and time.monotonic() < deadline:
+        if triggered < 3 and time.monotonic() >= next_trigger:
+            triggered += 1
+            plc.trigger(f"T-{triggered}")  # the PLC asks about the part under the camera now
+            next_trigger += 3.0
+        time.sleep(0.05)
+    time.sleep(1.0)  # the last frames' verdicts are in flight
+    return triggered
+
+
 def run(args: argparse.Namespace) -> int:
+    """``anomalygpt-edge demo``: render a line, enroll, run the daemon against a broker, summarise."""
     t_start = time.monotonic()
     if not getattr(args, "verbose", False):
         # The demo's own lines tell the story; the daemon's INFO log would interleave with them.
         logging.getLogger("anomalygpt_edge").setLevel(logging.WARNING)
     from anomalygpt_edge.runtime.line.config import ConfigError, load_config
     from anomalygpt_edge.runtime.tools import synthetic
-    from anomalygpt_edge.runtime.tools.local_broker import start_local_broker
 
     work = args.workdir.resolve()
     for old in ("store", "state"):
@@ -192,78 +273,32 @@ def run(args: argparse.Namespace) -> int:
     synthetic.write_golden_video(work / "golden.avi", GOLDEN)
     defects = {p.number: p.defect for p in parts if p.defect}
     say(f"       {work / 'line.avi'}; defective parts: " + ", ".join(f"#{n} {d}" for n, d in defects.items()))
-
-    say(f"[demo] enrolling {GOLDEN} golden parts read through the OpenCV video camera ...")
-    from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.recipes.enrollment import Enroller
-    from anomalygpt_edge.runtime.recipes.store import RecipeStore
-
-    enroller = Enroller(RecipeStore(work / "store"), EngineBundle.open(bundle))
-    enroller.open_or_create("bracket", roi=synthetic.PART_ROI)
-    golden = read_through_camera(work / "golden.avi")
-    result = enroller.add("bracket", [(f"golden-{i:02d}", im) for i, im in enumerate(golden)])
-    t = result.threshold
-    say(f"       recipe bracket: {len(result.recipe.samples)} golden parts, quality check "
-        f"{'passed' if result.quality and result.quality.ok else 'FAILED'}, threshold {t.value:.4g} ({t.method})"
-        if t else "       recipe bracket: no threshold")  # fmt: skip
-    if not result.recipe.live:
+    if not _enroll(work, bundle):
         say("demo: the golden parts did not make a live recipe")
         return 1
-
-    broker = None
-    extra: dict[str, Any] = {}
-    mqtt_extra = ""
-    if args.config is not None:
-        try:
-            user = load_config(args.config).mqtt
-        except ConfigError as exc:
-            say(f"error: {exc}")
-            return 2
-        host, port, protocol, prefix = user.host, user.port, user.protocol, user.prefix
-        extra = {"username": user.username, "password": user.password}
-        mqtt_extra = f"  prefix: {prefix}\n"
-        if user.username:
-            mqtt_extra += f"  username: {user.username}\n  password_file: {user.password_file}\n"
-        say(f"[demo] using the broker from {args.config}: {host}:{port}")
-    else:
-        broker = start_local_broker(prefer_embedded=args.embedded_broker)
-        host, port, prefix = broker.host, broker.port, "anomalygpt"
-        protocol = "5" if "5" in broker.protocols else "3.1.1"
-        what = "mosquitto" if broker.kind == "mosquitto" else "the embedded Python broker (MQTT 3.1.1)"
-        say(f"[demo] no broker configured: started {what} on {host}:{port}")
-    cfg_path = write_config(work / "line.yaml", work, bundle, host, port, protocol, mqtt_extra)
+    try:
+        b = _broker(args)
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        return 2
+    cfg_path = write_config(work / "line.yaml", work, bundle, b.host, b.port, b.protocol, b.mqtt_extra)
     config = load_config(cfg_path)
     say(f"[demo] daemon config: {cfg_path}")
-    topic = f"{prefix}/{DEVICE}/+/verdict"
-    say(f"[demo] watch it yourself while it runs:  mosquitto_sub -h {host} -p {port} -t '{topic}' -v")
-
-    sub_proc, sub_out = None, work / "mosquitto_sub.txt"
-    if shutil.which("mosquitto_sub"):
-        # A subscriber that is not our code: its output is checked for schema-complete verdicts below.
-        cmd = ["mosquitto_sub", "-h", host, "-p", str(port), "-t", topic, "-q", "1", "-W", "90"]
-        cmd += ["-V", "mqttv5" if protocol == "5" else "mqttv311"]
-        if extra.get("username"):
-            cmd += ["-u", extra["username"], "-P", extra.get("password") or ""]
-        sub_proc = subprocess.Popen(cmd, stdout=open(sub_out, "wb"), stderr=subprocess.DEVNULL)  # noqa: SIM115
-    plc = PlcView(host, port, protocol, prefix, extra)
+    topic = f"{b.prefix}/{DEVICE}/+/verdict"
+    say(f"[demo] watch it yourself while it runs:  mosquitto_sub -h {b.host} -p {b.port} -t '{topic}' -v")
+    sub_out = work / "mosquitto_sub.txt"
+    sub_proc = _start_subscriber(b, topic, sub_out)
+    plc = PlcView(b.host, b.port, b.protocol, b.prefix, b.extra)
     time.sleep(0.3)  # let mosquitto_sub subscribe before the first verdict
 
+    # Imported here, as before the split: the import's time also lets mosquitto_sub subscribe.
     from anomalygpt_edge.runtime.line.daemon import Daemon
 
     daemon = Daemon(config).start()
     say("[demo] line running; verdicts as the PLC receives them:")
-    cam = daemon.cameras["cam1"]
     triggered = 0
     try:
-        deadline = time.monotonic() + len(parts) * FRAMES_PER_PART / FPS + 20
-        next_trigger = time.monotonic() + 2.0
-        while cam.status not in ("ended", "stopped") and time.monotonic() < deadline:
-            if triggered < 3 and time.monotonic() >= next_trigger:
-                triggered += 1
-                plc.trigger(f"T-{triggered}")  # the PLC asks about the part under the camera now
-                next_trigger += 3.0
-            time.sleep(0.05)
-        time.sleep(1.0)  # the last frames' verdicts are in flight
+        triggered = _run_line(daemon, plc, len(parts))
     finally:
         daemon.stop()
         plc.close()
@@ -271,8 +306,8 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.3)
             sub_proc.terminate()
             sub_proc.wait(5)
-        if broker is not None:
-            broker.stop()
+        if b.local is not None:
+            b.local.stop()
     return summarize(plc, parts, defects, sub_out if sub_proc else None, triggered, time.monotonic() - t_start)
 
 
