@@ -87,36 +87,9 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
-def run(args: argparse.Namespace) -> int:
-    import logging
-
-    from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.defaults import DEFAULT_BUNDLE
-    from anomalygpt_edge.runtime.line.config import load_config
-    from anomalygpt_edge.runtime.line.daemon import Daemon
-    from anomalygpt_edge.runtime.recipes.enrollment import Enroller
-    from anomalygpt_edge.runtime.recipes.store import RecipeStore
-    from anomalygpt_edge.runtime.tools import synthetic
-    from anomalygpt_edge.runtime.tools.demo import ensure_bundle
-    from anomalygpt_edge.runtime.tools.local_broker import start_mosquitto
-
-    logging.getLogger("anomalygpt_edge").setLevel(logging.WARNING)
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    bundle = Path(args.bundle).resolve() if args.bundle else ensure_bundle(DEFAULT_BUNDLE.resolve())
-    synthetic.write_line_video(work / "line.avi", n_parts=30, frames_per_part=5, fps=args.fps)
-    synthetic.write_golden_video(work / "golden.avi", 20)
-    import shutil
-
-    shutil.rmtree(work / "store", ignore_errors=True)
-    shutil.rmtree(work / "state", ignore_errors=True)
-    enroller = Enroller(RecipeStore(work / "store"), EngineBundle.open(bundle, backend=args.backend))
-    enroller.open_or_create("bracket", roi=synthetic.PART_ROI)
-    enroller.add("bracket", [(f"g{i}", im) for i, im in enumerate(synthetic.read_video_frames(work / "golden.avi"))])
-
-    broker = start_mosquitto()
-    cfg = work / "bench.yaml"
-    cfg.write_text(
+def _write_config(path: Path, args: argparse.Namespace, work: Path, bundle: Path, host: str, port: int) -> Path:
+    """The daemon's config: one free-running video camera on the enrolled recipe (YAML written as JSON)."""
+    path.write_text(
         json.dumps(
             {
                 "device": {"id": "bench"},
@@ -131,31 +104,16 @@ def run(args: argparse.Namespace) -> int:
                     }
                 ],
                 "engines": {"bundle": str(bundle), "backend": args.backend, "threads": args.threads},
-                "mqtt": {"host": broker.host, "port": broker.port},
+                "mqtt": {"host": host, "port": port},
                 "storage": {"store": str(work / "store"), "data": str(work / "state")},
             }
         )
     )
-    seen = work / "subscriber.json"
-    seen.unlink(missing_ok=True)
-    sub = subprocess.Popen(
-        [sys.executable, "-m", "anomalygpt_edge.runtime.tools.line_bench", "--subscribe", broker.host, str(broker.port),
-         "anomalygpt/bench", str(seen), str(args.seconds), str(args.triggers)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert sub.stdout is not None
-        sub.stdout.readline()  # "ready"
-        t0 = time.time()
-        daemon = Daemon(load_config(cfg)).start()
-        try:
-            time.sleep(args.seconds)
-        finally:
-            daemon.stop()
-        sub.wait(30)
-    finally:
-        broker.stop()
-    data = json.loads(seen.read_text())
+    return path
+
+
+def _figures(data: dict[str, Any], t0: float, args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
+    """The bench's figures from what the subscriber recorded, past the warm-up after ``t0``."""
     verdicts = [v for v in data["verdicts"] if v["captured"] and v["captured"] >= t0 + WARMUP_S]
     free = [v for v in verdicts if v["trigger"] == "free_run"]
     lat = [(v["received"] - v["captured"]) * 1e3 for v in verdicts]
@@ -187,17 +145,76 @@ def run(args: argparse.Namespace) -> int:
         "cpu_count": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def _print_figures(figures: dict[str, Any]) -> None:
+    """The figures as the lines BENCHMARKS.md quotes."""
     lt, tr = figures["latency_ms"], figures["triggers"]
-    print(f"line daemon at {args.fps:g} fps, {figures['seconds_measured']} s measured ({figures['verdicts']} verdicts)")
+    measured = f"{figures['seconds_measured']} s measured ({figures['verdicts']} verdicts)"
+    print(f"line daemon at {figures['fps']:g} fps, {measured}")
     print(f"  capture -> verdict received   p50 {lt['p50']} ms   p99 {lt['p99']} ms   max {lt['max']} ms")
     print(f"  sustained verdicts/s          {figures['verdicts_per_s']}")
     print(f"  share of frames inspected     {figures['share_of_frames_inspected']}")
     errors = f"{figures['errors_free_run']} free-run, {figures['errors_triggered']} triggered"
     print(f"  ERROR verdicts                {errors}")
     print(f"  triggered parts answered      {tr['answered']} of {tr['sent']} (p50 {tr['latency_ms_p50']} ms)")
-    print("  stage medians (ms)            " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    print("  stage medians (ms)            " + ", ".join(f"{k} {v}" for k, v in figures["stage_ms_p50"].items()))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``bench line``: enroll, run the daemon free-running at ``--fps`` against mosquitto, report."""
+    import logging
+
+    from anomalygpt_edge.engines.bundle import EngineBundle
+    from anomalygpt_edge.runtime.defaults import DEFAULT_BUNDLE
+    from anomalygpt_edge.runtime.line.config import load_config
+    from anomalygpt_edge.runtime.line.daemon import Daemon
+    from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+    from anomalygpt_edge.runtime.tools import synthetic
+    from anomalygpt_edge.runtime.tools.demo import ensure_bundle
+    from anomalygpt_edge.runtime.tools.local_broker import start_mosquitto
+
+    logging.getLogger("anomalygpt_edge").setLevel(logging.WARNING)
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    bundle = Path(args.bundle).resolve() if args.bundle else ensure_bundle(DEFAULT_BUNDLE.resolve())
+    synthetic.write_line_video(work / "line.avi", n_parts=30, frames_per_part=5, fps=args.fps)
+    synthetic.write_golden_video(work / "golden.avi", 20)
+    import shutil
+
+    shutil.rmtree(work / "store", ignore_errors=True)
+    shutil.rmtree(work / "state", ignore_errors=True)
+    enroller = Enroller(RecipeStore(work / "store"), EngineBundle.open(bundle, backend=args.backend))
+    enroller.open_or_create("bracket", roi=synthetic.PART_ROI)
+    enroller.add("bracket", [(f"g{i}", im) for i, im in enumerate(synthetic.read_video_frames(work / "golden.avi"))])
+
+    broker = start_mosquitto()
+    cfg = _write_config(work / "bench.yaml", args, work, bundle, broker.host, broker.port)
+    seen = work / "subscriber.json"
+    seen.unlink(missing_ok=True)
+    sub = subprocess.Popen(
+        [sys.executable, "-m", "anomalygpt_edge.runtime.tools.line_bench", "--subscribe", broker.host, str(broker.port),
+         "anomalygpt/bench", str(seen), str(args.seconds), str(args.triggers)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert sub.stdout is not None
+        sub.stdout.readline()  # "ready"
+        t0 = time.time()
+        daemon = Daemon(load_config(cfg)).start()
+        try:
+            time.sleep(args.seconds)
+        finally:
+            daemon.stop()
+        sub.wait(30)
+    finally:
+        broker.stop()
+    figures = _figures(json.loads(seen.read_text()), t0, args, bundle)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    _print_figures(figures)
     print(json.dumps(figures))
     return 0
 
