@@ -125,63 +125,81 @@ class MiniBroker:
             buf += chunk
         return buf
 
+    def _connect(self, c: _Client) -> bool:
+        """Read the CONNECT (keep-alive, will) and answer CONNACK; False when the client is refused."""
+        kind, _, body = self._read_packet(c.sock)
+        if kind != CONNECT:
+            return False
+        _, pos = _string(body, 0)
+        level, flags = body[pos], body[pos + 1]
+        if level != 4:  # not MQTT 3.1.1
+            c.send(_packet(CONNACK, 0, bytes([0, 1])))
+            return False
+        (keepalive,) = struct.unpack_from("!H", body, pos + 2)
+        _, pos = _string(body, pos + 4)  # client id
+        if flags & 0x04:
+            wt, pos = _string(body, pos)
+            (n,) = struct.unpack_from("!H", body, pos)
+            c.will = (wt, body[pos + 2 : pos + 2 + n], (flags >> 3) & 3, bool(flags & 0x20))
+        c.sock.settimeout(keepalive * 1.5 if keepalive else None)
+        with self._lock:
+            self._clients.add(c)
+        c.send(_packet(CONNACK, 0, bytes([0, 0])))
+        return True
+
+    def _publish(self, c: _Client, flags: int, body: bytes) -> None:
+        """A client's PUBLISH: acknowledged at QoS 1 and routed to the subscribers."""
+        qos, retain = (flags >> 1) & 3, bool(flags & 1)
+        topic, pos = _string(body, 0)
+        if qos:
+            (mid,) = struct.unpack_from("!H", body, pos)
+            pos += 2
+            c.send(_packet(PUBACK, 0, struct.pack("!H", mid)))
+        self._route(topic, body[pos:], min(qos, 1), retain)
+
+    def _subscribe(self, c: _Client, body: bytes) -> None:
+        """A SUBSCRIBE: granted at QoS 0 or 1, then the retained messages its new patterns match."""
+        (mid,) = struct.unpack_from("!H", body, 0)
+        pos, granted, new = 2, [], []
+        while pos < len(body):
+            pattern, pos = _string(body, pos)
+            qos = min(body[pos], 1)
+            pos += 1
+            c.subs[pattern] = qos
+            granted.append(qos)
+            new.append(pattern)
+        c.send(_packet(SUBACK, 0, struct.pack("!H", mid) + bytes(granted)))
+        with self._lock:
+            retained = list(self._retained.items())
+        for topic, (payload, qos) in retained:
+            for pattern in new:
+                if topic_matches(pattern, topic):
+                    q = min(qos, c.subs[pattern])
+                    c.send(_publish_packet(topic, payload, q, True, next(c.mids)))
+                    break
+
+    def _unsubscribe(self, c: _Client, body: bytes) -> None:
+        """An UNSUBSCRIBE: the patterns dropped, UNSUBACK sent."""
+        (mid,) = struct.unpack_from("!H", body, 0)
+        pos = 2
+        while pos < len(body):
+            pattern, pos = _string(body, pos)
+            c.subs.pop(pattern, None)
+        c.send(_packet(UNSUBACK, 0, struct.pack("!H", mid)))
+
     def _serve(self, c: _Client) -> None:
         clean_exit = False
         try:
-            kind, _, body = self._read_packet(c.sock)
-            if kind != CONNECT:
+            if not self._connect(c):
                 return
-            _, pos = _string(body, 0)
-            level, flags = body[pos], body[pos + 1]
-            if level != 4:  # not MQTT 3.1.1
-                c.send(_packet(CONNACK, 0, bytes([0, 1])))
-                return
-            (keepalive,) = struct.unpack_from("!H", body, pos + 2)
-            _, pos = _string(body, pos + 4)  # client id
-            if flags & 0x04:
-                wt, pos = _string(body, pos)
-                (n,) = struct.unpack_from("!H", body, pos)
-                c.will = (wt, body[pos + 2 : pos + 2 + n], (flags >> 3) & 3, bool(flags & 0x20))
-            c.sock.settimeout(keepalive * 1.5 if keepalive else None)
-            with self._lock:
-                self._clients.add(c)
-            c.send(_packet(CONNACK, 0, bytes([0, 0])))
             while not self._stop.is_set():
                 kind, flags, body = self._read_packet(c.sock)
                 if kind == PUBLISH:
-                    qos, retain = (flags >> 1) & 3, bool(flags & 1)
-                    topic, pos = _string(body, 0)
-                    if qos:
-                        (mid,) = struct.unpack_from("!H", body, pos)
-                        pos += 2
-                        c.send(_packet(PUBACK, 0, struct.pack("!H", mid)))
-                    self._route(topic, body[pos:], min(qos, 1), retain)
+                    self._publish(c, flags, body)
                 elif kind == SUBSCRIBE:
-                    (mid,) = struct.unpack_from("!H", body, 0)
-                    pos, granted, new = 2, [], []
-                    while pos < len(body):
-                        pattern, pos = _string(body, pos)
-                        qos = min(body[pos], 1)
-                        pos += 1
-                        c.subs[pattern] = qos
-                        granted.append(qos)
-                        new.append(pattern)
-                    c.send(_packet(SUBACK, 0, struct.pack("!H", mid) + bytes(granted)))
-                    with self._lock:
-                        retained = list(self._retained.items())
-                    for topic, (payload, qos) in retained:
-                        for pattern in new:
-                            if topic_matches(pattern, topic):
-                                q = min(qos, c.subs[pattern])
-                                c.send(_publish_packet(topic, payload, q, True, next(c.mids)))
-                                break
+                    self._subscribe(c, body)
                 elif kind == UNSUBSCRIBE:
-                    (mid,) = struct.unpack_from("!H", body, 0)
-                    pos = 2
-                    while pos < len(body):
-                        pattern, pos = _string(body, pos)
-                        c.subs.pop(pattern, None)
-                    c.send(_packet(UNSUBACK, 0, struct.pack("!H", mid)))
+                    self._unsubscribe(c, body)
                 elif kind == PINGREQ:
                     c.send(_packet(PINGRESP, 0, b""))
                 elif kind == DISCONNECT:
