@@ -56,9 +56,9 @@ from anomalygpt_edge.runtime.delivery.archive_format import (
 )
 from anomalygpt_edge.runtime.delivery.archive_writer import ArchiveWriter
 from anomalygpt_edge.runtime.delivery.disk_budget import LEVELS, DiskBudget
-from anomalygpt_edge.runtime.delivery.spool import (
-    JOURNAL_SIZE_LIMIT,
-    WAL_AUTOCHECKPOINT_PAGES,
+from anomalygpt_edge.runtime.delivery.spool_files import (
+    close_quietly,
+    connect_wal,
     is_damaged,
     is_disk_full,
     move_aside,
@@ -157,21 +157,14 @@ class Archive:
         try:
             if self.db_path.is_dir():
                 raise ArchiveError(f"archive {self.db_path}: is a directory, not a database file")
-            db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
             # NORMAL: after a power cut the last few rows may roll back, but never corrupt; the
             # spool (synchronous=FULL) is what guarantees delivery, the archive is the local copy.
-            db.execute("PRAGMA synchronous=NORMAL")
-            # Bounded WAL: checkpoint every MiB and truncate it back, so the WAL cannot fill the disk.
-            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-            db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+            db, _mode = connect_wal(self.db_path, "NORMAL")
             db.executescript(SCHEMA)
             self.stats.bytes_used = int(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM files").fetchone()[0])
             return db
         except (sqlite3.DatabaseError, OSError) as exc:
-            if db is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    db.close()
+            close_quietly(db)
             raise ArchiveError(f"archive {self.db_path}: {exc}") from exc
 
     def _adopt_images(self) -> None:

@@ -64,7 +64,11 @@ from typing import Any
 # the line's storage and the tests import these names from here.
 from anomalygpt_edge.runtime.delivery.spool_files import (
     DAMAGED,
+    JOURNAL_SIZE_LIMIT,
+    WAL_AUTOCHECKPOINT_PAGES,
     DiskReserve,
+    close_quietly,
+    connect_wal,
     free_bytes,
     is_damaged,
     is_disk_full,
@@ -88,10 +92,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ROWS = 100_000
 DEFAULT_MAX_AGE_S = 24 * 3600.0
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
-#: Pages (4 KiB) of WAL before SQLite checkpoints by itself: 1 MiB instead of the default 4 MiB.
-WAL_AUTOCHECKPOINT_PAGES = 256
-#: Bytes a WAL is truncated back to after a checkpoint (by default it keeps its largest size).
-JOURNAL_SIZE_LIMIT = 1024 * 1024
 
 __all__ = [
     "DAMAGED", "DEFAULT_MAX_AGE_S", "DEFAULT_MAX_ROWS", "JOURNAL_SIZE_LIMIT", "SALVAGE_PROBES", "SYNCHRONOUS_MODES",
@@ -187,29 +187,20 @@ class VerdictSpool:
         try:
             if self.path.is_dir():
                 raise SpoolError(f"spool {self.path}: is a directory, not a database file")
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so a put and its bound
-            # enforcement commit together.
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=self.lock_timeout_s)
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
+            # Our own BEGIN IMMEDIATE (isolation_level=None) so a put and its bound enforcement commit together.
+            db, mode = connect_wal(self.path, self.synchronous, self.lock_timeout_s)
+            if mode.lower() != "wal":
                 raise SpoolError(f"spool {self.path}: cannot switch to WAL mode (got {mode})")
-            db.execute(f"PRAGMA synchronous={self.synchronous}")
-            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-            db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
             check = db.execute("PRAGMA quick_check").fetchall()
             if [tuple(r) for r in check] != [("ok",)]:
                 raise SpoolError(f"spool {self.path}: failed its quick check: {check[0][0]}")
             db.executescript(SCHEMA)
             return db
         except (sqlite3.DatabaseError, OSError) as exc:
-            if db is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    db.close()
+            close_quietly(db)
             raise SpoolError(f"spool {self.path}: {exc}") from exc
         except SpoolError:
-            if db is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    db.close()
+            close_quietly(db)
             raise
 
     def _move_aside(self, reason: str) -> Path:

@@ -6,9 +6,38 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+#: Pages (4 KiB) of WAL before SQLite checkpoints by itself: 1 MiB instead of the default 4 MiB.
+WAL_AUTOCHECKPOINT_PAGES = 256
+#: Bytes a WAL is truncated back to after a checkpoint (by default it keeps its largest size).
+JOURNAL_SIZE_LIMIT = 1024 * 1024
+
+
+def connect_wal(path: Path, synchronous: str, timeout: float = 5.0) -> tuple[sqlite3.Connection, str]:
+    """A connection in WAL mode with a bounded WAL (so it cannot fill the disk), and the journal mode
+    SQLite reports. ``isolation_level=None``: the caller issues its own BEGIN. Closed again if a pragma fails.
+    """
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout)
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+        db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+    except BaseException:
+        close_quietly(db)
+        raise
+    return db, str(mode)
+
+
+def close_quietly(db: sqlite3.Connection | None) -> None:
+    """Close a connection being given up on; its own close error would only hide the first one."""
+    if db is not None:
+        with contextlib.suppress(sqlite3.Error):
+            db.close()
 
 
 def utc_stamp(t: float | None = None) -> str:
