@@ -2,8 +2,10 @@
 against the running line daemon (video-file cameras, local MQTT broker), then checks the verdicts
 that follow, as the page shows them and as a PLC subscriber receives them.
 
-Needs Debian's ``chromium`` and ``chromium-driver`` (installed by the set-up script); nothing is
-installed or downloaded here. Screenshots go to the test's tmp dir and /tmp/station-screens.
+Driven with Selenium over Debian's ``chromium`` and ``chromium-driver`` (installed by the set-up
+script), both named by path so Selenium Manager never runs and nothing is installed or downloaded
+here. Every wait is a bounded ``WebDriverWait`` on a condition. Screenshots go to the test's tmp
+dir and /tmp/station-screens.
 """
 
 from __future__ import annotations
@@ -11,26 +13,46 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import pytest
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException, WebDriverException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.actions import interaction
+from selenium.webdriver.common.actions.action_builder import ActionBuilder
+from selenium.webdriver.common.actions.mouse_button import MouseButton
+from selenium.webdriver.common.actions.pointer_input import PointerInput
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.selenium_manager import SeleniumManager
+from selenium.webdriver.support.wait import WebDriverWait
 from station_http import Client
 from station_scene import BLOCK, PART_ROI, is_defective, read_video, write_video
-from webdriver import Browser, chromium_binary
 
 from anomalygpt_edge.runtime.web.auth import UserStore
 from anomalygpt_edge.runtime.web.server import WebConfig
 
 SCREENS = Path("/tmp/station-screens")
 VIDEO_FRAMES = 40
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+#: Flags for a quiet, private, disposable browser that talks to nothing but the page under test.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,1000",
+)
 
-_missing = [
-    pkg
-    for pkg, found in (("chromium", chromium_binary()), ("chromium-driver", shutil.which("chromedriver")))
-    if not found
-]
+_missing = [pkg for pkg, found in (("chromium", CHROMIUM), ("chromium-driver", CHROMEDRIVER)) if not found]
 pytestmark = pytest.mark.skipif(
     bool(_missing),
     reason=f"browser test needs Debian package(s) {' '.join(_missing)}: apt-get install -y chromium chromium-driver",
@@ -111,13 +133,93 @@ def _llm_installed() -> bool:
     return True
 
 
+class Browser:
+    """One headless Chromium session through Selenium, with the few steps the test repeats."""
+
+    def __init__(self, driver: webdriver.Chrome):
+        self.driver = driver
+
+    def get(self, url: str) -> None:
+        self.driver.get(url)
+
+    def js(self, script: str, *args: Any) -> Any:
+        return self.driver.execute_script(script, *args)
+
+    def wait(self, what: str, cond: Callable[[], Any], timeout: float = 20, every: float = 0.2) -> Any:
+        """Poll ``cond`` until truthy and return its value; fail naming ``what`` after ``timeout`` s.
+
+        A WebDriver error while polling (an element the page is re-rendering, a script reading one
+        not there yet) counts as "not yet", as a condition that is still false.
+        """
+        waiter = WebDriverWait(self.driver, timeout, poll_frequency=every, ignored_exceptions=(WebDriverException,))
+        try:
+            return waiter.until(lambda _driver: cond())
+        except TimeoutException:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({self._notice()})") from None
+
+    def _notice(self) -> str:
+        """What the page last told the technician (its toast), for a failure message."""
+        try:
+            SCREENS.mkdir(parents=True, exist_ok=True)
+            self.driver.save_screenshot(str(SCREENS / "timed-out.png"))
+            return "page notice: " + repr(self.js("return (document.querySelector('#toast') || {}).textContent"))
+        except WebDriverException as exc:
+            return f"page unreadable: {exc.msg}"
+
+    def click(self, css: str) -> None:
+        """Click the element ``css`` names; found again if the page re-rendered it in between."""
+        waiter = WebDriverWait(self.driver, 5, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
+        waiter.until(lambda d: d.find_element(By.CSS_SELECTOR, css).click() or True)
+
+    def type(self, css: str, text: str) -> None:
+        element = self.driver.find_element(By.CSS_SELECTOR, css)
+        element.clear()
+        element.send_keys(text)
+
+    def upload(self, css: str, path: Path) -> None:
+        """Choose a file in an ``<input type=file>`` (chromedriver sends the local path)."""
+        self.driver.find_element(By.CSS_SELECTOR, css).send_keys(str(path))
+
+    def drag(self, x0: float, y0: float, x1: float, y1: float, steps: int = 8) -> None:
+        """Press the left button at (x0, y0), move to (x1, y1) in steps, release (viewport pixels)."""
+        mouse = PointerInput(interaction.POINTER_MOUSE, "mouse")
+        actions = ActionBuilder(self.driver, mouse=mouse)
+        mouse.create_pointer_move(duration=0, x=round(x0), y=round(y0), origin="viewport")
+        mouse.create_pointer_down(button=MouseButton.LEFT)
+        for i in range(1, steps + 1):
+            t = i / steps
+            mouse.create_pointer_move(
+                duration=30, x=round(x0 + (x1 - x0) * t), y=round(y0 + (y1 - y0) * t), origin="viewport"
+            )
+        mouse.create_pointer_up(MouseButton.LEFT)
+        actions.perform()
+        actions.clear_actions()
+
+    def screenshot(self, path: Path) -> Path:
+        assert self.driver.save_screenshot(str(path)), path
+        return path
+
+
+def _no_selenium_manager(*args: Any, **kwargs: Any) -> dict:
+    raise AssertionError("Selenium Manager must not run: the driver and browser are named by path")
+
+
 @pytest.fixture()
-def browser(tmp_path):
-    b = Browser(
-        chromium_binary(), shutil.which("chromedriver"), tmp_path / "chromium-profile", tmp_path / "chromedriver.log"
-    )
-    yield b
-    b.quit()
+def browser(tmp_path, monkeypatch):
+    # Selenium Manager would look drivers up on the network; with both paths given it is skipped,
+    # and these make sure it would stay offline and quiet even if it were not.
+    monkeypatch.setenv("SE_AVOID_STATS", "true")
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    monkeypatch.setattr(SeleniumManager, "binary_paths", _no_selenium_manager)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    service = Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_script_timeout(60)
+    yield Browser(driver)
+    driver.quit()
 
 
 def _shot(b: Browser, tmp_path: Path, name: str) -> None:
@@ -173,6 +275,7 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     # 4 s looping video: on a busy machine a capture can land on a frame already enrolled, which the
     # station skips (same image, same sha256) with a notice; that click simply does not add a sample.
     wanted, captures = 12, 0
+    cam1 = st.daemon.cameras["cam1"]
 
     def enrolled() -> int:
         return b.js("return document.querySelectorAll('#enroll-samples .sample').length")
@@ -193,7 +296,9 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
                 )
             ),
         )
-        time.sleep(0.25)  # the next capture must see another frame of the 10 fps line
+        # The next capture must see another frame of the 10 fps line: wait until one has come.
+        seen = cam1.frames
+        b.wait("a new frame of cam1", lambda seen=seen: cam1.frames >= seen + 2, timeout=10, every=0.05)
     assert enrolled() == wanted
 
     # Upload a defective part by mistake: the quality check must flag it, the technician removes it.
@@ -374,9 +479,9 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
         and "onnxruntime" in system_text
         and "spool depth" in system_text
     )
-    b.cmd("POST", "/window/rect", {"width": 1400, "height": 1500})  # the whole system page in one shot
+    b.driver.set_window_size(1400, 1500)  # the whole system page in one shot
     _shot(b, tmp_path, "6-system.png")
-    b.cmd("POST", "/window/rect", {"width": 1400, "height": 1000})
+    b.driver.set_window_size(1400, 1000)
     # Mark one captured frame defective, paint its region with the brush, and finish again: the
     # defect is listed beside the goldens and the finish step says what to expect in plain words.
     # (The frame shows a good part: this checks the page's path to Enroller.add_defects, not what
