@@ -162,7 +162,7 @@ class ApiRoute(BaseRoute):
         try:
             if request.method != route.method:
                 raise HttpError(405, "method not allowed")
-            m = route.regex.match(request.url.path)
+            m = route.regex.match(request.scope["path"])
             assert m is not None  # matches() said so
             ctx.session = guard(route, request, self.state.sessions)
             if route.method == "POST":
