@@ -168,80 +168,88 @@ class CommandGate:
         response_topic: Any,
         correlation_data: Any,
     ) -> CommandRequest | Rejection:
-        p = self.policy
         corr = bytes(correlation_data) if isinstance(correlation_data, (bytes, bytearray, memoryview)) else None
-        command = None
-        if isinstance(topic, str) and topic.startswith(p.command_root):
-            name = topic[len(p.command_root) :]
-            if name in p.commands:
-                command = name
-        reply_to = self._reply_topic(command, response_topic)
+        command = self._command_of(topic)
         if command is None:
             shown = topic if isinstance(topic, str) else type(topic).__name__
             # Only configured command topics are answered: no reply topic for a foreign one.
             return self._reject("topic_not_allowed", f"not a command topic: {shown!r:.200}", None, None, corr)
-        if isinstance(payload, str):
-            payload = payload.encode("utf-8", "surrogatepass")
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            return self._reject("bad_payload", "payload must be bytes", command, reply_to, corr)
-        if len(payload) > p.max_payload_bytes:
-            return self._reject(
-                "payload_too_large",
-                f"payload is {len(payload)} bytes, the limit is {p.max_payload_bytes}",
-                command,
-                reply_to,
-                corr,
-            )
-        try:
-            body = json.loads(bytes(payload).decode("utf-8"), parse_constant=_refuse_constant)
-        except RecursionError:
-            return self._reject("too_deep", f"JSON nested deeper than {MAX_DEPTH}", command, reply_to, corr)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return self._reject("malformed_json", f"payload is not JSON: {exc}"[:200], command, reply_to, corr)
-        if not isinstance(body, dict):
-            return self._reject(
-                "not_an_object", f"payload must be a JSON object, got {type(body).__name__}", command, reply_to, corr
-            )
-        if _depth(body) > MAX_DEPTH:
-            return self._reject("too_deep", f"JSON nested deeper than {MAX_DEPTH}", command, reply_to, corr)
+        reply_to = self._reply_topic(command, response_topic)
+        decoded = self._decode(payload)
+        if isinstance(decoded, tuple):
+            return self._reject(*decoded, command, reply_to, corr)
+        body = decoded
         props = _props(user_properties)
         client_id = props.get("client_id", body.get("client_id"))
         client_id = client_id if isinstance(client_id, str) else None
         presented = props.get("token", body.get("token"))
         body.pop("token", None)  # never passed on, logged or echoed
-        if command in p.privileged and not p.restricted and not p.allow_anonymous:
-            action = body.get("action")
-            if not (isinstance(action, str) and action in READ_ONLY_ACTIONS.get(command, ())):
-                return self._reject(
-                    "unauthorized",
-                    f"{command} needs credentials, and none are configured: set commands.token_file (or "
-                    "$ANOMALYGPT_EDGE_COMMANDS_TOKEN) or commands.allowed_client_ids; "
-                    "commands.allow_anonymous_control: true accepts anyone",
-                    command,
-                    reply_to,
-                    corr,
-                )
-        if command in p.privileged and p.restricted:
-            if p.allowed_client_ids is not None and client_id not in p.allowed_client_ids:
-                return self._reject(
-                    "unauthorized", f"client id {client_id!r:.80} may not send {command}", command, reply_to, corr
-                )
-            if p.token is not None and not (
-                isinstance(presented, str) and hmac.compare_digest(presented.encode(), p.token.encode())
-            ):
-                return self._reject("unauthorized", f"{command} needs a valid token", command, reply_to, corr)
+        refused = self._authorize(command, body, client_id, presented)
+        if refused is not None:
+            return self._reject("unauthorized", refused, command, reply_to, corr)
         self.stats.accepted[command] += 1
         return CommandRequest(command, body, reply_to, corr, client_id)
 
-    def _reply_topic(self, command: str | None, response_topic: Any) -> str | None:
+    def _command_of(self, topic: Any) -> str | None:
+        """The configured command a topic names, or None for any other topic."""
+        root = self.policy.command_root
+        if isinstance(topic, str) and topic.startswith(root) and topic[len(root) :] in self.policy.commands:
+            return topic[len(root) :]
+        return None
+
+    def _decode(self, payload: Any) -> dict[str, Any] | tuple[str, str]:
+        """The payload as a JSON object, bounded in size and depth before and after parsing, or the
+        ``(reason, detail)`` of its refusal."""
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8", "surrogatepass")
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            return ("bad_payload", "payload must be bytes")
+        limit = self.policy.max_payload_bytes
+        if len(payload) > limit:
+            return ("payload_too_large", f"payload is {len(payload)} bytes, the limit is {limit}")
+        try:
+            body = json.loads(bytes(payload).decode("utf-8"), parse_constant=_refuse_constant)
+        except RecursionError:
+            return ("too_deep", f"JSON nested deeper than {MAX_DEPTH}")
+        except (UnicodeDecodeError, ValueError) as exc:
+            return ("malformed_json", f"payload is not JSON: {exc}"[:200])
+        if not isinstance(body, dict):
+            return ("not_an_object", f"payload must be a JSON object, got {type(body).__name__}")
+        if _depth(body) > MAX_DEPTH:
+            return ("too_deep", f"JSON nested deeper than {MAX_DEPTH}")
+        return body
+
+    def _authorize(self, command: str, body: dict[str, Any], client_id: str | None, presented: Any) -> str | None:
+        """Why ``command`` from this client may not run, or None when it may."""
+        p = self.policy
+        if command not in p.privileged:
+            return None
+        if not p.restricted and not p.allow_anonymous:
+            action = body.get("action")
+            if isinstance(action, str) and action in READ_ONLY_ACTIONS.get(command, ()):
+                return None
+            return (
+                f"{command} needs credentials, and none are configured: set commands.token_file (or "
+                "$ANOMALYGPT_EDGE_COMMANDS_TOKEN) or commands.allowed_client_ids; "
+                "commands.allow_anonymous_control: true accepts anyone"
+            )
+        if not p.restricted:
+            return None
+        if p.allowed_client_ids is not None and client_id not in p.allowed_client_ids:
+            return f"client id {client_id!r:.80} may not send {command}"
+        if p.token is not None and not (
+            isinstance(presented, str) and hmac.compare_digest(presented.encode(), p.token.encode())
+        ):
+            return f"{command} needs a valid token"
+        return None
+
+    def _reply_topic(self, command: str, response_topic: Any) -> str:
         """The MQTT 5 response topic when it is safe to publish to, else ``<prefix>/<device>/reply/<cmd>``.
 
         A response topic is refused when it has wildcards (paho would raise) or points inside this
         device's own namespace other than ``reply/`` — otherwise anyone allowed to send a command
         could make the daemon publish forged verdicts or status.
         """
-        if command is None:
-            return None
         if isinstance(response_topic, str) and 0 < len(response_topic) <= MAX_TOPIC_LEN:
             own = f"{self.policy.prefix}/{self.policy.device}/"
             inside = response_topic.startswith(own) and not response_topic.startswith(own + "reply/")
