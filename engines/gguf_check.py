@@ -19,6 +19,7 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from anomalygpt_edge.engines.base import EngineError
 
@@ -112,7 +113,7 @@ class _Reader:
                 f"truncated or corrupt: {what} needs {n} bytes at offset {self.pos}, file has {self.size} bytes"
             )
 
-    def unpack(self, fmt: str, what: str) -> object:
+    def unpack(self, fmt: str, what: str) -> Any:
         n = struct.calcsize("<" + fmt)
         self.need(n, what)
         (v,) = struct.unpack_from("<" + fmt, self.buf, self.pos)

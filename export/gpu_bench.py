@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PRESETS[args.size]
     mods = build_modules(cfg, random_weights=True, seed=args.seed)
     report = _report_head(args, argv, device)
-    report["results"] = results = {}
+    results: dict[str, Any] = {}
+    report["results"] = results
     gen = torch.Generator().manual_seed(args.seed + 1)
     x1 = torch.randn(1, 3, cfg.image_size, cfg.image_size, generator=gen)
     xb = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, generator=gen)

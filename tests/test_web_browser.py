@@ -169,7 +169,12 @@ class Browser:
     def click(self, css: str) -> None:
         """Click the element ``css`` names; found again if the page re-rendered it in between."""
         waiter = WebDriverWait(self.driver, 5, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
-        waiter.until(lambda d: d.find_element(By.CSS_SELECTOR, css).click() or True)
+
+        def clicked(driver: webdriver.Chrome) -> bool:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            return True
+
+        waiter.until(clicked)
 
     def type(self, css: str, text: str) -> None:
         element = self.driver.find_element(By.CSS_SELECTOR, css)
