@@ -184,3 +184,8 @@ def test_cross_field_mistakes_name_the_key_that_is_wrong() -> None:
         parse_config(VALID.replace("  cam1:", "  cam 1:"), "line.yaml")
     with pytest.raises(ConfigError, match="line.yaml:3: cameras: at least one camera is needed"):
         parse_config("device:\n  id: d\ncameras: {}\nrecipes: []\n", "line.yaml")
+
+
+def test_a_config_naming_the_removed_torch_cuda_backend_says_it_was_removed_and_what_to_use() -> None:
+    with pytest.raises(ConfigError, match=r"line.yaml:13: engines.backend: .*removed.*onnxruntime-cuda"):
+        parse_config(VALID + "engines:\n  backend: torch-cuda\n", "line.yaml")

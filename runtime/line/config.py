@@ -72,9 +72,12 @@ def _recipe_name(value: str) -> str:
 
 
 def _backend(value: str) -> str:
-    from anomalygpt_edge.engines.base import backend_names
+    from anomalygpt_edge.engines.base import backend_names, removed_backend
 
     known = ["auto", *backend_names()]  # the registry's names, installed here or not
+    gone = removed_backend(value)
+    if gone is not None:
+        raise ValueError(gone)
     if value not in known:
         raise ValueError(f"must be one of {', '.join(known)}, got {value!r}")
     return value
