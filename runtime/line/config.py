@@ -117,6 +117,11 @@ class EnginesConfig(_Section):
     # One thread leaves the other cores to the camera, MQTT and archive threads and avoids the
     # spin-waiting of two ONNX Runtime thread pools (encoder and matcher) fighting for two cores.
     threads: integer(0, 256) = 1
+    # Micro-batching (runtime/line/batching.py): at most this many jobs per engine run; 1 = one at a time.
+    max_batch: integer(1, 64) = 8
+    # How long free-run frames wait for other cameras' frames to join their batch (never past a
+    # deadline; a triggered part never waits).
+    max_wait_ms: number(0, 1000) = 10.0
 
 
 class StorageConfig(_Section):

@@ -1,10 +1,13 @@
-"""The inspection worker: takes jobs from one bundle's work queue, runs the camera's inspector on the
-frame and hands the verdict to the publisher.
+"""The inspection worker: takes batches of jobs from one bundle's work queue, runs each camera's
+inspector on its frame and hands every verdict to the publisher.
 
-The middle of the line's data flow (preprocess and engines run inside :meth:`Inspector.inspect`).
-An engine or image failure is an explicit ERROR verdict, never silence; a verdict that arrives
-after the part's deadline becomes an ERROR saying so (the watchdog answered it already, so the
-publisher drops it as late).
+The middle of the line's data flow (preprocess and engines run inside
+:func:`~anomalygpt_edge.runtime.recipes.inspector.inspect_many`). Batches are bounded by
+``engines.max_batch`` and ``engines.max_wait_ms`` and by the earliest deadline in the queue
+(:mod:`.batching`); ``max_batch: 1`` inspects one job at a time. An engine or image failure is an
+explicit ERROR verdict for every part it touched, never silence; a verdict that arrives after the
+part's deadline becomes an ERROR saying so (the watchdog answered it already, so the publisher
+drops it as late).
 """
 
 from __future__ import annotations
@@ -15,17 +18,24 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
+from anomalygpt_edge.runtime.line.batching import BatchCost, BatchPolicy
 from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
 from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
 from anomalygpt_edge.runtime.line.status import DaemonHealth
 from anomalygpt_edge.runtime.line.verdict_publisher import VerdictPublisher
+from anomalygpt_edge.runtime.recipes.inspector import Inspector, inspect_many
 
 log = logging.getLogger(__name__)
 
 
 class InspectionWorker:
-    """One loop per work queue; ``deadline_ms(camera)`` names the deadline in late-verdict reasons."""
+    """One loop per work queue; ``deadline_ms(camera)`` names the deadline in late-verdict reasons.
+
+    ``policy`` bounds the batches (default: the ``engines`` section of the slots' config).
+    """
 
     def __init__(
         self,
@@ -34,44 +44,76 @@ class InspectionWorker:
         health: DaemonHealth,
         counts: dict[str, collections.Counter[str]],
         deadline_ms: Callable[[str], float],
+        policy: BatchPolicy | None = None,
     ):
         self.slots = slots
         self.publisher = publisher
         self.health = health
         self.counts = counts
         self.deadline_ms = deadline_ms
+        self.policy = policy or BatchPolicy.from_engines(slots.config.engines)
 
     def run(self, queue: WorkQueue, stop: threading.Event) -> None:
-        """Inspect jobs from ``queue`` until ``stop`` is set."""
+        """Inspect batches from ``queue`` until ``stop`` is set."""
         loop = threading.current_thread().name
+        cost = BatchCost()  # per queue: each queue has its own bundle and engines
         while not stop.is_set():
-            # Fed every iteration (get() wakes at least every 0.2 s): a hung engine stops the
+            # Fed every iteration (get_batch() wakes at least every 0.2 s): a hung engine stops the
             # systemd watchdog pings, and systemd restarts the daemon.
             self.health.tick(loop)
-            job = queue.get(0.2)
-            if job is None or job.answered:
+            batch = queue.get_batch(self.policy.max_batch, self.policy.max_wait_s, 0.2, cost.predict)
+            jobs = [job for job in batch if not job.answered]
+            if not jobs:
                 continue
-            self.inspect(job)
+            queue.counts["batches"] += 1
+            queue.counts["batched_jobs"] += len(jobs)
+            start = time.monotonic()
+            inspected = self.inspect_batch(jobs)
+            if inspected:
+                cost.observe(inspected, time.monotonic() - start)
         self.health.forget_loop(loop)
 
     def inspect(self, job: Job) -> None:
         """Inspect one job and answer it (or drop a free-run frame that is already too old)."""
+        self.inspect_batch([job])
+
+    def inspect_batch(self, jobs: list[Job]) -> int:
+        """Inspect and answer every job (stale free-run frames are dropped); returns how many were inspected.
+
+        Each job is judged by its own camera's recipe as it is when the batch starts, so a recipe
+        switch between two jobs of a batch answers each with its own recipe.
+        """
         start = time.monotonic()
-        if not job.triggered and start > job.deadline_mono:
-            self.counts[job.camera]["stale"] += 1  # a newer frame will come; this one is too old to matter
-            return
-        inspector, problem, recipe = self.slots.current(job.camera)
-        if inspector is None:
-            self.publisher.answer_error(job, f"recipe {recipe} cannot inspect: {problem}")
-            return
-        image = job.pixels()
-        assert image is not None
+        ready: list[tuple[Job, Inspector, np.ndarray]] = []
+        for job in jobs:
+            if not job.triggered and start > job.deadline_mono:
+                self.counts[job.camera]["stale"] += 1  # a newer frame will come; this one is too old to matter
+                continue
+            inspector, problem, recipe = self.slots.current(job.camera)
+            if inspector is None:
+                self.publisher.answer_error(job, f"recipe {recipe} cannot inspect: {problem}")
+                continue
+            image = job.pixels()
+            assert image is not None
+            ready.append((job, inspector, image))
+        if not ready:
+            return 0
+        verdicts = self._verdicts(ready)
+        for (job, inspector, image), verdict in zip(ready, verdicts):
+            self._answer(job, verdict, inspector.recipe.name, image, start)
+        return len(ready)
+
+    def _verdicts(self, ready: list[tuple[Job, Inspector, np.ndarray]]) -> list[Verdict]:
+        """One verdict per ready job; anything unexpected answers every job of the batch ERROR."""
         try:
-            verdict = inspector.inspect(image, f"{job.camera} frame")
+            return inspect_many([(inspector, image, f"{job.camera} frame") for job, inspector, image in ready])
         except Exception as exc:  # engine or image failure: an explicit ERROR, never silence
-            log.exception("camera %s: inspection failed", job.camera)
-            verdict = Verdict.error(inspector.recipe.name, f"inspection failed: {exc}")
-        verdict = self._in_time(job, verdict, inspector.recipe.name)
+            log.exception("inspection of a batch of %d failed", len(ready))
+            return [Verdict.error(inspector.recipe.name, f"inspection failed: {exc}") for _, inspector, _ in ready]
+
+    def _answer(self, job: Job, verdict: Verdict, recipe: str, image: np.ndarray, start: float) -> None:
+        """Stamp the queue wait (and a trigger's frame wait), turn a late verdict into ERROR, publish."""
+        verdict = self._in_time(job, verdict, recipe)
         verdict.latency_ms = {"queue_wait": (start - (job.queued_mono or start)) * 1e3, **verdict.latency_ms}
         if job.kind == "trigger" and job.frame is not None:
             verdict.latency_ms["frame_wait"] = (job.frame.captured_mono - job.created_mono) * 1e3

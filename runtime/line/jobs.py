@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +25,8 @@ from anomalygpt_edge.runtime.delivery.mqtt_link import Command
 
 #: Where a part came from: a free-run frame (may be superseded), a PLC trigger, a watched file.
 JobKind = Literal["free_run", "trigger", "folder_watch"]
+#: A camera that offered no free-run frame for this long no longer holds a batch open for its frame.
+ACTIVE_CAMERA_S = 1.0
 
 
 @dataclass
@@ -72,7 +75,9 @@ class WorkQueue:
         self._triggered: collections.deque[Job] = collections.deque()
         self._free: dict[str, Job] = {}
         self._order: collections.deque[str] = collections.deque()  # round robin over cameras
+        self._last_free: dict[str, float] = {}  # camera -> when it last offered a frame
         self._cond = threading.Condition()
+        self.batch_waiters = 0  # workers waiting for a free-run batch to fill (tests wait on it)
         self.counts: collections.Counter[str] = collections.Counter()
 
     def put_triggered(self, job: Job) -> bool:
@@ -90,6 +95,7 @@ class WorkQueue:
         """Offer a free-run frame; it replaces the camera's waiting one (drop-oldest)."""
         with self._cond:
             job.queued_mono = time.monotonic()
+            self._last_free[job.camera] = job.queued_mono
             if job.camera in self._free:
                 self.counts["superseded"] += 1
             else:
@@ -110,6 +116,58 @@ class WorkQueue:
                 return self._triggered.popleft()
             camera = self._order.popleft()
             return self._free.pop(camera)
+
+    def get_batch(
+        self, max_batch: int, max_wait_s: float, timeout: float, cost_s: Callable[[int], float] | None = None
+    ) -> list[Job]:
+        """Up to ``max_batch`` jobs, triggered parts first; ``[]`` on timeout.
+
+        A triggered part never waits for a batch to fill: free-run frames already waiting join it
+        while ``cost_s(n)`` (the expected seconds for a batch of n) still ends before the earliest
+        triggered deadline. Free-run frames alone wait for the other active cameras' frames up to
+        ``max_wait_s``, and never past the earliest frame deadline less ``cost_s`` of the batch.
+        """
+        cost = cost_s or (lambda n: 0.0)
+        end = time.monotonic() + timeout
+        with self._cond:
+            while not self._triggered and not self._free:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cond.wait(left)
+            if max_batch > 1 and not self._triggered:
+                self._wait_for_frames(max_batch, max_wait_s, cost)
+            return self._take(max_batch, cost)
+
+    def _wait_for_frames(self, max_batch: int, max_wait_s: float, cost: Callable[[int], float]) -> None:
+        """Hold a free-run batch open until every active camera's frame is in, a trigger comes or time is up."""
+        now = time.monotonic()
+        active = sum(1 for t in self._last_free.values() if now - t < ACTIVE_CAMERA_S)
+        want = min(max_batch, max(1, active))
+        first = min(j.queued_mono or now for j in self._free.values())
+        until = first + max_wait_s
+        self.batch_waiters += 1
+        try:
+            while not self._triggered and 0 < len(self._free) < want:
+                earliest = min(j.deadline_mono for j in self._free.values())
+                left = min(until, earliest - cost(min(want, len(self._free) + 1))) - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+        finally:
+            self.batch_waiters -= 1
+
+    def _take(self, max_batch: int, cost: Callable[[int], float]) -> list[Job]:
+        """Triggered parts (FIFO) then free-run frames (round robin) that fit the earliest triggered deadline."""
+        batch: list[Job] = []
+        while self._triggered and len(batch) < max_batch:
+            batch.append(self._triggered.popleft())
+        due = min((j.deadline_mono for j in batch), default=None)
+        while self._order and len(batch) < max_batch:
+            if due is not None and time.monotonic() + cost(len(batch) + 1) > due:
+                break  # the waiting frames stay queued for the next batch: the part comes first
+            batch.append(self._free.pop(self._order.popleft()))
+        return batch
 
     def wake(self) -> None:
         with self._cond:

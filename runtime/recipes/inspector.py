@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from anomalygpt_edge.runtime.recipes.store import (
 )
 
 MAX_REGIONS = 8
+log = logging.getLogger(__name__)
 
 
 class Inspector:
@@ -86,6 +88,16 @@ class Inspector:
             verdicts.append(verdict)
         return verdicts
 
+    def maps(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """Anomaly maps (B, H, W) of encoded images by this recipe's bank, text features and head."""
+        p = self.pipeline
+        if self.bank is not None and self.text_features is not None:
+            return p.combined_maps(features, self.bank, self.text_features)
+        if self.bank is not None:
+            return p.bank_maps(features, self.bank, self.head)
+        assert self.text_features is not None
+        return p.text_maps(features, self.text_features)
+
     def decide(self, anomaly_map: np.ndarray, prepared: Prepared) -> Verdict:
         """Score by the bundle's rule (max of the map by default); NG above the threshold, regions located.
 
@@ -126,6 +138,78 @@ class Inspector:
             anomaly_map=source_map,
             image_size=prepared.source_size,
         )
+
+
+def inspect_many(items: Sequence[tuple[Inspector, np.ndarray, str]]) -> list[Verdict]:
+    """One verdict per ``(inspector, image, name)``, in order: the micro-batched path of the line.
+
+    Images whose inspectors share a pipeline (one bundle) go through one encoder run; each recipe's
+    bank is then matched against its own images in one matcher run. A failure fails only what it
+    touched: an image that cannot be prepared, every image of a failed encoder run, every image of
+    a recipe whose matching failed. Each becomes an explicit ERROR verdict, never a missing one.
+    """
+    verdicts: list[Verdict | None] = [None] * len(items)
+    prepared: dict[int, Prepared] = {}
+    pre_ms: dict[int, float] = {}
+    for i, (inspector, image, name) in enumerate(items):
+        t0 = time.perf_counter()
+        try:
+            prepared[i] = inspector.pipeline.prepare(image, inspector.recipe.roi, inspector.recipe.resize, name)
+        except Exception as exc:  # one bad image must not fail its batch mates
+            verdicts[i] = _failed(inspector, name, exc)
+        pre_ms[i] = (time.perf_counter() - t0) * 1e3
+    by_pipeline: dict[int, list[int]] = {}
+    for i in prepared:
+        by_pipeline.setdefault(id(items[i][0].pipeline), []).append(i)
+    for indices in by_pipeline.values():
+        for i, verdict in _encode_and_match(items, indices, prepared).items():
+            verdict.latency_ms = {"preprocess": pre_ms[i], **verdict.latency_ms}
+            verdicts[i] = verdict
+    missing = RuntimeError("no result")  # cannot happen; an answer is owed all the same
+    return [v if v is not None else _failed(items[i][0], items[i][2], missing) for i, v in enumerate(verdicts)]
+
+
+def _failed(inspector: Inspector, name: str, exc: BaseException) -> Verdict:
+    log.error("%s: inspection failed: %r", name, exc)
+    return Verdict.error(
+        inspector.recipe.name,
+        f"inspection failed: {exc}",
+        bank_version=inspector.recipe.bank_version,
+        bundle_sha256=inspector.bundle.sha256,
+    )
+
+
+def _encode_and_match(
+    items: Sequence[tuple[Inspector, np.ndarray, str]], indices: list[int], prepared: dict[int, Prepared]
+) -> dict[int, Verdict]:
+    """Verdicts for ``indices`` (one pipeline): one encoder run, then one matcher run per inspector."""
+    pipeline = items[indices[0]][0].pipeline
+    t0 = time.perf_counter()
+    try:
+        features = pipeline.encode([prepared[i] for i in indices])
+    except Exception as exc:  # the engine failed for the whole batch: every part in it is answered ERROR
+        return {i: _failed(items[i][0], items[i][2], exc) for i in indices}
+    encoder_ms = (time.perf_counter() - t0) * 1e3 / len(indices)
+    groups: dict[int, list[int]] = {}
+    for row, i in enumerate(indices):
+        groups.setdefault(id(items[i][0]), []).append(row)
+    out: dict[int, Verdict] = {}
+    for rows in groups.values():
+        inspector = items[indices[rows[0]]][0]
+        t1 = time.perf_counter()
+        try:
+            maps = inspector.maps({k: v[rows] for k, v in features.items()})
+        except Exception as exc:  # this recipe's matching failed: its parts only
+            out.update({indices[r]: _failed(inspector, items[indices[r]][2], exc) for r in rows})
+            continue
+        matcher_ms = (time.perf_counter() - t1) * 1e3 / len(rows)
+        for amap, r in zip(maps, rows):
+            t2 = time.perf_counter()
+            verdict = inspector.decide(amap, prepared[indices[r]])
+            timings = {"encoder": encoder_ms, "matcher": matcher_ms, "decide": (time.perf_counter() - t2) * 1e3}
+            verdict.latency_ms = timings
+            out[indices[r]] = verdict
+    return out
 
 
 def find_regions(source_map: np.ndarray, pixel_threshold: float) -> list[Region]:

@@ -1,0 +1,247 @@
+"""Micro-batching in the inspection worker: triggered parts never wait for a batch, batches stay
+within their bound, each job is judged by its own recipe, and an engine failure answers every job
+of its batch with ERROR."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from daemon_fixtures import line_fixture  # noqa: F401 - fixture used by name
+
+from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
+from anomalygpt_edge.runtime.inspection.verdict import Verdict
+from anomalygpt_edge.runtime.line import inspection_worker
+from anomalygpt_edge.runtime.line.batching import BatchCost, BatchPolicy
+from anomalygpt_edge.runtime.line.inspection_worker import InspectionWorker
+from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
+from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+from anomalygpt_edge.runtime.recipes.inspector import Inspector, inspect_many
+from anomalygpt_edge.runtime.recipes.store import RecipeStore
+from anomalygpt_edge.runtime.tools import synthetic
+
+
+def _job(camera: str, kind: str, n: int, image: np.ndarray | None = None, deadline_s: float = 30.0) -> Job:
+    job = Job(camera, kind, deadline_mono=time.monotonic() + deadline_s)  # type: ignore[arg-type]
+    job.part_id, job.image = str(n), image
+    return job
+
+
+def _until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait for ``condition()`` with a bounded deadline (no fixed sleep)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.005)
+
+
+class _Slots:
+    """The worker's view of the recipe slots: each camera's current inspector, switchable."""
+
+    def __init__(self, inspectors: dict[str, Inspector]):
+        self.inspectors = dict(inspectors)
+
+    def current(self, camera: str) -> tuple[Inspector | None, str | None, str | None]:
+        inspector = self.inspectors.get(camera)
+        return inspector, None, inspector.recipe.name if inspector else None
+
+
+class _Publisher:
+    """Records the one answer of each job."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, Verdict] = {}
+
+    def answer(self, job: Job, verdict: Verdict, image: Any) -> bool:
+        if not job.claim():
+            return False
+        self.answers[f"{job.camera}/{job.part_id}"] = verdict
+        return True
+
+    def answer_error(self, job: Job, reason: str) -> None:
+        self.answer(job, Verdict.error("", reason), None)
+
+
+class _Health:
+    def tick(self, loop: str) -> None:
+        pass
+
+    def forget_loop(self, loop: str) -> None:
+        pass
+
+
+def _worker(slots: _Slots, publisher: _Publisher, max_batch: int = 8) -> InspectionWorker:
+    counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    policy = BatchPolicy(max_batch=max_batch, max_wait_s=0.0)
+    return InspectionWorker(slots, publisher, _Health(), counts, lambda camera: 30000.0, policy)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module", name="recipes")
+def recipes_fixture(line: dict[str, Any]) -> dict[str, Any]:
+    """Two live recipes of one bundle on one shared pipeline, as RecipeSlots builds them."""
+    bundle = EngineBundle.open(line["bundle"])
+    store = RecipeStore(line["store"])
+    golden = synthetic.read_video_frames(line["golden"])
+    enroller = Enroller(store, bundle)
+    enroller.open_or_create("plate")  # no ROI: the whole frame, another bank than bracket's
+    assert enroller.add("plate", [(f"g{i}", im) for i, im in enumerate(golden)]).recipe.live
+    pipeline = VisionPipeline(bundle)
+    return {
+        "bracket": Inspector(bundle, store.load("bracket"), store, pipeline),
+        "plate": Inspector(bundle, store.load("plate"), store, pipeline),
+        "pipeline": pipeline,
+        "images": synthetic.read_video_frames(line["video"])[:6],
+    }
+
+
+def test_a_triggered_part_is_not_delayed_by_a_filling_batch() -> None:
+    q = WorkQueue()
+    q.put_free(_job("cam2", "free_run", 0))
+    assert len(q.get_batch(8, 0.0, 1.0)) == 1  # cam2 is now an active camera: a batch waits for its frame
+    q.put_free(_job("cam1", "free_run", 1))
+    got: list[list[Job]] = []
+    taker = threading.Thread(target=lambda: got.append(q.get_batch(8, 30.0, 30.0)))
+    started = time.monotonic()
+    taker.start()
+    _until(lambda: q.batch_waiters == 1)  # the batch is held open for cam2's frame (up to 30 s)
+    q.put_triggered(_job("cam3", "trigger", 2))
+    taker.join(10.0)
+    assert not taker.is_alive() and time.monotonic() - started < 10.0, "the trigger released the batch at once"
+    assert [(j.camera, j.kind) for j in got[0]] == [("cam3", "trigger"), ("cam1", "free_run")]
+
+
+def test_free_run_frames_wait_for_a_batch_no_longer_than_their_deadline_allows() -> None:
+    q = WorkQueue()
+    q.put_free(_job("cam2", "free_run", 0))
+    q.get_batch(8, 0.0, 1.0)
+    q.put_free(_job("cam1", "free_run", 1, deadline_s=0.3))
+    started = time.monotonic()
+    batch = q.get_batch(8, 30.0, 30.0, cost_s=lambda n: 0.1)
+    assert [j.part_id for j in batch] == ["1"] and time.monotonic() - started < 5.0
+
+
+def test_batches_never_exceed_the_bound() -> None:
+    q = WorkQueue()
+    for n in range(20):
+        assert q.put_triggered(_job(f"cam{n % 3}", "trigger", n))
+    for n in range(5):
+        q.put_free(_job(f"free{n}", "free_run", 100 + n))
+    batches = list(iter(lambda: q.get_batch(3, 0.05, 0.01), []))
+    assert all(1 <= len(b) <= 3 for b in batches)
+    order = [j.part_id for b in batches for j in b]
+    assert order == [str(n) for n in range(20)] + [str(100 + n) for n in range(5)], "each once, triggers first"
+
+
+def test_a_batch_of_triggers_leaves_waiting_frames_queued_when_they_would_make_it_late() -> None:
+    q = WorkQueue()
+    q.put_triggered(_job("cam1", "trigger", 0, deadline_s=0.5))
+    q.put_free(_job("cam2", "free_run", 1))
+    batch = q.get_batch(8, 0.0, 1.0, cost_s=lambda n: 0.3 * n)  # two images would end after the deadline
+    assert [j.part_id for j in batch] == ["0"]
+    assert [j.part_id for j in q.get_batch(8, 0.0, 1.0)] == ["1"], "the frame waited for the next batch"
+
+
+def test_the_worker_never_inspects_more_than_max_batch_at_once(
+    recipes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes: list[int] = []
+
+    def counting(items: Any) -> list[Verdict]:
+        sizes.append(len(items))
+        return inspect_many(items)
+
+    monkeypatch.setattr(inspection_worker, "inspect_many", counting)
+    publisher = _Publisher()
+    worker = _worker(_Slots({"cam1": recipes["bracket"]}), publisher, max_batch=2)
+    q, stop = WorkQueue(), threading.Event()
+    for n in range(5):
+        q.put_triggered(_job("cam1", "trigger", n, recipes["images"][n]))
+    runner = threading.Thread(target=worker.run, args=(q, stop))
+    runner.start()
+    try:
+        _until(lambda: len(publisher.answers) == 5, timeout=60)
+    finally:
+        stop.set()
+        runner.join(10)
+    assert sizes and max(sizes) <= 2 and sum(sizes) == 5
+    assert all(v.verdict in ("OK", "NG") for v in publisher.answers.values())
+
+
+def test_a_recipe_switch_mid_batch_answers_each_job_with_its_own_recipe(
+    recipes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline, images = recipes["pipeline"], recipes["images"]
+    runs = collections.Counter[str]()
+    for name in ("encoder", "matcher"):
+        engine = getattr(pipeline, name)
+        original = engine.run
+        monkeypatch.setattr(engine, "run", lambda feeds, _o=original, _n=name: (runs.update([_n]), _o(feeds))[1])
+    slots, publisher = _Slots({"cam1": recipes["bracket"], "cam2": recipes["bracket"]}), _Publisher()
+    jobs = [_job("cam1", "trigger", 0, images[0]), _job("cam2", "free_run", 1, images[1])]
+    slots.inspectors["cam2"] = recipes["plate"]  # cmd/recipe switches cam2 while both jobs are queued
+    jobs.append(_job("cam1", "trigger", 2, images[2]))
+    assert _worker(slots, publisher).inspect_batch(jobs) == 3
+    assert {k: v.recipe for k, v in publisher.answers.items()} == {
+        "cam1/0": "bracket",
+        "cam2/1": "plate",
+        "cam1/2": "bracket",
+    }
+    assert runs == {"encoder": 1, "matcher": 2}, "one encoder run for the batch, one bank match per recipe"
+    for key, image, recipe in (("cam1/0", images[0], "bracket"), ("cam2/1", images[1], "plate")):
+        alone = recipes[recipe].inspect(image)
+        assert publisher.answers[key].score == pytest.approx(alone.score, rel=1e-4, abs=1e-5), "same as one at a time"
+
+
+def test_an_engine_error_in_a_batch_answers_every_job_in_it_with_error(
+    recipes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(feeds: Any) -> Any:
+        raise RuntimeError("encoder session died")
+
+    monkeypatch.setattr(recipes["pipeline"].encoder, "run", broken)
+    slots, publisher = _Slots({"cam1": recipes["bracket"], "cam2": recipes["plate"]}), _Publisher()
+    images = recipes["images"]
+    jobs = [_job("cam1", "trigger", 0, images[0]), _job("cam2", "free_run", 1, images[1])]
+    jobs.append(_job("cam1", "folder_watch", 2, images[2]))
+    _worker(slots, publisher).inspect_batch(jobs)
+    assert sorted(publisher.answers) == ["cam1/0", "cam1/2", "cam2/1"]
+    for verdict in publisher.answers.values():
+        assert verdict.verdict == "ERROR" and "encoder session died" in (verdict.reason or "")
+    assert {v.recipe for v in publisher.answers.values()} == {"bracket", "plate"}
+
+
+def test_a_matcher_error_fails_only_the_jobs_of_that_recipe(
+    recipes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plate = recipes["plate"]
+    monkeypatch.setattr(plate, "maps", lambda features: (_ for _ in ()).throw(RuntimeError("bank damaged")))
+    slots, publisher = _Slots({"cam1": recipes["bracket"], "cam2": plate}), _Publisher()
+    images = recipes["images"]
+    jobs = [_job("cam1", "trigger", 0, images[0]), _job("cam2", "trigger", 1, images[1])]
+    _worker(slots, publisher).inspect_batch(jobs)
+    failed = publisher.answers["cam2/1"]
+    assert publisher.answers["cam1/0"].verdict in ("OK", "NG")
+    assert failed.verdict == "ERROR" and "bank damaged" in (failed.reason or "")
+
+
+def test_the_batch_cost_estimate_errs_on_the_slow_side_for_sizes_not_yet_run() -> None:
+    cost = BatchCost()
+    cost.observe(1, 0.02)
+    assert cost.predict(1) == pytest.approx(0.02)
+    assert cost.predict(4) == pytest.approx(0.08), "scaled linearly from the single-image cost"
+    cost.observe(4, 0.05)
+    assert cost.predict(2) >= 0.02 and cost.predict(4) == pytest.approx(0.05)
+
+
+def test_the_engines_section_gives_the_batch_bounds(tmp_path: Path) -> None:
+    from anomalygpt_edge.runtime.line.config import EnginesConfig
+
+    assert BatchPolicy.from_engines(EnginesConfig(max_batch=4, max_wait_ms=20)) == BatchPolicy(4, 0.02)
+    default = BatchPolicy.from_engines(EnginesConfig())
+    assert default.max_batch >= 1 and default.max_wait_s <= 0.05, "a safe default: never a long wait"
