@@ -322,3 +322,25 @@ def test_an_injected_link_carries_the_verdicts_and_no_mqtt_link_is_built(tmp_pat
     assert len(seen) >= 3 and set(link.verdicts) == {"injected/cam1/verdict"}, (seen, link.verdicts)
     assert "injected/status" in link.json, "camera changes republish the status through the injected link"
     assert status["cameras"]["cam1"]["status"] == "online" and status["state"] == "online", status["problems"]
+
+
+def test_the_link_counts_published_and_acknowledged_messages_alike_verdicts_included(
+    tmp_path: Path, broker: Any, line: dict
+) -> None:
+    # The station's system page showed "published 13, acked 252": the sender's verdicts were acked
+    # on the link's client but counted as published only by the sender.
+    sub = Subscriber(broker, ["anomalygpt/counted/#"])
+    daemon = _start(tmp_path, broker, line, {"trigger": "free_run", "fps": 10, "deadline_ms": 1000}, "counted")
+    try:
+        sub.wait_for(topic_is("/cam1/verdict"), count=20, timeout=30)
+        deadline = time.monotonic() + 10
+        while True:
+            stats = daemon.link.stats
+            # Both counters move while the line runs: compare them once no publish is in flight.
+            if stats["published"] == stats["acked"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        daemon.stop()
+    assert stats["published"] >= 20, stats
+    assert abs(stats["published"] - stats["acked"]) <= 2, stats

@@ -80,7 +80,7 @@ class MqttLink:
         self.spool = spool
         self.v5 = config.protocol == "5"
         self.connected = threading.Event()
-        self.stats = {"published": 0, "acked": 0, "resent": 0, "commands": 0, "connects": 0}
+        self._counts = {"published": 0, "acked": 0, "resent": 0, "commands": 0, "connects": 0}
         self._lock = threading.Lock()  # stats only; never held while calling into paho
         client_id = config.client_id or f"anomalygpt-edge-{device}"
         self.client = mqtt.Client(
@@ -121,6 +121,17 @@ class MqttLink:
             if spool is not None and config.qos > 0
             else None
         )
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The link's counters. ``published`` and ``acked`` count the same messages: every one
+        handed to paho on this client, the link's own (status, replies, heatmaps) and the verdict
+        sender's, which publishes on the same client (paho's ``on_publish`` counts ``acked`` for
+        all of them; counting only the link's own showed "published 13, acked 252")."""
+        out = dict(self._counts)
+        if self.sender is not None:
+            out["published"] += self.sender.stats["published"]
+        return out
 
     def topic(self, *parts: str) -> str:
         return "/".join((self.base, *parts))
@@ -183,7 +194,7 @@ class MqttLink:
         if reason.is_failure:
             log.warning("MQTT connect to %s:%s refused: %s", self.config.host, self.config.port, reason)
             return
-        self.stats["connects"] += 1
+        self._counts["connects"] += 1
         if self.sender is not None:
             self.sender.on_connect()  # drops paho's own resend queue: the spool is the only resend source
         log.info("MQTT connected to %s:%s (%s)", self.config.host, self.config.port, "v5" if self.v5 else "v3.1.1")
@@ -206,7 +217,7 @@ class MqttLink:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         # paho holds its message lock here: take no lock that is held around a publish elsewhere.
-        self.stats["acked"] += 1
+        self._counts["acked"] += 1
         if self.sender is not None:
             self.sender.on_publish(mid, reason)
 
@@ -217,7 +228,7 @@ class MqttLink:
         corr = getattr(props, "CorrelationData", None) if props is not None else None
         users = getattr(props, "UserProperty", None) if props is not None else None
         cmd = Command(name, bytes(msg.payload), response or None, corr, time.time(), time.monotonic(), users)
-        self.stats["commands"] += 1
+        self._counts["commands"] += 1
         try:
             self.on_command(cmd)
         except Exception:  # a bad command must never take the network thread down
@@ -229,7 +240,7 @@ class MqttLink:
     ) -> int:
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         with self._lock:
-            self.stats["published"] += 1
+            self._counts["published"] += 1
         return info.mid
 
     def publish_json(self, topic: str, body: dict[str, Any], qos: int = 1, retain: bool = False) -> int:
