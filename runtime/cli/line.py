@@ -26,6 +26,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(handler="anomalygpt_edge.runtime.tools.demo:run")
 
 
+def _line_options(p: argparse.ArgumentParser, workdir: str, cameras: bool = True) -> None:
+    """The daemon options ``bench line`` and ``bench line-sweep`` share."""
+    if cameras:
+        p.add_argument("--cameras", type=int, default=1, help="video-file cameras sharing the bundle (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="engines.threads: ONNX Runtime threads (default 1; 0 = all)")
+    p.add_argument("--max-batch", type=int, default=8, help="engines.max_batch of the batched run (default 8)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="engines.max_wait_ms (default 10)")
+    p.add_argument(
+        "--no-compare", dest="compare", action="store_false", help="skip the unbatched run (max_batch 1) for ratios"
+    )
+    p.add_argument("--workdir", type=Path, default=Path(workdir))
+
+
 def add_bench_target(targets: argparse._SubParsersAction) -> None:
     """Register ``bench line``."""
     if "line" in targets.choices:
@@ -40,9 +53,22 @@ def add_bench_target(targets: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--deadline-ms", type=float, default=300.0, help="recipe deadline, trigger or capture to verdict (default 300)"
     )
-    b.add_argument("--threads", type=int, default=1, help="engines.threads: ONNX Runtime threads (default 1; 0 = all)")
-    b.add_argument("--workdir", type=Path, default=Path("out/bench-line"))
+    _line_options(b, "out/bench-line")
     b.set_defaults(handler="anomalygpt_edge.runtime.tools.line_bench:run")
+    w = targets.add_parser("line-sweep", help="bench line over cameras x fps, and batch size -> images/s; JSON + PNG")
+    w.add_argument("--out", type=Path, default=Path("bench-results/line-sweep"), help="report folder (JSON + PNG)")
+    w.add_argument("--camera-counts", default="1,2,4", help="comma list of camera counts (default 1,2,4)")
+    w.add_argument("--fps-list", default="5,10", help="comma list of frame rates (default 5,10)")
+    w.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes for images/s and p99 (default 1,2,4,8)")
+    w.add_argument("--batch-seconds", type=float, default=4.0, help="seconds per batch size and thread count")
+    w.add_argument("--thread-counts", default="1,2", help="engines.threads values for the batch curve (default 1,2)")
+    w.add_argument("--seconds", type=float, default=15.0, help="measured run length per point and mode (default 15)")
+    w.add_argument("--triggers", type=int, default=10, help="PLC triggers per run (default 10)")
+    w.add_argument("--bundle", type=Path, default=None, help="engine bundle (default: the default bundle)")
+    w.add_argument("--backend", default="auto")
+    w.add_argument("--deadline-ms", type=float, default=300.0, help="recipe deadline (default 300)")
+    _line_options(w, "out/bench-line-sweep", cameras=False)
+    w.set_defaults(handler="anomalygpt_edge.runtime.tools.line_sweep:run")
     if "faults" not in targets.choices:
         f = targets.add_parser(
             "faults",

@@ -1,14 +1,21 @@
-"""``anomalygpt-edge bench line``: the daemon on a video camera, measured from a separate process.
+"""``anomalygpt-edge bench line``: the daemon on video cameras, measured from a separate process.
 
 The parent renders a synthetic line video and golden parts, enrolls them with the default bundle,
-starts mosquitto, and runs the daemon (free-run at ``--fps`` on a looping video-file camera
-paced at the same rate). A separate subscriber process (``python -m
+starts mosquitto, and runs the daemon (``--cameras`` looping video-file cameras sharing one bundle,
+each free-run at ``--fps`` and paced at the same rate). A separate subscriber process (``python -m
 anomalygpt_edge.runtime.tools.line_bench --subscribe ...``, its own interpreter and MQTT connection, like
-a PLC gateway) records when each verdict arrives and sends PLC triggers with correlation data.
+a PLC gateway) records when each verdict arrives and sends PLC triggers (round robin over the
+cameras) with correlation data.
 
-Figures: capture→verdict-received latency p50/p99/max (the verdict's ``captured_at_epoch`` against
-the subscriber's clock: same host, same clock), sustained verdicts/s, the share of captured frames
-that got a verdict, and triggered parts answered (with trigger→answer latency).
+The daemon runs twice in the same bench run: micro-batched (``--max-batch``) and unbatched
+(``max_batch: 1``), each with a fresh daemon and subscriber; the figures of the batched run are
+the top-level keys, the unbatched run's are under ``unbatched`` and ``ratios`` compares them.
+
+Figures, overall and per camera: capture→verdict-received latency p50/p99/max (the verdict's
+``captured_at_epoch`` against the subscriber's clock: same host, same clock), sustained
+verdicts/s, the share of captured frames that got a verdict, ERROR verdicts, triggered parts
+answered (with trigger→answer latency); the bench process's CPU % (daemon and camera threads,
+100 % = one core) and peak RSS; the mean batch size.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 WARMUP_S = 3.0  # engine warm-up and first connections: not part of the measured window
 
 
-def _subscriber(host: str, port: int, prefix: str, out: Path, seconds: float, triggers: int) -> None:
+def _subscriber(host: str, port: int, prefix: str, out: Path, seconds: float, triggers: int, cameras: int = 1) -> None:
     """The separate process: record verdicts, send triggers, write what it saw as JSON."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -45,6 +52,7 @@ def _subscriber(host: str, port: int, prefix: str, out: Path, seconds: float, tr
             if msg.topic.endswith("/verdict"):
                 verdicts.append(
                     {
+                        "camera": msg.topic.split("/")[-2],
                         "received": now,
                         "captured": body.get("captured_at_epoch"),
                         "seq": body.get("frame_seq"),
@@ -73,7 +81,8 @@ def _subscriber(host: str, port: int, prefix: str, out: Path, seconds: float, tr
         props.ResponseTopic = "bench/answers"
         props.CorrelationData = f"t{i}".encode()
         sent[f"t{i}"] = time.time()
-        client.publish(f"{prefix}/cmd/trigger", json.dumps({"camera": "cam1", "part_id": f"P{i}"}), 1, properties=props)
+        body = {"camera": f"cam{i % cameras + 1}", "part_id": f"P{i}"}
+        client.publish(f"{prefix}/cmd/trigger", json.dumps(body), 1, properties=props)
     time.sleep(max(0.0, start + seconds + 1.5 - time.monotonic()))
     client.disconnect()
     client.loop_stop()
@@ -87,50 +96,67 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
-def _write_config(path: Path, args: argparse.Namespace, work: Path, bundle: Path, host: str, port: int) -> Path:
-    """The daemon's config: one free-running video camera on the enrolled recipe (YAML written as JSON)."""
+def _write_config(
+    path: Path, args: argparse.Namespace, work: Path, bundle: Path, broker: Any, max_batch: int, label: str
+) -> Path:
+    """The daemon's config: ``--cameras`` free-running video cameras on the enrolled recipe (YAML as JSON)."""
+    names = [f"cam{i + 1}" for i in range(args.cameras)]
+    cameras = {n: {"type": "video_file", "source": str(work / "line.avi"), "fps": args.fps} for n in names}
+    recipes = [
+        {"camera": n, "recipe": "bracket", "trigger": "free_run", "fps": args.fps, "deadline_ms": args.deadline_ms}
+        for n in names
+    ]
+    engines = {"bundle": str(bundle), "backend": args.backend, "threads": args.threads}
+    engines.update({"max_batch": max_batch, "max_wait_ms": args.max_wait_ms})
     path.write_text(
         json.dumps(
             {
                 "device": {"id": "bench"},
-                "cameras": {"cam1": {"type": "video_file", "source": str(work / "line.avi"), "fps": args.fps}},
-                "recipes": [
-                    {
-                        "camera": "cam1",
-                        "recipe": "bracket",
-                        "trigger": "free_run",
-                        "fps": args.fps,
-                        "deadline_ms": args.deadline_ms,
-                    }
-                ],
-                "engines": {"bundle": str(bundle), "backend": args.backend, "threads": args.threads},
-                "mqtt": {"host": host, "port": port},
-                "storage": {"store": str(work / "store"), "data": str(work / "state")},
+                "cameras": cameras,
+                "recipes": recipes,
+                "engines": engines,
+                "mqtt": {"host": broker.host, "port": broker.port},
+                "storage": {"store": str(work / "store"), "data": str(work / f"state-{label}")},
             }
         )
     )
     return path
 
 
+def _stream_figures(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Latency, rate, inspected share and ERROR counts of one camera's (or every camera's) verdicts."""
+    free = [v for v in verdicts if v["trigger"] == "free_run"]
+    lat = [(v["received"] - v["captured"]) * 1e3 for v in verdicts]
+    window = (max(v["received"] for v in verdicts) - min(v["received"] for v in verdicts)) if verdicts else 0.0
+    inspected = spans = 0
+    for camera in {v["camera"] for v in free}:
+        seqs = sorted({v["seq"] for v in free if v["camera"] == camera})
+        inspected, spans = inspected + len(seqs), spans + seqs[-1] - seqs[0] + 1
+    return {
+        "verdicts": len(verdicts),
+        "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "max": round(max(lat), 1) if lat else None},
+        "verdicts_per_s": round((len(verdicts) - 1) / window, 2) if window > 0 else None,
+        "share_of_frames_inspected": round(inspected / spans, 4) if spans else None,
+        "errors_free_run": sum(v["verdict"] == "ERROR" for v in free),
+        "errors_triggered": sum(v["verdict"] == "ERROR" for v in verdicts if v["trigger"] != "free_run"),
+        "error_share": round(sum(v["verdict"] == "ERROR" for v in verdicts) / len(verdicts), 4) if verdicts else None,
+    }
+
+
 def _figures(data: dict[str, Any], t0: float, args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
     """The bench's figures from what the subscriber recorded, past the warm-up after ``t0``."""
     verdicts = [v for v in data["verdicts"] if v["captured"] and v["captured"] >= t0 + WARMUP_S]
-    free = [v for v in verdicts if v["trigger"] == "free_run"]
-    lat = [(v["received"] - v["captured"]) * 1e3 for v in verdicts]
-    seqs = sorted({v["seq"] for v in free})
     window = (max(v["received"] for v in verdicts) - min(v["received"] for v in verdicts)) if verdicts else 0.0
     trig_lat = [(data["answers"][k] - data["sent"][k]) * 1e3 for k in data["answers"] if k in data["sent"]]
     stage_names = ("queue_wait", "preprocess", "encoder", "matcher", "decide", "publish")
     stages = {s: _pct([v["stages"].get(s, 0.0) for v in verdicts], 50) for s in stage_names}
-    figures = {
+    cameras = sorted({v["camera"] for v in verdicts})
+    return {
+        "cameras": args.cameras,
         "fps": args.fps,
         "seconds_measured": round(window, 1),
-        "verdicts": len(verdicts),
-        "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "max": round(max(lat), 1) if lat else None},
-        "verdicts_per_s": round((len(verdicts) - 1) / window, 2) if window > 0 else None,
-        "share_of_frames_inspected": round(len(seqs) / (seqs[-1] - seqs[0] + 1), 4) if seqs else None,
-        "errors_free_run": sum(v["verdict"] == "ERROR" for v in free),
-        "errors_triggered": sum(v["verdict"] == "ERROR" for v in verdicts if v["trigger"] != "free_run"),
+        **_stream_figures(verdicts),
+        "per_camera": {c: _stream_figures([v for v in verdicts if v["camera"] == c]) for c in cameras},
         "triggers": {
             "sent": len(data["sent"]),
             "answered": len(data["answers"]),
@@ -141,87 +167,182 @@ def _figures(data: dict[str, Any], t0: float, args: argparse.Namespace, bundle: 
         "deadline_ms": args.deadline_ms,
         "backend": args.backend,
         "threads": args.threads,
+        "max_wait_ms": args.max_wait_ms,
         "bundle": str(bundle),
         "cpu_count": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
-    return figures
 
 
-def _print_figures(figures: dict[str, Any]) -> None:
-    """The figures as the lines BENCHMARKS.md quotes."""
-    lt, tr = figures["latency_ms"], figures["triggers"]
-    measured = f"{figures['seconds_measured']} s measured ({figures['verdicts']} verdicts)"
-    print(f"line daemon at {figures['fps']:g} fps, {measured}")
-    print(f"  capture -> verdict received   p50 {lt['p50']} ms   p99 {lt['p99']} ms   max {lt['max']} ms")
-    print(f"  sustained verdicts/s          {figures['verdicts_per_s']}")
-    print(f"  share of frames inspected     {figures['share_of_frames_inspected']}")
-    errors = f"{figures['errors_free_run']} free-run, {figures['errors_triggered']} triggered"
-    print(f"  ERROR verdicts                {errors}")
-    print(f"  triggered parts answered      {tr['answered']} of {tr['sent']} (p50 {tr['latency_ms_p50']} ms)")
-    print("  stage medians (ms)            " + ", ".join(f"{k} {v}" for k, v in figures["stage_ms_p50"].items()))
+class _Usage:
+    """This process's CPU % (100 = one core) and peak resident memory while the daemon runs in it."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self.rss_mb = 0.0
+        self._thread = threading.Thread(target=self._sample, name="bench-usage", daemon=True)
+
+    def __enter__(self) -> _Usage:
+        self._t0, self._cpu0 = time.monotonic(), _cpu_seconds()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu_percent = round(100 * (_cpu_seconds() - self._cpu0) / max(1e-6, time.monotonic() - self._t0), 1)
+        self._stop.set()
+        self._thread.join(2)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            self.rss_mb = max(self.rss_mb, _rss_mb())
 
 
-def run(args: argparse.Namespace) -> int:
-    """``bench line``: enroll, run the daemon free-running at ``--fps`` against mosquitto, report."""
-    import logging
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Videos and the enrolled ``bracket`` recipe in the work folder; returns (work folder, bundle)."""
+    import shutil
 
     from anomalygpt_edge.engines.bundle import EngineBundle
     from anomalygpt_edge.runtime.defaults import DEFAULT_BUNDLE
-    from anomalygpt_edge.runtime.line.config import load_config
-    from anomalygpt_edge.runtime.line.daemon import Daemon
     from anomalygpt_edge.runtime.recipes.enrollment import Enroller
     from anomalygpt_edge.runtime.recipes.store import RecipeStore
     from anomalygpt_edge.runtime.tools import synthetic
     from anomalygpt_edge.runtime.tools.demo import ensure_bundle
-    from anomalygpt_edge.runtime.tools.local_broker import start_mosquitto
 
-    logging.getLogger("anomalygpt_edge").setLevel(logging.WARNING)
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     bundle = Path(args.bundle).resolve() if args.bundle else ensure_bundle(DEFAULT_BUNDLE.resolve())
     synthetic.write_line_video(work / "line.avi", n_parts=30, frames_per_part=5, fps=args.fps)
     synthetic.write_golden_video(work / "golden.avi", 20)
-    import shutil
-
-    shutil.rmtree(work / "store", ignore_errors=True)
-    shutil.rmtree(work / "state", ignore_errors=True)
+    for old in [work / "store", *work.glob("state-*")]:
+        shutil.rmtree(old, ignore_errors=True)
     enroller = Enroller(RecipeStore(work / "store"), EngineBundle.open(bundle, backend=args.backend))
     enroller.open_or_create("bracket", roi=synthetic.PART_ROI)
     enroller.add("bracket", [(f"g{i}", im) for i, im in enumerate(synthetic.read_video_frames(work / "golden.avi"))])
+    return work, bundle
 
-    broker = start_mosquitto()
-    cfg = _write_config(work / "bench.yaml", args, work, bundle, broker.host, broker.port)
-    seen = work / "subscriber.json"
+
+def _phase(args: argparse.Namespace, work: Path, bundle: Path, broker: Any, max_batch: int) -> dict[str, Any]:
+    """One daemon run with ``max_batch`` against a fresh subscriber process; its figures."""
+    from anomalygpt_edge.runtime.line.config import load_config
+    from anomalygpt_edge.runtime.line.daemon import Daemon
+
+    label = f"batch{max_batch}"
+    cfg = _write_config(work / f"bench-{label}.yaml", args, work, bundle, broker, max_batch, label)
+    seen = work / f"subscriber-{label}.json"
     seen.unlink(missing_ok=True)
     sub = subprocess.Popen(
         [sys.executable, "-m", "anomalygpt_edge.runtime.tools.line_bench", "--subscribe", broker.host, str(broker.port),
-         "anomalygpt/bench", str(seen), str(args.seconds), str(args.triggers)],
+         "anomalygpt/bench", str(seen), str(args.seconds), str(args.triggers), str(args.cameras)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert sub.stdout is not None
+    sub.stdout.readline()  # "ready"
+    t0 = time.time()
+    daemon = Daemon(load_config(cfg)).start()
     try:
-        assert sub.stdout is not None
-        sub.stdout.readline()  # "ready"
-        t0 = time.time()
-        daemon = Daemon(load_config(cfg)).start()
-        try:
+        with _Usage() as usage:
             time.sleep(args.seconds)
-        finally:
-            daemon.stop()
-        sub.wait(30)
+        stats = daemon.stats()
+    finally:
+        daemon.stop()
+    sub.wait(30)
+    figures = _figures(json.loads(seen.read_text()), t0, args, bundle)
+    queues = list(stats["queues"].values())
+    batches = sum(q.get("batches", 0) for q in queues)
+    figures["max_batch"] = max_batch
+    figures["mean_batch"] = round(sum(q.get("batched_jobs", 0) for q in queues) / batches, 2) if batches else None
+    figures["cpu_percent"], figures["rss_mb_peak"] = usage.cpu_percent, round(usage.rss_mb, 1)
+    return figures
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _compare(batched: dict[str, Any], unbatched: dict[str, Any]) -> dict[str, Any]:
+    """Batched ÷ unbatched: throughput (verdicts/s; > 1 is better) and p99 (< 1 is better)."""
+    return {
+        "verdicts_per_s": _ratio(batched["verdicts_per_s"], unbatched["verdicts_per_s"]),
+        "share_of_frames_inspected": _ratio(
+            batched["share_of_frames_inspected"], unbatched["share_of_frames_inspected"]
+        ),
+        "latency_p99": _ratio(batched["latency_ms"]["p99"], unbatched["latency_ms"]["p99"]),
+        "latency_p50": _ratio(batched["latency_ms"]["p50"], unbatched["latency_ms"]["p50"]),
+    }
+
+
+def _print_figures(figures: dict[str, Any], title: str = "") -> None:
+    """The figures as the lines BENCHMARKS.md quotes."""
+    lt, tr = figures["latency_ms"], figures["triggers"]
+    measured = f"{figures['seconds_measured']} s measured ({figures['verdicts']} verdicts)"
+    cams = f"{figures['cameras']} camera(s) at {figures['fps']:g} fps, max_batch {figures['max_batch']}"
+    print(f"line daemon{title}: {cams}, {measured}")
+    print(f"  capture -> verdict received   p50 {lt['p50']} ms   p99 {lt['p99']} ms   max {lt['max']} ms")
+    print(f"  sustained verdicts/s          {figures['verdicts_per_s']}   (mean batch {figures['mean_batch']})")
+    print(f"  share of frames inspected     {figures['share_of_frames_inspected']}")
+    errors = f"{figures['errors_free_run']} free-run, {figures['errors_triggered']} triggered"
+    print(f"  ERROR verdicts                {errors}")
+    print(f"  triggered parts answered      {tr['answered']} of {tr['sent']} (p50 {tr['latency_ms_p50']} ms)")
+    print(f"  bench process                 CPU {figures['cpu_percent']} %   peak RSS {figures['rss_mb_peak']} MB")
+    print("  stage medians (ms)            " + ", ".join(f"{k} {v}" for k, v in figures["stage_ms_p50"].items()))
+    for camera, f in figures["per_camera"].items():
+        share, lat = f["share_of_frames_inspected"], f["latency_ms"]
+        print(f"    {camera}: p50 {lat['p50']} / p99 {lat['p99']} ms, inspected {share}, ERROR {f['error_share']}")
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Both runs (batched, then unbatched unless ``--max-batch 1`` or ``--no-compare``); the report."""
+    import logging
+
+    from anomalygpt_edge.runtime.tools.local_broker import start_mosquitto
+
+    logging.getLogger("anomalygpt_edge").setLevel(logging.WARNING)
+    work, bundle = _prepare(args)
+    broker = start_mosquitto()
+    try:
+        figures = _phase(args, work, bundle, broker, args.max_batch)
+        if args.max_batch > 1 and args.compare:
+            unbatched = _phase(args, work, bundle, broker, 1)
+            figures["unbatched"] = unbatched
+            figures["ratios"] = _compare(figures, unbatched)
     finally:
         broker.stop()
-    figures = _figures(json.loads(seen.read_text()), t0, args, bundle)
+    return figures
+
+
+def run(args: argparse.Namespace) -> int:
+    """``bench line``: enroll, run the daemon on ``--cameras`` cameras at ``--fps`` against mosquitto, report."""
+    figures = measure(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    _print_figures(figures)
+    _print_figures(figures, " (batched)" if "unbatched" in figures else "")
+    if "unbatched" in figures:
+        _print_figures(figures["unbatched"], " (unbatched, max_batch 1)")
+        print("  batched / unbatched           " + ", ".join(f"{k} {v}" for k, v in figures["ratios"].items()))
     print(json.dumps(figures))
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 8 and sys.argv[1] == "--subscribe":
-        host, port, prefix, out, seconds, triggers = sys.argv[2:]
-        _subscriber(host, int(port), prefix, Path(out), float(seconds), int(triggers))
+    if len(sys.argv) in (8, 9) and sys.argv[1] == "--subscribe":
+        host, port, prefix, out, seconds, triggers = sys.argv[2:8]
+        cameras = int(sys.argv[8]) if len(sys.argv) == 9 else 1
+        _subscriber(host, int(port), prefix, Path(out), float(seconds), int(triggers), cameras)
     else:
-        sys.exit("usage: python -m anomalygpt_edge.runtime.tools.line_bench --subscribe HOST PORT PREFIX OUT SECONDS N")
+        usage = "--subscribe HOST PORT PREFIX OUT SECONDS N [CAMERAS]"
+        sys.exit(f"usage: python -m anomalygpt_edge.runtime.tools.line_bench {usage}")
