@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 
 from anomalygpt_edge.runtime.cameras.base import CameraConfig, camera_config_union
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig, TlsConfig
+from anomalygpt_edge.runtime.delivery.sparkplug_config import SparkplugConfig
 from anomalygpt_edge.runtime.line.config_yaml import ConfigError, config_error, read_yaml
 from anomalygpt_edge.runtime.values import (
     ConfigPath,
@@ -199,6 +200,7 @@ class DaemonConfig(_Section):
     health: HealthConfig = Field(default_factory=HealthConfig)
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    sparkplug: SparkplugConfig | None = None  # Sparkplug B 3.0 Edge Node beside the JSON topics
     _source: str = PrivateAttr("<config>")
 
     @model_validator(mode="after")

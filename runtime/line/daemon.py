@@ -62,6 +62,7 @@ from anomalygpt_edge.runtime.line.inspection_worker import InspectionWorker
 from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
 from anomalygpt_edge.runtime.line.link import Link
 from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
+from anomalygpt_edge.runtime.line.sparkplug_wiring import open_sparkplug
 from anomalygpt_edge.runtime.line.status import DaemonHealth
 from anomalygpt_edge.runtime.line.status_report import StatusReport
 from anomalygpt_edge.runtime.line.storage import LineStorage
@@ -83,6 +84,7 @@ class Daemon:
         self.started_at = time.time()
         self._injected_link = link
         self.link: Link | None = None
+        self.sparkplug: Any = None  # the Sparkplug B Edge Node when the config has a sparkplug section
         self.counts: dict[str, collections.Counter[str]] = {c: collections.Counter() for c in config.cameras}
         self.cameras: dict[str, Camera] = {}
         self.explainer: Any = None
@@ -245,6 +247,7 @@ class Daemon:
         self._open_llm()
         self.supervisor.install_excepthook()
         self.link = self._build_link()
+        self.sparkplug = open_sparkplug(self.config, self.status, self._sparkplug_trigger, self.health.error)
         # Board and publisher before the link connects: a trigger may arrive the moment it does.
         self.board = TriggerBoard(self.slots, self.cameras, self.counts, self.answer_error, self.health.error)
         self.publisher = VerdictPublisher(
@@ -257,8 +260,11 @@ class Daemon:
             explanations=self.explanations,
             verdict_listeners=self.verdict_listeners,
             explanation_listeners=self.explanation_listeners,
+            sparkplug=self.sparkplug,
         )
         self._connect(mqtt_wait_s)
+        if self.sparkplug is not None:
+            self.sparkplug.start(min(mqtt_wait_s, 5.0))  # connects in the background either way
         self._start_loops()
         self._watch_health()
         self.health.start(self.status, self._publish_heartbeat)
@@ -337,7 +343,13 @@ class Daemon:
         if self.link is not None and self.link.sender is not None:
             health.watch_thread("verdict-sender", lambda: self.link.sender.thread if self.link else None)
 
+    def _sparkplug_trigger(self, camera: str, part_id: str | None) -> None:
+        """A Sparkplug DCMD ``Trigger``: a part like a JSON ``cmd/trigger``, answered in DDATA (no reply topic)."""
+        self.trigger(camera, part_id, None, None)
+
     def _publish_heartbeat(self, body: dict[str, Any]) -> None:
+        if self.sparkplug is not None:
+            self.sparkplug.refresh()  # node and camera metrics that changed: NDATA / DDATA
         link = self.link
         if link is not None and link.connected.is_set():
             link.publish_json(link.topic("status"), body, qos=1, retain=True)
@@ -361,6 +373,8 @@ class Daemon:
             self.board.stop()
         if self.link is not None:
             self.link.stop()
+        if self.sparkplug is not None:
+            self.sparkplug.stop()  # DDEATHs and the NDEATH
         self.storage.close()
         self.supervisor.restore_excepthook()
 

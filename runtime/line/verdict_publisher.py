@@ -62,6 +62,7 @@ class VerdictPublisher:
         explanations: ExplanationWorker | None = None,
         verdict_listeners: list[VerdictListener] | None = None,
         explanation_listeners: list[ExplanationListener] | None = None,
+        sparkplug: Any = None,
     ):
         self.config = config
         self.link = link
@@ -72,6 +73,7 @@ class VerdictPublisher:
         self.explanations = explanations
         self.verdict_listeners = verdict_listeners if verdict_listeners is not None else []
         self.explanation_listeners = explanation_listeners if explanation_listeners is not None else []
+        self.sparkplug = sparkplug  # the Sparkplug B Edge Node (None without a sparkplug section)
         self.last: dict[str, tuple[str, Verdict]] = {}  # camera -> (verdict id, verdict), for `ask`
 
     # -- answering -------------------------------------------------------------------------------
@@ -155,6 +157,8 @@ class VerdictPublisher:
                 link.reply(command, body)
 
         link.publish_verdict(vid, link.topic(job.camera, "verdict"), payload, on_durable=reply)
+        if self.sparkplug is not None:  # the same verdict as DDATA (only queued: spooled on the node's sender)
+            self.sparkplug.publish_verdict(job.camera, vid, msg)
         self.last[job.camera] = (vid, verdict)
         try:
             self._after_verdict(job, vid, verdict, msg, self._roi_image(job.camera, verdict, image))

@@ -1,0 +1,308 @@
+"""The Sparkplug B Edge Node against a real mosquitto, every message decoded by pysparkplug.
+
+Births, data by alias, seq wrap, the NDEATH Will and bdSeq across a reconnect, rebirth on NCMD, a
+DCMD trigger answered in DDATA, and verdict DDATA through the spool (resent after an outage).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from daemon_fixtures import broker_fixture, line_fixture, write_config  # noqa: F401  (fixtures used by name)
+from paho.mqtt.enums import CallbackAPIVersion
+from pysparkplug import DataType, DBirth, DCmd, Message, MessageType, Metric, NBirth, NCmd, NDeath, Topic
+
+from anomalygpt_edge.runtime.delivery import sparkplug_metrics as spm
+from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig
+from anomalygpt_edge.runtime.delivery.sparkplug_config import SparkplugConfig
+from anomalygpt_edge.runtime.delivery.sparkplug_node import SparkplugNode
+from anomalygpt_edge.runtime.delivery.spool import VerdictSpool
+from anomalygpt_edge.runtime.tools.local_broker import LocalBroker, start_mosquitto
+
+GROUP, NODE = "Plant1", "line-spb"
+
+
+class Host:
+    """A Sparkplug host stand-in: a separate paho client that decodes everything with pysparkplug."""
+
+    def __init__(self, broker: LocalBroker):
+        self.messages: list[Message] = []
+        self.births: dict[tuple[str | None, str | None], Any] = {}
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(f"spBv1.0/{GROUP}/#", 1)
+        self.client.connect(broker.host, broker.port, 10)
+        self.client.loop_start()
+        assert subscribed.wait(10)
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        topic = Topic.from_str(msg.topic)
+        key = (topic.edge_node_id, topic.device_id)
+        if topic.message_type in (MessageType.NCMD, MessageType.DCMD):
+            return
+        decoded = Message.from_mqtt_message(msg, birth=self.births.get(key))
+        with self._cond:
+            if isinstance(decoded.payload, NBirth | DBirth):
+                self.births[key] = decoded.payload
+            self.messages.append(decoded)
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[Message], bool], count: int = 1, timeout: float = 15.0) -> list[Message]:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for m in self.messages if pred(m)]
+                if len(found) >= count:
+                    return found[:count]
+                left = end - time.monotonic()
+                assert left > 0, (
+                    f"{len(found)} of {count} within {timeout} s; saw {[str(m.topic) for m in self.messages]}"
+                )
+                self._cond.wait(left)
+
+    def command(self, kind: MessageType, metrics: tuple[Metric, ...], device: str | None = None) -> None:
+        payload = (NCmd if kind == MessageType.NCMD else DCmd)(timestamp=spm.now_ms(), metrics=metrics)
+        topic = Topic(group_id=GROUP, message_type=kind, edge_node_id=NODE, device_id=device)
+        self.client.publish(str(topic), payload.encode(), qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def of(kind: MessageType, device: str | None = None) -> Callable[[Message], bool]:
+    return lambda m: m.topic.message_type == kind and (device is None or m.topic.device_id == device)
+
+
+def values(message: Message) -> dict[str | None, Any]:
+    return {m.name: m.value for m in message.payload.metrics}
+
+
+FACTS = (
+    {"Spool/Depth": 0, "Properties/Backend": "onnxruntime-cpu", "Properties/Version": "test"},
+    {"cam1": {"Camera/State": "streaming", "Recipe": "bracket"}, "cam2": {"Camera/State": "streaming"}},
+)
+
+
+def make_node(broker: LocalBroker, triggers: list | None = None, spool: VerdictSpool | None = None) -> SparkplugNode:
+    cfg = SparkplugConfig(group=GROUP, node=NODE)
+    mqtt_cfg = MqttConfig(host=broker.host, port=broker.port, keepalive=5)
+    on_trigger = (lambda cam, part: triggers.append((cam, part))) if triggers is not None else (lambda c, p: None)
+    return SparkplugNode(cfg, mqtt_cfg, "dev", ["cam1", "cam2"], lambda: FACTS, on_trigger, spool)
+
+
+@pytest.fixture(name="host")
+def host_fixture(broker: LocalBroker) -> Iterator[Host]:
+    h = Host(broker)
+    yield h
+    h.close()
+
+
+def verdict_msg(n: int, verdict: str = "OK") -> dict[str, Any]:
+    return {
+        "id": f"v{n}",
+        "verdict": verdict,
+        "score": 0.25 + n / 1000,
+        "threshold": 0.5,
+        "part_id": f"P{n}",
+        "recipe": "bracket",
+        "captured_at_epoch": time.time(),
+    }
+
+
+def test_births_carry_every_metric_with_datatype_and_alias_and_bdseq(broker: LocalBroker, host: Host) -> None:
+    node = make_node(broker)
+    assert node.start(10)
+    try:
+        nbirth = host.wait_for(of(MessageType.NBIRTH))[0]
+        dbirths = host.wait_for(of(MessageType.DBIRTH), count=2)
+    finally:
+        node.stop()
+    assert str(nbirth.topic) == f"spBv1.0/{GROUP}/NBIRTH/{NODE}" and not nbirth.retain and nbirth.qos == 0
+    assert nbirth.payload.seq == 0
+    nv = values(nbirth)
+    assert nv["bdSeq"] == 0 and nv[spm.REBIRTH] is False
+    assert nv["Properties/Backend"] == "onnxruntime-cpu" and nv["Properties/Version"] == "test"
+    assert [d.payload.seq for d in dbirths] == [1, 2]
+    cam1 = dbirths[0].payload.metrics
+    assert {m.name for m in cam1} == set(spm.DEVICE_METRICS)
+    assert all(m.alias is not None and m.datatype != DataType.UNKNOWN for m in cam1)
+    assert values(dbirths[0])["Recipe"] == "bracket" and values(dbirths[0])["Camera/State"] == "streaming"
+    aliases = [m.alias for d in dbirths for m in d.payload.metrics]
+    assert len(aliases) == len(set(aliases))  # unique across the node
+    death = host.wait_for(of(MessageType.NDEATH))[0]  # the clean stop says it too, same bdSeq
+    assert isinstance(death.payload, NDeath) and death.payload.bd_seq_metric.value == 0
+
+
+def test_verdict_ddata_uses_aliases_only_and_decodes_against_the_birth(broker: LocalBroker, host: Host) -> None:
+    node = make_node(broker)
+    assert node.start(10)
+    try:
+        host.wait_for(of(MessageType.DBIRTH), count=2)
+        node.publish_verdict("cam1", "v1", verdict_msg(1, "NG"))
+        data = host.wait_for(of(MessageType.DDATA, "cam1"))[0]
+    finally:
+        node.stop()
+    got = values(data)
+    assert got[spm.VERDICT] == "NG" and got[spm.PART_ID] == "P1" and got["Inspection/Verdict ID"] == "v1"
+    assert got["Counts/NG"] == 1 and got["Counts/OK"] == 0 and got["Inspection/Threshold"] == 0.5
+    assert all(m.alias is not None for m in data.payload.metrics)
+
+
+def test_ddata_on_the_wire_has_no_names_and_no_datatypes() -> None:
+    from pysparkplug._protobuf import Payload as PBPayload  # the generated message, to look at the wire
+
+    raw = spm.device_data(0, {spm.VERDICT: "OK", "Inspection/Score": 0.1}, 7, spm.now_ms()).encode()
+    pb = PBPayload.FromString(raw)
+    assert pb.seq == 7 and all(not m.HasField("name") and not m.HasField("datatype") for m in pb.metrics)
+
+
+def test_seq_wraps_from_255_to_0(broker: LocalBroker, host: Host) -> None:
+    node = make_node(broker)
+    assert node.start(10)
+    try:
+        host.wait_for(of(MessageType.DBIRTH), count=2)
+        for n in range(300):
+            node.publish_data("cam2", {"Performance/Inspected FPS": float(n)})
+        data = host.wait_for(of(MessageType.DDATA, "cam2"), count=300)
+    finally:
+        node.stop()
+    seqs = [d.payload.seq for d in data]
+    assert seqs == [(3 + n) % 256 for n in range(300)]  # NBIRTH 0, DBIRTHs 1-2, then 3 … 255, 0, 1 …
+    assert 255 in seqs and seqs[seqs.index(255) + 1] == 0
+
+
+def _cut(node: SparkplugNode) -> None:
+    """Kill the node's TCP connection without a DISCONNECT: the broker publishes its Will."""
+    sock = node.client.socket()
+    assert sock is not None
+    sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_ndeath_will_matches_the_birth_and_bdseq_grows_on_reconnect(broker: LocalBroker, host: Host) -> None:
+    node = make_node(broker)
+    assert node.start(10)
+    try:
+        first = host.wait_for(of(MessageType.NBIRTH))[0]
+        _cut(node)
+        will = host.wait_for(of(MessageType.NDEATH))[0]
+        births = host.wait_for(of(MessageType.NBIRTH), count=2, timeout=20)
+        host.wait_for(of(MessageType.DBIRTH, "cam2"), count=2)
+    finally:
+        node.stop()
+    assert values(first)["bdSeq"] == 0
+    assert isinstance(will.payload, NDeath) and will.payload.bd_seq_metric.value == 0
+    assert values(births[1])["bdSeq"] == 1 and births[1].payload.seq == 0
+
+
+def test_ncmd_rebirth_republishes_every_birth(broker: LocalBroker, host: Host) -> None:
+    node = make_node(broker)
+    assert node.start(10)
+    try:
+        host.wait_for(of(MessageType.DBIRTH), count=2)
+        node.publish_data("cam1", {"Performance/Inspected FPS": 9.5})
+        host.wait_for(of(MessageType.DDATA, "cam1"))
+        host.command(MessageType.NCMD, (Metric(spm.now_ms(), spm.REBIRTH, DataType.BOOLEAN, value=True),))
+        births = host.wait_for(of(MessageType.NBIRTH), count=2)
+        dbirths = host.wait_for(of(MessageType.DBIRTH, "cam1"), count=2)
+    finally:
+        node.stop()
+    assert births[1].payload.seq == 0 and values(births[1])["bdSeq"] == 0
+    assert values(dbirths[1])["Performance/Inspected FPS"] == 9.5  # the rebirth carries current values
+    assert node.stats["rebirths"] == 1
+
+
+def test_dcmd_trigger_is_answered_in_ddata(broker: LocalBroker, host: Host) -> None:
+    triggers: list[tuple[str, str | None]] = []
+    node = make_node(broker, triggers)
+
+    def answer(camera: str, part: str | None) -> None:
+        triggers.append((camera, part))
+        node.publish_verdict(camera, "vt", {**verdict_msg(7), "part_id": part})
+
+    node.on_trigger = answer
+    assert node.start(10)
+    try:
+        host.wait_for(of(MessageType.DBIRTH), count=2)
+        host.command(MessageType.DCMD, (Metric(spm.now_ms(), spm.TRIGGER, DataType.STRING, value="PX-1"),), "cam2")
+        data = host.wait_for(lambda m: of(MessageType.DDATA, "cam2")(m) and spm.VERDICT in values(m))[0]
+    finally:
+        node.stop()
+    assert triggers == [("cam2", "PX-1")]
+    assert values(data)[spm.PART_ID] == "PX-1" and values(data)[spm.VERDICT] == "OK"
+
+
+def test_spooled_verdicts_survive_an_outage_and_follow_the_new_birth(tmp_path: Path) -> None:
+    own = start_mosquitto()  # a broker of this test's own, to stop and start again on the same port
+    own_host = Host(own)
+    spool = VerdictSpool(tmp_path / "sparkplug" / "spool.db")
+    node = make_node(own, spool=spool)
+    assert node.start(10)
+    try:
+        own_host.wait_for(of(MessageType.DBIRTH), count=2)
+        node.publish_verdict("cam1", "v0", verdict_msg(0))
+        own_host.wait_for(of(MessageType.DDATA, "cam1"))
+        own_host.close()
+        own.stop()
+        deadline = time.monotonic() + 10
+        while node.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for n in range(1, 6):
+            node.publish_verdict("cam1", f"v{n}", verdict_msg(n))
+        deadline = time.monotonic() + 10
+        while spool.depth() < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert spool.depth() == 5  # held while the broker is away
+        own = start_mosquitto(port=own.port)
+        own_host = Host(own)
+        data = own_host.wait_for(of(MessageType.DDATA, "cam1"), count=5, timeout=30)
+        nbirth = own_host.wait_for(of(MessageType.NBIRTH))[0]
+    finally:
+        node.stop()
+        own_host.close()
+        own.stop()
+        spool.close()
+    assert [values(d)["Inspection/Verdict ID"] for d in data] == [f"v{n}" for n in range(1, 6)]
+    assert values(nbirth)["bdSeq"] == 1
+    seqs = [d.payload.seq for d in data]
+    assert seqs == list(range(3, 8))  # after the new NBIRTH (0) and DBIRTHs (1, 2)
+
+
+def test_the_daemon_answers_a_dcmd_trigger_with_a_real_verdict_in_ddata_beside_the_json_topics(
+    tmp_path: Path, broker: LocalBroker, host: Host, line: dict
+) -> None:
+    from anomalygpt_edge.runtime.line.config import load_config
+    from anomalygpt_edge.runtime.line.daemon import Daemon
+
+    cameras = {"cam1": {"type": "video_file", "source": str(line["video"]), "fps": 10, "loop": True}}
+    recipes = [{"camera": "cam1", "recipe": "bracket", "trigger": "mqtt", "deadline_ms": 2000}]
+    cfg = write_config(tmp_path / "spb.yaml", broker, cameras, recipes, line["store"], line["bundle"], device="spbd")
+    body = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**body, "sparkplug": {"group": GROUP, "node": NODE}}))
+    daemon = Daemon(load_config(cfg)).start()
+    try:
+        dbirth = host.wait_for(of(MessageType.DBIRTH, "cam1"))[0]
+        nbirth = host.wait_for(of(MessageType.NBIRTH))[0]
+        host.command(MessageType.DCMD, (Metric(spm.now_ms(), spm.TRIGGER, DataType.STRING, value="PD-9"),), "cam1")
+        data = host.wait_for(lambda m: of(MessageType.DDATA, "cam1")(m) and spm.VERDICT in values(m), timeout=20)[0]
+        spool_rows = daemon.sparkplug.sender.spool
+    finally:
+        daemon.stop()
+    got = values(data)
+    assert got[spm.PART_ID] == "PD-9" and got[spm.VERDICT] in ("OK", "NG")
+    assert got["Recipe"] == "bracket" and isinstance(got["Inspection/Score"], float)
+    assert values(dbirth)["Recipe"] == "bracket"
+    assert values(nbirth)["Properties/Version"] and values(nbirth)["Properties/Backend"]
+    assert spool_rows.path == tmp_path / "spbd-state" / "sparkplug" / "spool.db"
+    assert host.wait_for(of(MessageType.NDEATH))[0].payload.bd_seq_metric.value == values(nbirth)["bdSeq"]
