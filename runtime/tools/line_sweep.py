@@ -1,0 +1,247 @@
+"""``anomalygpt-edge bench line-sweep``: the line's cost curves, measured, as JSON and PNG plots.
+
+Two curves:
+
+* **cameras × fps**: ``bench line`` (separate subscriber process, batched and unbatched daemons in
+  the same run) at every camera count and frame rate: p50/p99 capture→verdict, the share of
+  frames inspected, the ERROR share, the bench process's CPU % and peak RSS;
+* **batch size**: one bundle's encoder + bank matcher through the line's batched entry
+  (:func:`~anomalygpt_edge.runtime.recipes.inspector.inspect_many`) at each batch size and
+  ``engines.threads`` value, interleaved round by round so that load from other processes hits
+  every size alike: images/s and p99 per batch.
+
+Plots are drawn with OpenCV (no plotting library is a dependency); every figure is in
+``sweep.json`` next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+#: Colours (BGR) of the plotted series, in order.
+COLOURS = [(200, 90, 30), (40, 140, 40), (30, 30, 200), (160, 60, 160), (20, 150, 190), (90, 90, 90)]
+W, H, MARGIN = 640, 400, 60
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 2)
+
+
+# -- batch size -> images/s ---------------------------------------------------------------------
+def _inspector(bundle: Path, store: Path, backend: str, threads: int) -> Any:
+    """The enrolled ``bracket`` recipe on ``threads`` ONNX Runtime threads, as the daemon builds it."""
+    from anomalygpt_edge.engines.base import create_engine, resolve_backend
+    from anomalygpt_edge.engines.bundle import EngineBundle
+    from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
+    from anomalygpt_edge.runtime.recipes.inspector import Inspector
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+
+    opened = EngineBundle.open(bundle, backend=backend)
+    pipeline = VisionPipeline(opened)
+    if threads and resolve_backend(backend) == "onnxruntime":
+        for attr, graph in (("encoder", "encoder"), ("matcher", "bank_matcher")):
+            entry = opened.graph(graph)
+            engine = create_engine(
+                opened.path / entry.file, entry.inputs, entry.outputs, "onnxruntime", threads=threads
+            )
+            setattr(pipeline, attr, engine)
+    recipes = RecipeStore(store)
+    return Inspector(opened, recipes.load("bracket"), recipes, pipeline)
+
+
+def batch_curve(
+    bundle: Path, store: Path, images: list[np.ndarray], sizes: list[int], threads: list[int], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """images/s and per-batch p50/p99 for every (threads, batch size), sizes interleaved each round."""
+    from anomalygpt_edge.runtime.recipes.inspector import inspect_many
+
+    rows = []
+    for t in threads:
+        inspector = _inspector(bundle, store, args.backend, t)
+        inspect_many([(inspector, images[0], "warm-up")] * max(sizes))
+        times: dict[int, list[float]] = {b: [] for b in sizes}
+        end = time.monotonic() + args.batch_seconds * len(sizes)
+        i = 0
+        while time.monotonic() < end or any(len(v) < 3 for v in times.values()):
+            for b in sizes:
+                batch = [(inspector, images[(i + k) % len(images)], f"img{k}") for k in range(b)]
+                t0 = time.perf_counter()
+                inspect_many(batch)
+                times[b].append(time.perf_counter() - t0)
+                i += b
+        for b in sizes:
+            ms = [s * 1e3 for s in times[b]]
+            rows.append(
+                {
+                    "threads": t,
+                    "batch": b,
+                    "batches": len(ms),
+                    "images_per_s": round(b * len(ms) / sum(times[b]), 1),
+                    "batch_ms_p50": _pct(ms, 50),
+                    "batch_ms_p99": _pct(ms, 99),
+                }
+            )
+    return rows
+
+
+# -- cameras x fps ------------------------------------------------------------------------------
+def _point(args: argparse.Namespace, cameras: int, fps: float) -> dict[str, Any]:
+    """``bench line`` at one camera count and rate; the summary of both modes and their ratios."""
+    from anomalygpt_edge.runtime.tools import line_bench
+
+    ns = argparse.Namespace(**{**vars(args), "cameras": cameras, "fps": fps})
+    figures = line_bench.measure(ns)
+    line_bench._print_figures(figures, " (batched)")
+    keep = ("latency_ms", "verdicts_per_s", "share_of_frames_inspected", "error_share", "errors_free_run",
+            "errors_triggered", "cpu_percent", "rss_mb_peak", "mean_batch", "max_batch", "triggers",
+            "load_average_1m")  # fmt: skip
+    point: dict[str, Any] = {"cameras": cameras, "fps": fps, "batched": {k: figures.get(k) for k in keep}}
+    if "unbatched" in figures:
+        point["unbatched"] = {k: figures["unbatched"].get(k) for k in keep}
+        point["ratios"] = figures["ratios"]
+    return point
+
+
+# -- plots --------------------------------------------------------------------------------------
+def chart(
+    path: Path, title: str, xlabel: str, ylabel: str, series: list[tuple[str, list[float], list[float]]],
+    hline: float | None = None,
+) -> Path:  # fmt: skip
+    """A line chart as a small PNG (OpenCV drawing): one polyline per series, a legend, a dashed limit."""
+    img = np.full((H, W, 3), 255, np.uint8)
+    xs = sorted({x for _, sx, _ in series for x in sx}) or [0.0, 1.0]
+    ys = [y for _, _, sy in series for y in sy if y is not None] + ([hline] if hline is not None else [])
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y1 = max(ys) * 1.1 if ys and max(ys) > 0 else 1.0
+
+    def at(x: float, y: float) -> tuple[int, int]:
+        px = MARGIN + (x - x0) / (x1 - x0) * (W - 2 * MARGIN)
+        return int(px), int(H - MARGIN - y / y1 * (H - 2 * MARGIN))
+
+    font, black, grey = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0), (200, 200, 200)
+    cv2.rectangle(img, (MARGIN, MARGIN), (W - MARGIN, H - MARGIN), black, 1)
+    for k in range(6):
+        y = y1 * k / 5
+        cv2.line(img, at(x0, y), at(x1, y), grey, 1)
+        cv2.putText(img, f"{y:.3g}", (4, at(x0, y)[1] + 4), font, 0.4, black, 1, cv2.LINE_AA)
+    for x in xs:
+        cv2.putText(img, f"{x:g}", (at(x, 0)[0] - 8, H - MARGIN + 16), font, 0.4, black, 1, cv2.LINE_AA)
+    if hline is not None:
+        for px in range(MARGIN, W - MARGIN, 12):
+            cv2.line(img, (px, at(x0, hline)[1]), (px + 6, at(x0, hline)[1]), (0, 0, 230), 1)
+    for n, (label, sx, sy) in enumerate(series):
+        colour = COLOURS[n % len(COLOURS)]
+        pts = [at(x, y) for x, y in zip(sx, sy) if y is not None]
+        if len(pts) > 1:
+            cv2.polylines(img, [np.array(pts, np.int32)], False, colour, 2, cv2.LINE_AA)
+        for p in pts:
+            cv2.circle(img, p, 3, colour, -1)
+        cv2.putText(img, label, (MARGIN + 8, MARGIN + 16 + 16 * n), font, 0.45, colour, 1, cv2.LINE_AA)
+    cv2.putText(img, title, (MARGIN, MARGIN - 22), font, 0.55, black, 1, cv2.LINE_AA)
+    cv2.putText(img, ylabel, (4, MARGIN - 6), font, 0.4, black, 1, cv2.LINE_AA)
+    cv2.putText(img, xlabel, (W // 2 - 40, H - 12), font, 0.45, black, 1, cv2.LINE_AA)
+    cv2.imwrite(str(path), img, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    return path
+
+
+def _series(points: list[dict[str, Any]], value: Any, modes: tuple[str, ...] = ("batched", "unbatched")) -> list:
+    """One series per (fps, mode): x = cameras, y = ``value(mode figures)``."""
+    out = []
+    for fps in sorted({p["fps"] for p in points}):
+        for mode in modes:
+            pts = [p for p in points if p["fps"] == fps and mode in p]
+            if pts:
+                out.append((f"{fps:g} fps {mode}", [p["cameras"] for p in pts], [value(p[mode]) for p in pts]))
+    return out
+
+
+def plots(out: Path, points: list[dict[str, Any]], curve: list[dict[str, Any]]) -> list[str]:
+    """Every PNG of the report; returns their paths."""
+    p99 = _series(points, lambda f: f["latency_ms"]["p99"])
+    p50 = _series(points, lambda f: f["latency_ms"]["p50"])
+    share = _series(points, lambda f: 100 * (f["share_of_frames_inspected"] or 0))
+    errors = _series(points, lambda f: 100 * (f["error_share"] or 0))
+    cpu = _series(points, lambda f: f["cpu_percent"])
+    rss = _series(points, lambda f: f["rss_mb_peak"])
+    threads = sorted({r["threads"] for r in curve})
+    ips = [(f"threads {t}", [r["batch"] for r in curve if r["threads"] == t],
+            [r["images_per_s"] for r in curve if r["threads"] == t]) for t in threads]  # fmt: skip
+    bp99 = [(f"threads {t}", [r["batch"] for r in curve if r["threads"] == t],
+             [r["batch_ms_p99"] for r in curve if r["threads"] == t]) for t in threads]  # fmt: skip
+    paths = [
+        chart(out / "p99_vs_cameras.png", "capture->verdict p99", "cameras", "ms", p99, hline=100.0),
+        chart(out / "p50_vs_cameras.png", "capture->verdict p50", "cameras", "ms", p50),
+        chart(out / "inspected_vs_cameras.png", "frames inspected", "cameras", "%", share, hline=100.0),
+        chart(out / "errors_vs_cameras.png", "ERROR verdicts", "cameras", "% of verdicts", errors),
+        chart(out / "cpu_vs_cameras.png", "bench process CPU (100 = one core)", "cameras", "%", cpu),
+        chart(out / "rss_vs_cameras.png", "bench process peak RSS", "cameras", "MB", rss),
+        chart(out / "images_per_s_vs_batch.png", "encoder+matcher images/s", "batch size", "images/s", ips),
+        chart(out / "batch_p99_vs_batch.png", "p99 of one batch", "batch size", "ms", bp99),
+    ]
+    return [str(p) for p in paths]
+
+
+def _print_tables(points: list[dict[str, Any]], curve: list[dict[str, Any]]) -> None:
+    """The tables BENCHMARKS.md quotes."""
+    print("| cameras | fps | mode | p50 ms | p99 ms | inspected | ERROR | verdicts/s | mean batch | CPU % | RSS MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for p in points:
+        for mode in ("batched", "unbatched"):
+            if mode not in p:
+                continue
+            f, lat = p[mode], p[mode]["latency_ms"]
+            share = f"{100 * (f['share_of_frames_inspected'] or 0):.1f} %"
+            err = f"{100 * (f['error_share'] or 0):.1f} %"
+            print(f"| {p['cameras']} | {p['fps']:g} | {mode} | {lat['p50']} | {lat['p99']} | {share} | {err} | "
+                  f"{f['verdicts_per_s']} | {f['mean_batch']} | {f['cpu_percent']} | {f['rss_mb_peak']} |")  # fmt: skip
+        if "ratios" in p:
+            print(f"|  |  | batched/unbatched | | p99 x{p['ratios']['latency_p99']} | | | "
+                  f"x{p['ratios']['verdicts_per_s']} | | | |")  # fmt: skip
+    print("\n| threads | batch | images/s | batch p50 ms | batch p99 ms |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in curve:
+        print(f"| {r['threads']} | {r['batch']} | {r['images_per_s']} | {r['batch_ms_p50']} | {r['batch_ms_p99']} |")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``bench line-sweep``: the batch curve, then ``bench line`` over cameras × fps; JSON + PNG in ``--out``."""
+    import os
+
+    from anomalygpt_edge.runtime.tools import line_bench, synthetic
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    prep = argparse.Namespace(**{**vars(args), "cameras": 1, "fps": 10.0})
+    work, bundle = line_bench._prepare(prep)
+    images = synthetic.read_video_frames(work / "line.avi")[:16]
+    started = time.time()
+    curve = batch_curve(bundle, work / "store", images, _ints(args.batch_sizes), _ints(args.thread_counts), args)
+    points = [_point(args, n, fps) for fps in _floats(args.fps_list) for n in _ints(args.camera_counts)]
+    report = {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_end": round(os.getloadavg()[0], 2),
+        "batch_curve": curve,
+        "points": points,
+    }
+    report["plots"] = plots(out, points, curve)
+    (out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+    _print_tables(points, curve)
+    print(f"report: {out / 'sweep.json'} and {len(report['plots'])} plots")
+    return 0
