@@ -362,8 +362,14 @@ def compare_int8(ref: np.ndarray, cand: np.ndarray, bank: np.ndarray, metric: st
     )
 
 
-def format_report(report: AccuracyReport, names: Sequence[str] | None = None, reference: str = "FP16") -> str:
-    """The accuracy table printed at the end of an INT8 build (``reference``: what INT8 is compared to)."""
+def format_report(
+    report: AccuracyReport,
+    names: Sequence[str] | None = None,
+    reference: str = "FP16",
+    keep_hint: str = "re-run with --precision fp16",
+) -> str:
+    """The accuracy table printed at the end of an INT8 build (``reference``: what INT8 is compared to;
+    ``keep_hint``: how to keep the reference precision instead)."""
     names = list(names) if names is not None else [f"image {i}" for i in range(report.images)]
     width = max(len(n) for n in [*names, "held-out image"])
     lines = [
@@ -383,6 +389,6 @@ def format_report(report: AccuracyReport, names: Sequence[str] | None = None, re
         "  verdict: INT8 is within tolerance"
         if report.passed()
         else f"  verdict: INT8 moves scores by more than 5% or decorrelates maps: keep {reference} "
-        "(re-run with --precision fp16) or re-enroll and re-fit thresholds on INT8"
+        f"({keep_hint}) or re-enroll and re-fit thresholds on INT8"
     )
     return "\n".join(lines)

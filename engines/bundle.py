@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from anomalygpt_edge.atomic_files import sha256_bytes, sha256_file
-from anomalygpt_edge.engines.base import Engine, EngineError, create_engine
+from anomalygpt_edge.engines.base import Engine, EngineError, TensorSpec, create_engine
+from anomalygpt_edge.engines.cpu_int8 import why_not_int8
 from anomalygpt_edge.engines.manifest import GraphEntry, Manifest, ManifestError, read_manifest
 
 
@@ -21,17 +22,27 @@ class EngineBundle:
     ``sha256`` identifies the bundle: the hash of its manifest, which itself lists the hash of
     every file, so any change to any graph changes it. Memory banks record it, and a bank built
     with another bundle is refused.
+
+    ``precision`` is the encoder's: ``fp32`` or ``int8`` (the CPU INT8 variant of ``export int8``).
+    The two compute different features, so each has its own identity: at ``fp32`` the manifest
+    without its ``int8`` record (a recipe enrolled before ``export int8`` stays valid), at ``int8``
+    the whole manifest (a recipe enrolled at one precision is refused at the other: re-enroll).
     """
 
-    def __init__(self, path: Path, manifest: Manifest, sha256: str, backend: str = "auto"):
+    def __init__(
+        self, path: Path, manifest: Manifest, sha256: str, backend: str = "auto", precision: str = "fp32"
+    ) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.sha256 = sha256
         self.backend = backend
+        self.precision = precision
         self._engines: dict[tuple[str, str], Engine] = {}
 
     @classmethod
-    def open(cls, path: Path | str, backend: str = "auto", verify: bool = True) -> EngineBundle:
+    def open(
+        cls, path: Path | str, backend: str = "auto", verify: bool = True, precision: str = "fp32"
+    ) -> EngineBundle:
         """Read the manifest and (by default) check every file's size and sha256 against it."""
         path = Path(path)
         if not path.is_dir():
@@ -40,7 +51,8 @@ class EngineBundle:
             manifest, raw = read_manifest(path)
         except ManifestError as exc:
             raise BundleError(str(exc)) from exc
-        bundle = cls(path, manifest, sha256_bytes(raw), backend)
+        _check_precision(path, manifest, precision)
+        bundle = cls(path, manifest, bundle_identity(manifest, raw, precision), backend, precision)
         bundle.check_files(hashes=verify)
         return bundle
 
@@ -70,27 +82,41 @@ class EngineBundle:
                 f"bundle {self.path} has no '{graph}' graph (it has {', '.join(sorted(self.manifest.graphs))})"
             ) from None
 
-    def engine(self, graph: str, precision: str = "fp32", backend: str | None = None) -> Engine:
-        """The loaded engine for ``graph``; loaded once and shared by every caller (and camera)."""
+    def engine(self, graph: str, precision: str | None = None, backend: str | None = None) -> Engine:
+        """The loaded engine for ``graph``; loaded once and shared by every caller (and camera).
+
+        ``precision`` defaults to the bundle's for the encoder and ``fp32`` for every other graph.
+        """
+        if precision is None:
+            precision = self.precision if graph == "encoder" else "fp32"
         key = (graph, precision)
         if key not in self._engines:
             entry = self.graph(graph)
+            backend = backend or self.backend
             if precision == "fp32":
                 file, inputs, outputs = entry.file, entry.inputs, entry.outputs
             elif precision == "fp16":
                 if entry.fp16_file is None:
                     raise BundleError(f"bundle {self.path}: graph '{graph}' has no fp16 variant")
-                file = entry.fp16_file
-                inputs = [
-                    type(s)(s.name, s.shape, "float16" if s.dtype == "float32" else s.dtype) for s in entry.inputs
-                ]
-                outputs = [
-                    type(s)(s.name, s.shape, "float16" if s.dtype == "float32" else s.dtype) for s in entry.outputs
-                ]
+                file, inputs, outputs = entry.fp16_file, _as_fp16(entry.inputs), _as_fp16(entry.outputs)
+            elif precision == "int8":
+                file, backend = self._int8_file(graph, backend), "onnxruntime"
+                inputs, outputs = entry.inputs, entry.outputs
             else:
-                raise BundleError(f"precision must be fp32 or fp16, got '{precision}'")
-            self._engines[key] = create_engine(self.path / file, inputs, outputs, backend or self.backend)
+                raise BundleError(f"precision must be fp32, fp16 or int8, got '{precision}'")
+            self._engines[key] = create_engine(self.path / file, inputs, outputs, backend)
         return self._engines[key]
+
+    def _int8_file(self, graph: str, backend: str) -> str:
+        """The INT8 variant's file; it is the encoder's only and runs on ONNX Runtime's CPU provider."""
+        variant = self.manifest.int8
+        if graph != "encoder" or variant is None:
+            raise BundleError(f"bundle {self.path}: graph '{graph}' has no int8 variant")
+        if backend not in ("auto", "onnxruntime"):
+            raise BundleError(
+                f"bundle {self.path}: the int8 encoder runs on ONNX Runtime's CPU provider, not backend '{backend}'"
+            )
+        return variant.file
 
     def text_features(self) -> dict[str, np.ndarray]:
         """Per-class [normal, abnormal] text features (2, D), for bundles with the text decoder."""
@@ -99,3 +125,30 @@ class EngineBundle:
             raise BundleError(f"bundle {self.path} carries no text features (export it with --source anomalygpt)")
         with np.load(self.path / info["file"], allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
+
+
+def _as_fp16(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """The FP16 variant's signature: float32 tensors become float16, the others stay."""
+    return [TensorSpec(s.name, s.shape, "float16" if s.dtype == "float32" else s.dtype) for s in specs]
+
+
+def bundle_identity(manifest: Manifest, raw: bytes, precision: str = "fp32") -> str:
+    """The bundle's sha256 at ``precision`` (see :class:`EngineBundle`); ``raw`` is manifest.json's bytes."""
+    if precision == "int8" or manifest.int8 is None:
+        return sha256_bytes(raw)
+    return sha256_bytes(manifest.without_int8().dumps().encode())
+
+
+def _check_precision(path: Path, manifest: Manifest, precision: str) -> None:
+    """Refuse an encoder precision the bundle lacks, or INT8 on a CPU without 8-bit dot products."""
+    if precision == "fp32":
+        return
+    if precision != "int8":
+        raise BundleError(f"engines.precision must be fp32 or int8, got '{precision}'")
+    if manifest.int8 is None:
+        raise BundleError(
+            f"bundle {path} has no int8 encoder: run `anomalygpt-edge export int8 --bundle {path} "
+            f"--calib-images DIR` (golden images) first, or use fp32"
+        )
+    if (why := why_not_int8()) is not None:
+        raise BundleError(why)

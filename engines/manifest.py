@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, field
+from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -19,6 +19,9 @@ from pydantic.dataclasses import dataclass
 from anomalygpt_edge.engines.base import TensorSpec
 
 SCHEMA_VERSION = 1
+#: Version of the optional ``int8`` record (the encoder's CPU INT8 variant). A record newer than this
+#: runtime reads is refused with "upgrade"; bundles without one are unaffected.
+INT8_RECORD_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ResizeMode = Literal["shorter_side_crop", "squash", "letterbox"]
 Interpolation = Literal["bicubic", "bilinear", "area", "nearest"]
@@ -99,6 +102,24 @@ class PatchLayer:
     dim: int
 
 
+@dataclass(frozen=True, config=_FORBID)
+class Int8Variant:
+    """The encoder's static INT8 variant for ONNX Runtime's CPU provider, written by ``export int8``.
+
+    ``file`` is a QDQ graph with the FP32 encoder's signature (float in, float out; the Q/DQ pairs
+    sit inside), ``calibration`` says what its activation ranges were computed from.
+    """
+
+    version: int
+    file: str
+    format: Literal["qdq"]
+    activation_type: Literal["uint8", "int8"]
+    weight_type: Literal["int8"]
+    per_channel: bool
+    calibration: dict[str, Any]
+    external_data: list[str] = field(default_factory=list)
+
+
 def _keyed_files(value: Any) -> Any:
     # ``files`` maps each path to its entry; the entry repeats the path (older writers left it out).
     if isinstance(value, dict):
@@ -125,10 +146,14 @@ class Manifest:
     text_features: dict[str, Any] | None = None
     llm: dict[str, Any] | None = None
     engines: dict[str, Any] = field(default_factory=dict)
+    #: Optional (``export int8``); absent from the JSON when there is none, so older bundles read as before.
+    int8: Int8Variant | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as ``manifest.json`` holds it."""
         data = asdict(self)
+        if data["int8"] is None:
+            del data["int8"]
         data["graphs"] = {
             k: {
                 **{kk: vv for kk, vv in asdict(g).items() if kk not in ("inputs", "outputs")},
@@ -142,6 +167,13 @@ class Manifest:
     def dumps(self) -> str:
         """``manifest.json``'s text: sorted keys, two-space indents, a final newline."""
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+
+    def without_int8(self) -> Manifest:
+        """The manifest as it was before ``export int8`` added its record and file (the FP32 bundle)."""
+        if self.int8 is None:
+            return self
+        drop = {self.int8.file, *self.int8.external_data}
+        return replace(self, int8=None, files={k: v for k, v in self.files.items() if k not in drop})
 
 
 #: Migrations from schema N to N+1, applied in order to raw JSON. Empty while only v1 exists.
@@ -202,6 +234,22 @@ def _check_references(manifest: Manifest, origin: str) -> None:
                 raise ManifestError(f"{origin}: graph '{name}' refers to '{f}', which is not listed in files")
     if "encoder" not in manifest.graphs:
         raise ManifestError(f"{origin}: a bundle needs an 'encoder' graph")
+    _check_int8(manifest, origin)
+
+
+def _check_int8(manifest: Manifest, origin: str) -> None:
+    """The INT8 record, when present: a version this runtime reads, its files listed in ``files``."""
+    variant = manifest.int8
+    if variant is None:
+        return
+    if variant.version > INT8_RECORD_VERSION:
+        raise ManifestError(
+            f"{origin}: int8: record version {variant.version} was written by a newer exporter; this runtime "
+            f"reads {INT8_RECORD_VERSION} and older. Upgrade anomalygpt-edge on this device."
+        )
+    for f in [variant.file, *variant.external_data]:
+        if f not in manifest.files:
+            raise ManifestError(f"{origin}: int8 refers to '{f}', which is not listed in files")
 
 
 def parse_manifest(data: Any, origin: str = "manifest.json") -> Manifest:

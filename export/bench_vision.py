@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomalygpt_edge.engines.bundle import EngineBundle
+from anomalygpt_edge.engines.bundle import BundleError, EngineBundle
+from anomalygpt_edge.engines.cpu_int8 import int8_flags
 from anomalygpt_edge.export.bank_matcher import BankMatcher
 from anomalygpt_edge.export.vision import reference_encoder
 
@@ -105,7 +106,8 @@ def _compare(
 
         max_diff = max(max_diff, float(np.abs(torch_path().numpy() - ort_path()).max()))
         reps = repeats if batch == 1 else max(5, repeats // 4)
-        t_torch, t_ort = [], []
+        t_torch: list[float] = []
+        t_ort: list[float] = []
         for _ in range(reps):  # interleave so load spikes hit both paths alike
             t_torch += _time(torch_path, 1, warmup=0 if t_torch else 3)
             t_ort += _time(ort_path, 1, warmup=0 if t_ort else 3)
@@ -114,6 +116,48 @@ def _compare(
             stats["images_per_s"] = 1e3 * batch / stats["p50_ms"]
             results[name][f"batch{batch}"] = stats
     return results, max_diff
+
+
+def _encode_once(engine: Any, x: np.ndarray) -> Callable[[], object]:
+    """One encoder run on ``x``, as a callable for :func:`_time`."""
+    return lambda: engine.run({"pixel_values": x})
+
+
+def _compare_int8(fp32: Any, int8: Any, size: tuple[int, int], rng: np.random.Generator, repeats: int) -> dict:
+    """The FP32 and the INT8 encoder alone at batch 1 and 8, interleaved: latency per precision and the ratio.
+
+    Inputs are random: they time the graphs, not their accuracy (``evaluate --precision`` measures that).
+    """
+    out: dict[str, Any] = {"fp32": {}, "int8": {}}
+    for batch in (1, 8):
+        x = rng.standard_normal((batch, 3, *size)).astype(np.float32)
+        reps = repeats if batch == 1 else max(5, repeats // 4)
+        samples: dict[str, list[float]] = {"fp32": [], "int8": []}
+        for _ in range(reps):  # interleave so load spikes hit both precisions alike
+            for name, engine in (("fp32", fp32), ("int8", int8)):
+                samples[name] += _time(_encode_once(engine, x), 1, warmup=0 if samples[name] else 3)
+        for name in ("fp32", "int8"):
+            stats = _percentiles(samples[name])
+            stats["images_per_s"] = 1e3 * batch / stats["p50_ms"]
+            out[name][f"batch{batch}"] = stats
+        out[f"speedup_int8_vs_fp32_batch{batch}"] = out["fp32"][f"batch{batch}"]["p50_ms"] / stats["p50_ms"]
+    out["cpu_int8_flags"] = int8_flags()
+    return out
+
+
+def _int8_encoder(args: argparse.Namespace) -> Any:
+    """The bundle's CPU INT8 encoder (``--precision int8``); BundleError with one line where it is refused."""
+    return EngineBundle.open(args.bundle, verify=False, precision="int8").engine("encoder")
+
+
+def _print_int8(report: dict[str, Any]) -> None:
+    """FP32 vs INT8 encoder latency and the ratio, two lines."""
+    for batch in (1, 8):
+        f, q = report["fp32"][f"batch{batch}"], report["int8"][f"batch{batch}"]
+        print(
+            f"encoder batch {batch}: fp32 p50 {f['p50_ms']:.1f} ms, int8 p50 {q['p50_ms']:.1f} ms -> int8 "
+            f"{report[f'speedup_int8_vs_fp32_batch{batch}']:.2f}x fp32 ({report['cpu_int8_flags'] or 'no int8 flags'})"
+        )
 
 
 def _print_table(results: dict[str, dict], backend: str) -> None:
@@ -146,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
         if len(m.patch_layers) != 1:
             raise ValueError(f"a {m.source.get('kind')} bundle has {len(m.patch_layers)} patch layers, not one")
         encoder_t = reference_encoder(m)
-    except ValueError as exc:
+        encoder_8 = _int8_encoder(args) if getattr(args, "precision", "fp32") == "int8" else None
+    except (ValueError, BundleError) as exc:
         print(f"error: bench vision: {exc}", file=sys.stderr)
         return 2
     threads = os.cpu_count() or 1
@@ -161,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
     golden = rng.standard_normal((args.shots, 3, *size)).astype(np.float32)
     bank = encoder_o.run({"pixel_values": golden})[layer.name].reshape(-1, layer.dim)
     results, max_diff = _compare(encoder_t, matcher_t, encoder_o, matcher_o, layer.name, bank, size, rng, args.repeats)
+    int8 = None if encoder_8 is None else _compare_int8(encoder_o, encoder_8, size, rng, args.repeats)
     enroll_s = _time_enrollment(bundle, args)
     speedup = results["torch"]["batch1"]["p50_ms"] / results["onnxruntime"]["batch1"]["p50_ms"]
     speedup8 = results["torch"]["batch8"]["p50_ms"] / results["onnxruntime"]["batch8"]["p50_ms"]
@@ -186,11 +232,14 @@ def run(args: argparse.Namespace) -> int:
         "max_abs_diff_anomaly_map": max_diff,
         "enroll_seconds": enroll_s,
         "load_average": os.getloadavg()[0],
+        "int8_encoder": int8,  # --precision int8: FP32 vs INT8 encoder in this run; else null
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     _print_table(results, encoder_o.describe())
     _print_summary(report)
+    if int8 is not None:
+        _print_int8(int8)
     return 0
 
 

@@ -14,7 +14,11 @@ from anomalygpt_edge.engines.manifest import MATCH_METRICS
 #: Names of ``export vision --source`` (the table itself, which needs torch, is ``export/vision.py``).
 VISION_SOURCES = ("efficientnet-lite0", "wide_resnet50", "dinov2-small", "dinov2-base", "anomalygpt")
 #: Light modules (no torch at import) that each add one export target with ``add_export_target``.
-EXPORT_TARGET_MODULES: tuple[str, ...] = ("anomalygpt_edge.export.engines_cli", "anomalygpt_edge.export.llm_cli")
+EXPORT_TARGET_MODULES: tuple[str, ...] = (
+    "anomalygpt_edge.export.engines_cli",
+    "anomalygpt_edge.export.llm_cli",
+    "anomalygpt_edge.export.int8_export",
+)
 
 
 def _add_encoder_args(v: argparse.ArgumentParser) -> None:

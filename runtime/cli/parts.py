@@ -40,6 +40,17 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"recipe store folder (default {DEFAULT_STORE})")
     p.add_argument("--bundle", type=Path, help=f"engine bundle (default: the recipe's, else {DEFAULT_BUNDLE})")
     p.add_argument("--backend", default="auto", help="engine backend (auto, onnxruntime, onnxruntime-cuda, tensorrt)")
+    _precision_arg(p)
+
+
+def _precision_arg(p: argparse.ArgumentParser) -> None:
+    """``--precision``: the encoder's, fp32 or the bundle's CPU INT8 variant (``export int8``)."""
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="encoder precision: fp32 (default) or int8, the bundle's CPU INT8 variant (anomalygpt-edge export int8)",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -117,6 +128,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--target-frr", type=frr_arg, default=None)
     v.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     v.add_argument("--backend", default="auto")
+    _precision_arg(v)
     v.add_argument("--resize", choices=("squash", "letterbox", "shorter_side_crop"))
     v.add_argument("--augment", default="", help="comma list of rot90,hflip,vflip for the golden bank")
     v.set_defaults(handler="anomalygpt_edge.runtime.evaluation.evaluate:run")
@@ -132,6 +144,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bv.add_argument("--repeats", type=int, default=30)
     bv.add_argument("--enroll-images", type=Path, help="golden images to time enrollment with (default: generated)")
     bv.add_argument("--backend", default="auto")
+    bv.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="int8: also time the bundle's CPU INT8 encoder against FP32 in the same run (the ratio)",
+    )
     bv.set_defaults(handler="anomalygpt_edge.export.bench_vision:run")
     import importlib
 

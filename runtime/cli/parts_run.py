@@ -23,10 +23,10 @@ from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
 
 def _bundle_for(args: argparse.Namespace, store: RecipeStore) -> EngineBundle:
     if args.bundle is not None:
-        return EngineBundle.open(args.bundle, backend=args.backend)
+        return EngineBundle.open(args.bundle, backend=args.backend, precision=args.precision)
     if store.exists(args.recipe):
-        return EngineBundle.open(store.load(args.recipe).bundle_path, backend=args.backend)
-    return EngineBundle.open(DEFAULT_BUNDLE, backend=args.backend)
+        return EngineBundle.open(store.load(args.recipe).bundle_path, backend=args.backend, precision=args.precision)
+    return EngineBundle.open(DEFAULT_BUNDLE, backend=args.backend, precision=args.precision)
 
 
 def _fail(message: str) -> int:

@@ -360,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
             raise DatasetError("--seeds must be at least 1")
         if args.defects < 0:
             raise DatasetError("--defects must be 0 or more")
-        bundle = EngineBundle.open(args.bundle, backend=args.backend)
+        bundle = EngineBundle.open(args.bundle, backend=args.backend, precision=getattr(args, "precision", "fp32"))
     except (DatasetError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -114,6 +114,9 @@ class EnginesConfig(_Section):
 
     bundle: ConfigPath = Path("data/bundles/default")
     backend: Backend = "auto"
+    # The encoder's precision: int8 is the bundle's CPU INT8 variant (`anomalygpt-edge export int8`), refused
+    # on a CPU without VNNI / dot-product instructions. Recipes are enrolled at one precision: re-enroll to switch.
+    precision: Literal["fp32", "int8"] = "fp32"
     # CPU (onnxruntime) threads per inspection worker; 0 = the backend's default (every core).
     # One thread leaves the other cores to the camera, MQTT and archive threads and avoids the
     # spin-waiting of two ONNX Runtime thread pools (encoder and matcher) fighting for two cores.

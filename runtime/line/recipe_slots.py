@@ -72,7 +72,8 @@ class RecipeSlots:
         for camera in self.config.cameras:
             key = self.bundle_key(camera)
             if key not in self.bundles:
-                bundle = EngineBundle.open(key, backend=self.config.engines.backend)
+                engines = self.config.engines
+                bundle = EngineBundle.open(key, backend=engines.backend, precision=engines.precision)
                 self.bundles[key] = bundle
                 self.pipelines[key] = self._pipeline(bundle)
                 self.enrollers[key] = Enroller(self.store, bundle, self.pipelines[key])

@@ -149,7 +149,7 @@ class DaemonStation(StationBase):
                 from anomalygpt_edge.engines.bundle import EngineBundle
 
                 engines = self.daemon.config.engines
-                bundle = EngineBundle.open(engines.bundle, backend=engines.backend)
+                bundle = EngineBundle.open(engines.bundle, backend=engines.backend, precision=engines.precision)
                 self._spare_enroller = Enroller(self.store, bundle)
             return self._spare_enroller
 
