@@ -8,11 +8,14 @@ ends the export command (the Ultralytics exporter's habit).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
 import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,8 @@ from anomalygpt_edge.engines.manifest import (
     parse_manifest,
 )
 from anomalygpt_edge.export import onnx_tools
+from anomalygpt_edge.progress import Progress
+from anomalygpt_edge.progress import note as progress_note
 
 
 @dataclass
@@ -43,9 +48,24 @@ class WrittenFile:
     note: str
 
 
+#: False inside :func:`quiet_log`: the step lines are left out (the progress bar of the steps stays).
+_LOG_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("export_log", default=True)
+
+
 def log(message: str) -> None:
-    """Progress line on stderr (stdout stays for tables and JSON)."""
-    print(f"[export] {message}", file=sys.stderr, flush=True)
+    """Progress line on stderr (stdout stays for tables and JSON), above the steps' bar if one is open."""
+    if _LOG_ON.get():
+        progress_note(f"[export] {message}", sys.stderr)
+
+
+@contextlib.contextmanager
+def quiet_log() -> Iterator[None]:
+    """No ``[export]`` lines while inside (a first run's export says one line of its own instead)."""
+    token = _LOG_ON.set(False)
+    try:
+        yield
+    finally:
+        _LOG_ON.reset(token)
 
 
 def human_size(n: int) -> str:
@@ -59,7 +79,9 @@ def human_size(n: int) -> str:
 class BundleWriter:
     """Collects graphs and files for one bundle, then writes the manifest and moves it into place."""
 
-    def __init__(self, out_dir: Path, overwrite: bool = False):
+    def __init__(self, out_dir: Path, overwrite: bool = False, steps: int | None = None):
+        """``steps``: how many graphs, fp16 conversions and files plus one (the finish) the export will write,
+        for the progress bar's count and ETA (None: counted without a total)."""
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"{self.out_dir} already exists; pass --overwrite to replace it")
@@ -69,6 +91,7 @@ class BundleWriter:
         self.graphs: dict[str, GraphEntry] = {}
         self.written: list[WrittenFile] = []
         self.started = time.perf_counter()
+        self.progress = Progress(steps, "export", "step")
 
     def add_graph(
         self,
@@ -86,6 +109,7 @@ class BundleWriter:
         onnx_tools.export_onnx(module, inputs, output_names, path, dynamic_axes)
         ext = onnx_tools.external_data_files(path)
         self._record(path.name, time.perf_counter() - t0, "ONNX fp32", ext)
+        self.progress.update(1, name)
         fp16_file, fp16_ext = None, []
         if fp16:
             half = self.tmp_dir / f"{name}.fp16.onnx"
@@ -94,6 +118,7 @@ class BundleWriter:
             onnx_tools.to_fp16(path, half)
             fp16_file, fp16_ext = half.name, onnx_tools.external_data_files(half)
             self._record(half.name, time.perf_counter() - t0, "ONNX fp16", fp16_ext)
+            self.progress.update(1, f"{name} fp16")
         ins, outs = onnx_tools.graph_signature(path)
         entry = GraphEntry(path.name, ins, outs, ext, fp16_file, fp16_ext)
         self.graphs[name] = entry
@@ -105,6 +130,7 @@ class BundleWriter:
         t0 = time.perf_counter()
         writer(path)
         self._record(name, time.perf_counter() - t0, note, [])
+        self.progress.update(1, name)
         return path
 
     def _record(self, name: str, seconds: float, note: str, external: list[str]) -> None:
@@ -162,9 +188,12 @@ class BundleWriter:
             shutil.rmtree(old)
         else:
             self.tmp_dir.rename(self.out_dir)
+        self.progress.update(1, "manifest")
+        self.progress.close()
         return EngineBundle.open(self.out_dir, verify=False)
 
     def abort(self) -> None:
+        self.progress.close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def report(self) -> str:

@@ -67,6 +67,13 @@ class VisionSource:
     fixed_size: bool = False
     #: ``reference(manifest) -> encoder module`` for ``bench vision``; None: not supported.
     reference: Callable[[Manifest], nn.Module] | None = None
+    #: Graphs and data files the export writes: the progress bar's step count.
+    graphs: int = 2
+    files: int = 0
+
+    def steps(self, fp16: bool) -> int:
+        """Progress steps of an export: each graph (and its fp16 conversion), each data file, the finish."""
+        return self.graphs * (2 if fp16 else 1) + self.files + 1
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -373,6 +380,8 @@ SOURCES: dict[str, VisionSource] = {
             ("random_weights", "imagebind", "anomalygpt", "pandagpt_delta", "bpe_vocab"),
             _export_anomalygpt,
             fixed_size=True,
+            graphs=4,  # encoder, bank matcher, decoder, prompt learner
+            files=1,  # the text features
         ),
     )
 }
@@ -434,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``export vision``; returns the exit code."""
     spec = validate(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    writer = BundleWriter(Path(args.out), overwrite=args.overwrite)
+    writer = BundleWriter(Path(args.out), overwrite=args.overwrite, steps=spec.steps(not args.no_fp16))
     try:
         bundle = spec.export(args, writer)
     except BaseException:

@@ -34,11 +34,13 @@ def _open(path: Path):  # noqa: ANN202 - Archive is imported lazily
 
 def export(args: argparse.Namespace) -> int:
     """Run ``archive export``."""
+    from anomalygpt_edge.progress import Progress
     from anomalygpt_edge.runtime.delivery.archive import ArchiveError
 
     archive = _open(args.archive)
     try:
-        result = archive.export(args.start, args.end, args.out)
+        with Progress(None, "archive export", "row") as bar:  # the total is known once the rows are read
+            result = archive.export(args.start, args.end, args.out, on_row=bar.report)
     except ArchiveError as exc:
         raise SystemExit(f"anomalygpt-edge archive export: {exc}") from None
     finally:

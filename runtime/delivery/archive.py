@@ -35,6 +35,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -442,8 +443,17 @@ class Archive:
             "quota_bytes": self.quota_bytes,
         }
 
-    def export(self, start: str | float | dt.datetime, end: str | float | dt.datetime, out: Path | str) -> dict:
-        """Write ``verdicts.csv`` and the kept images of ``[start, end)`` into ``out``; returns counts."""
+    def export(
+        self,
+        start: str | float | dt.datetime,
+        end: str | float | dt.datetime,
+        out: Path | str,
+        on_row: Callable[[int, int], None] | None = None,
+    ) -> dict:
+        """Write ``verdicts.csv`` and the kept images of ``[start, end)`` into ``out``; returns counts.
+
+        ``on_row(done, total)`` hears of each row written (the command line's progress bar).
+        """
         out = Path(out)
         if parse_time(end) <= parse_time(start):
             raise ArchiveError(f"--to ({end}) must be after --from ({start})")
@@ -453,7 +463,7 @@ class Archive:
         with open(out / "verdicts.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            for row in rows:
+            for done, row in enumerate(rows, 1):
                 for key in ("image", "heatmap"):
                     rel = row.get(key)
                     if rel:
@@ -468,6 +478,8 @@ class Archive:
                             row[key] = None
                             missing += 1
                 writer.writerow({k: csv_cell(row.get(k)) for k in CSV_COLUMNS})
+                if on_row is not None:
+                    on_row(done, len(rows))
         return {"rows": len(rows), "images": copied, "images_missing": missing, "out": str(out)}
 
     def close(self) -> None:

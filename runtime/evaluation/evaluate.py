@@ -29,6 +29,7 @@ import numpy as np
 
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.engines.preprocess import ImageError, list_images, read_image
+from anomalygpt_edge.progress import Progress, note
 from anomalygpt_edge.runtime.evaluation import accuracy as metrics
 
 # The report (tables, curves, heatmap grids) is a module of its own.
@@ -141,7 +142,7 @@ class Skips:
             return image, (load_mask(mask, image.shape[:2]) if mask is not None else np.zeros(image.shape[:2], bool))
         except ImageError as exc:
             if str(path) not in self.items:
-                print(f"[evaluate] skipped {path}: {exc}", file=sys.stderr, flush=True)
+                note(f"[evaluate] skipped {path}: {exc}")  # above the progress bar, not through it
             self.items[str(path)] = str(exc)
             return None
 
@@ -160,6 +161,27 @@ def _enroll(enroller: Enroller, golden: list[Path], defects: list[TestImage], sk
     if labelled:
         result = enroller.add_defects("eval", labelled, accept_flagged=True)
     return result
+
+
+def _inspect_tests(inspector: Inspector, tests: list[TestImage], skips: Skips, bar: Progress) -> tuple:
+    """Verdicts of the test images in batches of 8: per-image rows, downscaled maps and masks, examples."""
+    rows: dict[str, list] = {k: [] for k in ("scores", "labels", "defects", "verdicts", "has_mask")}
+    pix_maps, pix_masks, examples = [], [], []
+    for i in range(0, len(tests), 8):
+        chunk = [(t, r) for t in tests[i : i + 8] if (r := skips.read(t.path, t)) is not None]
+        verdicts = inspector.inspect_batch([r[0] for _, r in chunk], [t.path.name for t, _ in chunk]) if chunk else []
+        bar.update(len(tests[i : i + 8]))
+        for (t, (image, mask)), v in zip(chunk, verdicts):
+            rows["scores"].append(v.score)
+            rows["labels"].append(t.defect != "good")
+            rows["defects"].append(t.defect)
+            rows["verdicts"].append(v.verdict)
+            rows["has_mask"].append(t.defect == "good" or t.mask is not None)
+            pix_maps.append(_downscale(v.anomaly_map, cv2.INTER_AREA))
+            pix_masks.append(_downscale(mask.astype(np.uint8), cv2.INTER_NEAREST) > 0)
+            if len(examples) < 64:
+                examples.append((t, image, v))
+    return rows, pix_maps, pix_masks, examples
 
 
 def run_seed(
@@ -190,23 +212,8 @@ def run_seed(
         result = _enroll(enroller, golden, labelled, skips)
         enroll_s = time.perf_counter() - t0
         inspector = Inspector(bundle, result.recipe, store, pipeline)
-        rows: dict[str, list] = {k: [] for k in ("scores", "labels", "defects", "verdicts", "has_mask")}
-        pix_maps, pix_masks, examples = [], [], []
-        for i in range(0, len(tests), 8):
-            chunk = [(t, r) for t in tests[i : i + 8] if (r := skips.read(t.path, t)) is not None]
-            if not chunk:
-                continue
-            verdicts = inspector.inspect_batch([r[0] for _, r in chunk], [t.path.name for t, _ in chunk])
-            for (t, (image, mask)), v in zip(chunk, verdicts):
-                rows["scores"].append(v.score)
-                rows["labels"].append(t.defect != "good")
-                rows["defects"].append(t.defect)
-                rows["verdicts"].append(v.verdict)
-                rows["has_mask"].append(t.defect == "good" or t.mask is not None)
-                pix_maps.append(_downscale(v.anomaly_map, cv2.INTER_AREA))
-                pix_masks.append(_downscale(mask.astype(np.uint8), cv2.INTER_NEAREST) > 0)
-                if len(examples) < 64:
-                    examples.append((t, image, v))
+        with Progress(len(tests), f"evaluate {data.root.name} seed {seed}", "image") as bar:
+            rows, pix_maps, pix_masks, examples = _inspect_tests(inspector, tests, skips, bar)
     return {
         "seed": seed,
         "golden": [p.name for p in golden],

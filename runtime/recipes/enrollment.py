@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,7 +31,7 @@ from anomalygpt_edge.engines.preprocess import ImageError, Prepared, crop_roi
 from anomalygpt_edge.runtime.inspection.defect_head import DefectHead, HeadError, LabelledDefect
 from anomalygpt_edge.runtime.inspection.head_training import ScoredPart, fit_head
 from anomalygpt_edge.runtime.inspection.memory_bank import MemoryBank, build_bank
-from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
+from anomalygpt_edge.runtime.inspection.pipeline import ENCODE_BATCH, VisionPipeline
 
 # The golden set's self-check is a module of its own.
 from anomalygpt_edge.runtime.recipes.golden_check import (
@@ -52,6 +52,9 @@ from anomalygpt_edge.runtime.recipes.store import (
 )
 
 log = logging.getLogger(__name__)
+
+#: ``on_progress(done, total)``: images encoded so far of those to encode (what a command-line bar shows).
+OnProgress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -152,13 +155,26 @@ class Enroller:
 
     # -- samples ------------------------------------------------------------------------------
     def add(
-        self, name: str, images: Sequence[tuple[str, np.ndarray]], accept_flagged: bool = False
+        self,
+        name: str,
+        images: Sequence[tuple[str, np.ndarray]],
+        accept_flagged: bool = False,
+        on_progress: OnProgress | None = None,
     ) -> EnrollmentResult:
-        """Encode and store new golden images, then rebuild bank, quality check and threshold."""
-        with self.store.writer(name):
-            return self._add(name, images, accept_flagged)
+        """Encode and store new golden images, then rebuild bank, quality check and threshold.
 
-    def _add(self, name: str, images: Sequence[tuple[str, np.ndarray]], accept_flagged: bool) -> EnrollmentResult:
+        ``on_progress(done, total)`` is called as the images (augmented views included) are encoded.
+        """
+        with self.store.writer(name):
+            return self._add(name, images, accept_flagged, on_progress)
+
+    def _add(
+        self,
+        name: str,
+        images: Sequence[tuple[str, np.ndarray]],
+        accept_flagged: bool,
+        on_progress: OnProgress | None = None,
+    ) -> EnrollmentResult:
         t0 = time.perf_counter()
         recipe = self.store.load(name)
         known = {s.sha256 for s in recipe.samples} | {d.sha256 for d in recipe.defects}
@@ -178,7 +194,7 @@ class Enroller:
                 owners.append(sha)
             new.append(GoldenSample(sha256=sha, name=label, added_at=now_iso()))
         if prepared:
-            feats = self.pipeline.encode(prepared)
+            feats = self._encode(prepared, on_progress)
             for sample in new:
                 rows = [i for i, o in enumerate(owners) if o == sample.sha256]
                 self._save_features(name, sample.sha256, {k: v[rows] for k, v in feats.items()})
@@ -189,8 +205,27 @@ class Enroller:
         result.seconds = time.perf_counter() - t0
         return result
 
-    def add_defects(self, name: str, items: Sequence[LabelledImage], accept_flagged: bool = False) -> EnrollmentResult:
-        """Store labelled defective parts (and their masks), then rebuild with a trained defect head."""
+    def _encode(self, prepared: Sequence[Prepared], on_progress: OnProgress | None) -> dict[str, np.ndarray]:
+        """``pipeline.encode`` of ``prepared``, in its own batches so that ``on_progress`` hears of each one."""
+        if on_progress is None:
+            return self.pipeline.encode(prepared)
+        chunks: list[dict[str, np.ndarray]] = []
+        for i in range(0, len(prepared), ENCODE_BATCH):  # the same batches encode() makes: the same features
+            chunks.append(self.pipeline.encode(prepared[i : i + ENCODE_BATCH]))
+            on_progress(min(i + ENCODE_BATCH, len(prepared)), len(prepared))
+        return {n: np.concatenate([c[n] for c in chunks]) for n in chunks[0]}
+
+    def add_defects(
+        self,
+        name: str,
+        items: Sequence[LabelledImage],
+        accept_flagged: bool = False,
+        on_progress: OnProgress | None = None,
+    ) -> EnrollmentResult:
+        """Store labelled defective parts (and their masks), then rebuild with a trained defect head.
+
+        ``on_progress(done, total)`` is called as each defect is stored (encoded).
+        """
         with self.store.writer(name):
             t0 = time.perf_counter()
             recipe = self.store.load(name)
@@ -198,8 +233,10 @@ class Enroller:
                 raise RecipeError(f"recipe {name}: labelled defects need the few-shot bank source")
             known = {s.sha256 for s in recipe.samples} | {d.sha256 for d in recipe.defects}
             new, skipped = [], []
-            for item in items:
+            for done, item in enumerate(items, 1):
                 sample = self._store_defect(recipe, item, known)
+                if on_progress is not None:
+                    on_progress(done, len(items))
                 if sample is None:
                     skipped.append(f"{item.label}: already enrolled")
                     continue
