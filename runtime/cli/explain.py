@@ -159,6 +159,16 @@ def _chat(explainer: Any) -> None:
             print(f"[that answer contradicts the verdict ({reply.replaced}); the inspection says: {reply.text}]")
 
 
+def _ask_bundle(args: argparse.Namespace) -> Path:
+    """``--bundle``, else the recipe's; the default location is exported first on a first run."""
+    from anomalygpt_edge.runtime.cli import first_run
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+
+    if args.bundle is not None:
+        return Path(args.bundle)
+    return first_run.ready(RecipeStore(args.store).load(args.recipe).bundle_path)
+
+
 def run_ask(args: argparse.Namespace) -> int:
     """Handler of ``anomalygpt-edge ask``.
 
@@ -180,7 +190,7 @@ def run_ask(args: argparse.Namespace) -> int:
     except ImageError as exc:
         return fail(f"cannot read image {exc}")
     try:
-        inspector = Inspector.from_store(args.store, args.recipe, args.bundle)
+        inspector = Inspector.from_store(args.store, args.recipe, _ask_bundle(args))
         llm = create_llm(args.model or default_model_path(), n_ctx=2048, n_threads=args.threads)
     except (OSError, ValueError, RuntimeError) as exc:  # LLMError and GGUFError are RuntimeErrors
         return fail(exc)

@@ -11,7 +11,7 @@ import argparse
 import sys
 import traceback
 
-from anomalygpt_edge.runtime.line.config import ConfigError, load_config
+from anomalygpt_edge.runtime.line.config import ConfigError, DaemonConfig, load_config
 
 
 def _fail(args: argparse.Namespace, exc: BaseException, what: str = "") -> int:
@@ -22,6 +22,19 @@ def _fail(args: argparse.Namespace, exc: BaseException, what: str = "") -> int:
     prefix = f"{args.config}: " if str(args.config) not in text else ""
     print(f"error: {prefix}{what}{text}".replace("\n", " "), file=sys.stderr)
     return 2
+
+
+def _first_run(args: argparse.Namespace, config: DaemonConfig) -> int:
+    """Export the default bundle before the daemon starts if a recipe binding uses its empty location; 0 if done."""
+    from anomalygpt_edge.export.first_run import DefaultBundleError
+    from anomalygpt_edge.runtime.cli import first_run
+
+    try:
+        for path in sorted({str(config.bundle_for(binding)) for binding in config.recipes}):
+            first_run.ready(path)
+    except DefaultBundleError as exc:  # a runtime-only device: the line names the export command
+        return _fail(args, exc)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from anomalygpt_edge.runtime.line.daemon import Daemon
     from anomalygpt_edge.runtime.recipes.store import RecipeError
 
+    failed = _first_run(args, config)
+    if failed:
+        return failed
     try:
         Daemon(config).run_forever()
     except (EngineError, SpoolError, ArchiveError, RecipeError) as exc:

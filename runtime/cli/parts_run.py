@@ -14,7 +14,8 @@ from anomalygpt_edge.atomic_files import atomic_write_bytes
 from anomalygpt_edge.calibration.threshold import refine_with_labels
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.engines.preprocess import ImageError, crop_roi, list_images, read_image
-from anomalygpt_edge.runtime.defaults import DEFAULT_BUNDLE
+from anomalygpt_edge.progress import Progress
+from anomalygpt_edge.runtime.cli import first_run
 from anomalygpt_edge.runtime.inspection.heatmap import overlay
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller, EnrollmentResult, LabelledImage
 from anomalygpt_edge.runtime.recipes.inspector import Inspector
@@ -22,11 +23,44 @@ from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
 
 
 def _bundle_for(args: argparse.Namespace, store: RecipeStore) -> EngineBundle:
+    """``--bundle``, else the recipe's, else the default; the default is exported first on a first run."""
     if args.bundle is not None:
         return EngineBundle.open(args.bundle, backend=args.backend, precision=args.precision)
     if store.exists(args.recipe):
-        return EngineBundle.open(store.load(args.recipe).bundle_path, backend=args.backend, precision=args.precision)
-    return EngineBundle.open(DEFAULT_BUNDLE, backend=args.backend, precision=args.precision)
+        return EngineBundle.open(
+            first_run.ready(store.load(args.recipe).bundle_path), backend=args.backend, precision=args.precision
+        )
+    return EngineBundle.open(first_run.ready(None), backend=args.backend, precision=args.precision)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``anomalygpt-edge evaluate``: the first run's default bundle, then runtime/evaluation/evaluate.py."""
+    from anomalygpt_edge.runtime.evaluation import evaluate as evaluation
+
+    first_run.ready(args.bundle)
+    return evaluation.run(args)
+
+
+def bench_vision(args: argparse.Namespace) -> int:
+    """``anomalygpt-edge bench vision``: the first run's default bundle, then export/bench_vision.py."""
+    first_run.ready(args.bundle)
+    try:
+        from anomalygpt_edge.export import bench_vision as bench
+    except ModuleNotFoundError as exc:  # the PyTorch side of the bench: the same line the CLI gives any torch command
+        if exc.name not in ("torch", "onnx"):
+            raise
+        return _fail(f"bench vision needs {exc.name}; install the [export] extra")
+    return bench.run(args)
+
+
+def _read_all(paths: list[Path], what: str) -> list[tuple[str, np.ndarray]]:
+    """Every image decoded (name, pixels), with a progress bar: a bad file fails before the store is touched."""
+    with Progress(len(paths), what, "image") as bar:
+        out = []
+        for p in paths:
+            out.append((p.name, read_image(p)))
+            bar.update()
+    return out
 
 
 def _fail(message: str) -> int:
@@ -90,7 +124,7 @@ def enroll(args: argparse.Namespace) -> int:
         if args.images is None and args.remove is None and defects_dir is None:
             return _fail("enroll needs --images DIR (golden parts), --defects DIR (known-defective parts) or --remove")
         # Decode every image before touching the store: a bad file must not leave half an enrollment.
-        images = [(p.name, read_image(p)) for p in list_images(args.images)] if args.images else []
+        images = _read_all(list_images(args.images), "enroll: reading") if args.images else []
         defects = read_defects(defects_dir, getattr(args, "defect_type", None)) if defects_dir else []
         bundle = _bundle_for(args, store)
         enroller = Enroller(store, bundle)
@@ -109,9 +143,11 @@ def enroll(args: argparse.Namespace) -> int:
         if args.remove:
             result = enroller.remove(args.recipe, args.remove, args.accept_flagged)
         if images:
-            result = enroller.add(args.recipe, images, args.accept_flagged)
+            with Progress(len(images), "enroll: encoding", "image") as bar:
+                result = enroller.add(args.recipe, images, args.accept_flagged, on_progress=bar.report)
         if defects:
-            result = enroller.add_defects(args.recipe, defects, args.accept_flagged)
+            with Progress(len(defects), "enroll: defects", "image") as bar:
+                result = enroller.add_defects(args.recipe, defects, args.accept_flagged, on_progress=bar.report)
     except (ImageError, RecipeError, ValueError) as exc:
         return _fail(str(exc))
     print_enrollment(result, args.json)
@@ -149,6 +185,15 @@ def _labelled_sets(folder: Path) -> tuple[list[Path], list[Path]]:
     return good, bad
 
 
+def _scores(inspector: Inspector, paths: list[Path], bar: Progress) -> np.ndarray:
+    """The recipe's score of each labelled image, one progress step each."""
+    out = []
+    for p in paths:
+        out.append(inspector.inspect(read_image(p), p.name).score)
+        bar.update()
+    return np.array(out)
+
+
 def calibrate(args: argparse.Namespace) -> int:
     """``anomalygpt-edge calibrate``: refit the threshold with labelled parts and report escapes."""
     store = RecipeStore(args.store)
@@ -158,9 +203,10 @@ def calibrate(args: argparse.Namespace) -> int:
             raise RecipeError(f"recipe {recipe.name} is not live yet; enroll golden parts first")
         good, bad = _labelled_sets(args.labelled)
         inspector = Inspector(_bundle_for(args, store), recipe, store)
-        score = lambda paths: np.array([inspector.inspect(read_image(p), p.name).score for p in paths])  # noqa: E731
+        with Progress(len(good) + len(bad), "calibrate: scoring", "image") as bar:
+            good_scores, bad_scores = _scores(inspector, good, bar), _scores(inspector, bad, bar)
         golden = np.array([s.score for s in recipe.samples if s.score is not None])
-        refined, report = refine_with_labels(recipe.threshold, golden, score(good), score(bad))
+        refined, report = refine_with_labels(recipe.threshold, golden, good_scores, bad_scores)
         from dataclasses import replace
 
         with store.writer(recipe.name):  # a concurrent enrollment may have committed since we loaded

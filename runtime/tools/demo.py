@@ -1,6 +1,6 @@
 """``anomalygpt-edge demo`` (the README's ``./edge demo``): the line daemon end to end on a fresh machine.
 
-1. exports the default engine bundle if it is missing;
+1. exports the default engine bundle if it is missing (the same first run as every command's);
 2. renders a synthetic line (brackets on a belt, some scratched, stained or missing a hole) and a
    few golden parts as real video files;
 3. enrolls the golden parts, read back through the OpenCV video-file camera;
@@ -41,16 +41,14 @@ def say(text: str = "") -> None:
 
 
 def ensure_bundle(path: Path) -> Path:
-    """The default bundle, exported by the product's own exporter when it is not there yet."""
-    if (path / "manifest.json").is_file():
-        return path
-    say(f"[demo] exporting the default engine bundle to {path} (needs torch, once) ...")
-    from anomalygpt_edge.export import vision
-    from anomalygpt_edge.export.cli import default_vision_args
+    """The default bundle, exported by the product's own exporter when it is not there yet.
 
-    if vision.run(default_vision_args(path)) != 0:
-        raise SystemExit("demo: the bundle export failed")
-    return path
+    The same first run as every command's (export/first_run.py): one line, a lock against a
+    concurrent first run, and a clear error on an install without the export extra.
+    """
+    from anomalygpt_edge.export.first_run import ensure_default_bundle
+
+    return ensure_default_bundle(path)
 
 
 def read_through_camera(video: Path) -> list[Any]:
