@@ -32,6 +32,11 @@ def _line_options(p: argparse.ArgumentParser, workdir: str, cameras: bool = True
         p.add_argument("--cameras", type=int, default=1, help="video-file cameras sharing the bundle (default 1)")
     p.add_argument("--threads", type=int, default=1, help="engines.threads: ONNX Runtime threads (default 1; 0 = all)")
     p.add_argument("--max-batch", type=int, default=8, help="engines.max_batch of the batched run (default 8)")
+    p.add_argument(
+        "--sparkplug",
+        action="store_true",
+        help="also the Sparkplug B Edge Node: DDATA p99 beside the JSON path, as ratios",
+    )
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="engines.max_wait_ms (default 10)")
     p.add_argument(
         "--no-compare", dest="compare", action="store_false", help="skip the unbatched run (max_batch 1) for ratios"

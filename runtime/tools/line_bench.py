@@ -33,20 +33,26 @@ from typing import Any
 WARMUP_S = 3.0  # engine warm-up and first connections: not part of the measured window
 
 
-def _subscriber(host: str, port: int, prefix: str, out: Path, seconds: float, triggers: int, cameras: int = 1) -> None:
-    """The separate process: record verdicts, send triggers, write what it saw as JSON."""
+def _subscriber(
+    host: str, port: int, prefix: str, out: Path, seconds: float, triggers: int, cameras: int = 1, spb: bool = False
+) -> None:
+    """The separate process: record verdicts (and Sparkplug DDATA with ``spb``), send triggers, write what it saw."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
+
+    from anomalygpt_edge.runtime.tools.sparkplug_bench import SparkplugRecorder
 
     verdicts: list[dict[str, Any]] = []
     answers: dict[str, float] = {}
     lock = threading.Lock()
     subscribed = threading.Event()
+    recorder = SparkplugRecorder()
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         now = time.time()
+        with lock:
+            if recorder.on_message(msg, now):
+                return
         body = json.loads(msg.payload)
         with lock:
             if msg.topic.endswith("/verdict"):
@@ -67,13 +73,31 @@ def _subscriber(host: str, port: int, prefix: str, out: Path, seconds: float, tr
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-plc-{os.getpid()}", protocol=mqtt.MQTTv5)
     client.on_message = on_message
     client.on_subscribe = lambda *a: subscribed.set()
-    client.on_connect = lambda c, *a: c.subscribe([(f"{prefix}/+/verdict", 1), ("bench/answers", 1)])
+    topics = [(f"{prefix}/+/verdict", 1), ("bench/answers", 1), *(recorder.topics() if spb else [])]
+    client.on_connect = lambda c, *a: c.subscribe(topics)
     client.connect(host, port, 30)
     client.loop_start()
     subscribed.wait(10)
     print("ready", flush=True)  # the parent starts the daemon now
-    sent: dict[str, float] = {}
     start = time.monotonic()
+    sent = _send_triggers(client, prefix, start, seconds, triggers, cameras)
+    time.sleep(max(0.0, start + seconds + 1.5 - time.monotonic()))
+    client.disconnect()
+    client.loop_stop()
+    with lock:
+        out.write_text(
+            json.dumps({"verdicts": verdicts, "sent": sent, "answers": answers, "sparkplug": recorder.records})
+        )
+
+
+def _send_triggers(
+    client: Any, prefix: str, start: float, seconds: float, triggers: int, cameras: int
+) -> dict[str, float]:
+    """PLC triggers spread over the measured window (round robin over the cameras); correlation -> sent at."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    sent: dict[str, float] = {}
     gap = (seconds - WARMUP_S - 2.0) / max(1, triggers)
     for i in range(triggers):
         time.sleep(max(0.0, start + WARMUP_S + gap * (i + 0.5) - time.monotonic()))
@@ -83,11 +107,7 @@ def _subscriber(host: str, port: int, prefix: str, out: Path, seconds: float, tr
         sent[f"t{i}"] = time.time()
         body = {"camera": f"cam{i % cameras + 1}", "part_id": f"P{i}"}
         client.publish(f"{prefix}/cmd/trigger", json.dumps(body), 1, properties=props)
-    time.sleep(max(0.0, start + seconds + 1.5 - time.monotonic()))
-    client.disconnect()
-    client.loop_stop()
-    with lock:
-        out.write_text(json.dumps({"verdicts": verdicts, "sent": sent, "answers": answers}))
+    return sent
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -117,6 +137,7 @@ def _write_config(
                 "engines": engines,
                 "mqtt": {"host": broker.host, "port": broker.port},
                 "storage": {"store": str(work / "store"), "data": str(work / f"state-{label}")},
+                **({"sparkplug": {"group": "bench"}} if getattr(args, "sparkplug", False) else {}),
             }
         )
     )
@@ -247,7 +268,8 @@ def _phase(args: argparse.Namespace, work: Path, bundle: Path, broker: Any, max_
     seen.unlink(missing_ok=True)
     sub = subprocess.Popen(
         [sys.executable, "-m", "anomalygpt_edge.runtime.tools.line_bench", "--subscribe", broker.host, str(broker.port),
-         "anomalygpt/bench", str(seen), str(args.seconds), str(args.triggers), str(args.cameras)],
+         "anomalygpt/bench", str(seen), str(args.seconds), str(args.triggers), str(args.cameras),
+         *(["sparkplug"] if getattr(args, "sparkplug", False) else [])],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert sub.stdout is not None
@@ -261,7 +283,12 @@ def _phase(args: argparse.Namespace, work: Path, bundle: Path, broker: Any, max_
     finally:
         daemon.stop()
     sub.wait(30)
-    figures = _figures(json.loads(seen.read_text()), t0, args, bundle)
+    data = json.loads(seen.read_text())
+    figures = _figures(data, t0, args, bundle)
+    if getattr(args, "sparkplug", False):  # the Sparkplug path of the same frames, as ratios to the JSON path
+        from anomalygpt_edge.runtime.tools.sparkplug_bench import sparkplug_figures
+
+        figures["sparkplug"] = sparkplug_figures(data["sparkplug"], t0, WARMUP_S, figures)
     queues = list(stats["queues"].values())
     batches = sum(q.get("batches", 0) for q in queues)
     figures["max_batch"] = max_batch
@@ -331,6 +358,10 @@ def run(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
     _print_figures(figures, " (batched)" if "unbatched" in figures else "")
+    if "sparkplug" in figures:
+        from anomalygpt_edge.runtime.tools.sparkplug_bench import print_sparkplug
+
+        print_sparkplug(figures["sparkplug"])
     if "unbatched" in figures:
         _print_figures(figures["unbatched"], " (unbatched, max_batch 1)")
         print("  batched / unbatched           " + ", ".join(f"{k} {v}" for k, v in figures["ratios"].items()))
@@ -339,10 +370,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (8, 9) and sys.argv[1] == "--subscribe":
+    if len(sys.argv) in (8, 9, 10) and sys.argv[1] == "--subscribe":
         host, port, prefix, out, seconds, triggers = sys.argv[2:8]
-        cameras = int(sys.argv[8]) if len(sys.argv) == 9 else 1
-        _subscriber(host, int(port), prefix, Path(out), float(seconds), int(triggers), cameras)
+        cameras = int(sys.argv[8]) if len(sys.argv) >= 9 else 1
+        spb = len(sys.argv) == 10 and sys.argv[9] == "sparkplug"
+        _subscriber(host, int(port), prefix, Path(out), float(seconds), int(triggers), cameras, spb)
     else:
-        usage = "--subscribe HOST PORT PREFIX OUT SECONDS N [CAMERAS]"
+        usage = "--subscribe HOST PORT PREFIX OUT SECONDS N [CAMERAS [sparkplug]]"
         sys.exit(f"usage: python -m anomalygpt_edge.runtime.tools.line_bench {usage}")
