@@ -5,6 +5,7 @@ of its batch with ERROR."""
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from pathlib import Path
@@ -12,13 +13,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from daemon_fixtures import line_fixture  # noqa: F401 - fixture used by name
+from daemon_fixtures import Subscriber, broker_fixture, line_fixture, topic_is, write_config  # noqa: F401
 
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
 from anomalygpt_edge.runtime.line import inspection_worker
 from anomalygpt_edge.runtime.line.batching import BatchCost, BatchPolicy
+from anomalygpt_edge.runtime.line.config import load_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.line.inspection_worker import InspectionWorker
 from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
@@ -245,3 +248,33 @@ def test_the_engines_section_gives_the_batch_bounds(tmp_path: Path) -> None:
     assert BatchPolicy.from_engines(EnginesConfig(max_batch=4, max_wait_ms=20)) == BatchPolicy(4, 0.02)
     default = BatchPolicy.from_engines(EnginesConfig())
     assert default.max_batch >= 1 and default.max_wait_s <= 0.05, "a safe default: never a long wait"
+
+
+def test_two_cameras_sharing_a_bundle_are_inspected_in_batches_and_every_trigger_is_answered_once(
+    tmp_path: Path, broker: Any, line: dict[str, Any]
+) -> None:
+    names = ("cam1", "cam2")
+    cameras = {n: {"type": "video_file", "source": str(line["video"]), "fps": 10} for n in names}
+    recipes = [{"camera": n, "recipe": "bracket", "trigger": "free_run", "fps": 10, "deadline_ms": 3000} for n in names]
+    cfg = write_config(tmp_path / "b.yaml", broker, cameras, recipes, line["store"], line["bundle"], device="batch")
+    data = json.loads(cfg.read_text())
+    data["engines"].update({"max_batch": 4, "max_wait_ms": 150})  # a frame waits for the other camera's
+    cfg.write_text(json.dumps(data))
+    sub = Subscriber(broker, ["anomalygpt/batch/+/verdict", "plc/batch"])
+    daemon = Daemon(load_config(cfg)).start()
+    n = 6
+    try:
+        for camera in names:
+            sub.wait_for(topic_is(f"/{camera}/verdict"), count=4, timeout=60)
+        for i in range(n):
+            body = json.dumps({"camera": names[i % 2], "part_id": f"T{i}"})
+            sub.publish("anomalygpt/batch/cmd/trigger", body, response_topic="plc/batch", correlation=f"{i}".encode())
+        answers = sub.wait_for(topic_is("plc/batch"), count=n, timeout=60)
+        stats = daemon.stats()
+    finally:
+        daemon.stop()
+        sub.close()
+    assert sorted(bytes(m.properties.CorrelationData).decode() for m in answers) == [str(i) for i in range(n)]
+    assert all(m.json()["verdict"] in ("OK", "NG", "ERROR") for m in answers)
+    queue = next(iter(stats["queues"].values()))
+    assert queue["batched_jobs"] > queue["batches"] > 0, "frames of the two cameras shared engine runs"

@@ -67,35 +67,35 @@ def _inspector(bundle: Path, store: Path, backend: str, threads: int) -> Any:
 def batch_curve(
     bundle: Path, store: Path, images: list[np.ndarray], sizes: list[int], threads: list[int], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    """images/s and per-batch p50/p99 for every (threads, batch size), sizes interleaved each round."""
+    """images/s and per-batch p50/p99 for every (threads, batch size), all interleaved round by round."""
     from anomalygpt_edge.runtime.recipes.inspector import inspect_many
 
-    rows = []
-    for t in threads:
-        inspector = _inspector(bundle, store, args.backend, t)
+    inspectors = {t: _inspector(bundle, store, args.backend, t) for t in threads}
+    for inspector in inspectors.values():
         inspect_many([(inspector, images[0], "warm-up")] * max(sizes))
-        times: dict[int, list[float]] = {b: [] for b in sizes}
-        end = time.monotonic() + args.batch_seconds * len(sizes)
-        i = 0
-        while time.monotonic() < end or any(len(v) < 3 for v in times.values()):
-            for b in sizes:
-                batch = [(inspector, images[(i + k) % len(images)], f"img{k}") for k in range(b)]
-                t0 = time.perf_counter()
-                inspect_many(batch)
-                times[b].append(time.perf_counter() - t0)
-                i += b
-        for b in sizes:
-            ms = [s * 1e3 for s in times[b]]
-            rows.append(
-                {
-                    "threads": t,
-                    "batch": b,
-                    "batches": len(ms),
-                    "images_per_s": round(b * len(ms) / sum(times[b]), 1),
-                    "batch_ms_p50": _pct(ms, 50),
-                    "batch_ms_p99": _pct(ms, 99),
-                }
-            )
+    times: dict[tuple[int, int], list[float]] = {(t, b): [] for t in threads for b in sizes}
+    end = time.monotonic() + args.batch_seconds * len(times)
+    i = 0
+    while time.monotonic() < end or any(len(v) < 3 for v in times.values()):
+        for t, b in times:
+            batch = [(inspectors[t], images[(i + k) % len(images)], f"img{k}") for k in range(b)]
+            t0 = time.perf_counter()
+            inspect_many(batch)
+            times[(t, b)].append(time.perf_counter() - t0)
+            i += b
+    rows = []
+    for (t, b), seconds in times.items():
+        ms = [s * 1e3 for s in seconds]
+        rows.append(
+            {
+                "threads": t,
+                "batch": b,
+                "batches": len(ms),
+                "images_per_s": round(b * len(ms) / sum(seconds), 1),
+                "batch_ms_p50": _pct(ms, 50),
+                "batch_ms_p99": _pct(ms, 99),
+            }
+        )
     return rows
 
 
