@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     curve = batch_curve(bundle, work / "store", images, _ints(args.batch_sizes), _ints(args.thread_counts), args)
     points = [_point(args, n, fps) for fps in _floats(args.fps_list) for n in _ints(args.camera_counts)]
-    report = {
+    report: dict[str, Any] = {
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "cpu_count": os.cpu_count(),
@@ -240,8 +240,8 @@ def run(args: argparse.Namespace) -> int:
         "batch_curve": curve,
         "points": points,
     }
-    report["plots"] = plots(out, points, curve)
+    report["plots"] = drawn = plots(out, points, curve)
     (out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
     _print_tables(points, curve)
-    print(f"report: {out / 'sweep.json'} and {len(report['plots'])} plots")
+    print(f"report: {out / 'sweep.json'} and {len(drawn)} plots")
     return 0
