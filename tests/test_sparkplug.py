@@ -306,3 +306,16 @@ def test_the_daemon_answers_a_dcmd_trigger_with_a_real_verdict_in_ddata_beside_t
     assert values(nbirth)["Properties/Version"] and values(nbirth)["Properties/Backend"]
     assert spool_rows.path == tmp_path / "spbd-state" / "sparkplug" / "spool.db"
     assert host.wait_for(of(MessageType.NDEATH))[0].payload.bd_seq_metric.value == values(nbirth)["bdSeq"]
+
+
+def test_the_example_configs_sparkplug_block_is_valid_and_absent_by_default() -> None:
+    from anomalygpt_edge.runtime.line.config import load_config, parse_config
+
+    example = Path(__file__).resolve().parents[1] / "runtime" / "config.example.yaml"
+    assert load_config(example).sparkplug is None  # the JSON topics alone unless asked
+    lines = example.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("sparkplug:"))
+    block = ["sparkplug:"] + [line.replace("#", " ", 1) for line in lines[start + 1 :] if line.startswith("#  ")]
+    text = "\n".join(lines[:start] + block) + "\n"
+    cfg = parse_config(text, "example.yaml", example.parent)
+    assert cfg.sparkplug is not None and cfg.sparkplug.group == "AnomalyGPT" and cfg.sparkplug.data_qos == 1
