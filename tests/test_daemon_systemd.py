@@ -123,6 +123,13 @@ def test_run_under_systemd_sends_ready_watchdog_status_and_stopping(tmp_path: Pa
             proc.kill()
         notify.close()
     assert 4 <= pings <= 8, f"{pings} watchdog pings in 3 s with WatchdogSec=1s"  # every half interval
+    # Warm-up first (issue 16): each engine run is announced (STATUS=, EXTEND_TIMEOUT_USEC=) before READY=1.
+    order = [m for _, m in notify.messages]
+    first_ready = next(i for i, m in enumerate(order) if "READY=1" in m.split("\n"))
+    warming = [i for i, m in enumerate(order) if m.startswith("STATUS=warming up bracket")]
+    extends = [i for i, m in enumerate(order) if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert warming and max(warming) < first_ready, order[: first_ready + 1]
+    assert extends and max(extends) < first_ready, order[: first_ready + 1]
     assert any("camera(s)" in s and "fps" in s for s in statuses), statuses
     assert stopping is not None and code == 0
     assert 'anomalygpt_edge_camera_frames_total{camera="cam1"}' in metrics
@@ -139,8 +146,12 @@ def test_a_hung_inspection_stops_the_watchdog_pings(
     daemon = Daemon(load_config(_config(tmp_path, broker, line))).start()
     release = threading.Event()
     try:
-        assert notify.wait_for("READY=1", 30) is not None
+        ready = notify.wait_for("READY=1", 30)
+        assert ready is not None
         seen_ready = time.monotonic()
+        # Each batch shape's warm-up ended before READY=1 was sent (issue 16).
+        assert daemon.slots.warmups and all(w.finished_at < ready and not w.error for w in daemon.slots.warmups)
+        assert {w.batch for w in daemon.slots.warmups} >= {1}
         assert faults.wait_until(lambda: notify.count("WATCHDOG=1") >= 2, 10), "pings while the pipeline runs"
         second_ping = sorted(t for t, m in list(notify.messages) if "WATCHDOG=1" in m.split("\n"))[1]
         assert second_ping <= seen_ready + 1.5, "two pings within 1.5 s of READY=1"
@@ -151,7 +162,8 @@ def test_a_hung_inspection_stops_the_watchdog_pings(
             release.wait(30)  # an engine call that never returns
             raise RuntimeError("released")
 
-        daemon.inspectors["cam1"].inspect = hang  # type: ignore[method-assign]
+        # The line's micro-batched path calls the encoder engine of the camera's pipeline.
+        daemon.inspectors["cam1"].pipeline.encoder.run = hang  # type: ignore[method-assign]
         assert entered.wait(10), "the worker never called the engine"
         # Pings sent before the worker entered the call are recorded before the barrier.
         hung_since = notify.barrier(tmp_path / "notify")

@@ -61,7 +61,7 @@ from anomalygpt_edge.runtime.line.folder_watch import FolderWatcher
 from anomalygpt_edge.runtime.line.inspection_worker import InspectionWorker
 from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
 from anomalygpt_edge.runtime.line.link import Link
-from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
+from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots, warmup_batches
 from anomalygpt_edge.runtime.line.sparkplug_wiring import open_sparkplug
 from anomalygpt_edge.runtime.line.status import DaemonHealth
 from anomalygpt_edge.runtime.line.status_report import StatusReport
@@ -74,6 +74,9 @@ from anomalygpt_edge.runtime.recipes.store import RecipeStore
 
 __all__ = ["CRASH_REPORT_S", "CRASH_WINDOW_S", "MAX_CRASHES", "Daemon", "DeadlineWatchdog"]
 log = logging.getLogger(__name__)
+
+#: Start-timeout extension asked of systemd before each warm-up run (EXTEND_TIMEOUT_USEC).
+WARMUP_EXTEND_S = 600.0
 
 
 class Daemon:
@@ -265,11 +268,29 @@ class Daemon:
         self._connect(mqtt_wait_s)
         if self.sparkplug is not None:
             self.sparkplug.start(min(mqtt_wait_s, 5.0))  # connects in the background either way
+        # Warm-up before the workers and READY=1: the first part is not the one that pays for
+        # first-run work, and systemd's watchdog (armed by READY) never sees it. Until it ends the
+        # status says ``starting``; a trigger meanwhile waits and is answered by its deadline.
+        self._warm_up()
         self._start_loops()
         self._watch_health()
         self.health.start(self.status, self._publish_heartbeat)
+        self.announce()  # starting -> online (or degraded) in the retained status
         self.health.ready()
         return self
+
+    def _warm_up(self) -> None:
+        """Each live recipe's engines once per batch shape in use, telling systemd what it waits for."""
+        notifier = self.health.notifier
+
+        def before(what: str) -> None:
+            # Each run may take a TensorRT build: extend the start timeout rather than be killed.
+            notifier.extend_timeout(WARMUP_EXTEND_S)
+            notifier.status(what)
+
+        for run in self.slots.warm_up(warmup_batches(self.config.engines), before):
+            if run.error:
+                self.health.error(f"warm-up of recipe {run.recipe} (batch {run.batch}) failed: {run.error}")
 
     def _build_link(self) -> Link:
         """The injected link, or the MQTT link from the config (not connected yet)."""

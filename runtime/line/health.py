@@ -464,6 +464,13 @@ class SystemdNotifier:
     def status(self, text: str) -> bool:
         return self.notify(f"STATUS={text}")
 
+    def extend_timeout(self, seconds: float) -> bool:
+        """``EXTEND_TIMEOUT_USEC``: the current start-up step may take ``seconds`` more (engine warm-up).
+
+        systemd then waits at least that long from now before TimeoutStartSec= gives up on us.
+        """
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")
 

@@ -4,6 +4,10 @@ One bundle, one pipeline, one enroller per bundle path: cameras sharing a bundle
 Each bound camera has a slot holding its recipe's name, its :class:`Inspector` (None while the
 recipe cannot inspect) and the reason it cannot. A recipe that is missing or not live does not stop
 the daemon: that camera answers every part ERROR with the reason until it is enrolled.
+
+Warm-up (issue 16): :meth:`RecipeSlots.warm_up` runs every live recipe's engines once per batch
+shape in use before the daemon says READY, so first-run work (ONNX Runtime's arena growth, a
+TensorRT build for a new shape) is not paid by the first part, nor counted by systemd's watchdog.
 """
 
 from __future__ import annotations
@@ -11,22 +15,61 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
-from dataclasses import replace
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from anomalygpt_edge.engines.base import create_engine, resolve_backend
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
-from anomalygpt_edge.runtime.recipes.inspector import Inspector
+from anomalygpt_edge.runtime.recipes.inspector import Inspector, inspect_many
 from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
 
 if TYPE_CHECKING:
-    from anomalygpt_edge.runtime.line.config import DaemonConfig, RecipeBinding
+    from anomalygpt_edge.runtime.line.config import DaemonConfig, EnginesConfig, RecipeBinding
 
 log = logging.getLogger(__name__)
+
+#: Grey level of the warm-up image: any valid image exercises the same shapes and kernels.
+WARMUP_GREY = 128
+
+
+@dataclass(frozen=True)
+class WarmRun:
+    """One warm-up run: a recipe's engines at one batch shape, how long it took, and when it ended."""
+
+    bundle: str
+    recipe: str
+    batch: int
+    ms: float
+    finished_at: float  # time.monotonic(), to order it against READY=1
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The run as the status document lists it."""
+        return {"bundle": self.bundle, "recipe": self.recipe, "batch": self.batch, "ms": round(self.ms, 1)} | (
+            {"error": self.error} if self.error else {}
+        )
+
+
+def warmup_batches(engines: EnginesConfig) -> list[int]:
+    """The batch shapes the line runs: 1 (one part per trigger) and ``engines.max_batch`` when configured."""
+    max_batch = getattr(engines, "max_batch", None)  # optional key: not every config version has it
+    return sorted({1, int(max_batch)}) if max_batch else [1]
+
+
+def warmup_image(recipe_roi: tuple[int, int, int, int] | None, size: Sequence[int]) -> np.ndarray:
+    """A plain grey frame large enough for the recipe's ROI (else the bundle's input size)."""
+    h, w = int(size[0]), int(size[1])
+    if recipe_roi is not None:
+        x, y, rw, rh = recipe_roi
+        h, w = y + rh, x + rw
+    return np.full((h, w, 3), WARMUP_GREY, np.uint8)
 
 
 class RecipeSlots:
@@ -46,6 +89,9 @@ class RecipeSlots:
         self.recipe_names: dict[str, str] = {}
         self.recipe_problems: dict[str, str | None] = {}
         self.lock = threading.Lock()
+        #: Set once :meth:`warm_up` has run (the status says ``starting`` until then).
+        self.warmed = threading.Event()
+        self.warmups: list[WarmRun] = []
 
     # -- bundles ---------------------------------------------------------------------------------
     def binding(self, camera: str) -> RecipeBinding | None:
@@ -93,6 +139,47 @@ class RecipeSlots:
                 )
                 setattr(pipeline, attr, engine)
         return pipeline
+
+    # -- warm-up ---------------------------------------------------------------------------------
+    def warm_up(self, batches: Sequence[int], before: Callable[[str], None] | None = None) -> list[WarmRun]:
+        """Run each live recipe's engines once per batch shape; ``before(what)`` is called ahead of each run.
+
+        Cameras sharing a bundle and a recipe share one warm-up. A run that fails is recorded with
+        its error and does not stop the daemon: that camera's parts then get the engine's error as
+        their ERROR verdict, as they would have anyway.
+        """
+        done: set[tuple[Path, str]] = set()
+        runs: list[WarmRun] = []
+        for camera in self.config.cameras:
+            inspector, _, recipe = self.current(camera)
+            key = self.bundle_key(camera)
+            if inspector is None or recipe is None or (key, recipe) in done:
+                continue
+            done.add((key, recipe))
+            for batch in batches:
+                if before is not None:
+                    before(f"warming up {recipe} on {key.name}, batch {batch}")
+                runs.append(self._warm_once(inspector, key, recipe, batch))
+        self.warmups = runs
+        self.warmed.set()
+        return runs
+
+    @staticmethod
+    def _warm_once(inspector: Inspector, key: Path, recipe: str, batch: int) -> WarmRun:
+        """One micro-batch of ``batch`` grey frames down the line's own path (:func:`inspect_many`)."""
+        image = warmup_image(inspector.recipe.roi, inspector.bundle.manifest.preprocess.size)
+        t0 = time.perf_counter()
+        error = None
+        try:
+            verdicts = inspect_many([(inspector, image, f"warm-up {i}") for i in range(batch)])
+            error = next((v.reason or "ERROR" for v in verdicts if v.verdict == "ERROR"), None)
+        except Exception as exc:  # any engine failure: recorded, the daemon still starts
+            error = f"{type(exc).__name__}: {exc}"
+        if error:
+            log.warning("warm-up of %s on %s (batch %d) failed: %s", recipe, key, batch, error)
+        ms = (time.perf_counter() - t0) * 1e3
+        log.info("warm-up: %s on %s, batch %d: %.0f ms", recipe, key.name, batch, ms)
+        return WarmRun(str(key), recipe, batch, ms, time.monotonic(), error)
 
     # -- recipes ---------------------------------------------------------------------------------
     def current(self, camera: str) -> tuple[Inspector | None, str | None, str | None]:

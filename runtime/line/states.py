@@ -18,8 +18,9 @@ CAMERA_SERVING: Final[frozenset[str]] = frozenset({"online", "watching"})
 #: States that are not a fault: a camera coming up, serving, or stopped on purpose.
 CAMERA_NOT_FAULTY: Final[frozenset[str]] = frozenset({"online", "starting", "stopped", "watching"})
 
-#: The daemon's state in its retained status (``offline`` is the Will / clean-exit message).
-DaemonState = Literal["online", "degraded", "offline"]
+#: The daemon's state in its retained status (``offline`` is the Will / clean-exit message;
+#: ``starting`` while the engines warm up, before READY=1).
+DaemonState = Literal["starting", "online", "degraded", "offline"]
 DAEMON_STATES: Final[tuple[str, ...]] = get_args(DaemonState)
 
 

@@ -1,7 +1,8 @@
 """The daemon's status document, its ``problems`` and its counters.
 
 The retained status (published on connect, on every camera or recipe change, and by the heartbeat)
-says ``degraded`` whenever :meth:`StatusReport.problems` is not empty: a sender that cannot spool,
+says ``starting`` while the engines warm up (before READY=1), then ``degraded`` whenever
+:meth:`StatusReport.problems` is not empty: a sender that cannot spool,
 a full disk, a store moved aside, a dead or restarted thread, a camera whose recipe cannot inspect.
 """
 
@@ -57,7 +58,8 @@ class StatusReport:
     def status(self) -> dict[str, Any]:
         """The retained status document (published on connect and whenever a camera or recipe changes)."""
         problems = self.problems()
-        state: DaemonState = "degraded" if problems else "online"
+        # Until the engines are warmed up (before READY=1) the daemon is not serving parts yet.
+        state: DaemonState = "starting" if not self.slots.warmed.is_set() else "degraded" if problems else "online"
         pipelines = self.slots.pipelines
         base = {
             "schema": STATUS_SCHEMA,
@@ -76,6 +78,7 @@ class StatusReport:
             "engine_backend": next(iter(pipelines.values())).encoder.describe() if pipelines else None,
             "llm": self.config.llm.enabled,
             "spool": self._spool_status(),
+            "warmup": [run.to_json() for run in self.slots.warmups],
         }
         return self.health.status(base)
 
