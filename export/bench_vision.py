@@ -152,11 +152,12 @@ def _int8_encoder(args: argparse.Namespace) -> Any:
 
 def _print_int8(report: dict[str, Any]) -> None:
     """FP32 vs INT8 encoder latency and the ratio, two lines."""
+    flags = ", ".join(report["cpu_int8_flags"]) or "no int8 flags"
     for batch in (1, 8):
         f, q = report["fp32"][f"batch{batch}"], report["int8"][f"batch{batch}"]
         print(
             f"encoder batch {batch}: fp32 p50 {f['p50_ms']:.1f} ms, int8 p50 {q['p50_ms']:.1f} ms -> int8 "
-            f"{report[f'speedup_int8_vs_fp32_batch{batch}']:.2f}x fp32 ({report['cpu_int8_flags'] or 'no int8 flags'})"
+            f"{report[f'speedup_int8_vs_fp32_batch{batch}']:.2f}x fp32 ({flags})"
         )
 
 

@@ -44,7 +44,10 @@ class Inspector:
                 )
             )
         if recipe.bundle_sha256 != bundle.sha256:
-            raise RecipeError(f"recipe {recipe.name} was enrolled with another engine bundle; re-enroll it")
+            raise RecipeError(
+                f"recipe {recipe.name} was enrolled with another engine bundle or encoder precision (this is "
+                f"{getattr(bundle, 'precision', 'fp32')}); re-enroll it"
+            )
         self.bundle = bundle
         self.recipe = recipe
         self.pipeline = pipeline or VisionPipeline(bundle)
