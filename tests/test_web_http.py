@@ -279,10 +279,10 @@ def _png_b64(image) -> str:
 def test_enrollment_over_http_then_verdicts_history_csv_and_ask(default_bundle_dir, tmp_path):
     from anomalygpt_edge.engines.bundle import EngineBundle
     from anomalygpt_edge.runtime.recipes.store import RecipeStore
-    from anomalygpt_edge.runtime.web.station import CameraSpec, LocalStation
+    from anomalygpt_edge.runtime.web.standalone import CameraSpec, StandaloneStation
 
     video = write_video(tmp_path / "mixed.avi", 40, mixed=True, seed0=500)
-    station = LocalStation(
+    station = StandaloneStation(
         RecipeStore(tmp_path / "store"),
         EngineBundle.open(default_bundle_dir),
         [CameraSpec("cam1", "video_file", str(video), fps=10)],

@@ -55,9 +55,8 @@ __all__ = [
 ]
 
 #: Names that pull in the daemon (cameras, engines, MQTT): imported on first use, so importing
-#: this module for the protocol stays light. ``LocalStation`` is the old name of the standalone
-#: station, kept while tests owned elsewhere still construct it by that name.
-_LAZY = {"StandaloneStation": "StandaloneStation", "LocalStation": "StandaloneStation", "CameraSpec": "CameraSpec"}
+#: this module for the protocol stays light.
+_LAZY = {"StandaloneStation": "StandaloneStation", "CameraSpec": "CameraSpec"}
 
 
 def __getattr__(name: str) -> Any:

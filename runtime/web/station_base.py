@@ -315,7 +315,8 @@ class StationBase:
                 and getattr(explainer, "_verdict", None) is self._conversation[2]
             )
             if follow:
-                result = explainer.follow_up(question, on_text=on_text)
+                # The explainer re-checks under its own lock: the worker may explain another part in between.
+                result = explainer.follow_up(question, on_text=on_text, verdict=self._conversation[2])
             else:
                 result = explainer.explain(verdict, question, on_text=on_text)
             self._conversation = (conversation, verdict_id, getattr(explainer, "_verdict", None))
