@@ -294,6 +294,9 @@ def test_the_daemon_answers_a_dcmd_trigger_with_a_real_verdict_in_ddata_beside_t
     try:
         dbirth = host.wait_for(of(MessageType.DBIRTH, "cam1"))[0]
         nbirth = host.wait_for(of(MessageType.NBIRTH))[0]
+        deadline = time.monotonic() + 30  # a trigger before the camera delivers frames is an ERROR by design
+        while not (daemon.cameras.get("cam1") and daemon.cameras["cam1"].online) and time.monotonic() < deadline:
+            time.sleep(0.05)
         host.command(MessageType.DCMD, (Metric(spm.now_ms(), spm.TRIGGER, DataType.STRING, value="PD-9"),), "cam1")
         data = host.wait_for(lambda m: of(MessageType.DDATA, "cam1")(m) and spm.VERDICT in values(m), timeout=20)[0]
         spool_rows = daemon.sparkplug.sender.spool
