@@ -150,6 +150,15 @@ def test_a_batch_of_triggers_leaves_waiting_frames_queued_when_they_would_make_i
     assert [j.part_id for j in q.get_batch(8, 0.0, 1.0)] == ["1"], "the frame waited for the next batch"
 
 
+def test_a_free_run_frame_that_would_finish_after_its_deadline_is_not_added_to_a_batch() -> None:
+    q = WorkQueue()
+    q.put_free(_job("cam1", "free_run", 0, deadline_s=30))
+    q.put_free(_job("cam2", "free_run", 1, deadline_s=0.5))
+    batch = q.get_batch(8, 0.0, 1.0, cost_s=lambda n: 0.3 * n)  # two images: 0.6 s, after cam2's deadline
+    assert [j.part_id for j in batch] == ["0"]
+    assert [j.part_id for j in q.get_batch(8, 0.0, 1.0)] == ["1"], "left queued, not inspected late"
+
+
 def test_the_worker_never_inspects_more_than_max_batch_at_once(
     recipes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

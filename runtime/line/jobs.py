@@ -158,15 +158,28 @@ class WorkQueue:
             self.batch_waiters -= 1
 
     def _take(self, max_batch: int, cost: Callable[[int], float]) -> list[Job]:
-        """Triggered parts (FIFO) then free-run frames (round robin) that fit the earliest triggered deadline."""
+        """Triggered parts (FIFO), then free-run frames (round robin), while the batch ends before every deadline in it.
+
+        The first job goes alone whatever its chances. A part that would make the batch late waits
+        for the next batch (it is still answered by its deadline); a frame that would stays queued
+        until the camera's next frame supersedes it or it is dropped as stale.
+        """
         batch: list[Job] = []
-        while self._triggered and len(batch) < max_batch:
+        due = float("inf")
+
+        def fits(job: Job) -> bool:
+            return not batch or time.monotonic() + cost(len(batch) + 1) <= min(due, job.deadline_mono)
+
+        while self._triggered and len(batch) < max_batch and fits(self._triggered[0]):
             batch.append(self._triggered.popleft())
-        due = min((j.deadline_mono for j in batch), default=None)
-        while self._order and len(batch) < max_batch:
-            if due is not None and time.monotonic() + cost(len(batch) + 1) > due:
-                break  # the waiting frames stay queued for the next batch: the part comes first
-            batch.append(self._free.pop(self._order.popleft()))
+            due = min(due, batch[-1].deadline_mono)
+        for camera in list(self._order):
+            if len(batch) >= max_batch:
+                break
+            if fits(self._free[camera]):
+                self._order.remove(camera)
+                batch.append(self._free.pop(camera))
+                due = min(due, batch[-1].deadline_mono)
         return batch
 
     def wake(self) -> None:
