@@ -242,13 +242,13 @@ def test_a_matcher_error_fails_only_the_jobs_of_that_recipe(
     assert failed.verdict == "ERROR" and "bank damaged" in (failed.reason or "")
 
 
-def test_the_batch_cost_estimate_errs_on_the_slow_side_for_sizes_not_yet_run() -> None:
-    cost = BatchCost()
-    cost.observe(1, 0.02)
-    assert cost.predict(1) == pytest.approx(0.02)
-    assert cost.predict(4) == pytest.approx(0.08), "scaled linearly from the single-image cost"
-    cost.observe(4, 0.05)
-    assert cost.predict(2) >= 0.02 and cost.predict(4) == pytest.approx(0.05)
+def test_the_batch_cost_estimate_follows_a_slower_batch_at_once_and_a_faster_one_slowly() -> None:
+    cost = BatchCost(first_guess_per_image_s=0.02)
+    assert cost.predict(4) == pytest.approx(0.08), "linear in the batch size"
+    cost.observe(2, 0.2)  # 100 ms an image: the box got busy
+    assert cost.predict(1) == pytest.approx(0.06), "half way up at once"
+    cost.observe(4, 0.04)  # 10 ms an image
+    assert 0.05 < cost.predict(1) < 0.06, "only a little way down"
 
 
 def test_the_engines_section_gives_the_batch_bounds(tmp_path: Path) -> None:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-#: How much a new measurement moves the cost estimate (an exponential moving average).
-COST_SMOOTHING = 0.2
+#: How fast the per-image cost estimate follows a slower batch, and a faster one. Rising fast and
+#: falling slowly keeps the estimate near the recent worst case: on a loaded box one batch can take
+#: twice the last, and an estimate of the mean would let batches run past their deadlines.
+COST_RISE, COST_FALL = 0.5, 0.05
 #: Before the first batch is measured: a conservative per-image cost (the default bundle on one
 #: ONNX Runtime thread takes ~15-20 ms an image on a loaded 2-core box).
 FIRST_GUESS_PER_IMAGE_S = 0.025
@@ -43,15 +45,15 @@ class BatchPolicy:
 
 
 class BatchCost:
-    """Measured seconds to inspect a batch of ``n``: a fixed part plus a part per image.
+    """Expected seconds to inspect (and answer) a batch of ``n``: ``n`` times a per-image cost.
 
-    Fitted from the batches the worker ran (moving averages of the time per image at each size),
-    so the queue can tell whether one more frame still fits before a part's deadline.
+    Measured from the batches the worker ran. Linear in ``n`` because a batch never costs more per
+    image than single images, so the estimate errs on the slow side, which is the safe side for a
+    deadline; the per-image figure rises fast and falls slowly (:data:`COST_RISE`, :data:`COST_FALL`).
     """
 
     def __init__(self, first_guess_per_image_s: float = FIRST_GUESS_PER_IMAGE_S):
-        self._per_size: dict[int, float] = {}
-        self._guess = first_guess_per_image_s
+        self.per_image_s = first_guess_per_image_s
         self._lock = threading.Lock()
 
     def observe(self, n: int, seconds: float) -> None:
@@ -59,19 +61,10 @@ class BatchCost:
         if n <= 0 or seconds < 0:
             return
         with self._lock:
-            old = self._per_size.get(n)
-            self._per_size[n] = seconds if old is None else old + COST_SMOOTHING * (seconds - old)
+            new, old = seconds / n, self.per_image_s
+            self.per_image_s = old + (COST_RISE if new > old else COST_FALL) * (new - old)
 
     def predict(self, n: int) -> float:
-        """Expected seconds for a batch of ``n``: measured if that size ran, else scaled from the nearest."""
-        if n <= 0:
-            return 0.0
+        """Expected seconds for a batch of ``n``."""
         with self._lock:
-            if n in self._per_size:
-                return self._per_size[n]
-            if not self._per_size:
-                return n * self._guess
-            # Batches cost less per image than single images: scaling the nearest size linearly
-            # from below over-estimates, which is the safe side for a deadline.
-            nearest = min(self._per_size, key=lambda k: (abs(k - n), -k))
-            return self._per_size[nearest] * max(1.0, n / nearest)
+            return max(0, n) * self.per_image_s

@@ -21,8 +21,10 @@ answered (with trigger→answer latency); the bench process's CPU % (daemon and 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -64,6 +66,7 @@ def _subscriber(
                         "seq": body.get("frame_seq"),
                         "trigger": body.get("trigger"),
                         "verdict": body.get("verdict"),
+                        "reason": body.get("reason"),
                         "stages": body.get("latency_ms", {}),
                     }
                 )
@@ -161,6 +164,11 @@ def _stream_figures(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
         "errors_free_run": sum(v["verdict"] == "ERROR" for v in free),
         "errors_triggered": sum(v["verdict"] == "ERROR" for v in verdicts if v["trigger"] != "free_run"),
         "error_share": round(sum(v["verdict"] == "ERROR" for v in verdicts) / len(verdicts), 4) if verdicts else None,
+        "error_reasons": dict(
+            collections.Counter(
+                re.sub(r"[\d.]+ ms", "N ms", v.get("reason") or "") for v in verdicts if v["verdict"] == "ERROR"
+            ).most_common(4)
+        ),
     }
 
 
@@ -324,6 +332,8 @@ def _print_figures(figures: dict[str, Any], title: str = "") -> None:
     print(f"  share of frames inspected     {figures['share_of_frames_inspected']}")
     errors = f"{figures['errors_free_run']} free-run, {figures['errors_triggered']} triggered"
     print(f"  ERROR verdicts                {errors}")
+    for reason, count in figures["error_reasons"].items():
+        print(f"    {count} x {reason}")
     print(f"  triggered parts answered      {tr['answered']} of {tr['sent']} (p50 {tr['latency_ms_p50']} ms)")
     print(f"  bench process                 CPU {figures['cpu_percent']} %   peak RSS {figures['rss_mb_peak']} MB")
     print("  stage medians (ms)            " + ", ".join(f"{k} {v}" for k, v in figures["stage_ms_p50"].items()))
