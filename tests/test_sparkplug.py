@@ -300,6 +300,7 @@ def test_the_daemon_answers_a_dcmd_trigger_with_a_real_verdict_in_ddata_beside_t
         host.command(MessageType.DCMD, (Metric(spm.now_ms(), spm.TRIGGER, DataType.STRING, value="PD-9"),), "cam1")
         data = host.wait_for(lambda m: of(MessageType.DDATA, "cam1")(m) and spm.VERDICT in values(m), timeout=20)[0]
         spool_rows = daemon.sparkplug.sender.spool
+        status = daemon.status()
     finally:
         daemon.stop()
     got = values(data)
@@ -308,6 +309,8 @@ def test_the_daemon_answers_a_dcmd_trigger_with_a_real_verdict_in_ddata_beside_t
     assert values(dbirth)["Recipe"] == "bracket"
     assert values(nbirth)["Properties/Version"] and values(nbirth)["Properties/Backend"]
     assert spool_rows.path == tmp_path / "spbd-state" / "sparkplug" / "spool.db"
+    assert status["sparkplug"]["connected"] is True and status["sparkplug"]["triggers"] == 1
+    assert not any("sparkplug" in p for p in status["problems"])
     assert host.wait_for(of(MessageType.NDEATH))[0].payload.bd_seq_metric.value == values(nbirth)["bdSeq"]
 
 

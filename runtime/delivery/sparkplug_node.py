@@ -32,7 +32,7 @@ from anomalygpt_edge.runtime.delivery import sparkplug_metrics as spm
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig
 from anomalygpt_edge.runtime.delivery.sender import VerdictSender
 from anomalygpt_edge.runtime.delivery.sparkplug_config import SparkplugConfig
-from anomalygpt_edge.runtime.delivery.spool import VerdictSpool
+from anomalygpt_edge.runtime.delivery.spool import SpoolError, VerdictSpool
 
 log = logging.getLogger(__name__)
 #: What the node reads of the daemon: (node metric values, camera -> slow-changing metric values).
@@ -283,6 +283,28 @@ class SparkplugNode:
             diff = {k: v for k, v in values.items() if old[camera].get(k) != v}
             if diff:
                 self.publish_data(camera, diff, 0)
+
+    # -- health ------------------------------------------------------------------------------------
+    @property
+    def network_thread(self) -> threading.Thread | None:
+        """paho's network thread of the node's connection (for liveness checks); None before :meth:`start`."""
+        return getattr(self.client, "_thread", None)
+
+    def status(self) -> dict[str, Any]:
+        """For the status document and the heartbeat: connection, bdSeq, counters, the DDATA spool."""
+        out: dict[str, Any] = {
+            "connected": self.connected.is_set(),
+            "group": self.group,
+            "node": self.node,
+            "bd_seq": self.bd_seq,
+            **self.stats,
+        }
+        if self.sender is not None:
+            with contextlib.suppress(SpoolError):
+                out["spool_depth"] = self.sender.spool.depth()
+            if self.sender.problem:
+                out["problem"] = self.sender.problem
+        return out
 
     # -- errors ------------------------------------------------------------------------------------
     def _report(self, message: str) -> None:

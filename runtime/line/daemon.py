@@ -62,7 +62,7 @@ from anomalygpt_edge.runtime.line.inspection_worker import InspectionWorker
 from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
 from anomalygpt_edge.runtime.line.link import Link
 from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots, warmup_batches
-from anomalygpt_edge.runtime.line.sparkplug_wiring import open_sparkplug
+from anomalygpt_edge.runtime.line.sparkplug_wiring import open_sparkplug, watch_sparkplug
 from anomalygpt_edge.runtime.line.status import DaemonHealth
 from anomalygpt_edge.runtime.line.status_report import StatusReport
 from anomalygpt_edge.runtime.line.storage import LineStorage
@@ -361,6 +361,7 @@ class Daemon:
         # Threads that do not tick: a dead one stops the systemd watchdog pings just the same.
         health.watch_thread("deadline-watchdog", lambda: self.watchdog.thread if self.watchdog else None)
         health.watch_thread("mqtt-network", lambda: self.link.network_thread if self.link else None)
+        watch_sparkplug(self.sparkplug, health)
         if self.link is not None and self.link.sender is not None:
             health.watch_thread("verdict-sender", lambda: self.link.sender.thread if self.link else None)
 

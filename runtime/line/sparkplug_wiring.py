@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from anomalygpt_edge.runtime.delivery.sparkplug_node import SparkplugNode
     from anomalygpt_edge.runtime.line.config import DaemonConfig
+    from anomalygpt_edge.runtime.line.status import DaemonHealth
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +55,14 @@ def open_sparkplug(
     node = SparkplugNode(spb, config.mqtt, config.device_id, cameras, facts, on_trigger, spool, own_spool=True)
     node.on_error = report
     return node
+
+
+def watch_sparkplug(node: SparkplugNode | None, health: DaemonHealth) -> None:
+    """The node in the status and heartbeat (``sparkplug``), and its threads among the watched ones."""
+    if node is None:
+        return
+    health.add_source("sparkplug", node.status)
+    health.watch_thread("sparkplug-network", lambda: node.network_thread)
+    if node.sender is not None:
+        sender = node.sender
+        health.watch_thread("sparkplug-sender", lambda: sender.thread)
