@@ -22,6 +22,7 @@ from anomalygpt_edge.runtime.cameras.base import CameraConfig, camera_config_uni
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig, TlsConfig
 from anomalygpt_edge.runtime.delivery.sparkplug_config import SparkplugConfig
 from anomalygpt_edge.runtime.line.config_yaml import ConfigError, config_error, read_yaml
+from anomalygpt_edge.runtime.line.station_config import StationConfig
 from anomalygpt_edge.runtime.values import (
     ConfigPath,
     ExistingPath,
@@ -47,6 +48,7 @@ __all__ = [
     "LlmConfig",
     "MqttConfig",
     "RecipeBinding",
+    "StationConfig",
     "StorageConfig",
     "TlsConfig",
     "load_config",
@@ -204,6 +206,7 @@ class DaemonConfig(_Section):
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     sparkplug: SparkplugConfig | None = None  # Sparkplug B 3.0 Edge Node beside the JSON topics
+    station: StationConfig | None = None  # the technician page, served by `run --config` beside the daemon
     _source: str = PrivateAttr("<config>")
 
     @model_validator(mode="after")

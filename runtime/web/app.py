@@ -82,6 +82,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/logout", "operator", session.post_logout),
     Route("GET", "/api/cameras", "operator", station.get_cameras),
     Route("GET", f"/api/cameras/{_SEG}/frame.jpg", "operator", station.get_frame),
+    Route("GET", f"/api/cameras/{_SEG}/live.mjpg", "operator", station.get_live),
     Route("GET", f"/api/cameras/{_SEG}/overlay.jpg", "operator", station.get_overlay),
     Route("GET", f"/api/cameras/{_SEG}/verdict", "operator", station.get_last_verdict),
     Route("GET", "/api/recipes", "operator", enroll.get_recipes),

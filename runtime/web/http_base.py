@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from anomalygpt_edge.runtime.web.audit import AuditLog
 from anomalygpt_edge.runtime.web.auth import Session, Sessions, UserStore
+from anomalygpt_edge.runtime.web.live import LiveStreams
 
 COOKIE = "agpt_session"
 MAX_JSON_BODY = 256 * 1024
@@ -92,6 +93,7 @@ class StationState:
     audit: AuditLog
     secure_cookie: bool = False
     static: dict[str, Path] = field(default_factory=dict)
+    live: LiveStreams = field(default_factory=LiveStreams)  # the MJPEG live-view streams open now
 
 
 @dataclass

@@ -17,6 +17,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -82,9 +83,14 @@ def _listening_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 class ServerThread:
     """A uvicorn server bound at construction (so a busy port fails there, and port 0 resolves),
-    served on thread ``station-http`` by :meth:`start`, ended by :meth:`stop`."""
+    served on thread ``station-http`` by :meth:`start`, ended by :meth:`stop`.
 
-    def __init__(self, app: Any, host: str, port: int):
+    With ``tls`` (certificate file, key file) it speaks HTTPS only; the certificate and key are
+    loaded here, so a wrong file or a key that does not match fails at construction.
+    """
+
+    def __init__(self, app: Any, host: str, port: int, tls: tuple[Path, Path] | None = None):
+        cert, key = tls if tls is not None else (None, None)
         self.config = uvicorn.Config(
             app,
             host=host,
@@ -99,7 +105,10 @@ class ServerThread:
             headers=[("Server", SERVER_NAME)],
             timeout_keep_alive=KEEP_ALIVE_S,
             timeout_graceful_shutdown=SHUTDOWN_S,
+            ssl_certfile=cert,
+            ssl_keyfile=key,
         )
+        self.config.load()  # the TLS context now: a bad certificate is an error before anything listens
         self.server = uvicorn.Server(self.config)
         self.socket = _listening_socket(host, port, self.config.backlog)
         self._thread: threading.Thread | None = None

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
-from anomalygpt_edge.runtime.web.http_base import Context, HttpError, answer, json_answer
+from anomalygpt_edge.runtime.web.http_base import SECURITY_HEADERS, Context, HttpError, answer, json_answer
 from anomalygpt_edge.runtime.web.http_bodies import UsersBody
+from anomalygpt_edge.runtime.web.live import BOUNDARY, mjpeg
 from anomalygpt_edge.runtime.web.routes_history import query_limit
 from anomalygpt_edge.runtime.web.station import NotFoundError
 
@@ -19,6 +20,19 @@ def get_cameras(ctx: Context) -> Response:
 
 def get_frame(ctx: Context, camera: str) -> Response:
     return answer(200, ctx.station.latest_jpeg(camera), "image/jpeg")
+
+
+def get_live(ctx: Context, camera: str) -> Response:
+    """The camera's live view as MJPEG (see runtime/web/live.py): one stream per session and camera."""
+    ctx.station.latest_frame(camera)  # an unknown camera, a watched folder: a JSON error, not an empty stream
+    assert ctx.session is not None  # an operator route
+    live = ctx.state.live
+    stream = live.open(ctx.session.token, camera)
+    if stream is None:
+        raise HttpError(503, "too many live views open; close one", {"Retry-After": "5"})
+    headers = {"Cache-Control": "no-store", **SECURITY_HEADERS}
+    ctype = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
+    return StreamingResponse(mjpeg(ctx.station, camera, stream, live.max_fps), media_type=ctype, headers=headers)
 
 
 def get_overlay(ctx: Context, camera: str) -> Response:

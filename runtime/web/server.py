@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anomalygpt_edge.runtime.line.station_config import is_loopback
 from anomalygpt_edge.runtime.web.app import ROUTES, STATIC_DIR, build_app, static_files
 from anomalygpt_edge.runtime.web.audit import AuditLog
 from anomalygpt_edge.runtime.web.auth import Sessions, UserStore
@@ -26,6 +27,7 @@ from anomalygpt_edge.runtime.web.http_base import (
     StationState,
 )
 from anomalygpt_edge.runtime.web.http_uvicorn import ServerThread
+from anomalygpt_edge.runtime.web.live import LiveStreams
 
 __all__ = [
     "COOKIE",
@@ -50,7 +52,25 @@ class WebConfig:
     bind: str = "127.0.0.1"
     port: int = 8080
     session_idle_s: float = 8 * 3600
-    secure_cookie: bool = False  # set when a TLS-terminating proxy sits in front
+    secure_cookie: bool = False  # set when a TLS-terminating proxy sits in front (implied by tls_cert)
+    tls_cert: Path | None = None  # HTTPS: certificate chain (PEM) ...
+    tls_key: Path | None = None  # ... and its private key
+    allow_plain_http: bool = False  # plain HTTP on an address other machines reach (isolated networks only)
+    live_max_fps: float = 8.0  # the MJPEG live view's frame-rate cap per stream
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("station TLS needs both the certificate and its key")
+        if self.tls_cert is None and not self.allow_plain_http and not is_loopback(self.bind):
+            raise ValueError(
+                f"the station would serve plain HTTP on {self.bind}, reachable from other machines: "
+                "give it a TLS certificate and key, or allow plain HTTP explicitly (isolated networks only)"
+            )
+
+    @property
+    def tls(self) -> tuple[Path, Path] | None:
+        """(certificate, key) when the station speaks HTTPS."""
+        return (self.tls_cert, self.tls_key) if self.tls_cert is not None and self.tls_key is not None else None
 
 
 class StationServer:
@@ -68,10 +88,11 @@ class StationServer:
             users=UserStore(config.users_file),
             sessions=Sessions(idle_timeout_s=config.session_idle_s),
             audit=AuditLog(config.audit_log),
-            secure_cookie=config.secure_cookie,
+            secure_cookie=config.secure_cookie or config.tls is not None,
             static=static_files(),
+            live=LiveStreams(max_fps=config.live_max_fps),
         )
-        self._server = ServerThread(build_app(self.state), config.bind, config.port)
+        self._server = ServerThread(build_app(self.state), config.bind, config.port, config.tls)
 
     @property
     def users(self) -> UserStore:
@@ -93,7 +114,8 @@ class StationServer:
     @property
     def url(self) -> str:
         host, port = self.server_address
-        return f"http://{host}:{port}"
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.config.tls else 'http'}://{host}:{port}"
 
     def start(self) -> StationServer:
         """Serve on a background thread (returns once connections are accepted)."""
@@ -101,5 +123,6 @@ class StationServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving: running requests get a few seconds to finish, then the socket closes."""
+        """Stop serving: live streams end, running requests get a few seconds to finish, then the socket closes."""
+        self.state.live.close()
         self._server.stop()

@@ -88,6 +88,8 @@ function route() {
   S.timers = [];
   S.gen = (S.gen || 0) + 1;  // ends the live view's loop
   clearTimeout(S.loop);
+  // Leaving the live view closes its MJPEG streams: removing src aborts the image's request.
+  for (const i of document.querySelectorAll("img.live-frame")) i.removeAttribute("src");
   for (const p of document.querySelectorAll(".page")) p.hidden = p.id !== "page-" + page;
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.getAttribute("href") === "#" + page);
   ({ live: showLive, enroll: showEnroll, history: showHistory, ask: showAsk, system: showSystem }[page] || showLive)();
@@ -123,9 +125,10 @@ function showLive() {
     views.push(v);
   }
   if (!S.cameras.length) box.append(el("p", {}, "No cameras configured."));
-  // One loop for all cameras, the next round only after this one finished: a slow station never
-  // piles requests up.
   const gen = S.gen;
+  for (const v of views) liveStream(v, gen);
+  // One loop for the cameras' status and verdicts, the next round only after this one finished: a
+  // slow station never piles requests up. The images themselves come as MJPEG streams.
   const round = async () => {
     const cams = await api("GET", "/api/cameras").catch(() => null);
     await Promise.all(views.map((v) => updateCamera(v, cams && cams.find((x) => x.name === v.name))));
@@ -134,9 +137,16 @@ function showLive() {
   round();
 }
 
+// The camera's live view: one MJPEG stream (multipart/x-mixed-replace) that the server paces; it is
+// opened again a little later when it fails (camera without frames yet, station restarted).
+function liveStream(v, gen) {
+  const open = () => { if (gen === S.gen) v.img.src = `/api/cameras/${encodeURIComponent(v.name)}/live.mjpg?g=${gen}`; };
+  v.img.onerror = () => { if (gen === S.gen) setTimeout(open, 2000); };
+  open();
+}
+
 async function updateCamera(v, c) {
   const name = encodeURIComponent(v.name);
-  await loadImg(v.img, `/api/cameras/${name}/frame.jpg`);
   if (c) {
     v.head.replaceChildren(el("strong", {}, c.name), ` · ${c.status} · recipe `, el("b", {}, c.recipe || "none"),
       c.inspect_fps ? ` · ${c.inspect_fps} fps · p50 ${fmt(c.latency_ms_p50, 3)} ms` : "",
