@@ -27,6 +27,10 @@ from anomalygpt_edge.runtime.delivery.mqtt_link import Command
 JobKind = Literal["free_run", "trigger", "folder_watch"]
 #: A camera that offered no free-run frame for this long no longer holds a batch open for its frame.
 ACTIVE_CAMERA_S = 1.0
+#: A batch is admitted only if it ends before its deadlines with this factor on its expected cost:
+#: the worker shares the GIL and the cores with camera decoding and publishing, and a batch that
+#: runs past a frame's deadline turns every verdict in it into ERROR.
+BATCH_COST_MARGIN = 1.5
 
 
 @dataclass
@@ -168,7 +172,8 @@ class WorkQueue:
         due = float("inf")
 
         def fits(job: Job) -> bool:
-            return not batch or time.monotonic() + cost(len(batch) + 1) <= min(due, job.deadline_mono)
+            ends = time.monotonic() + BATCH_COST_MARGIN * cost(len(batch) + 1)
+            return not batch or ends <= min(due, job.deadline_mono)
 
         while self._triggered and len(batch) < max_batch and fits(self._triggered[0]):
             batch.append(self._triggered.popleft())
