@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,9 +24,11 @@ class Response:
 class Client:
     """One 'browser': the cookie from login is sent back; ``csrf`` is sent on POSTs when set."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None = None):
         u = urlsplit(base_url)
         self.host, self.port = u.hostname, u.port
+        self.https = u.scheme == "https"
+        self.ssl_context = ssl_context
         self.cookie: str | None = None
         self.csrf: str | None = None
 
@@ -38,7 +41,11 @@ class Client:
         raw: bytes | None = None,
         csrf: bool = True,
     ) -> Response:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        conn: http.client.HTTPConnection
+        if self.https:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=30, context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
         h = dict(headers or {})
         if self.cookie:
             h.setdefault("Cookie", self.cookie)

@@ -1,4 +1,5 @@
-"""``anomalygpt-edge run --config FILE``: validate the config, then run the daemon until SIGTERM/SIGINT.
+"""``anomalygpt-edge run --config FILE``: validate the config, then run the daemon until SIGTERM/SIGINT,
+serving the technician station beside it when the config has a ``station:`` section (one service).
 
 A start-up failure is one line on stderr naming the config file and what is wrong (exit code 2);
 ``--debug`` adds the traceback. Damaged spool or archive files do not get here: they are moved
@@ -8,8 +9,10 @@ aside and reported by the daemon itself (runtime/delivery/spool.py, runtime/deli
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
+from typing import Any
 
 from anomalygpt_edge.runtime.line.config import ConfigError, DaemonConfig, load_config
 
@@ -37,6 +40,30 @@ def _first_run(args: argparse.Namespace, config: DaemonConfig) -> int:
     return 0
 
 
+def run_with_station(daemon: Any) -> None:
+    """The daemon and its technician station in one service (the config's ``station:`` section),
+    until SIGTERM/SIGINT. ``OSError`` (and ``ssl.SSLError``) when the page cannot listen."""
+    from anomalygpt_edge.runtime.cli.station import open_server, web_config
+    from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
+
+    stopping = daemon.supervisor.stopping
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    # The station listens to the daemon before it starts: its history holds the very first verdicts.
+    station = DaemonStation(daemon)
+    server = None
+    try:
+        daemon.start()
+        server = open_server(station, web_config(daemon.config)).start()
+        while not stopping.wait(1.0):
+            pass
+    finally:
+        if server is not None:
+            server.stop()
+        station.stop()
+        daemon.stop()
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate ``--config``, then run the daemon; 0 on a clean stop, 2 when it cannot start."""
     try:
@@ -56,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         return failed
     try:
-        Daemon(config).run_forever()
+        if config.station is None:
+            Daemon(config).run_forever()
+        else:
+            run_with_station(Daemon(config))
     except (EngineError, SpoolError, ArchiveError, RecipeError) as exc:
         # A bundle missing or damaged, storage.data on a read-only or missing mount, a spool
         # locked by another daemon …: each message names its file; no traceback without --debug.

@@ -23,15 +23,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``web`` and ``web-user``."""
     w = sub.add_parser(
         "web",
-        help="serve the technician station web page (live view, enrollment, history, ask, system)",
+        help="the technician station page with its daemon (alias: `run --config` with a station: section)",
         description="Runs the line daemon from its config (cameras, recipes, MQTT) and serves the station "
-        "page for it. Binds to 127.0.0.1 unless --bind names another address.",
+        "page for it, as `run --config` does for a config with a station: section (which this also reads: "
+        "bind, port, tls, users). Binds to 127.0.0.1 unless --bind or station.bind names another address.",
     )
     w.add_argument("--config", type=Path, required=True, help="the daemon's YAML config (cameras, recipes, storage)")
-    w.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    w.add_argument("--port", type=int, default=8080)
-    w.add_argument("--users", type=Path, help="users file (default <storage.data>/web/users.json)")
-    w.add_argument("--audit", type=Path, help="audit log (default <storage.data>/web/audit.jsonl)")
+    w.add_argument("--bind", help="address to listen on (default station.bind, else 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, help="default station.port, else 8080")
+    w.add_argument("--users", type=Path, help="users file (default station.users, else <storage.data>/web/users.json)")
+    w.add_argument("--audit", type=Path, help="audit log (default station.audit, else <storage.data>/web/audit.jsonl)")
+    w.add_argument(
+        "--allow-plain-http",
+        action="store_true",
+        help="serve plain HTTP on an address other machines reach (isolated networks only; else give station.tls)",
+    )
     w.add_argument(
         "--standalone",
         action="store_true",
@@ -149,38 +155,62 @@ def build_station(config_path: Path, *, standalone: bool = False, llm: bool = Fa
     return cfg, daemon, station
 
 
+def web_config(cfg: Any, **cli: Any) -> Any:
+    """The station server's settings: ``cli`` values that are given, else the config's ``station:``
+    section, else the defaults (127.0.0.1:8080, users and audit log under ``<storage.data>/web``)."""
+    from anomalygpt_edge.runtime.line.station_config import StationConfig
+    from anomalygpt_edge.runtime.web.server import WebConfig
+
+    section = getattr(cfg, "station", None) or StationConfig()
+    data = cfg.storage.data
+    tls = section.tls
+    return WebConfig(
+        users_file=cli.get("users") or section.users_file(data),
+        audit_log=cli.get("audit") or section.audit_log(data),
+        bind=cli.get("bind") or section.bind,
+        port=cli["port"] if cli.get("port") is not None else section.port,
+        session_idle_s=section.session_idle_s,
+        tls_cert=tls.cert if tls is not None else None,
+        tls_key=tls.key if tls is not None else None,
+        allow_plain_http=bool(cli.get("allow_plain_http")) or section.allow_plain_http,
+        live_max_fps=section.live_max_fps,
+    )
+
+
+def open_server(station: Any, config: Any) -> Any:
+    """The station's server, bound (not yet serving), and the one line saying where it is."""
+    from anomalygpt_edge.runtime.web.server import StationServer
+
+    server = StationServer(station, config)
+    if not config.users_file.exists():
+        log.warning(
+            "no users yet: add one with `anomalygpt-edge web-user add NAME --role admin --users %s`", config.users_file
+        )
+    print(f"station: {server.url}/", flush=True)
+    return server
+
+
 def run_web(args: argparse.Namespace) -> int:
     """Handler of ``anomalygpt-edge web``: the line daemon plus the station page, until SIGINT/SIGTERM.
 
     Without an ``mqtt:`` section in the config, or with ``--standalone``, the daemon runs with a
     null link (no broker), for a bench.
     """
-    from anomalygpt_edge.runtime.web.server import StationServer, WebConfig
-
+    print("note: `anomalygpt-edge run --config` serves this page when the config has a station: section", flush=True)
     try:
         cfg, daemon, station = build_station(args.config, standalone=args.standalone, llm=args.llm)
     except Exception as exc:  # noqa: BLE001 - config/bundle errors end with a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    web_dir = cfg.storage.data / "web"
-    config = WebConfig(
-        users_file=args.users or web_dir / "users.json",
-        audit_log=args.audit or web_dir / "audit.jsonl",
-        bind=args.bind,
-        port=args.port,
-    )
     try:
-        server = StationServer(station, config)
-    except OSError as exc:
+        config = web_config(cfg, users=args.users, audit=args.audit, bind=args.bind, port=args.port,
+                            allow_plain_http=args.allow_plain_http)  # fmt: skip
+        server = open_server(station, config)
+    except (OSError, ValueError) as exc:
         station.stop()
         daemon.stop()
-        print(f"error: cannot listen on {args.bind}:{args.port}: {exc}", file=sys.stderr)
+        print(f"error: station: {exc}", file=sys.stderr)
         return 2
-    if not config.users_file.exists():
-        log.warning(
-            "no users yet: add one with `anomalygpt-edge web-user add NAME --role admin --users %s`", config.users_file
-        )
-    print(f"station: {server.url}/", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
