@@ -105,8 +105,9 @@ def recipes_fixture(line: dict[str, Any]) -> dict[str, Any]:
 
 def test_a_triggered_part_is_not_delayed_by_a_filling_batch() -> None:
     q = WorkQueue()
-    q.put_free(_job("cam2", "free_run", 0))
-    assert len(q.get_batch(8, 0.0, 1.0)) == 1  # cam2 is now an active camera: a batch waits for its frame
+    q.put_free(_job("cam2", "free_run", -1))
+    q.put_free(_job("cam2", "free_run", 0))  # cam2 now sends frames back to back: a batch waits for its next
+    assert len(q.get_batch(8, 0.0, 1.0)) == 1
     q.put_free(_job("cam1", "free_run", 1))
     got: list[list[Job]] = []
     taker = threading.Thread(target=lambda: got.append(q.get_batch(8, 30.0, 30.0)))
@@ -121,12 +122,25 @@ def test_a_triggered_part_is_not_delayed_by_a_filling_batch() -> None:
 
 def test_free_run_frames_wait_for_a_batch_no_longer_than_their_deadline_allows() -> None:
     q = WorkQueue()
+    q.put_free(_job("cam2", "free_run", -1))
     q.put_free(_job("cam2", "free_run", 0))
     q.get_batch(8, 0.0, 1.0)
     q.put_free(_job("cam1", "free_run", 1, deadline_s=0.3))
     started = time.monotonic()
     batch = q.get_batch(8, 30.0, 30.0, cost_s=lambda n: 0.1)
     assert [j.part_id for j in batch] == ["1"] and time.monotonic() - started < 5.0
+
+
+def test_free_run_frames_do_not_wait_for_a_camera_whose_next_frame_is_due_after_the_wait() -> None:
+    q = WorkQueue()
+    q.put_free(_job("cam2", "free_run", -1))
+    q.put_free(_job("cam2", "free_run", 0))
+    q.get_batch(8, 0.0, 1.0)
+    q._period["cam2"] = 0.9  # cam2's next frame is due after the 0.6 s window (and within its 1 s activity)
+    q.put_free(_job("cam1", "free_run", 1))
+    started = time.monotonic()
+    assert [j.part_id for j in q.get_batch(8, 0.6, 30.0)] == ["1"]
+    assert time.monotonic() - started < 0.5, "no wait for a frame that cannot join"
 
 
 def test_batches_never_exceed_the_bound() -> None:

@@ -80,6 +80,7 @@ class WorkQueue:
         self._free: dict[str, Job] = {}
         self._order: collections.deque[str] = collections.deque()  # round robin over cameras
         self._last_free: dict[str, float] = {}  # camera -> when it last offered a frame
+        self._period: dict[str, float] = {}  # camera -> seconds between its frames (moving average)
         self._cond = threading.Condition()
         self.batch_waiters = 0  # workers waiting for a free-run batch to fill (tests wait on it)
         self.counts: collections.Counter[str] = collections.Counter()
@@ -99,6 +100,10 @@ class WorkQueue:
         """Offer a free-run frame; it replaces the camera's waiting one (drop-oldest)."""
         with self._cond:
             job.queued_mono = time.monotonic()
+            last = self._last_free.get(job.camera)
+            if last is not None and job.queued_mono - last < ACTIVE_CAMERA_S:
+                old = self._period.get(job.camera, job.queued_mono - last)
+                self._period[job.camera] = old + 0.2 * (job.queued_mono - last - old)
             self._last_free[job.camera] = job.queued_mono
             if job.camera in self._free:
                 self.counts["superseded"] += 1
@@ -144,12 +149,18 @@ class WorkQueue:
             return self._take(max_batch, cost)
 
     def _wait_for_frames(self, max_batch: int, max_wait_s: float, cost: Callable[[int], float]) -> None:
-        """Hold a free-run batch open until every active camera's frame is in, a trigger comes or time is up."""
+        """Hold a free-run batch open for the frames due within ``max_wait_s``, unless a trigger comes.
+
+        Only cameras whose next frame is due inside the window are waited for: cameras at one rate
+        keep their phase, so a camera whose frames come just after the window would never join and
+        every frame would wait for nothing.
+        """
         now = time.monotonic()
-        active = sum(1 for t in self._last_free.values() if now - t < ACTIVE_CAMERA_S)
-        want = min(max_batch, max(1, active))
         first = min(j.queued_mono or now for j in self._free.values())
         until = first + max_wait_s
+        due = [self._last_free[c] + p for c, p in self._period.items() if c not in self._free]
+        coming = sum(1 for t in due if now - ACTIVE_CAMERA_S < t <= until)
+        want = min(max_batch, len(self._free) + coming)
         self.batch_waiters += 1
         try:
             while not self._triggered and 0 < len(self._free) < want:
