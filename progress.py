@@ -40,6 +40,10 @@ def mode(stream: TextIO | None = None) -> str:
         return "plain"
 
 
+def _plural(unit: str) -> str:
+    return f"{unit}es" if unit.endswith(("s", "sh", "ch", "x")) else f"{unit}s"
+
+
 def _seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {int(s % 60):02d} s"
 
@@ -87,12 +91,12 @@ class Progress:
         """The plain line for the current count: ``[desc] 3/10 images (30%), 4.2 s, ETA 9.8 s: note``."""
         elapsed = time.monotonic() - self.started
         if self.total:
-            text = f"[{self.desc}] {self.done}/{self.total} {self.unit}s ({100 * self.done / self.total:.0f}%)"
+            text = f"[{self.desc}] {self.done}/{self.total} {_plural(self.unit)} ({100 * self.done / self.total:.0f}%)"
             text += f", {_seconds(elapsed)}"
             if 0 < self.done < self.total:
                 text += f", ETA {_seconds(elapsed / self.done * (self.total - self.done))}"
         else:
-            text = f"[{self.desc}] {self.done} {self.unit}s, {_seconds(elapsed)}"
+            text = f"[{self.desc}] {self.done} {_plural(self.unit)}, {_seconds(elapsed)}"
         return f"{text}: {note}" if note else text
 
     def close(self) -> None:

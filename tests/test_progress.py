@@ -14,6 +14,7 @@ import pytest
 import anomalygpt_edge
 from anomalygpt_edge import progress
 from anomalygpt_edge.progress import Progress
+from anomalygpt_edge.runtime.inspection.memory_bank import greedy_coreset
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 
 ROOT = Path(anomalygpt_edge.__file__).parent
@@ -108,13 +109,30 @@ class _Pipeline:
 def test_enrollment_reports_each_encoded_batch_and_keeps_the_features() -> None:
     enroller = Enroller.__new__(Enroller)  # only the encoding step: no store, no bundle
     enroller.pipeline = _Pipeline()  # type: ignore[assignment]
-    heard: list[tuple[int, int]] = []
+    heard: list[tuple[str, int, int]] = []
 
-    feats = enroller._encode(list(range(20)), lambda done, total: heard.append((done, total)))  # type: ignore[arg-type]
+    feats = enroller._encode(list(range(20)), lambda *step: heard.append(step))  # type: ignore[arg-type]
 
-    assert heard == [(8, 20), (16, 20), (20, 20)]
+    assert heard == [("encoding", 0, 20), ("encoding", 8, 20), ("encoding", 16, 20), ("encoding", 20, 20)]
     assert feats["layer"][:, 0].tolist() == list(range(20))
     assert enroller._encode(list(range(20)), None)["layer"].shape == (20, 1)  # no callback: one encode call
+
+
+def test_the_memory_banks_coreset_reports_its_picks_and_picks_the_same() -> None:
+    feats = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    heard: list[tuple[int, int]] = []
+
+    picked = greedy_coreset(feats, 1100, on_progress=lambda done, total: heard.append((done, total)))
+
+    assert heard == [(0, 1100), (512, 1100), (1024, 1100), (1100, 1100)]  # 0: the step starts
+    assert np.array_equal(picked, greedy_coreset(feats, 1100))  # reporting changes nothing chosen
+
+
+def test_units_read_as_plurals() -> None:
+    out = io.StringIO()
+    with Progress(2, "enroll: memory bank", "patch", stream=out) as bar:
+        bar.update(2)
+    assert out.getvalue().startswith("[enroll: memory bank] 2/2 patches (100%)")
 
 
 def _imports(path: Path) -> set[str]:

@@ -116,6 +116,34 @@ def print_enrollment(result: EnrollmentResult, as_json: bool) -> None:
         print("  no threshold yet: enroll at least two golden parts")
 
 
+class _EnrollBars:
+    """Enrollment's ``on_progress(stage, done, total)`` as one progress bar per stage, each opened as it starts."""
+
+    UNITS = {"encoding": "image", "defects": "image", "memory bank": "patch"}
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.bar: Progress | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage or self.bar is None:
+            self.close()
+            self.stage, self.bar = stage, Progress(total, f"enroll: {stage}", self.UNITS.get(stage, "step"))
+        self.bar.report(done, total)
+
+    def close(self) -> None:
+        """End the open stage's bar."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> _EnrollBars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def enroll(args: argparse.Namespace) -> int:
     """``anomalygpt-edge enroll``: create/extend a recipe, or remove a golden sample."""
     store = RecipeStore(args.store)
@@ -143,11 +171,11 @@ def enroll(args: argparse.Namespace) -> int:
         if args.remove:
             result = enroller.remove(args.recipe, args.remove, args.accept_flagged)
         if images:
-            with Progress(len(images), "enroll: encoding", "image") as bar:
-                result = enroller.add(args.recipe, images, args.accept_flagged, on_progress=bar.report)
+            with _EnrollBars() as bars:
+                result = enroller.add(args.recipe, images, args.accept_flagged, on_progress=bars)
         if defects:
-            with Progress(len(defects), "enroll: defects", "image") as bar:
-                result = enroller.add_defects(args.recipe, defects, args.accept_flagged, on_progress=bar.report)
+            with _EnrollBars() as bars:
+                result = enroller.add_defects(args.recipe, defects, args.accept_flagged, on_progress=bars)
     except (ImageError, RecipeError, ValueError) as exc:
         return _fail(str(exc))
     print_enrollment(result, args.json)

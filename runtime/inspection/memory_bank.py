@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,18 @@ class MemoryBank:
                 raise BankError(f"{origin}: bank layer {name} holds NaN or infinite values; re-enroll")
 
 
-def greedy_coreset(features: np.ndarray, budget: int, seed: int = 0) -> np.ndarray:
+#: How many coreset picks between two ``on_progress`` calls (a call costs nothing next to a pick's pass).
+CORESET_REPORT_EVERY = 512
+
+
+def greedy_coreset(
+    features: np.ndarray, budget: int, seed: int = 0, on_progress: Callable[[int, int], None] | None = None
+) -> np.ndarray:
     """Indices of ``budget`` rows chosen by greedy k-centre (PatchCore's coreset) on a projection.
 
     Each step adds the point farthest from the chosen set, so rare patches (edges, features that
-    appear in few golden parts) survive subsampling, unlike random sampling.
+    appear in few golden parts) survive subsampling, unlike random sampling. ``on_progress(picked,
+    budget)`` hears of the picks (the longest step of a large enrollment; a command line shows it).
     """
     n = features.shape[0]
     if budget >= n:
@@ -119,10 +127,14 @@ def greedy_coreset(features: np.ndarray, budget: int, seed: int = 0) -> np.ndarr
     chosen = np.empty(budget, dtype=np.int64)
     chosen[0] = int(rng.integers(n))
     dist = np.full(n, np.inf, dtype=np.float32)
+    if on_progress is not None:
+        on_progress(0, budget)  # the step starts now: its ETA counts from here
     for i in range(1, budget + 1):
         c = chosen[i - 1]
         d = sq - 2.0 * (x @ x[c]) + sq[c]
         np.minimum(dist, d, out=dist)
+        if on_progress is not None and (i % CORESET_REPORT_EVERY == 0 or i == budget):
+            on_progress(i, budget)
         if i == budget:
             break
         chosen[i] = int(np.argmax(dist))
@@ -130,12 +142,15 @@ def greedy_coreset(features: np.ndarray, budget: int, seed: int = 0) -> np.ndarr
 
 
 def build_bank(
-    per_sample: list[dict[str, np.ndarray]], budget: int = DEFAULT_BUDGET, seed: int = 0
+    per_sample: list[dict[str, np.ndarray]],
+    budget: int = DEFAULT_BUDGET,
+    seed: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Concatenate golden samples' patch features per layer; coreset-subsample above ``budget``.
 
     Selection runs on the concatenation of all layers (normalised per layer) so one index set
-    keeps the layers aligned.
+    keeps the layers aligned. ``on_progress``: the coreset's picks (see :func:`greedy_coreset`).
     """
     if not per_sample:
         raise BankError("a memory bank needs at least one golden sample")
@@ -145,6 +160,6 @@ def build_bank(
     if total <= budget:
         return full, {"budget": budget, "total_patches": total, "kept_patches": total, "subsampled": False}
     joint = np.concatenate([f / (np.linalg.norm(f, axis=1, keepdims=True).mean() + 1e-12) for f in full.values()], 1)
-    idx = greedy_coreset(joint, budget, seed)
+    idx = greedy_coreset(joint, budget, seed, on_progress)
     kept = {n: np.ascontiguousarray(f[idx]) for n, f in full.items()}
     return kept, {"budget": budget, "total_patches": total, "kept_patches": len(idx), "subsampled": True}

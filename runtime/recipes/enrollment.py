@@ -53,8 +53,9 @@ from anomalygpt_edge.runtime.recipes.store import (
 
 log = logging.getLogger(__name__)
 
-#: ``on_progress(done, total)``: images encoded so far of those to encode (what a command-line bar shows).
-OnProgress = Callable[[int, int], None]
+#: ``on_progress(stage, done, total)``: how far a long step is ("encoding": images, "memory bank":
+#: coreset picks, "defects": labelled parts), for a command line's bar; the daemon passes none.
+OnProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ class Enroller:
     ) -> EnrollmentResult:
         """Encode and store new golden images, then rebuild bank, quality check and threshold.
 
-        ``on_progress(done, total)`` is called as the images (augmented views included) are encoded.
+        ``on_progress(stage, done, total)`` hears of the encoding (augmented views included) and the bank.
         """
         with self.store.writer(name):
             return self._add(name, images, accept_flagged, on_progress)
@@ -199,7 +200,7 @@ class Enroller:
                 rows = [i for i, o in enumerate(owners) if o == sample.sha256]
                 self._save_features(name, sample.sha256, {k: v[rows] for k, v in feats.items()})
         recipe = replace(recipe, samples=recipe.samples + tuple(new))
-        result = self._rebuild(recipe, accept_flagged)
+        result = self._rebuild(recipe, accept_flagged, on_progress)
         result.added = [s.name for s in new]
         result.skipped = result_skipped
         result.seconds = time.perf_counter() - t0
@@ -210,9 +211,10 @@ class Enroller:
         if on_progress is None:
             return self.pipeline.encode(prepared)
         chunks: list[dict[str, np.ndarray]] = []
+        on_progress("encoding", 0, len(prepared))
         for i in range(0, len(prepared), ENCODE_BATCH):  # the same batches encode() makes: the same features
             chunks.append(self.pipeline.encode(prepared[i : i + ENCODE_BATCH]))
-            on_progress(min(i + ENCODE_BATCH, len(prepared)), len(prepared))
+            on_progress("encoding", min(i + ENCODE_BATCH, len(prepared)), len(prepared))
         return {n: np.concatenate([c[n] for c in chunks]) for n in chunks[0]}
 
     def add_defects(
@@ -224,7 +226,7 @@ class Enroller:
     ) -> EnrollmentResult:
         """Store labelled defective parts (and their masks), then rebuild with a trained defect head.
 
-        ``on_progress(done, total)`` is called as each defect is stored (encoded).
+        ``on_progress(stage, done, total)`` hears of each defect stored (encoded) and of the bank.
         """
         with self.store.writer(name):
             t0 = time.perf_counter()
@@ -233,16 +235,18 @@ class Enroller:
                 raise RecipeError(f"recipe {name}: labelled defects need the few-shot bank source")
             known = {s.sha256 for s in recipe.samples} | {d.sha256 for d in recipe.defects}
             new, skipped = [], []
+            if on_progress is not None:
+                on_progress("defects", 0, len(items))
             for done, item in enumerate(items, 1):
                 sample = self._store_defect(recipe, item, known)
                 if on_progress is not None:
-                    on_progress(done, len(items))
+                    on_progress("defects", done, len(items))
                 if sample is None:
                     skipped.append(f"{item.label}: already enrolled")
                     continue
                 known.add(sample.sha256)
                 new.append(sample)
-            result = self._rebuild(replace(recipe, defects=recipe.defects + tuple(new)), accept_flagged)
+            result = self._rebuild(replace(recipe, defects=recipe.defects + tuple(new)), accept_flagged, on_progress)
             result.added, result.skipped = [d.name for d in new], skipped
             result.seconds = time.perf_counter() - t0
             return result
@@ -322,9 +326,14 @@ class Enroller:
     def _load_defect(self, name: str, sample: DefectSample) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         return _read_features(self.store.defect_path(name, sample.sha256, "npz"), self.pipeline)
 
-    def _bank(self, recipe: Recipe, feats: list[dict[str, np.ndarray]]) -> tuple[dict, dict[str, Any], MemoryBank]:
+    def _bank(
+        self, recipe: Recipe, feats: list[dict[str, np.ndarray]], on_progress: OnProgress | None = None
+    ) -> tuple[dict, dict[str, Any], MemoryBank]:
         """The memory bank of every golden sample's features, with its build record."""
-        layers, info = build_bank([{n: f[n] for n in self.pipeline.layer_names} for f in feats], recipe.bank_budget)
+        picks = (lambda done, total: on_progress("memory bank", done, total)) if on_progress is not None else None
+        layers, info = build_bank(
+            [{n: f[n] for n in self.pipeline.layer_names} for f in feats], recipe.bank_budget, on_progress=picks
+        )
         bank = MemoryBank(
             layers,
             {
@@ -338,7 +347,7 @@ class Enroller:
         )
         return layers, info, bank
 
-    def _rebuild(self, recipe: Recipe, accept_flagged: bool) -> EnrollmentResult:
+    def _rebuild(self, recipe: Recipe, accept_flagged: bool, on_progress: OnProgress | None = None) -> EnrollmentResult:
         """Bank from all samples, LOO / k-fold scores, quality check, defect head, threshold; one commit."""
         if not recipe.samples:
             recipe = self.store.commit(
@@ -346,7 +355,7 @@ class Enroller:
             )
             return EnrollmentResult(recipe)
         feats = [self._load_features(recipe.name, s.sha256) for s in recipe.samples]
-        layers, info, bank = self._bank(recipe, feats)
+        layers, info, bank = self._bank(recipe, feats, on_progress)
         parts, method = self.golden_parts(recipe, feats)
         quality = self.quality_report(recipe, {s.name: self._part_score(p) for s, p in zip(recipe.samples, parts)})
         quality.method = method
