@@ -352,11 +352,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     work, bundle = _prepare(args)
     broker = start_mosquitto()
     try:
+        if args.max_batch == 1 or not args.compare:
+            return _phase(args, work, bundle, broker, args.max_batch)
+        # The sweep alternates which goes first, so that a load change favours neither.
+        first = getattr(args, "unbatched_first", False)
+        unbatched = _phase(args, work, bundle, broker, 1) if first else None
         figures = _phase(args, work, bundle, broker, args.max_batch)
-        if args.max_batch > 1 and args.compare:
-            unbatched = _phase(args, work, bundle, broker, 1)
-            figures["unbatched"] = unbatched
-            figures["ratios"] = _compare(figures, unbatched)
+        unbatched = unbatched or _phase(args, work, bundle, broker, 1)
+        figures["unbatched"] = unbatched
+        figures["ratios"] = _compare(figures, unbatched)
     finally:
         broker.stop()
     return figures

@@ -100,11 +100,11 @@ def batch_curve(
 
 
 # -- cameras x fps ------------------------------------------------------------------------------
-def _point(args: argparse.Namespace, cameras: int, fps: float) -> dict[str, Any]:
+def _point(args: argparse.Namespace, cameras: int, fps: float, first: bool = False) -> dict[str, Any]:
     """``bench line`` at one camera count and rate; the summary of both modes and their ratios."""
     from anomalygpt_edge.runtime.tools import line_bench
 
-    ns = argparse.Namespace(**{**vars(args), "cameras": cameras, "fps": fps})
+    ns = argparse.Namespace(**{**vars(args), "cameras": cameras, "fps": fps, "unbatched_first": first})
     figures = line_bench.measure(ns)
     line_bench._print_figures(figures, " (batched)")
     keep = ("latency_ms", "verdicts_per_s", "share_of_frames_inspected", "error_share", "errors_free_run",
@@ -218,6 +218,19 @@ def _print_tables(points: list[dict[str, Any]], curve: list[dict[str, Any]]) -> 
         print(f"| {r['threads']} | {r['batch']} | {r['images_per_s']} | {r['batch_ms_p50']} | {r['batch_ms_p99']} |")
 
 
+def busy_processes(limit: int = 6) -> list[str]:
+    """The busiest other processes right now (``ps``), so the report says what else was running."""
+    import os
+    import subprocess
+
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = [line.split(None, 2) for line in out.stdout.splitlines()[1:]]
+    return [f"{r[1]} % {r[2][:100]}" for r in rows if len(r) == 3 and int(r[0]) != os.getpid()][:limit]
+
+
 def run(args: argparse.Namespace) -> int:
     """``bench line-sweep``: the batch curve, then ``bench line`` over cameras × fps; JSON + PNG in ``--out``."""
     import os
@@ -229,14 +242,17 @@ def run(args: argparse.Namespace) -> int:
     prep = argparse.Namespace(**{**vars(args), "cameras": 1, "fps": 10.0})
     work, bundle = line_bench._prepare(prep)
     images = synthetic.read_video_frames(work / "line.avi")[:16]
-    started = time.time()
+    started, busy = time.time(), busy_processes()
     curve = batch_curve(bundle, work / "store", images, _ints(args.batch_sizes), _ints(args.thread_counts), args)
-    points = [_point(args, n, fps) for fps in _floats(args.fps_list) for n in _ints(args.camera_counts)]
+    grid = [(n, fps) for fps in _floats(args.fps_list) for n in _ints(args.camera_counts)]
+    points = [_point(args, n, fps, first=i % 2 == 1) for i, (n, fps) in enumerate(grid)]
     report: dict[str, Any] = {
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "cpu_count": os.cpu_count(),
         "load_average_1m_end": round(os.getloadavg()[0], 2),
+        "busy_processes_start": busy,
+        "busy_processes_end": busy_processes(),
         "batch_curve": curve,
         "points": points,
     }
