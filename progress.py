@@ -13,6 +13,7 @@ overrides the choice: ``auto`` (default), ``bar``, ``plain`` or ``off``.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -40,6 +41,14 @@ def mode(stream: TextIO | None = None) -> str:
         return "plain"
 
 
+def _columns(stream: TextIO) -> int:
+    """The terminal's width, 0 when it does not say (a pty with no size: tqdm would draw an empty bar)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0
+
+
 def _plural(unit: str) -> str:
     return f"{unit}es" if unit.endswith(("s", "sh", "ch", "x")) else f"{unit}s"
 
@@ -64,7 +73,9 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm  # type: ignore[import-untyped]  # only on a terminal: plain lines need nothing
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=True, dynamic_ncols=True)
+            # A pty that reports no size (0 x 0) makes tqdm hide the bar: give it one.
+            width = {"dynamic_ncols": True} if _columns(self.stream) > 0 else {"ncols": 100, "nrows": 24}
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=True, **width)
             _open_bars.append(self._bar)
 
     def update(self, n: int = 1, note: str = "") -> None:
