@@ -131,10 +131,11 @@ class WorkQueue:
     ) -> list[Job]:
         """Up to ``max_batch`` jobs, triggered parts first; ``[]`` on timeout.
 
-        A triggered part never waits for a batch to fill: free-run frames already waiting join it
-        while ``cost_s(n)`` (the expected seconds for a batch of n) still ends before the earliest
-        triggered deadline. Free-run frames alone wait for the other active cameras' frames up to
-        ``max_wait_s``, and never past the earliest frame deadline less ``cost_s`` of the batch.
+        A triggered part never waits for a batch to fill: the parts and frames already waiting join
+        it while the batch, at :data:`BATCH_COST_MARGIN` times ``cost_s(n)`` (the expected seconds
+        for a batch of n), still ends before every deadline in it. Free-run frames alone wait for
+        the frames due from other cameras up to ``max_wait_s``, and never past the earliest frame
+        deadline less ``cost_s`` of the batch.
         """
         cost = cost_s or (lambda n: 0.0)
         end = time.monotonic() + timeout
