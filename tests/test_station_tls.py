@@ -167,3 +167,15 @@ def test_run_config_with_a_station_section_serves_the_page_over_https_beside_the
                 proc.wait(5)
     finally:
         broker.stop()
+
+
+def test_example_config_documents_every_station_key():
+    from anomalygpt_edge.runtime.line.config import load_config
+    from anomalygpt_edge.runtime.line.station_config import StationConfig
+
+    example = Path(__file__).resolve().parents[1] / "runtime" / "config.example.yaml"
+    station = load_config(example).station
+    assert station is not None and station.bind == "127.0.0.1" and station.tls is None
+    text = example.read_text().split("\nstation:", 1)[1]
+    for key in StationConfig.model_fields:
+        assert f"  {key}:" in text, f"station.{key} is not in runtime/config.example.yaml"

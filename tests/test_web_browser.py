@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.selenium_manager import SeleniumManager
 from selenium.webdriver.support.wait import WebDriverWait
 from station_http import Client
+from station_pki import HAVE_OPENSSL, make_pki, spki_sha256
 from station_scene import BLOCK, PART_ROI, is_defective, read_video, write_video
 
 from anomalygpt_edge.runtime.web.auth import UserStore
@@ -52,7 +54,8 @@ CHROMIUM_FLAGS = (
     "--window-size=1400,1000",
 )
 
-_missing = [pkg for pkg, found in (("chromium", CHROMIUM), ("chromium-driver", CHROMEDRIVER)) if not found]
+_needed = (("chromium", CHROMIUM), ("chromium-driver", CHROMEDRIVER), ("openssl", HAVE_OPENSSL))
+_missing = [pkg for pkg, found in _needed if not found]
 pytestmark = pytest.mark.skipif(
     bool(_missing),
     reason=f"browser test needs Debian package(s) {' '.join(_missing)}: apt-get install -y chromium chromium-driver",
@@ -82,10 +85,17 @@ class VerdictSubscriber:
         self.client.disconnect()
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test CA and the station's certificate for 127.0.0.1 (the page is served over HTTPS)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture()
-def station(default_bundle_dir, tmp_path):
+def station(default_bundle_dir, tmp_path, pki):
     """The line daemon running from a config: cam1 replays good parts, cam2 a line with defective
-    blocks, both bound to a recipe that does not exist yet; a local MQTT broker; the station page."""
+    blocks, both bound to a recipe that does not exist yet; a local MQTT broker; the station page
+    over HTTPS with the test CA's certificate."""
     from anomalygpt_edge.runtime.line.config import load_config
     from anomalygpt_edge.runtime.line.daemon import Daemon
     from anomalygpt_edge.runtime.tools.local_broker import start_local_broker
@@ -112,7 +122,9 @@ def station(default_bundle_dir, tmp_path):
     plc = VerdictSubscriber(broker.host, broker.port, protocol, "anomalygpt/station-test/+/verdict")
     daemon = Daemon(load_config(tmp_path / "line.yaml")).start()
     UserStore(tmp_path / "users.json").set("tina", "technician", "tina-password")
-    server, st = attach(daemon, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0))
+    web = WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0,
+                    tls_cert=pki / "server.pem", tls_key=pki / "server.key")  # fmt: skip
+    server, st = attach(daemon, web)
     yield server, st, plc
     server.stop()
     st.stop()
@@ -210,7 +222,7 @@ def _no_selenium_manager(*args: Any, **kwargs: Any) -> dict:
 
 
 @pytest.fixture()
-def browser(tmp_path, monkeypatch):
+def browser(tmp_path, monkeypatch, pki):
     # Selenium Manager would look drivers up on the network; with both paths given it is skipped,
     # and these make sure it would stay offline and quiet even if it were not.
     monkeypatch.setenv("SE_AVOID_STATS", "true")
@@ -218,7 +230,10 @@ def browser(tmp_path, monkeypatch):
     monkeypatch.setattr(SeleniumManager, "binary_paths", _no_selenium_manager)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+    # Chromium trusts exactly the station's key (by its SPKI hash), not every certificate; the flag
+    # needs a --user-data-dir of its own to take effect.
+    trust = f"--ignore-certificate-errors-spki-list={spki_sha256(pki / 'server.pem')}"
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", trust):
         options.add_argument(flag)
     service = Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
     driver = webdriver.Chrome(service=service, options=options)
@@ -237,9 +252,10 @@ def _img_loaded(b: Browser, css: str) -> bool:
     return bool(b.js(f"const i = document.querySelector({css!r}); return !!i && i.complete && i.naturalWidth > 0;"))
 
 
-def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, browser, tmp_path):
+def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, browser, tmp_path, pki):
     server, st, plc = station
     b = browser
+    assert server.url.startswith("https://")
     b.get(server.url + "/#live")
 
     # Log in.
@@ -252,10 +268,16 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
         "live frames of both cameras",
         lambda: _img_loaded(b, "#cam-cam1 img.live-frame") and _img_loaded(b, "#cam-cam2 img.live-frame"),
     )
+    assert b.js("return location.protocol") == "https:"
+    # The live view is one MJPEG stream per camera, not polled JPEGs.
+    assert "/api/cameras/cam1/live.mjpg" in b.js("return document.querySelector('#cam-cam1 img.live-frame').src")
+    b.wait("both cameras' MJPEG streams", lambda: len(server.state.live.streams()) == 2)
 
     # Enrollment wizard: new recipe on cam1, ROI dragged on the live image.
     b.click('nav a[href="#enroll"]')
     b.wait("the enrollment page", lambda: b.js("return !document.querySelector('#page-enroll').hidden"))
+    # Leaving the live view closes its streams: no frames are encoded for a page nobody looks at.
+    b.wait("the live streams to close", lambda: not server.state.live.streams())
     b.type("#enroll-recipe-new", "plate-a")
     b.wait(
         "a camera frame on the ROI canvas",
@@ -357,7 +379,7 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     )
 
     # The verdicts that follow: every defective part NG, good parts (nearly all) OK.
-    api = Client(server.url)
+    api = Client(server.url, ssl.create_default_context(cafile=str(pki / "ca.pem")))
     api.login("tina", "tina-password")
 
     def enough() -> list[dict] | None:

@@ -59,7 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     acts.add_parser("list", help="list users and roles")
     for p in (a, r, acts.choices["list"]):
         p.add_argument("--users", type=Path, help=f"users file (default {DEFAULT_USERS}, or the --config one)")
-        p.add_argument("--config", type=Path, help="daemon config: the users file is <storage.data>/web/users.json")
+        p.add_argument(
+            "--config", type=Path, help="daemon config: its station.users, else <storage.data>/web/users.json"
+        )
         p.set_defaults(handler="anomalygpt_edge.runtime.cli.station:run_web_user")
 
 
@@ -68,8 +70,10 @@ def _users_path(args: argparse.Namespace) -> Path:
         return args.users
     if getattr(args, "config", None) is not None:
         from anomalygpt_edge.runtime.line.config import load_config
+        from anomalygpt_edge.runtime.line.station_config import StationConfig
 
-        return load_config(args.config).storage.data / "web" / "users.json"
+        cfg = load_config(args.config)
+        return (cfg.station or StationConfig()).users_file(cfg.storage.data)
     return DEFAULT_USERS
 
 
