@@ -229,3 +229,15 @@ def test_stalled_reader_neither_grows_the_server_nor_slows_the_camera(served):
     finally:
         s.close()
     wait_for("the stream to be dropped once its reader goes", lambda: not server.state.live.streams())
+
+
+def test_logging_out_ends_the_sessions_stream(served):
+    server, _cam, client = served
+    s = RawStream(server, client.cookie or "")
+    try:
+        assert s.chunk()
+        assert client.post("/api/logout").status == 200
+        wait_for("the stream to end", lambda: s.chunk() == b"")
+        wait_for("the stream to be dropped", lambda: not server.state.live.streams())
+    finally:
+        s.close()

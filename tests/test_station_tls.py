@@ -179,3 +179,18 @@ def test_example_config_documents_every_station_key():
     text = example.read_text().split("\nstation:", 1)[1]
     for key in StationConfig.model_fields:
         assert f"  {key}:" in text, f"station.{key} is not in runtime/config.example.yaml"
+
+
+def test_web_alias_reads_the_station_section_and_its_flags_override_it(tmp_path):
+    from anomalygpt_edge.runtime.cli.station import web_config
+
+    station = {"port": 9443, "users": "people.json", "live_max_fps": 4}
+    cfg = parse_config(_station_config(station), "line.yaml", tmp_path)
+    web = web_config(cfg)
+    assert (web.bind, web.port, web.users_file, web.live_max_fps) == ("127.0.0.1", 9443, tmp_path / "people.json", 4)
+    assert web.audit_log == cfg.storage.data / "web" / "audit.jsonl"
+    assert web_config(cfg, port=8081, bind="127.0.0.2").port == 8081
+    # `web --bind 0.0.0.0` without TLS is refused like the config is, unless --allow-plain-http.
+    with pytest.raises(ValueError, match="plain HTTP"):
+        web_config(cfg, bind="0.0.0.0")
+    assert web_config(cfg, bind="0.0.0.0", allow_plain_http=True).bind == "0.0.0.0"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,12 +99,15 @@ def part(data: bytes) -> bytes:
     return head + data + b"\r\n"
 
 
-async def mjpeg(station: Any, camera: str, stream: LiveStream, max_fps: float) -> AsyncIterator[bytes]:
-    """The parts of one stream: the camera's newest frame, at most ``max_fps`` a second, while live."""
+async def mjpeg(
+    station: Any, camera: str, stream: LiveStream, max_fps: float, allowed: Callable[[], bool] = lambda: True
+) -> AsyncIterator[bytes]:
+    """The parts of one stream: the camera's newest frame, at most ``max_fps`` a second, while live
+    and while ``allowed()`` (the session still exists: a logout or a removed user ends the stream)."""
     interval = 1.0 / max_fps
     seq, next_at = -1, 0.0
     try:
-        while stream.live:
+        while stream.live and allowed():
             wait = next_at - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)

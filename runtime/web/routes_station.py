@@ -32,7 +32,9 @@ def get_live(ctx: Context, camera: str) -> Response:
         raise HttpError(503, "too many live views open; close one", {"Retry-After": "5"})
     headers = {"Cache-Control": "no-store", **SECURITY_HEADERS}
     ctype = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
-    return StreamingResponse(mjpeg(ctx.station, camera, stream, live.max_fps), media_type=ctype, headers=headers)
+    token, sessions = ctx.session.token, ctx.state.sessions
+    parts = mjpeg(ctx.station, camera, stream, live.max_fps, lambda: sessions.get(token) is not None)
+    return StreamingResponse(parts, media_type=ctype, headers=headers)
 
 
 def get_overlay(ctx: Context, camera: str) -> Response:
