@@ -151,7 +151,34 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="int8: also time the bundle's CPU INT8 encoder against FP32 in the same run (the ratio)",
     )
     bv.set_defaults(handler="anomalygpt_edge.runtime.cli.parts_run:bench_vision")  # first run, then the bench
+    _add_bench_goldens(targets)
     import importlib
 
     for name in BENCH_TARGET_MODULES:
         importlib.import_module(name).add_bench_target(targets)
+
+
+def ks_arg(text: str) -> list[int]:
+    """``1,2,4`` -> [1, 2, 4]: golden-part counts, positive, ascending, no repeats."""
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of whole numbers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"golden-part counts must be 1 or more, got {text!r}")
+    return ks
+
+
+def _add_bench_goldens(targets: argparse._SubParsersAction) -> None:
+    g = targets.add_parser("goldens", help="bank memory, enroll time, match time and AUROC for k golden parts")
+    g.add_argument("--data", type=Path, required=True, help="an MVTec-layout dataset folder")
+    g.add_argument("--k", type=ks_arg, default=ks_arg("1,2,4,8,16,32,64,128,256,512,1000"), help="comma list")
+    g.add_argument("--json", type=Path, required=True, help="write the figures here")
+    g.add_argument("--report", type=Path, help="folder for goldens.png and goldens.md")
+    g.add_argument("--budget", type=int, default=None, help="bank patch budget (default: the memory bank's)")
+    g.add_argument("--max-test", type=int, default=None, help="bound the test images (stratified draw)")
+    g.add_argument("--seed", type=int, default=0, help="golden order and test draw")
+    g.add_argument("--no-reference", dest="reference", action="store_false", help="skip the unbounded-bank reference")
+    g.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    g.add_argument("--backend", default="auto")
+    g.set_defaults(handler="anomalygpt_edge.runtime.tools.golden_sweep:run")
