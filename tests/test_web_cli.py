@@ -72,7 +72,7 @@ def test_web_user_add_from_stdin_then_web_serves_the_daemon_on_loopback_until_si
         )
         try:
             lines = _lines(proc)
-            url = None
+            url, said = None, []
             deadline = time.monotonic() + 60
             while url is None and time.monotonic() < deadline:
                 try:
@@ -80,9 +80,12 @@ def test_web_user_add_from_stdin_then_web_serves_the_daemon_on_loopback_until_si
                 except queue.Empty:
                     assert proc.poll() is None, "web exited early"
                     continue
+                said.append(line)
                 if line.startswith("station: "):
                     url = line.split()[1].rstrip("/")
             assert url and url.startswith("http://127.0.0.1:"), "the station binds to loopback by default"
+            # `web` is the alias now: one line points at `run --config` with a station: section.
+            assert any(x.startswith("note: `anomalygpt-edge run --config`") and "station:" in x for x in said), said
             c = Client(url)
             assert c.post("/api/enroll/start", {"recipe": "plate", "camera": "cam1"}, csrf=False).status == 401
             assert c.login("tina", "tina-password").status == 200
