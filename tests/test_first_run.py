@@ -81,6 +81,25 @@ def test_runtime_only_install_fails_with_one_line_naming_the_export_command(tmp_
     assert not (bundle / "manifest.json").exists()
 
 
+def test_the_daemon_on_a_runtime_only_device_names_the_export_command_before_it_starts(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundles" / "default"
+    config = tmp_path / "line.yaml"
+    config.write_text(
+        "device: {id: line-1}\n"
+        f"cameras: {{cam1: {{type: image_folder, source: {tmp_path}}}}}\n"
+        "recipes: [{camera: cam1, recipe: t, trigger: free_run}]\n"
+        f"engines: {{bundle: {bundle}}}\n"
+        f"storage: {{store: {tmp_path / 'store'}, data: {tmp_path / 'state'}}}\n"
+    )
+    env = {"ANOMALYGPT_EDGE_BUNDLE": str(bundle)}
+
+    done = _cli(["run", "--config", str(config)], env, tmp_path, "import sys; sys.modules['torch'] = None")
+
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert f"anomalygpt-edge export vision --out {bundle}" in done.stderr
+
+
 # --- the shared function, with a stand-in exporter (no torch work) ------------------------------------
 
 
