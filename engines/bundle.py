@@ -91,21 +91,30 @@ class EngineBundle:
             precision = self.precision if graph == "encoder" else "fp32"
         key = (graph, precision)
         if key not in self._engines:
-            entry = self.graph(graph)
-            backend = backend or self.backend
-            if precision == "fp32":
-                file, inputs, outputs = entry.file, entry.inputs, entry.outputs
-            elif precision == "fp16":
-                if entry.fp16_file is None:
-                    raise BundleError(f"bundle {self.path}: graph '{graph}' has no fp16 variant")
-                file, inputs, outputs = entry.fp16_file, _as_fp16(entry.inputs), _as_fp16(entry.outputs)
-            elif precision == "int8":
-                file, backend = self._int8_file(graph, backend), "onnxruntime"
-                inputs, outputs = entry.inputs, entry.outputs
-            else:
-                raise BundleError(f"precision must be fp32, fp16 or int8, got '{precision}'")
-            self._engines[key] = create_engine(self.path / file, inputs, outputs, backend)
+            self._engines[key] = create_engine(*self.variant(graph, precision, backend))
         return self._engines[key]
+
+    def variant(
+        self, graph: str, precision: str | None = None, backend: str | None = None
+    ) -> tuple[Path, list[TensorSpec], list[TensorSpec], str]:
+        """(file, inputs, outputs, backend) of ``graph`` at ``precision`` (default: as :meth:`engine`).
+
+        For callers that load the graph with options of their own (the line's ONNX Runtime threads):
+        they must load the file of the bundle's precision, not the FP32 one.
+        """
+        if precision is None:
+            precision = self.precision if graph == "encoder" else "fp32"
+        entry = self.graph(graph)
+        backend = backend or self.backend
+        if precision == "fp32":
+            return self.path / entry.file, entry.inputs, entry.outputs, backend
+        if precision == "fp16":
+            if entry.fp16_file is None:
+                raise BundleError(f"bundle {self.path}: graph '{graph}' has no fp16 variant")
+            return self.path / entry.fp16_file, _as_fp16(entry.inputs), _as_fp16(entry.outputs), backend
+        if precision == "int8":
+            return self.path / self._int8_file(graph, backend), entry.inputs, entry.outputs, "onnxruntime"
+        raise BundleError(f"precision must be fp32, fp16 or int8, got '{precision}'")
 
     def _int8_file(self, graph: str, backend: str) -> str:
         """The INT8 variant's file; it is the encoder's only and runs on ONNX Runtime's CPU provider."""

@@ -27,15 +27,15 @@ PRECISIONS = ("fp32", "int8")
 
 def _calibrated_copy(bundle: Path, data: Path, work: Path) -> Path:
     """``work/<dataset>``: a copy of ``bundle`` with its INT8 encoder calibrated on ``data/train/good``."""
-    from anomalygpt_edge.cli import main
     from anomalygpt_edge.engines.manifest import read_manifest
+    from anomalygpt_edge.export import int8_export
 
     target = work / data.name
     if not target.is_dir():
         shutil.copytree(bundle, target)
     if read_manifest(target)[0].int8 is None:
-        argv = ["export", "int8", "--bundle", str(target), "--calib-images", str(data / "train" / "good")]
-        if main(argv) != 0:
+        calib = data / "train" / "good"
+        if int8_export.run(argparse.Namespace(bundle=target, calib_images=calib, calib_method="minmax", force=False)):
             raise SystemExit(f"error: export int8 failed for {data}")
     return target
 

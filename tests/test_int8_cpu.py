@@ -70,9 +70,28 @@ def _encoder_onnx(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
+def _matcher_onnx(path: Path) -> None:
+    """A stand-in bank matcher (the tests here never match): the query's first channel as the map."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("ReduceMax", ["q_0"], ["anomaly_map"], axes=[2], keepdims=0)]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_matcher",
+        [
+            helper.make_tensor_value_info("q_0", TensorProto.FLOAT, ["batch", 64, 32]),
+            helper.make_tensor_value_info("bank_0", TensorProto.FLOAT, ["bank", 32]),
+        ],
+        [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 64])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
 def _manifest(files: dict[str, FileEntry]) -> Manifest:
     spec_in = TensorSpec("pixel_values", ("batch", 3, SIZE, SIZE), "float32")
     spec_out = TensorSpec("patches_0", ("batch", 64, 32), "float32")
+    spec_q = TensorSpec("q_0", ("batch", 64, 32), "float32")
     return Manifest(
         schema_version=1,
         source={"kind": "tiny-test"},
@@ -81,7 +100,14 @@ def _manifest(files: dict[str, FileEntry]) -> Manifest:
         preprocess=Preprocess((SIZE, SIZE), "squash", "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
         patch_layers=[PatchLayer("patches_0", (8, 8), 32)],
         map_size=(SIZE, SIZE),
-        graphs={"encoder": GraphEntry("encoder.onnx", [spec_in], [spec_out])},
+        graphs={
+            "encoder": GraphEntry("encoder.onnx", [spec_in], [spec_out]),
+            "bank_matcher": GraphEntry(
+                "bank_matcher.onnx",
+                [spec_q, TensorSpec("bank_0", ("bank", 32), "float32")],
+                [TensorSpec("anomaly_map", ("batch", 64), "float32")],
+            ),
+        },
         files=files,
         matching={"metric": "cosine"},
     )
@@ -93,8 +119,11 @@ def tiny_bundle(tmp_path: Path) -> Path:
     out = tmp_path / "bundle"
     out.mkdir()
     _encoder_onnx(out / "encoder.onnx")
-    entry = FileEntry("encoder.onnx", sha256_file(out / "encoder.onnx"), (out / "encoder.onnx").stat().st_size)
-    (out / "manifest.json").write_text(_manifest({"encoder.onnx": entry}).dumps())
+    _matcher_onnx(out / "bank_matcher.onnx")
+    files = {
+        n: FileEntry(n, sha256_file(out / n), (out / n).stat().st_size) for n in ("encoder.onnx", "bank_matcher.onnx")
+    }
+    (out / "manifest.json").write_text(_manifest(files).dumps())
     return out
 
 
@@ -153,7 +182,7 @@ def test_export_int8_is_skipped_when_present_and_redone_with_force(
     args = ["export", "int8", "--bundle", str(tiny_bundle), "--calib-images", str(parts), "--force"]
     assert main(args) == 0
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert sorted(manifest["files"]) == ["encoder.int8.onnx", "encoder.onnx"]
+    assert sorted(manifest["files"]) == ["bank_matcher.onnx", "encoder.int8.onnx", "encoder.onnx"]
 
 
 def test_the_int8_encoder_agrees_with_fp32_on_synthetic_parts(
@@ -259,3 +288,21 @@ def test_engines_precision_in_the_line_config_and_the_precision_flags() -> None:
         ["bench", "vision", "--json", "o.json", "--precision", "int8"],
     ):
         assert parser.parse_args(argv).precision == "int8"
+
+
+def test_the_line_loads_the_encoder_of_engines_precision_with_its_own_thread_count(
+    tiny_bundle: Path, parts: Path, vnni_cpu: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from anomalygpt_edge.runtime.line.config import parse_config
+    from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+
+    _export(tiny_bundle, parts, capsys)
+    base = "device:\n  id: d\ncameras:\n  cam1:\n    type: video_file\n    source: a.avi\n"
+    base += "recipes:\n  - camera: cam1\n    recipe: r\nengines:\n  backend: onnxruntime\n  threads: 1\n"
+    for precision, name in (("fp32", "encoder.onnx"), ("int8", "encoder.int8.onnx")):
+        config = parse_config(base + f"  precision: {precision}\n", "line.yaml")
+        slots = RecipeSlots(config, RecipeStore(tmp_path / "store"))
+        pipeline = slots._pipeline(EngineBundle.open(tiny_bundle, precision=precision))
+        assert pipeline.encoder.path.name == name
+        assert pipeline.matcher.path.name == "bank_matcher.onnx"

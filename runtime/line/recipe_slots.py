@@ -133,11 +133,8 @@ class RecipeSlots:
         threads = self.config.engines.threads
         if threads and resolve_backend(self.config.engines.backend) == "onnxruntime":
             for attr, graph in (("encoder", "encoder"), ("matcher", "bank_matcher")):
-                entry = bundle.graph(graph)
-                engine = create_engine(
-                    bundle.path / entry.file, entry.inputs, entry.outputs, "onnxruntime", threads=threads
-                )
-                setattr(pipeline, attr, engine)
+                file, inputs, outputs, _ = bundle.variant(graph)  # the encoder at engines.precision
+                setattr(pipeline, attr, create_engine(file, inputs, outputs, "onnxruntime", threads=threads))
         return pipeline
 
     # -- warm-up ---------------------------------------------------------------------------------
