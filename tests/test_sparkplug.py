@@ -321,7 +321,8 @@ def test_the_example_configs_sparkplug_block_is_valid_and_absent_by_default() ->
     assert load_config(example).sparkplug is None  # the JSON topics alone unless asked
     lines = example.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("sparkplug:"))
-    block = ["sparkplug:"] + [line.replace("#", " ", 1) for line in lines[start + 1 :] if line.startswith("#  ")]
-    text = "\n".join(lines[:start] + block) + "\n"
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("#")), len(lines))
+    block = ["sparkplug:"] + [line.replace("#", " ", 1) for line in lines[start + 1 : end]]
+    text = "\n".join(lines[:start] + block + lines[end:]) + "\n"
     cfg = parse_config(text, "example.yaml", example.parent)
     assert cfg.sparkplug is not None and cfg.sparkplug.group == "AnomalyGPT" and cfg.sparkplug.data_qos == 1
