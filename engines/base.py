@@ -11,6 +11,7 @@ import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,11 +41,11 @@ class TensorSpec:
     shape: tuple[int | str, ...]
     dtype: str
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> TensorSpec:
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
         return cls(str(data["name"]), tuple(data["shape"]), str(data["dtype"]))
 
     def check(self, value: np.ndarray, graph: str) -> None:
@@ -189,7 +190,7 @@ def resolve_backend(name: str) -> str:
 
 
 def create_engine(
-    path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], backend: str = "auto", **options
+    path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], backend: str = "auto", **options: Any
 ) -> Engine:
     """Load the graph at ``path`` with the chosen backend."""
     key = resolve_backend(backend)
