@@ -182,12 +182,6 @@ def test_aupro_without_defect_regions_is_nan() -> None:
     assert np.isnan(aupro([m], [np.zeros((8, 8), bool)]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="accuracy.aupro flags pixels strictly above a quantile threshold; where defect-free pixels "
-    "tie at that threshold the true FPR is below the nominal one, so PRO is read too far left "
-    "(all-equal maps give 0, the chance curve gives 0.15). Remove this mark when aupro is tie-aware.",
-)
 def test_aupro_matches_the_direct_reference_when_scores_tie() -> None:
     flat = np.full((8, 8), 0.5)
     mask = np.zeros((8, 8), bool)

@@ -61,7 +61,23 @@ def aupro(maps: list[np.ndarray], masks: list[np.ndarray], max_fpr: float = 0.3,
         regions += [np.sort(m[labels == i]) for i in range(1, n)]
     if not regions or normal.size == 0:
         return float("nan")
-    fprs = np.linspace(0.0, max_fpr, steps)
-    thresholds = np.quantile(normal, 1.0 - fprs)
-    pro = np.mean([1.0 - np.searchsorted(r, thresholds, side="right") / r.size for r in regions], axis=0)
-    return float(np.trapezoid(pro, fprs) / max_fpr)
+    normal = np.sort(normal)
+    # The grid runs one step past max_fpr, so the curve is read there between two real points.
+    grid = np.linspace(0.0, max_fpr, steps)
+    grid = np.append(grid, min(1.0, max_fpr + (grid[1] - grid[0] if steps > 1 else max_fpr)))
+    values = np.unique(np.quantile(normal, 1.0 - grid))
+    # Each threshold twice: flagging pixels above it, and flagging it too. Where normal pixels tie at
+    # a threshold the false-positive rate jumps across the tie; the two points keep the curve exact
+    # at both ends of the jump (read at the nominal rate, PRO came from too far left).
+    fpr_above = 1.0 - np.searchsorted(normal, values, side="right") / normal.size
+    fpr_from = 1.0 - np.searchsorted(normal, values, side="left") / normal.size
+    pro_above = np.mean([1.0 - np.searchsorted(r, values, side="right") / r.size for r in regions], axis=0)
+    pro_from = np.mean([1.0 - np.searchsorted(r, values, side="left") / r.size for r in regions], axis=0)
+    fpr = np.concatenate([[0.0], fpr_above, fpr_from, [1.0]])
+    pro = np.concatenate([[0.0], pro_above, pro_from, [1.0]])
+    order = np.lexsort((pro, fpr))
+    fpr, pro = fpr[order], pro[order]
+    end = np.interp(max_fpr, fpr, pro)  # the curve read at max_fpr (between the points around it)
+    keep = fpr < max_fpr
+    fpr, pro = np.append(fpr[keep], max_fpr), np.append(pro[keep], end)
+    return float(np.trapezoid(pro, fpr) / max_fpr)
