@@ -30,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from anomalygpt_edge.runtime.delivery.callbacks import guard_callback
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig
 from anomalygpt_edge.runtime.delivery.sender import VerdictSender
 from anomalygpt_edge.runtime.delivery.spool import VerdictSpool
@@ -142,17 +143,7 @@ class MqttLink:
 
     def _guard(self, callback: Callable[..., None]) -> Callable[..., None]:
         """``callback`` with a last-resort handler: logged and reported, never raised into paho."""
-
-        def guarded(*args: Any) -> None:
-            try:
-                callback(*args)
-            except Exception as exc:
-                log.exception("MQTT callback %s failed", callback.__name__)
-                with contextlib.suppress(Exception):
-                    self._report(f"MQTT callback {callback.__name__} failed: {exc!r}")
-
-        guarded.__name__ = callback.__name__
-        return guarded
+        return guard_callback(callback, "MQTT", self._report)
 
     @property
     def network_thread(self) -> threading.Thread | None:

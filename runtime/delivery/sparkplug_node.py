@@ -29,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pysparkplug import DCmd, MessageType, NCmd, Topic
 
 from anomalygpt_edge.runtime.delivery import sparkplug_metrics as spm
+from anomalygpt_edge.runtime.delivery.callbacks import guard_callback
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig
 from anomalygpt_edge.runtime.delivery.sender import VerdictSender
 from anomalygpt_edge.runtime.delivery.sparkplug_config import SparkplugConfig
@@ -313,17 +314,7 @@ class SparkplugNode:
 
     def _guard(self, callback: Callable[..., None]) -> Callable[..., None]:
         """``callback`` never raises into paho (that would end its network thread)."""
-
-        def guarded(*args: Any) -> None:
-            try:
-                callback(*args)
-            except Exception as exc:
-                log.exception("Sparkplug callback %s failed", callback.__name__)
-                with contextlib.suppress(Exception):
-                    self._report(f"Sparkplug callback {callback.__name__} failed: {exc!r}")
-
-        guarded.__name__ = callback.__name__
-        return guarded
+        return guard_callback(callback, "Sparkplug", self._report)
 
 
 __all__ = ["SparkplugNode"]
