@@ -123,8 +123,11 @@ class EnginesConfig(_Section):
     # One thread leaves the other cores to the camera, MQTT and archive threads and avoids the
     # spin-waiting of two ONNX Runtime thread pools (encoder and matcher) fighting for two cores.
     threads: integer(0, 256) = 1
-    # Micro-batching (runtime/line/batching.py): at most this many jobs per engine run; 1 = one at a time.
-    max_batch: integer(1, 64) = 8
+    # Micro-batching (runtime/line/batching.py): at most this many jobs per engine run; 1 = one at a
+    # time. Off by default: with one thread a batch costs as much per image as single images, so it
+    # only adds latency (BENCHMARKS.md, bench line-sweep: batch 8 at 10 fps, p99 x1.2-1.9 for 2-6
+    # cameras, the same verdicts/s); a box with more cores and `threads` > 1 may gain (not measured).
+    max_batch: integer(1, 64) = 1
     # How long free-run frames wait for other cameras' frames to join their batch (never past a
     # deadline; a triggered part never waits).
     max_wait_ms: number(0, 1000) = 10.0
