@@ -162,7 +162,10 @@ def test_a_camera_that_vanishes_is_reopened_with_backoff_and_inspection_resumes(
         time.sleep(1.0)  # several reopen attempts fail meanwhile
         seen_while_lost = len([m for m in sub.messages if m.topic.endswith("/verdict")])
         (tmp_path / "unplugged").rename(folder)  # and plugged back in
-        back = sub.wait_for(camera_status("online"), count=2, timeout=10)[-1].json()
+        # The first "online" after the replug: earlier ones (start, heartbeats) say reconnects 0.
+        back = sub.wait_for(
+            lambda m: camera_status("online")(m) and m.json()["cameras"]["cam1"]["reconnects"] > 0, timeout=10
+        )[0].json()
         after = sub.wait_for(topic_is("/cam1/verdict"), count=seen_while_lost + 3, timeout=15)
     finally:
         daemon.stop()

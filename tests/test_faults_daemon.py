@@ -133,6 +133,7 @@ def test_a_loop_that_keeps_dying_is_restarted_then_marked_dead_and_the_status_sa
             raise RuntimeError("simulated bug in the work queue")
 
         queue.get = broken  # type: ignore[method-assign]
+        queue.get_batch = lambda *args, **kwargs: broken(0.0)  # type: ignore[method-assign]  # the batching worker
         assert fault_bench.wait_until(lambda: "inspect-0" in daemon.health.dead_threads(), 10)
         status = daemon.status()
     finally:
