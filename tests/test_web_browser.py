@@ -536,7 +536,7 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     b.wait(
         "the marked sample among the defects",
         lambda: b.js(f"return !!document.querySelector('#defect-list .sample[data-name=\"{marked}\"]')"),
-        timeout=40,
+        timeout=120,  # retrains the defect head beside the live line: tens of seconds on 2 shared cores
     )
     b.wait("the wizard to be idle", lambda: b.js("return document.querySelector('#enroll-busy').hidden"))
     assert "painted region" in b.js(
@@ -552,7 +552,7 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
             f"{golden_before - 1} golden samples" in b.js("return document.querySelector('#enroll-status').textContent")
             and b.js("return document.querySelector('#enroll-busy').hidden")
         ),
-        timeout=40,
+        timeout=120,  # rebuilds the bank and retrains the head with the labelled defect
     )
     expect = b.js("return document.querySelector('#enroll-expect').textContent")
     assert "labelled defects" in expect and "false rejects" in expect, expect
