@@ -197,7 +197,7 @@ def make_entropy_calibrator(
     return _EntropyCalibrator()
 
 
-def _batch_reader(batches: Sequence[np.ndarray], input_name: str) -> Any:
+def batch_reader(batches: Sequence[np.ndarray], input_name: str) -> Any:
     """ONNX Runtime's calibration reader over ``batches`` (one input feed per batch)."""
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -267,7 +267,7 @@ def quantize_qdq(
         quantize_static(
             str(src),
             str(dst),
-            _batch_reader(batches, input_name),
+            batch_reader(batches, input_name),
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,

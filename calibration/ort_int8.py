@@ -32,6 +32,7 @@ import numpy as np
 from anomalygpt_edge.calibration.int8 import (
     AccuracyReport,
     CalibrationError,
+    batch_reader,
     calibration_batches,
     compare_int8,
 )
@@ -55,21 +56,6 @@ def _quiet_quantizer() -> Iterator[None]:
             yield
     finally:
         logging.disable(previous)
-
-
-def _reader(batches: Sequence[np.ndarray], input_name: str) -> Any:
-    """ONNX Runtime's calibration reader over ``batches`` (one feed per batch)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(batches)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._it, None)
-            return None if batch is None else {input_name: batch}
-
-    return _Reader()
 
 
 def _pre_process(src: Path, dst: Path) -> Path:
@@ -104,7 +90,7 @@ def quantize_cpu(
         quantize_static(
             str(graph),
             str(dst),
-            _reader(batches, input_name),
+            batch_reader(batches, input_name),
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
