@@ -55,6 +55,8 @@ def run_with_station(daemon: Any) -> None:
     try:
         daemon.start()
         server = open_server(station, web_config(daemon.config)).start()
+        # A station thread that dies must show in the status, not leave the page silently gone.
+        daemon.health.watch_thread("station-http", lambda: server.thread if server is not None else None)
         while not stopping.wait(1.0):
             pass
     finally:

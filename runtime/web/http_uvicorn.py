@@ -118,6 +118,11 @@ class ServerThread:
         host, port = self.socket.getsockname()[:2]
         return host, port
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The serving thread (for liveness checks); None before :meth:`start`."""
+        return self._thread
+
     def start(self) -> None:
         """Serve on the background thread; returns once the server accepts connections."""
         self._thread = threading.Thread(target=self._run, name="station-http", daemon=True)

@@ -9,6 +9,7 @@ Binds to 127.0.0.1 unless the configuration names another address (the line netw
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,11 @@ class StationServer:
         host, port = self.server_address
         host = f"[{host}]" if ":" in host else host
         return f"{'https' if self.config.tls else 'http'}://{host}:{port}"
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The serving thread ``station-http`` (for liveness checks); None before :meth:`start`."""
+        return self._server.thread
 
     def start(self) -> StationServer:
         """Serve on a background thread (returns once connections are accepted)."""
