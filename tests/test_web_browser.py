@@ -250,6 +250,31 @@ def _finish_status(b: Any) -> str | None:
     return status if ("LIVE" in status or "NOT live" in status) else None
 
 
+def _flagged(b: Browser) -> list[str]:
+    return b.js("return [...document.querySelectorAll('#enroll-samples .sample.flagged')].map(e => e.dataset.name)")
+
+
+def _remove_flagged(b: Browser, rounds: int = 3) -> list[str]:
+    """Remove flagged golden samples as a technician would, re-reading the check after each round
+    (a removal re-runs it); returns every name removed. Fails when samples are still flagged
+    after ``rounds`` rounds: the check would then be chasing part-to-part variation."""
+    removed: list[str] = []
+    for _round in range(rounds):
+        flagged = _flagged(b)
+        if not flagged:
+            return removed
+        for name in flagged:
+            b.click(f'.sample[data-name="{name}"] button.remove')
+            b.wait(
+                f"{name} to be removed",
+                lambda name=name: not b.js(f"return !!document.querySelector('.sample[data-name=\"{name}\"]')"),
+            )
+            b.wait("the wizard to be idle", lambda: b.js("return document.querySelector('#enroll-busy').hidden"))
+        removed += flagged
+    assert not _flagged(b), f"still flagged after removing {removed}: {_flagged(b)}"
+    return removed
+
+
 def _shot(b: Browser, tmp_path: Path, name: str) -> None:
     path = b.screenshot(tmp_path / name)
     SCREENS.mkdir(parents=True, exist_ok=True)
@@ -351,14 +376,11 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     assert "defective-part.png" in flagged, flagged
     assert "FAILED" in b.js("return document.querySelector('#enroll-quality').textContent")
     _shot(b, tmp_path, "2-enrollment-flagged.png")
-    for name in flagged:  # a technician removes every flagged sample
-        b.click(f'.sample[data-name="{name}"] button.remove')
-        b.wait(
-            f"{name} to be removed",
-            lambda name=name: not b.js(f"return !!document.querySelector('.sample[data-name=\"{name}\"]')"),
-        )
-        b.wait("the wizard to be idle", lambda: b.js("return document.querySelector('#enroll-busy').hidden"))
-    assert b.js("return document.querySelectorAll('.sample.flagged').length") == 0
+    # A technician removes what is flagged until nothing is: with the defective part gone the
+    # check is re-run on a tighter set, which can flag a golden that was masked by it before.
+    removed = _remove_flagged(b)
+    assert "defective-part.png" in removed, removed
+    assert enrolled() >= wanted - 3, f"the check removed {removed} of {wanted} goldens"
 
     # Finish: bank and automatic threshold, explained in plain words; cam1 goes live.
     b.click("#enroll-finish")
@@ -567,18 +589,9 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
             break
         # The marked part was a good one labelled defective, so the retrained head can flag another
         # golden that looks like it: the technician removes flagged samples, as at the first finish.
-        flagged = b.js(
-            "return [...document.querySelectorAll('#enroll-samples .sample.flagged')].map(e => e.dataset.name)"
-        )
-        assert flagged, status
-        for name in flagged:
-            b.click(f'.sample[data-name="{name}"] button.remove')
-            b.wait(
-                f"{name} to be removed",
-                lambda name=name: not b.js(f"return !!document.querySelector('.sample[data-name=\"{name}\"]')"),
-            )
-            b.wait("the wizard to be idle", lambda: b.js("return document.querySelector('#enroll-busy').hidden"))
-        goldens -= len(flagged)
+        removed = _remove_flagged(b)
+        assert removed, status
+        goldens -= len(removed)
     assert f"{goldens} golden samples" in status, status
     expect = b.js("return document.querySelector('#enroll-expect').textContent")
     assert "labelled defects" in expect and "false rejects" in expect, expect
