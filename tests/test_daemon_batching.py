@@ -268,7 +268,7 @@ def test_the_batch_cost_estimate_follows_a_slower_batch_at_once_and_a_faster_one
 def test_the_engines_section_gives_the_batch_bounds(tmp_path: Path) -> None:
     from anomalygpt_edge.runtime.line.config import EnginesConfig
 
-    assert BatchPolicy.from_engines(EnginesConfig(max_batch=4, max_wait_ms=20)) == BatchPolicy(4, 0.02)
+    assert BatchPolicy.from_engines(EnginesConfig(max_batch=4, max_wait_ms=20, workers=3)) == BatchPolicy(4, 0.02, 3)
     default = BatchPolicy.from_engines(EnginesConfig())
     assert default.max_batch >= 1 and default.max_wait_s <= 0.05, "a safe default: never a long wait"
 

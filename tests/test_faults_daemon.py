@@ -134,14 +134,14 @@ def test_a_loop_that_keeps_dying_is_restarted_then_marked_dead_and_the_status_sa
 
         queue.get = broken  # type: ignore[method-assign]
         queue.get_batch = lambda *args, **kwargs: broken(0.0)  # type: ignore[method-assign]  # the batching worker
-        assert fault_bench.wait_until(lambda: "inspect-0" in daemon.health.dead_threads(), 10)
+        assert fault_bench.wait_until(lambda: "inspect-0-0" in daemon.health.dead_threads(), 10)
         status = daemon.status()
     finally:
         daemon.stop()
     assert status["state"] == "degraded"
-    assert any("inspect-0 is dead" in p and "simulated bug" in p for p in status["problems"]), status["problems"]
+    assert any("inspect-0-0 is dead" in p and "simulated bug" in p for p in status["problems"]), status["problems"]
     assert "simulated bug" in status["last_error"]["message"]
-    assert len(daemon._crashes["inspect-0"]) == MAX_CRASHES
+    assert len(daemon._crashes["inspect-0-0"]) == MAX_CRASHES
 
 
 def _run(config: Path, *extra: str) -> subprocess.CompletedProcess:

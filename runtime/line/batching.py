@@ -13,10 +13,18 @@ takes *batches* from its :class:`~anomalygpt_edge.runtime.line.jobs.WorkQueue`:
 
 The batch is then inspected in one pass per bundle (one encoder run for every image, one
 bank-matcher run per recipe: :func:`~anomalygpt_edge.runtime.recipes.inspector.inspect_many`).
+
+Several workers per queue (``engines.workers``, :func:`worker_count`): each takes its own batches
+with the same admission, and runs its own inference. ONNX Runtime's ``Run`` is thread-safe and
+releases the GIL, so two single-thread inferences use two cores without the spin-waiting of one
+2-thread pool (TensorRT serialises its context behind a lock; CPU work around it still overlaps).
+A camera is inspected by one worker at a time (:meth:`WorkQueue.get_batch` ``hold``), which keeps
+its verdicts in order and its per-camera state (last verdict, counters) single-writer.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -27,6 +35,24 @@ COST_RISE, COST_FALL = 0.5, 0.05
 #: Before the first batch is measured: a conservative per-image cost (the default bundle on one
 #: ONNX Runtime thread takes ~15-20 ms an image on a loaded 2-core box).
 FIRST_GUESS_PER_IMAGE_S = 0.025
+#: ``engines.workers: auto`` never starts more workers than this per queue: the most measured
+#: (BENCHMARKS.md, "Two inspection workers"); a larger box may set a number.
+AUTO_WORKERS_MAX = 2
+
+
+def worker_count(workers: int | str, threads: int, cpus: int | None = None) -> int:
+    """Inspection workers per bundle queue for ``engines.workers`` (``auto`` or a number).
+
+    ``auto``: one worker per ``threads`` ONNX Runtime threads that fit the cores, at least 1 and at
+    most :data:`AUTO_WORKERS_MAX` (on 2 cores with ``threads: 1``: 2). ``threads: 0`` (a pool on
+    every core) gets one worker: a second would only fight the first pool for the same cores.
+    """
+    if workers != "auto":
+        return max(1, int(workers))
+    cores = cpus if cpus is not None else (os.cpu_count() or 1)
+    if threads <= 0:
+        return 1
+    return max(1, min(AUTO_WORKERS_MAX, cores // threads))
 
 
 @dataclass(frozen=True)
@@ -35,13 +61,15 @@ class BatchPolicy:
 
     max_batch: int = 1
     max_wait_s: float = 0.0
+    workers: int = 1  # inspection workers sharing the queue
 
     @classmethod
     def from_engines(cls, engines: object) -> BatchPolicy:
         """The policy of an :class:`~anomalygpt_edge.runtime.line.config.EnginesConfig`."""
         max_batch = int(getattr(engines, "max_batch", 1))
         max_wait_ms = float(getattr(engines, "max_wait_ms", 0.0))
-        return cls(max(1, max_batch), max(0.0, max_wait_ms) / 1e3)
+        workers = worker_count(getattr(engines, "workers", 1), int(getattr(engines, "threads", 1)))
+        return cls(max(1, max_batch), max(0.0, max_wait_ms) / 1e3, workers)
 
 
 class BatchCost:

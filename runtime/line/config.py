@@ -16,7 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from anomalygpt_edge.runtime.cameras.base import CameraConfig, camera_config_union
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig, TlsConfig
@@ -86,7 +95,15 @@ def _backend(value: str) -> str:
     return value
 
 
+def _workers(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64):
+        return value
+    raise ValueError(f"must be auto or a whole number between 1 and 64, got {value!r}")
+
+
 RecipeName = Annotated[Text, AfterValidator(_recipe_name)]
+#: ``engines.workers``: ``auto`` or a count (one clear message for anything else).
+Workers = Annotated[Literal["auto"] | int, BeforeValidator(_workers)]
 Backend = Annotated[Text, AfterValidator(_backend)]
 
 
@@ -131,6 +148,11 @@ class EnginesConfig(_Section):
     # How long free-run frames wait for other cameras' frames to join their batch (never past a
     # deadline; a triggered part never waits).
     max_wait_ms: number(0, 1000) = 10.0
+    # Inspection workers per bundle queue, each running one inference at a time on `threads` ONNX
+    # Runtime threads; a camera is inspected by one worker at a time (its verdicts stay in order).
+    # auto = as many as `threads` fit the cores, at most 2 (the most measured: BENCHMARKS.md,
+    # "Two inspection workers per bundle"); threads 0 (a pool on every core) gets 1.
+    workers: Workers = "auto"
 
 
 class StorageConfig(_Section):

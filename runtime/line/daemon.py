@@ -12,8 +12,9 @@ archive, :class:`Supervisor` runs every loop, :class:`CommandCenter` handles ``c
 Threads (few and named, so ``py-spy dump`` reads like the design):
 
 * ``camera-<name>``: one per camera, keeps only the newest frame (see :class:`Camera`);
-* ``inspect-<n>``: one per engine bundle; cameras sharing a bundle share its engines and its
-  worker, which takes triggered parts first, then free-run frames (see :class:`WorkQueue`);
+* ``inspect-<n>-<i>``: ``engines.workers`` per engine bundle; cameras sharing a bundle share its
+  engines and its queue, from which each worker takes triggered parts first, then free-run frames
+  (see :class:`WorkQueue`), one camera on one worker at a time;
 * ``deadline-watchdog``: answers a triggered part with an ERROR verdict the moment its deadline
   passes while it still waits for a frame, a queue slot or the engine;
 * ``watch-<camera>``: one per folder-watch recipe, turning new files into parts;
@@ -331,7 +332,8 @@ class Daemon:
         board, stop = self.board, self.supervisor.stopping
         worker = InspectionWorker(self.slots, self.publisher, self.health, self.counts, board.deadline_ms)
         for n, queue in enumerate(board.queues.values()):
-            self.supervisor.spawn(f"inspect-{n}", worker.run, queue, stop)
+            for i in range(worker.policy.workers):  # engines.workers loops share the bundle's queue
+                self.supervisor.spawn(f"inspect-{n}-{i}", worker.run, queue, stop)
         self.commands.start(self._spawner)
         for name, cam_cfg in self.config.cameras.items():
             binding = self.binding(name)

@@ -1,6 +1,15 @@
 """The inspection worker: takes batches of jobs from one bundle's work queue, runs each camera's
 inspector on its frame and hands every verdict to the publisher.
 
+``engines.workers`` loops share each queue (threads ``inspect-<bundle>-<i>``, one
+:class:`InspectionWorker` and one :class:`BatchCost` per queue). Each loop holds the cameras of
+the batch it inspects (:meth:`WorkQueue.get_batch` ``hold``), so a camera is in one loop at a
+time: its verdicts keep their order, and what the loop touches per camera (the publisher's last
+verdict, the camera's counters) has one writer. What loops share per frame is read-only or
+thread-safe: the inspector (recipe, bank arrays, head weights, threshold), the engines (ONNX
+Runtime ``Run``; TensorRT behind its lock), the heatmap overlay (a pure function), the queue's
+counters (:meth:`WorkQueue.record_batch`) and the cost estimate (its lock).
+
 The middle of the line's data flow (preprocess and engines run inside
 :func:`~anomalygpt_edge.runtime.recipes.inspector.inspect_many`). Batches are bounded by
 ``engines.max_batch`` and ``engines.max_wait_ms`` and by the earliest deadline in the queue
@@ -52,25 +61,34 @@ class InspectionWorker:
         self.counts = counts
         self.deadline_ms = deadline_ms
         self.policy = policy or BatchPolicy.from_engines(slots.config.engines)
+        self._costs: dict[int, BatchCost] = {}  # per queue: each queue has its own bundle and engines
+        self._costs_lock = threading.Lock()
+
+    def cost(self, queue: WorkQueue) -> BatchCost:
+        """The queue's batch-cost estimate, shared by every loop on it."""
+        with self._costs_lock:
+            return self._costs.setdefault(id(queue), BatchCost())
 
     def run(self, queue: WorkQueue, stop: threading.Event) -> None:
-        """Inspect batches from ``queue`` until ``stop`` is set."""
+        """Inspect batches from ``queue`` until ``stop`` is set (one of ``policy.workers`` loops on it)."""
         loop = threading.current_thread().name
-        cost = BatchCost()  # per queue: each queue has its own bundle and engines
+        cost = self.cost(queue)
         while not stop.is_set():
             # Fed every iteration (get_batch() wakes at least every 0.2 s): a hung engine stops the
             # systemd watchdog pings, and systemd restarts the daemon.
             self.health.tick(loop)
-            batch = queue.get_batch(self.policy.max_batch, self.policy.max_wait_s, 0.2, cost.predict)
-            jobs = [job for job in batch if not job.answered]
-            if not jobs:
-                continue
-            queue.counts["batches"] += 1
-            queue.counts["batched_jobs"] += len(jobs)
-            start = time.monotonic()
-            inspected = self.inspect_batch(jobs)
-            if inspected:
-                cost.observe(inspected, time.monotonic() - start)
+            batch = queue.get_batch(self.policy.max_batch, self.policy.max_wait_s, 0.2, cost.predict, hold=True)
+            try:
+                jobs = [job for job in batch if not job.answered]
+                if not jobs:
+                    continue
+                queue.record_batch(len(jobs))
+                start = time.monotonic()
+                inspected = self.inspect_batch(jobs)
+                if inspected:
+                    cost.observe(inspected, time.monotonic() - start)
+            finally:  # even when this loop dies: its cameras must not stay held
+                queue.release(batch)
         self.health.forget_loop(loop)
 
     def inspect(self, job: Job) -> None:

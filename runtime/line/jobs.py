@@ -7,6 +7,11 @@ Back-pressure is explicit and different for the two kinds of work:
 * triggered parts (PLC trigger, folder watch): never dropped. They wait in FIFO order ahead of
   free-run frames; when the queue is full or the deadline passes, the part is *answered* with an
   ERROR verdict instead (see :class:`Job.answer`), so the PLC always hears back.
+
+Several workers may take from one queue (``engines.workers``). A worker that takes with
+``hold=True`` holds the cameras of its batch until it calls :meth:`WorkQueue.release`: no other
+worker takes a job of a held camera meanwhile, so one camera is inspected by one worker at a time
+and its verdicts never overtake each other (the order the PLC sees is the order of one worker).
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class WorkQueue:
         self._last_free: dict[str, float] = {}  # camera -> when it last offered a frame
         self._period: dict[str, float] = {}  # camera -> seconds between its frames (moving average)
         self._cond = threading.Condition()
+        self._held: set[str] = set()  # cameras whose batch a worker is inspecting (hold=True)
         self.batch_waiters = 0  # workers waiting for a free-run batch to fill (tests wait on it)
         self.counts: collections.Counter[str] = collections.Counter()
 
@@ -127,7 +133,12 @@ class WorkQueue:
             return self._free.pop(camera)
 
     def get_batch(
-        self, max_batch: int, max_wait_s: float, timeout: float, cost_s: Callable[[int], float] | None = None
+        self,
+        max_batch: int,
+        max_wait_s: float,
+        timeout: float,
+        cost_s: Callable[[int], float] | None = None,
+        hold: bool = False,
     ) -> list[Job]:
         """Up to ``max_batch`` jobs, triggered parts first; ``[]`` on timeout.
 
@@ -135,19 +146,47 @@ class WorkQueue:
         it while the batch, at :data:`BATCH_COST_MARGIN` times ``cost_s(n)`` (the expected seconds
         for a batch of n), still ends before every deadline in it. Free-run frames alone wait for
         the frames due from other cameras up to ``max_wait_s``, and never past the earliest frame
-        deadline less ``cost_s`` of the batch.
+        deadline less ``cost_s`` of the batch. Jobs of cameras another worker holds are left
+        waiting; with ``hold`` the batch's cameras are held until :meth:`release`.
         """
         cost = cost_s or (lambda n: 0.0)
         end = time.monotonic() + timeout
         with self._cond:
-            while not self._triggered and not self._free:
+            while not self._takeable():
                 left = end - time.monotonic()
                 if left <= 0:
                     return []
                 self._cond.wait(left)
-            if max_batch > 1 and not self._triggered:
+            if max_batch > 1 and not self._takeable_triggered():
                 self._wait_for_frames(max_batch, max_wait_s, cost)
-            return self._take(max_batch, cost)
+            batch = self._take(max_batch, cost)
+            if hold:
+                self._held.update(job.camera for job in batch)
+            return batch
+
+    def release(self, batch: list[Job]) -> None:
+        """The worker that took ``batch`` with ``hold=True`` is done with it: its cameras are free again."""
+        if not batch:
+            return
+        with self._cond:
+            self._held.difference_update(job.camera for job in batch)
+            self._cond.notify_all()
+
+    def record_batch(self, jobs: int) -> None:
+        """Count one inspected batch of ``jobs`` (several workers count into the same counters)."""
+        with self._cond:
+            self.counts["batches"] += 1
+            self.counts["batched_jobs"] += jobs
+
+    def _takeable_triggered(self) -> bool:
+        return any(job.camera not in self._held for job in self._triggered)
+
+    def _free_cameras(self) -> list[str]:
+        """Cameras with a waiting free-run frame that no other worker holds, in round-robin order."""
+        return [camera for camera in self._order if camera not in self._held]
+
+    def _takeable(self) -> bool:
+        return self._takeable_triggered() or bool(self._free_cameras())
 
     def _wait_for_frames(self, max_batch: int, max_wait_s: float, cost: Callable[[int], float]) -> None:
         """Hold a free-run batch open for the frames due within ``max_wait_s``, unless a trigger comes.
@@ -157,16 +196,16 @@ class WorkQueue:
         every frame would wait for nothing.
         """
         now = time.monotonic()
-        first = min(j.queued_mono or now for j in self._free.values())
+        first = min(self._free[c].queued_mono or now for c in self._free_cameras())
         until = first + max_wait_s
-        due = [self._last_free[c] + p for c, p in self._period.items() if c not in self._free]
+        due = [self._last_free[c] + p for c, p in self._period.items() if c not in self._free and c not in self._held]
         coming = sum(1 for t in due if now - ACTIVE_CAMERA_S < t <= until)
-        want = min(max_batch, len(self._free) + coming)
+        want = min(max_batch, len(self._free_cameras()) + coming)
         self.batch_waiters += 1
         try:
-            while not self._triggered and 0 < len(self._free) < want:
-                earliest = min(j.deadline_mono for j in self._free.values())
-                left = min(until, earliest - cost(min(want, len(self._free) + 1))) - time.monotonic()
+            while not self._takeable_triggered() and 0 < len(ready := self._free_cameras()) < want:
+                earliest = min(self._free[c].deadline_mono for c in ready)
+                left = min(until, earliest - cost(min(want, len(ready) + 1))) - time.monotonic()
                 if left <= 0:
                     return
                 self._cond.wait(left)
@@ -178,7 +217,8 @@ class WorkQueue:
 
         The first job goes alone whatever its chances. A part that would make the batch late waits
         for the next batch (it is still answered by its deadline); a frame that would stays queued
-        until the camera's next frame supersedes it or it is dropped as stale.
+        until the camera's next frame supersedes it or it is dropped as stale. Jobs of held cameras
+        stay queued (their parts keep their FIFO order behind the one being inspected).
         """
         batch: list[Job] = []
         due = float("inf")
@@ -187,10 +227,19 @@ class WorkQueue:
             ends = time.monotonic() + BATCH_COST_MARGIN * cost(len(batch) + 1)
             return not batch or ends <= min(due, job.deadline_mono)
 
-        while self._triggered and len(batch) < max_batch and fits(self._triggered[0]):
-            batch.append(self._triggered.popleft())
-            due = min(due, batch[-1].deadline_mono)
-        for camera in list(self._order):
+        waiting: collections.deque[Job] = collections.deque()  # rebuilt by identity (a Job compares by fields)
+        blocked = False  # once a part does not fit, every later part waits too (FIFO)
+        for job in self._triggered:
+            if blocked or len(batch) >= max_batch or job.camera in self._held:
+                waiting.append(job)
+            elif fits(job):
+                batch.append(job)
+                due = min(due, job.deadline_mono)
+            else:
+                blocked = True
+                waiting.append(job)
+        self._triggered = waiting
+        for camera in self._free_cameras():
             if len(batch) >= max_batch:
                 break
             if fits(self._free[camera]):
