@@ -18,6 +18,7 @@ import anomalygpt_edge
 COMMAND_MODULES = (
     "anomalygpt_edge.export.cli",
     "anomalygpt_edge.runtime.cli.parts",
+    "anomalygpt_edge.runtime.cli.recipe",
     "anomalygpt_edge.runtime.cli.explain",
     "anomalygpt_edge.runtime.cli.archive",
     "anomalygpt_edge.runtime.cli.line",

@@ -118,7 +118,7 @@ def test_single_golden_sample_is_stored_but_not_live(tmp_path: Path, bundle: Eng
 
 
 def test_enrollment_is_incremental_and_skips_duplicates(tmp_path: Path, bundle: EngineBundle) -> None:
-    store = RecipeStore(tmp_path)
+    store = RecipeStore(tmp_path, keep_versions=0)  # no kept versions: the old bank is garbage
     enroller = Enroller(store, bundle)
     enroller.create("plate")
     first = enroller.add("plate", golden(4))
@@ -135,7 +135,7 @@ def test_enrollment_is_incremental_and_skips_duplicates(tmp_path: Path, bundle: 
 def test_power_cut_before_the_recipe_commit_leaves_the_previous_bank_live(
     tmp_path: Path, bundle: EngineBundle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = RecipeStore(tmp_path)
+    store = RecipeStore(tmp_path, keep_versions=0)  # no kept versions: only the orphan is left to clean
     enroller = Enroller(store, bundle)
     enroller.create("plate")
     before = enroller.add("plate", golden(6)).recipe

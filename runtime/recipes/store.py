@@ -9,26 +9,26 @@ Store layout (every file written crash-safely: temp file, fsync, rename)::
     <store>/<recipe>/head-v<N>.npz        defect head version N, when labelled defects are enrolled
     <store>/<recipe>/defects/<sha>.png    a labelled defective part (ROI applied), ``<sha>.mask.png``
                                           its painted defect region if any, ``<sha>.npz`` its features
+    <store>/<recipe>/versions/recipe-v<N>.json  a replaced recipe.json kept for a rollback (``versions.py``)
     <store>/<recipe>/.lock                the per-recipe writer lock (see :meth:`RecipeStore.writer`)
 
 ``recipe.json`` names the bank (and head) file it belongs to, with its sha256, shape and dtype; a
 new bank is written under a new name first and only then does ``recipe.json`` move to it, so a
 power cut at any moment leaves the previous recipe and bank loadable. A bank or head that does not
 match what ``recipe.json`` recorded, holds non-finite values or has the wrong feature width is
-refused, naming the file. Files no recipe refers to are removed by the next successful commit, and
-only under the writer lock, so a clean-up never deletes what another writer is about to commit.
+refused, naming the file. Files neither the live recipe nor a kept version refers to are removed by
+the next successful commit, and only under the writer lock, so a clean-up never deletes what another
+writer is about to commit. :meth:`RecipeStore.rollback` makes a kept version live again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
-import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -41,6 +41,8 @@ from anomalygpt_edge.calibration.threshold import DEFAULT_TARGET_FRR, Threshold
 from anomalygpt_edge.runtime import values
 from anomalygpt_edge.runtime.inspection.defect_head import DefectHead, HeadError
 from anomalygpt_edge.runtime.inspection.memory_bank import DEFAULT_BUDGET, BankError, MemoryBank
+from anomalygpt_edge.runtime.recipes import versions
+from anomalygpt_edge.runtime.recipes.writer_lock import WriterLock
 
 #: Format 2 adds labelled defects, the defect head, and the bank's sha256/shape/dtype. Format 1
 #: recipes load unchanged (their bank is still checked for shape and finite values, not hash).
@@ -118,6 +120,18 @@ class GoldenSample:
     flagged: str | None = None  # why the quality check flagged it, if it did
 
 
+@dataclass(frozen=True)
+class ChangeRecord:
+    """Who changed a recipe's bank, head, threshold or samples, why, when, and which version it replaced."""
+
+    __pydantic_config__ = _FILE_PART
+
+    at: str
+    by: Annotated[str, Field(max_length=64)] | None = None
+    reason: Annotated[str, Field(max_length=500)] | None = None
+    previous: int | None = None  # the bank version this commit replaced
+
+
 def _recipe_name(value: str) -> str:
     check_name(value)  # RecipeError is a ValueError: pydantic reports its sentence
     return value
@@ -168,6 +182,7 @@ class RecipeFile(BaseModel):
     defects: Annotated[tuple[DefectSample, ...], AfterValidator(_sha256s)] = ()
     head_file: Annotated[str, _pattern(_HEAD_FILE, "head file")] | None = None
     head_record: FileRecord | None = None
+    change: ChangeRecord | None = None  # optional: files written before versions load unchanged
     created_at: str = Field(default_factory=now_iso)
     updated_at: str = Field(default_factory=now_iso)
 
@@ -203,6 +218,7 @@ class Recipe:
     defects: tuple[DefectSample, ...] = ()
     head_file: str | None = None
     head_record: FileRecord | None = None
+    change: ChangeRecord | None = None
     created_at: str = field(default_factory=now_iso)
     updated_at: str = field(default_factory=now_iso)
 
@@ -265,7 +281,7 @@ def _record(data: bytes, arrays: dict[str, np.ndarray]) -> FileRecord:
     )
 
 
-def _read_checked(path: Path, record: FileRecord | None, what: str) -> bytes:
+def read_checked(path: Path, record: FileRecord | None, what: str) -> bytes:
     """A bank or head file's bytes, refused unless they match what ``recipe.json`` recorded."""
     try:
         data = path.read_bytes()
@@ -277,39 +293,6 @@ def _read_checked(path: Path, record: FileRecord | None, what: str) -> bytes:
             "was replaced; re-enroll the recipe"
         )
     return data
-
-
-class _WriterLock:
-    """One writer per recipe across threads (an RLock) and processes (``flock`` on ``.lock``)."""
-
-    _guard = threading.Lock()
-    _held: dict[str, tuple[threading.RLock, list[int]]] = {}
-
-    @classmethod
-    @contextlib.contextmanager
-    def hold(cls, path: Path) -> Iterator[None]:
-        key = str(path.resolve())
-        with cls._guard:
-            lock, state = cls._held.setdefault(key, (threading.RLock(), [0, -1]))
-        with lock:  # re-entrant within a thread; other threads of this process wait here
-            if state[0] == 0:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)  # other processes (CLI beside the daemon) wait here
-                except BaseException:
-                    os.close(fd)
-                    raise
-                state[1] = fd
-            state[0] += 1
-            try:
-                yield
-            finally:
-                state[0] -= 1
-                if state[0] == 0:
-                    fcntl.flock(state[1], fcntl.LOCK_UN)
-                    os.close(state[1])
-                    state[1] = -1
 
 
 def text_features_for(recipe: Recipe, bundle: Any) -> np.ndarray:
@@ -324,8 +307,12 @@ def text_features_for(recipe: Recipe, bundle: Any) -> np.ndarray:
 class RecipeStore:
     """The folder holding every recipe of this device."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, keep_versions: int = versions.DEFAULT_KEEP_VERSIONS):
+        if keep_versions < 0:
+            raise RecipeError(f"keep_versions must be 0 or more, got {keep_versions}")
         self.root = Path(root)
+        self.keep_versions = keep_versions
+        self._who = threading.local()  # the change attributed() records
 
     def writer(self, name: str) -> contextlib.AbstractContextManager[None]:
         """The recipe's writer lock: every load-modify-commit of a recipe runs inside it.
@@ -333,7 +320,7 @@ class RecipeStore:
         Station, MQTT and CLI enrollment all go through :class:`Enroller`, which holds this lock,
         so two writers are serialised and each one's clean-up sees the other's committed files.
         """
-        return _WriterLock.hold(self.folder(name) / ".lock")
+        return WriterLock.hold(self.folder(name) / ".lock")
 
     def folder(self, name: str) -> Path:
         """The recipe's folder; RecipeError for a name that cannot be one."""
@@ -369,7 +356,7 @@ class RecipeStore:
         if recipe.bank_file is None:
             raise RecipeError(f"recipe {recipe.name} has no memory bank yet: enroll golden parts first")
         path = self.folder(recipe.name) / recipe.bank_file
-        data = _read_checked(path, recipe.bank_record, "memory bank")
+        data = read_checked(path, recipe.bank_record, "memory bank")
         try:
             bank = MemoryBank.from_bytes(data, str(path))
             bank.check(widths, str(path))
@@ -388,7 +375,7 @@ class RecipeStore:
         if recipe.head_file is None:
             return None
         path = self.folder(recipe.name) / recipe.head_file
-        data = _read_checked(path, recipe.head_record, "defect head")
+        data = read_checked(path, recipe.head_record, "defect head")
         try:
             head = DefectHead.from_bytes(data, str(path))
             head.check(dim, str(path))
@@ -404,23 +391,35 @@ class RecipeStore:
         """Where a labelled defect's image, mask or features live."""
         return self.folder(recipe) / "defects" / f"{sha256}.{ext}"
 
-    def commit(self, recipe: Recipe, bank: MemoryBank | None = None, head: DefectHead | None = None) -> Recipe:
+    def commit(
+        self,
+        recipe: Recipe,
+        bank: MemoryBank | None = None,
+        head: DefectHead | None = None,
+        change: Mapping[str, str | None] | None = None,
+    ) -> Recipe:
         """Write ``bank`` and ``head`` (as new versions), then ``recipe.json``; clean up what is unreferenced.
 
         ``head`` is written when given; a recipe committed with ``head_file=None`` drops its head.
+        A commit that changes the bank, head, threshold or samples gets a new bank version and
+        keeps the ``recipe.json`` it replaces (``versions.py``); ``change`` (``by``, ``reason``),
+        else the one :meth:`attributed` set, is recorded with it.
         """
         with self.writer(recipe.name):
             folder = self.folder(recipe.name)
             folder.mkdir(parents=True, exist_ok=True)
+            old_bytes, old = self._live(recipe.name)
+            changed = old is not None and (
+                bank is not None or head is not None or versions.content_key(old) != versions.content_key(recipe)
+            )
+            if bank is not None or changed:
+                recipe = replace(recipe, bank_version=versions.next_version(folder, recipe, old))
             if bank is not None:
-                version = recipe.bank_version + 1
-                bank.meta["bank_version"] = version
-                bank_file = f"bank-v{version}.npz"
+                bank.meta["bank_version"] = recipe.bank_version
+                bank_file = f"bank-v{recipe.bank_version}.npz"
                 data = bank.to_bytes()
                 atomic_write_bytes(folder / bank_file, data)
-                recipe = replace(
-                    recipe, bank_file=bank_file, bank_version=version, bank_record=_record(data, bank.layers)
-                )
+                recipe = replace(recipe, bank_file=bank_file, bank_record=_record(data, bank.layers))
             if head is not None:
                 head_file = f"head-v{recipe.bank_version}.npz"
                 data = head.to_bytes()
@@ -429,20 +428,62 @@ class RecipeStore:
                 recipe = replace(recipe, head_file=head_file, head_record=_record(data, arrays))
             elif recipe.head_file is None:
                 recipe = replace(recipe, head_record=None)
-            recipe = replace(recipe, updated_at=now_iso())
+            given = change if change is not None else getattr(self._who, "change", None)
+            recipe = replace(recipe, updated_at=now_iso(), change=versions.change_record(recipe, old, changed, given))
+            if changed and old is not None and old_bytes is not None:  # kept before the commit point moves
+                versions.keep(folder, old.bank_version, old_bytes)
             atomic_write_bytes(folder / "recipe.json", (json.dumps(recipe.to_json(), indent=2) + "\n").encode())
-            self._collect_garbage(recipe)
+            self.collect_garbage(recipe, versions.trim(folder, self.keep_versions, recipe.bank_version))
         return recipe
 
-    def _collect_garbage(self, recipe: Recipe) -> None:
-        """Remove what the just-committed recipe no longer names (called under the writer lock)."""
+    @contextlib.contextmanager
+    def attributed(self, by: str | None, reason: str | None = None) -> Iterator[None]:
+        """Commits of this thread inside the block record ``by`` and ``reason`` (Enroller paths pass no ``change``)."""
+        before = getattr(self._who, "change", None)
+        self._who.change = {"by": by, "reason": reason}
+        try:
+            yield
+        finally:
+            self._who.change = before
+
+    def _live(self, name: str) -> tuple[bytes | None, Recipe | None]:
+        """The live ``recipe.json``'s bytes and recipe; None for both when there is none or it is unreadable."""
+        path = self.folder(name) / "recipe.json"
+        try:
+            data = path.read_bytes()
+            return data, Recipe.from_json(json.loads(data), str(path))
+        except (OSError, ValueError):  # RecipeError, JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return None, None
+
+    def rollback(self, name: str, to_version: int | None = None) -> Recipe:
+        """Make a kept version live: ``to_version``, else the one the live version replaced.
+
+        One crash-safe ``recipe.json`` write under the writer lock, after the kept version's bank,
+        head and sample files were checked as the live ones are (sha256 records); the version it
+        replaces is kept in turn, so ``rollback(name, to_version=<it>)`` rolls forward again.
+        """
+        with self.writer(name):
+            return versions.rollback(self, name, to_version)
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """The live version and every kept one, newest number first (see :func:`versions.describe`)."""
+        return versions.listing(self, name)
+
+    def check_files(self, recipe: Recipe, what: str = "recipe") -> None:
+        """The bank, head and sample files ``recipe`` names are there and match their records (RecipeError)."""
+        versions.check_files(self, recipe, what)
+
+    def collect_garbage(self, recipe: Recipe, kept: list[versions.KeptVersion]) -> None:
+        """Remove what neither the just-committed recipe nor a kept version names (under the writer lock)."""
         folder = self.folder(recipe.name)
-        for pattern, current in (("bank-v*.npz", recipe.bank_file), ("head-v*.npz", recipe.head_file)):
+        named = [recipe] + [k.recipe for k in kept if k.recipe is not None]
+        files = {f for r in named for f in (r.bank_file, r.head_file) if f is not None}
+        for pattern in ("bank-v*.npz", "head-v*.npz"):
             for old in folder.glob(pattern):
-                if old.name != current:
+                if old.name not in files:
                     old.unlink(missing_ok=True)
-        for sub, keep in (("samples", recipe.samples), ("defects", recipe.defects)):
-            shas = {s.sha256 for s in keep}
+        for sub, attr in (("samples", "samples"), ("defects", "defects")):
+            shas = {s.sha256 for r in named for s in getattr(r, attr)}
             for f in (folder / sub).glob("*"):
                 if f.name.split(".")[0] not in shas:
                     f.unlink(missing_ok=True)
