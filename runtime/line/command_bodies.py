@@ -14,13 +14,13 @@ import types
 import typing
 from typing import Annotated, Any, Literal, TypeVar, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from anomalygpt_edge.runtime.recipes.store import DEFECT_TYPE
 from anomalygpt_edge.runtime.values import Name, Roi, TargetFrr
 
 ENROLL_ACTIONS = ("start", "add", "add_defect", "remove", "finish", "cancel")
-RECIPE_ACTIONS = ("list", "show", "switch")
+RECIPE_ACTIONS = ("list", "show", "switch", "rollback", "versions")
 #: A defect's mask is a list of rectangles: a few boxes outline any defect a technician can name,
 #: and the bound keeps rasterising (and the payload) small whatever a client sends.
 MAX_MASK_RECTS = 32
@@ -155,7 +155,26 @@ class RecipeSwitch(RecipeBody):
     recipe: Name
 
 
-RECIPE_BODIES: dict[str, type[RecipeBody]] = {"list": RecipeBody, "show": RecipeShow, "switch": RecipeSwitch}
+class RecipeVersions(RecipeBody):
+    """``versions``: the recipe whose live and kept versions are listed."""
+
+    recipe: Name
+
+
+class RecipeRollback(RecipeBody):
+    """``rollback``: the recipe, and the kept bank version to make live (default: the previous one)."""
+
+    recipe: Name
+    version: Annotated[int, Field(ge=0, le=999_999_999)] | None = None
+
+
+RECIPE_BODIES: dict[str, type[RecipeBody]] = {
+    "list": RecipeBody,
+    "show": RecipeShow,
+    "switch": RecipeSwitch,
+    "rollback": RecipeRollback,
+    "versions": RecipeVersions,
+}
 
 
 class AskBody(Body):

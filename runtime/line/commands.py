@@ -32,8 +32,10 @@ from anomalygpt_edge.runtime.line.command_bodies import (
     AskBody,
     CommandError,
     EnrollBody,
+    RecipeRollback,
     RecipeShow,
     RecipeSwitch,
+    RecipeVersions,
     TriggerBody,
     enroll_body,
     parse_body,
@@ -94,6 +96,12 @@ def _correlation(cmd: Command, data: dict[str, Any]) -> str | None:
     """The reply's ``correlation_id``: the body's when it is a string, else the command's correlation data."""
     corr = data.get("correlation_id")
     return corr if isinstance(corr, str) else cmd.correlation_text
+
+
+def _sender(cmd: Command, data: dict[str, Any]) -> str | None:
+    """The client id the command came from (MQTT 5 user property, else body field), for the audit."""
+    sender = getattr(cmd, "sender", None) or dict(cmd.user_properties or []).get("client_id") or data.get("client_id")
+    return sender[:64] if isinstance(sender, str) else None
 
 
 class CommandCenter:
@@ -278,7 +286,26 @@ class CommandCenter:
             except RecipeError as exc:
                 raise CommandError(str(exc)) from None
             return {"action": "switch", "camera": camera, "recipe": body.recipe, "previous": previous}
+        if isinstance(body, RecipeVersions | RecipeRollback):
+            return self._recipe_versions(cmd, data, body)
         return {"action": "list", "recipes": self._recipe_list(), "cameras": dict(self.slots.recipe_names)}
+
+    def _recipe_versions(
+        self, cmd: Command, data: dict[str, Any], body: RecipeVersions | RecipeRollback
+    ) -> dict[str, Any]:
+        """``versions`` lists the recipe's live and kept versions; ``rollback`` makes one live (RecipeSlots)."""
+        try:
+            if isinstance(body, RecipeVersions):
+                return {"action": "versions", "recipe": body.recipe, "versions": self.slots.store.versions(body.recipe)}
+            change = self.slots.rollback(body.recipe, body.version, _sender(cmd, data))
+        except RecipeError as exc:
+            raise CommandError(str(exc)) from None
+        return {
+            "action": "rollback",
+            "recipe": body.recipe,
+            "bank_version": change["to"],
+            "previous": change["from"],
+        } | {k: change[k] for k in ("threshold", "cameras")}
 
     def _recipe_list(self) -> list[dict[str, Any]]:
         store = self.slots.store

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 from anomalygpt_edge.runtime.recipes.inspector import Inspector, inspect_many
-from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
+from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore, now_iso
 
 if TYPE_CHECKING:
     from anomalygpt_edge.runtime.line.config import DaemonConfig, EnginesConfig, RecipeBinding
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Grey level of the warm-up image: any valid image exercises the same shapes and kernels.
 WARMUP_GREY = 128
+#: Recipe changes (rollbacks) the status lists, newest last.
+MAX_CHANGES = 8
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class RecipeSlots:
         #: Set once :meth:`warm_up` has run (the status says ``starting`` until then).
         self.warmed = threading.Event()
         self.warmups: list[WarmRun] = []
+        #: The last recipe rollbacks, announced in the status (``recipe_changes``).
+        self.changes: deque[dict[str, Any]] = deque(maxlen=MAX_CHANGES)
 
     # -- bundles ---------------------------------------------------------------------------------
     def binding(self, camera: str) -> RecipeBinding | None:
@@ -237,6 +242,32 @@ class RecipeSlots:
                 with contextlib.suppress(RecipeError):
                     self.load_recipe(camera, name)
         self.changed()
+
+    def rollback(self, recipe: str, to_version: int | None = None, by: str | None = None) -> dict[str, Any]:
+        """Roll ``recipe`` back (:meth:`RecipeStore.rollback`), reload the cameras using it, announce it.
+
+        A refused rollback (no older version, a damaged kept one) changes nothing: RecipeError.
+        """
+        if not self.store.exists(recipe):
+            raise RecipeError(f"unknown recipe '{recipe}'; recipes: {', '.join(self.store.names()) or 'none'}")
+        was = self.store.load(recipe)
+        live = self.store.rollback(recipe, to_version)
+        cameras = sorted(c for c, name in list(self.recipe_names.items()) if name == recipe)
+        change = {
+            "recipe": recipe,
+            "action": "rollback",
+            "from": was.bank_version,
+            "to": live.bank_version,
+            "threshold": live.threshold.value if live.threshold else None,
+            "cameras": cameras,
+            "by": by,
+            "at": now_iso(),
+        }
+        with self.lock:
+            self.changes.append(change)
+        log.warning("recipe %s rolled back from v%d to v%d by %s", recipe, was.bank_version, live.bank_version, by)
+        self.reload_users(recipe)  # reloads each camera on it, then republishes the status
+        return change
 
     def changed(self) -> None:
         """Tell ``on_change`` (the daemon republishes its status)."""

@@ -79,6 +79,7 @@ class StatusReport:
             "llm": self.config.llm.enabled,
             "spool": self._spool_status(),
             "warmup": [run.to_json() for run in self.slots.warmups],
+            "recipe_changes": list(self.slots.changes),  # the last rollbacks, newest last
         }
         return self.health.status(base)
 
