@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "anomalygpt_edge.runtime.cli.recipe",
     "anomalygpt_edge.runtime.cli.explain",
     "anomalygpt_edge.runtime.cli.archive",
+    "anomalygpt_edge.runtime.cli.label",
     "anomalygpt_edge.runtime.cli.line",
     "anomalygpt_edge.runtime.cli.station",
 )

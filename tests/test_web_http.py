@@ -43,8 +43,16 @@ BODIES: dict[str, dict[str, Any]] = {
     "/api/recipes/delete": {"recipe": "part-a"},
     "/api/ask": {"verdict_id": VID, "question": "why?"},
     "/api/users": {"action": "set", "name": "newbie", "role": "operator", "password": "newbie-pw"},
+    "/api/verdicts/([0-9a-f-]{8,64})/label": {"label": "good"},
 }
 MUTATING = [r for r in ROUTES if r.method == "POST" and r.role is not None]
+
+
+def url(pattern: str) -> str:
+    """A route's path with its verdict id filled in (the label route has one)."""
+    return pattern.replace("([0-9a-f-]{8,64})", VID)
+
+
 ROLE_RANK = ["operator", "technician", "admin"]
 
 
@@ -109,12 +117,12 @@ def test_the_route_table_covers_every_enrollment_recipe_and_user_change():
 def test_every_mutating_route_rejects_an_unauthenticated_request(fake_server, route):
     server, station = fake_server
     c = Client(server.url)
-    r = c.post(route.pattern, BODIES[route.pattern])
+    r = c.post(url(route.pattern), BODIES[route.pattern])
     assert r.status == 401, r.body
     # A forged cookie is no better than none.
     c.cookie = "agpt_session=forged-token"
     c.csrf = "forged"
-    assert c.post(route.pattern, BODIES[route.pattern]).status == 401
+    assert c.post(url(route.pattern), BODIES[route.pattern]).status == 401
     assert station.calls == []
 
 
@@ -122,10 +130,10 @@ def test_every_mutating_route_rejects_an_unauthenticated_request(fake_server, ro
 def test_every_mutating_route_rejects_a_missing_or_wrong_csrf_token(fake_server, route):
     server, station = fake_server
     c = logged_in(server, "ada")
-    assert c.post(route.pattern, BODIES[route.pattern], csrf=False).status == 403
-    assert c.post(route.pattern, BODIES[route.pattern], headers={"X-CSRF-Token": "x" * 43}).status == 403
+    assert c.post(url(route.pattern), BODIES[route.pattern], csrf=False).status == 403
+    assert c.post(url(route.pattern), BODIES[route.pattern], headers={"X-CSRF-Token": "x" * 43}).status == 403
     other = logged_in(server, "theo")  # another session's token does not fit this session
-    assert c.post(route.pattern, BODIES[route.pattern], headers={"X-CSRF-Token": other.csrf}).status == 403
+    assert c.post(url(route.pattern), BODIES[route.pattern], headers={"X-CSRF-Token": other.csrf}).status == 403
     assert station.calls == []
 
 
@@ -134,7 +142,7 @@ def test_every_mutating_route_rejects_a_role_below_its_own(fake_server, route):
     server, station = fake_server
     lower = [u for u, role in ROLES.items() if ROLE_RANK.index(role) < ROLE_RANK.index(route.role)]
     for user in lower:
-        r = logged_in(server, user).post(route.pattern, BODIES[route.pattern])
+        r = logged_in(server, user).post(url(route.pattern), BODIES[route.pattern])
         assert r.status == 403, (user, r.body)
         assert route.role in r.json()["error"]
     assert station.calls == []
@@ -144,7 +152,7 @@ def test_every_mutating_route_rejects_a_role_below_its_own(fake_server, route):
 def test_every_mutating_route_refuses_a_cross_origin_post(fake_server, route):
     server, station = fake_server
     c = logged_in(server, "ada")
-    r = c.post(route.pattern, BODIES[route.pattern], headers={"Origin": "http://evil.example"})
+    r = c.post(url(route.pattern), BODIES[route.pattern], headers={"Origin": "http://evil.example"})
     assert r.status == 403
     assert station.calls == []
 
@@ -452,7 +460,7 @@ def test_every_audited_route_writes_the_action_its_route_table_names(fake_server
     server, _ = fake_server
     admin = logged_in(server, "ada")  # admin passes every role check
     body = BODIES[route.pattern]
-    assert admin.post(route.pattern, body).status == 200
+    assert admin.post(url(route.pattern), body).status == 200
     last = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
     assert last["action"] == route.audit.format_map(body), "the handler writes the route table's audit action"
 

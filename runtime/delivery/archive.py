@@ -18,7 +18,8 @@ twice the free-space floor (or near the budget) it stops writing images, below t
 the budget) it stops writing rows too and keeps them in memory (bounded) until there is room
 again, so the spool always finds space for verdicts. Everything resumes by itself. An archive
 database that cannot be opened is moved aside (``archive.db.corrupt-<UTC time>``) and a fresh one
-started; the images already on disk are taken back into the quota ledger.
+started; the images already on disk are taken back into the quota ledger. Labels on verdicts
+(issue 14) are rows of their own, and pin their images against eviction: ``archive_labels.py``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from anomalygpt_edge.runtime.delivery.archive_format import (
     verdict_row,
     verdict_time,
 )
+from anomalygpt_edge.runtime.delivery.archive_labels import LABEL_SCHEMA, ArchiveLabels
 from anomalygpt_edge.runtime.delivery.archive_writer import ArchiveWriter
 from anomalygpt_edge.runtime.delivery.disk_budget import LEVELS, DiskBudget
 from anomalygpt_edge.runtime.delivery.spool_files import (
@@ -101,8 +103,10 @@ class ArchiveStats:
         return dict(self.__dict__)
 
 
-class Archive:
-    """The on-device verdict archive. Thread-safe; :meth:`record` never raises for disk problems."""
+class Archive(ArchiveLabels):
+    """The on-device verdict archive. Thread-safe; :meth:`record` never raises for disk problems.
+
+    Labels (``add_label``, ``label_history``, ``labelled``) come from :mod:`archive_labels`."""
 
     def __init__(
         self,
@@ -161,7 +165,7 @@ class Archive:
             # NORMAL: after a power cut the last few rows may roll back, but never corrupt; the
             # spool (synchronous=FULL) is what guarantees delivery, the archive is the local copy.
             db, _mode = connect_wal(self.db_path, "NORMAL")
-            db.executescript(SCHEMA)
+            db.executescript(SCHEMA + LABEL_SCHEMA)
             self.stats.bytes_used = int(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM files").fetchone()[0])
             return db
         except (sqlite3.DatabaseError, OSError) as exc:
@@ -350,9 +354,10 @@ class Archive:
         return rel
 
     def _evict_until(self, budget: int) -> None:
-        """Delete the oldest image files until at most ``budget`` bytes are used (lock held)."""
+        """Delete image files until at most ``budget`` bytes are used (lock held): the oldest
+        unlabelled first, labelled ones only when no unlabelled image is left."""
         while self.stats.bytes_used > budget:
-            oldest = self._db.execute("SELECT path, verdict_id, bytes FROM files ORDER BY ts, path LIMIT 1").fetchone()
+            oldest = self._oldest_file()
             if oldest is None:
                 self.stats.bytes_used = 0
                 return

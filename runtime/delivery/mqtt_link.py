@@ -36,7 +36,7 @@ from anomalygpt_edge.runtime.delivery.sender import VerdictSender
 from anomalygpt_edge.runtime.delivery.spool import VerdictSpool
 
 log = logging.getLogger(__name__)
-COMMANDS = ("trigger", "enroll", "recipe", "ask")
+COMMANDS = ("trigger", "enroll", "recipe", "ask", "label")
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Command:
     received_at: float  # epoch seconds
     received_mono: float
     user_properties: list[tuple[str, str]] | None = None  # MQTT 5: client_id / token for the command gate
+    sender: str | None = None  # the client id the command gate accepted it from (a label's author)
 
     @property
     def correlation_text(self) -> str | None:

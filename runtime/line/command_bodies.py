@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from anomalygpt_edge.runtime.delivery.archive_labels import LABELS, MAX_NOTE_CHARS, MAX_VERDICT_ID_CHARS
 from anomalygpt_edge.runtime.recipes.store import DEFECT_TYPE
 from anomalygpt_edge.runtime.values import Name, Roi, TargetFrr
 
@@ -31,10 +32,10 @@ class CommandError(ValueError):
     """A command that cannot be carried out; the message goes back in the reply's ``error``."""
 
 
-def _one_of(choices: tuple[str, ...]) -> AfterValidator:
+def _one_of(choices: tuple[str, ...], field: str = "action") -> AfterValidator:
     def check(value: str) -> str:
         if value not in choices:
-            raise ValueError(f"action must be one of {', '.join(choices)}, got '{value[:40]}'")
+            raise ValueError(f"{field} must be one of {', '.join(choices)}, got '{value[:40]}'")
         return value
 
     return AfterValidator(check)
@@ -71,6 +72,7 @@ def _mask_rects(value: Any) -> list[Rect]:
 EnrollAction = Annotated[str, _one_of(ENROLL_ACTIONS)]
 RecipeAction = Annotated[str, _one_of(RECIPE_ACTIONS)]
 DefectType = Annotated[str, AfterValidator(_defect_type)]
+LabelName = Annotated[str, _one_of(LABELS, "label")]
 MaskRects = Annotated[list[Rect], BeforeValidator(_mask_rects)]
 
 
@@ -182,6 +184,16 @@ class AskBody(Body):
 
     camera: str
     question: str | None = None
+
+
+class LabelBody(Body):
+    """``cmd/label``: the archived verdict's id, ``good`` or ``defect``, an optional defect type and note."""
+
+    id: Annotated[str, Field(min_length=1, max_length=MAX_VERDICT_ID_CHARS)]
+    label: LabelName
+    defect_type: DefectType | None = None
+    note: Annotated[str, Field(max_length=MAX_NOTE_CHARS)] | None = None
+    request_id: Annotated[str, Field(max_length=128)] | None = None
 
 
 B = TypeVar("B", bound=Body)

@@ -8,7 +8,7 @@ In order, for one received message:
 2. **Size**: payloads over ``max_payload_bytes`` are rejected before being parsed, so a huge
    message costs neither memory nor CPU in the JSON parser.
 3. **Shape**: UTF-8 JSON object, no NaN/Infinity, bounded nesting.
-4. **Authorisation** for privileged commands (enrollment and recipe changes by default):
+4. **Authorisation** for privileged commands (enrollment, recipe changes and labels by default):
    if ``allowed_client_ids`` is set, the sender's client id (MQTT 5 user property ``client_id``,
    else a ``client_id`` field) must be in it; if ``token`` is set, the shared token (user property
    ``token``, else a ``token`` field) must match, compared in constant time. Both set → both
@@ -35,8 +35,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-COMMANDS = ("trigger", "enroll", "recipe", "ask")
-PRIVILEGED = ("enroll", "recipe")
+COMMANDS = ("trigger", "enroll", "recipe", "ask", "label")
+PRIVILEGED = ("enroll", "recipe", "label")
 #: Actions of privileged commands that change nothing: open without credentials even when
 #: anonymous control is off (an HMI may list recipes; it may not create or switch them).
 READ_ONLY_ACTIONS: dict[str, frozenset[str]] = {"recipe": frozenset({"list", "show", "versions"})}

@@ -1,4 +1,5 @@
-"""MQTT commands: ``cmd/trigger``, ``cmd/enroll``, ``cmd/recipe``, ``cmd/ask`` (contract in MQTT.md).
+"""MQTT commands: ``cmd/trigger``, ``cmd/enroll``, ``cmd/recipe``, ``cmd/ask``, ``cmd/label`` (contract
+in MQTT.md).
 
 Every command gets exactly one reply (except a successful trigger, whose reply is its verdict):
 malformed JSON, wrong types, unknown cameras or recipes and oversized payloads are answered with
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from anomalygpt_edge.engines.preprocess import ImageError, set_max_image_pixels
 from anomalygpt_edge.runtime.cameras.base import Camera
+from anomalygpt_edge.runtime.delivery.archive_labels import LabelWriteError, UnknownVerdict
 from anomalygpt_edge.runtime.delivery.messages import reply
 from anomalygpt_edge.runtime.delivery.mqtt_link import COMMANDS, Command
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
@@ -32,6 +34,7 @@ from anomalygpt_edge.runtime.line.command_bodies import (
     AskBody,
     CommandError,
     EnrollBody,
+    LabelBody,
     RecipeRollback,
     RecipeShow,
     RecipeSwitch,
@@ -109,7 +112,7 @@ class CommandCenter:
 
     ``trigger(camera, part_id, command, correlation)`` queues a triggered part; ``link()``,
     ``explanations()`` and ``last_verdict(camera)`` read the daemon's current link, explanation
-    worker and the camera's last ``(verdict id, verdict)``.
+    worker and the camera's last ``(verdict id, verdict)``; ``archive()`` the open archive (labels).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class CommandCenter:
         explanations: Callable[[], Any],
         last_verdict: Callable[[str], tuple[str, Verdict] | None],
         asks: AskBook,
+        archive: Callable[[], Any] = lambda: None,
     ):
         self.config = config
         self.slots = slots
@@ -131,6 +135,7 @@ class CommandCenter:
         self._link = link
         self._explanations = explanations
         self._last_verdict = last_verdict
+        self._archive = archive
         self.asks = asks
         self.desk = EnrollDesk(slots, cameras, config.commands.enroll_session_timeout_s)
         self.session_timeout_s = self.desk.session_timeout_s
@@ -199,6 +204,8 @@ class CommandCenter:
 
     def _send(self, cmd: Command, data: dict[str, Any], ok: bool, **fields: Any) -> None:
         link = self._link()
+        if isinstance(data.get("request_id"), str):
+            fields.setdefault("request_id", data["request_id"][:128])
         if link is not None:
             link.reply(cmd, reply(cmd.name, ok, _correlation(cmd, data), **fields))
 
@@ -218,6 +225,7 @@ class CommandCenter:
             cmd.response_topic = None
         if isinstance(checked, Rejection):
             raise CommandError(_GATE_ERRORS.get(checked.code, "{}").format(checked.message))
+        cmd.sender = checked.client_id
         return checked.body
 
     def _camera(self, camera: str) -> str:
@@ -317,6 +325,27 @@ class CommandCenter:
             except RecipeError as exc:
                 recipes.append({"name": name, "live": False, "error": str(exc)})
         return recipes
+
+    # -- label -----------------------------------------------------------------------------------
+    def _cmd_label(self, cmd: Command, data: dict[str, Any]) -> dict[str, Any]:
+        """A label on an archived verdict; the author is the client id the gate accepted it from."""
+        body = parse_body(LabelBody, data)
+        archive = self._archive()
+        if archive is None:
+            raise CommandError("no archive: labels are stored in the archive (storage.archive: true)")
+        author = cmd.sender or "anonymous mqtt client"
+        try:
+            row = archive.add_label(
+                body.id, body.label, author=author, source="mqtt", defect_type=body.defect_type, note=body.note
+            )
+        except UnknownVerdict as exc:
+            raise CommandError(str(exc)) from None
+        except LabelWriteError as exc:
+            raise CommandError(str(exc)) from None
+        out = row.to_json()
+        out["id"] = out.pop("verdict_id")
+        out["image"] = archive.verdict_image(row.verdict_id) is not None  # an unkept OK image cannot come back
+        return out
 
     # -- ask -------------------------------------------------------------------------------------
     def _cmd_ask(self, cmd: Command, data: dict[str, Any]) -> dict[str, Any] | None:

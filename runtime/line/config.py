@@ -66,7 +66,7 @@ __all__ = [
 
 TriggerMode = Literal["free_run", "mqtt", "folder_watch"]
 ExplainWhen = Literal["ng", "all"]
-CommandName = Literal["trigger", "enroll", "recipe", "ask"]
+CommandName = Literal["trigger", "enroll", "recipe", "ask", "label"]
 #: Each registered camera kind's model, chosen by ``type``.
 CameraSettings = camera_config_union()
 
@@ -193,7 +193,7 @@ class HealthConfig(_Section):
 class CommandsConfig(_Section):
     """Who may change enrollment and recipes over MQTT (runtime/line/command_gate.py)."""
 
-    privileged: tuple[CommandName, ...] = ("enroll", "recipe")
+    privileged: tuple[CommandName, ...] = ("enroll", "recipe", "label")
     allowed_client_ids: tuple[Text, ...] | None = None  # claimed in a client_id user property or field
     token_file: ExistingPath | None = None  # shared token; else $ANOMALYGPT_EDGE_COMMANDS_TOKEN (or ..._FILE)
     # Without a token or allowed client ids, enroll and recipe switch are refused unless this is

@@ -128,6 +128,7 @@ class Daemon:
             explanations=lambda: self.explanations,
             last_verdict=lambda camera: self.last.get(camera),
             asks=self.asks,
+            archive=lambda: self.archive.archive if self.archive is not None else None,
         )
 
     # -- the parts' state under the names other code reads ----------------------------------------

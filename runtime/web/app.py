@@ -11,7 +11,7 @@ Security model, in one place:
 * Each route names the least role allowed (operator < technician < admin); a lower role → 403.
 * A POST body is bounded before it is read (Content-Length checked, then streamed up to it) and
   validated against the route's body model before any handler runs.
-* Enrollment, recipe and user changes are written to the audit log under the route's own
+* Enrollment, recipe, label and user changes are written to the audit log under the route's own
   ``audit`` action, failures included.
 
 :data:`ROUTES` is the single route table; the tests walk it to prove every mutating route is
@@ -107,6 +107,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", f"/api/history/{_VID}", "operator", history.get_history_item),
     Route("GET", f"/api/history/{_VID}/(image|heatmap).jpg", "operator", history.get_history_image),
     Route("POST", "/api/ask", "operator", history.post_ask, body=b.AskBody),
+    Route("POST", f"/api/verdicts/{_VID}/label", "operator", history.post_label, "verdict.label", body=b.LabelBody),
+    Route("GET", f"/api/verdicts/{_VID}/labels", "operator", history.get_labels),
     Route("GET", "/api/system", "operator", station.get_system),
     Route("GET", "/api/audit", "admin", station.get_audit),
     Route("GET", "/api/users", "admin", station.get_users),

@@ -217,6 +217,12 @@ class DaemonStation(StationBase):
         writer = self.daemon.archive
         return writer.archive if writer is not None else None
 
+    def labels_archive(self, flush: bool = False) -> Any:
+        """The archive that holds verdict labels (None: none); ``flush`` writes queued verdicts first."""
+        if flush and self.daemon.archive is not None:
+            self.daemon.archive.flush(2.0)
+        return self._archive()
+
     def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
         """Newest first: the in-memory log, then the archive (which survives restarts) further back."""
         rows = self.log.query(query)

@@ -133,6 +133,14 @@ class AskBody(Body):
     conversation: Annotated[str | None, BeforeValidator(_blank_is_none), Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = None
 
 
+class LabelBody(Body):
+    """``POST /api/verdicts/<id>/label``: ``good`` or ``defect``, an optional defect type and note."""
+
+    label: Literal["good", "defect"]
+    defect_type: DefectType = None
+    note: Annotated[str | None, BeforeValidator(_blank_is_none), Field(max_length=500)] = None
+
+
 class UsersBody(Body):
     action: Literal["set", "remove"]
     name: UserName

@@ -1,4 +1,10 @@
-"""History routes (recent verdicts, their images, a CSV export) and ask (a streamed answer)."""
+"""History routes (recent verdicts, their images, a CSV export, labels on them) and ask (a streamed answer).
+
+Labels (issue 14): ``POST /api/verdicts/<id>/label`` stores a ``good``/``defect`` label in the
+daemon's archive with the logged-in user as author (``source: station``, audited as
+``verdict.label``); ``GET /api/verdicts/<id>/labels`` is its history; history rows carry ``label``
+(the current one, or null).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Any
 from starlette.responses import Response, StreamingResponse
 
 from anomalygpt_edge.runtime.delivery.archive import csv_cell
+from anomalygpt_edge.runtime.delivery.archive_labels import LabelWriteError
 from anomalygpt_edge.runtime.web.http_base import (
     SECURITY_HEADERS,
     Context,
@@ -24,7 +31,7 @@ from anomalygpt_edge.runtime.web.http_base import (
     json_answer,
     json_default,
 )
-from anomalygpt_edge.runtime.web.http_bodies import AskBody
+from anomalygpt_edge.runtime.web.http_bodies import AskBody, LabelBody
 from anomalygpt_edge.runtime.web.station import HistoryQuery
 
 log = logging.getLogger(__name__)
@@ -88,7 +95,32 @@ def history_query(ctx: Context) -> HistoryQuery:
 
 
 def get_history(ctx: Context) -> Response:
-    return json_answer(ctx.station.history(history_query(ctx)))
+    return json_answer(with_labels(ctx.station, ctx.station.history(history_query(ctx))))
+
+
+def with_labels(station: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows, each with its current ``label`` (None: unlabelled or no archive)."""
+    current = station.current_labels([r["id"] for r in rows]) if rows else {}
+    return [{**r, "label": current.get(r["id"])} for r in rows]
+
+
+def post_label(ctx: Context, vid: str) -> Response:
+    """Label one archived verdict as the logged-in user (audited as ``verdict.label``)."""
+    body: LabelBody = ctx.body
+    user, _role = ctx.user()
+
+    def store() -> Any:
+        try:
+            return ctx.station.label_verdict(vid, body.label, user, body.defect_type, body.note)
+        except LabelWriteError as exc:  # disk full, row still in memory: try again later
+            raise HttpError(503, str(exc)) from None
+
+    return json_answer(ctx.audited(vid, store, label=body.label, defect_type=body.defect_type))
+
+
+def get_labels(ctx: Context, vid: str) -> Response:
+    """Every label of one verdict, oldest first."""
+    return json_answer(ctx.station.verdict_labels(vid))
 
 
 def get_history_csv(ctx: Context) -> Response:
@@ -106,7 +138,7 @@ def get_history_csv(ctx: Context) -> Response:
 
 
 def get_history_item(ctx: Context, vid: str) -> Response:
-    return json_answer(ctx.station.history_item(vid))
+    return json_answer(with_labels(ctx.station, [ctx.station.history_item(vid)])[0])
 
 
 def get_history_image(ctx: Context, vid: str, kind: str) -> Response:

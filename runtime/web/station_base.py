@@ -19,6 +19,7 @@ import cv2
 
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.engines.preprocess import crop_roi, decode_image
+from anomalygpt_edge.runtime.delivery.archive_labels import UnknownVerdict
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller, LabelledImage
 from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore
 from anomalygpt_edge.runtime.web import enroll_ops
@@ -272,6 +273,49 @@ class StationBase:
             self.store.delete(recipe)
 
     # -- history ---------------------------------------------------------------------------------
+    def labels_archive(self, flush: bool = False) -> Any:
+        """The archive that holds verdict labels: none here (the daemon's station has one)."""
+        return None
+
+    def _labels(self, flush: bool = False) -> Any:
+        archive = self.labels_archive(flush)
+        if archive is None:
+            raise StationError("labels are kept in the line daemon's archive, and this station has none")
+        return archive
+
+    def label_verdict(
+        self, verdict_id: str, label: str, author: str, defect_type: str | None = None, note: str | None = None
+    ) -> dict[str, Any]:
+        """Label an archived verdict (``source: station``); the row, and ``image``: whether its image is kept.
+        Raises NotFoundError for an unknown id, StationError for a bad field, LabelWriteError when not stored."""
+        args = {"author": author, "source": "station", "defect_type": defect_type, "note": note}
+        try:
+            try:
+                row = self._labels().add_label(verdict_id, label, **args)
+            except UnknownVerdict:  # a verdict just shown may still wait in the archive's queue
+                row = self._labels(flush=True).add_label(verdict_id, label, **args)
+        except UnknownVerdict as exc:
+            raise NotFoundError(str(exc)) from None
+        except ValueError as exc:
+            raise StationError(str(exc)) from None
+        out: dict[str, Any] = row.to_json()
+        out["image"] = self._labels().verdict_image(verdict_id) is not None  # an unkept OK image cannot come back
+        return out
+
+    def verdict_labels(self, verdict_id: str) -> list[dict[str, Any]]:
+        """Every label of one archived verdict, oldest first."""
+        archive = self._labels()
+        if not archive.known_verdicts([verdict_id]):
+            raise NotFoundError(f"no verdict '{verdict_id}' in the archive")
+        return [x.to_json() for x in archive.label_history(verdict_id)]
+
+    def current_labels(self, verdict_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The current label of each of these verdicts that has one (none without an archive)."""
+        archive = self.labels_archive()
+        if archive is None or not verdict_ids:
+            return {}
+        return {k: v.to_json() for k, v in archive.current_labels(verdict_ids).items()}
+
     def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
         return self.log.query(query)
 

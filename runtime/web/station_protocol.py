@@ -118,6 +118,20 @@ class Station(Protocol):
     def delete_recipe(self, recipe: str) -> None:
         """Remove a recipe and its bank (cameras using it stop inspecting)."""
 
+    def labels_archive(self, flush: bool = False) -> Any:
+        """The archive that holds verdict labels (None: none); ``flush`` writes queued verdicts first."""
+
+    def label_verdict(
+        self, verdict_id: str, label: str, author: str, defect_type: str | None = None, note: str | None = None
+    ) -> dict[str, Any]:
+        """Label an archived verdict ``good``/``defect`` as ``author`` (the row, plus ``image``)."""
+
+    def verdict_labels(self, verdict_id: str) -> list[dict[str, Any]]:
+        """Every label of one archived verdict, oldest first."""
+
+    def current_labels(self, verdict_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The current label of each of these verdicts that has one."""
+
     def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
         """Recent verdict records, newest first, filtered."""
 

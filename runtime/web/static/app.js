@@ -116,11 +116,12 @@ function showLive() {
     const v = { name: cam.name, lastId: null,
       img: el("img", { alt: `camera ${cam.name}`, class: "live-frame", "data-camera": cam.name }),
       roi: el("div", { class: "roi-box", hidden: true }), heat: el("img", { alt: "heatmap", class: "live-heatmap" }),
-      badge: el("span", { class: "badge" }, "–"), info: el("div", { class: "vinfo" }), head: el("div", { class: "camhead" }) };
+      badge: el("span", { class: "badge" }, "–"), info: el("div", { class: "vinfo" }), head: el("div", { class: "camhead" }),
+      label: el("div", { class: "vlabel" }) };
     // Technicians switch the camera's recipe here (any live recipe), audited like every recipe change.
     const assign = allows("technician") ? el("div", { class: "row assign" }) : null;
     box.append(el("div", { class: "cam", id: `cam-${cam.name}` }, v.head, el("div", { class: "frame" }, v.img, v.roi),
-      el("div", { class: "verdict" }, v.heat, el("div", {}, v.badge, v.info)), assign));
+      el("div", { class: "verdict" }, v.heat, el("div", {}, v.badge, v.info, v.label)), assign));
     if (assign) fillAssign(assign, cam.name);
     views.push(v);
   }
@@ -164,6 +165,7 @@ async function updateCamera(v, c) {
     v.badge.textContent = last.verdict; v.badge.className = "badge " + last.verdict;
     v.info.replaceChildren(el("div", {}, `score ${fmt(last.score)} / threshold ${fmt(last.threshold)}`),
       el("div", {}, last.sentence), el("div", { class: "muted" }, when(last.captured_at)));
+    v.label.replaceChildren(labelButtons(last.id, null, "live", v.name));
     // Ask for this verdict's overlay by id: the camera may have moved on since.
     loadImg(v.heat, `/api/cameras/${name}/overlay.jpg?id=${last.id}`);
   }
@@ -518,10 +520,29 @@ async function loadHistory() {
     ev.currentTarget.classList.add("sel");
     showDetail(r.id);
   } }, el("td", {}, when(r.captured_at)), el("td", {}, r.camera), el("td", {}, r.recipe),
-    el("td", {}, el("span", { class: "badge " + r.verdict }, r.verdict)), el("td", {}, fmt(r.score)), el("td", {}, r.location || ""))));
-  if (!rows.length) tb.append(el("tr", {}, el("td", { colspan: 6 }, "No verdicts match.")));
+    el("td", {}, el("span", { class: "badge " + r.verdict }, r.verdict)), el("td", {}, fmt(r.score)), el("td", {}, r.location || ""),
+    el("td", {}, labelButtons(r.id, r.label, "hist")))));
+  if (!rows.length) tb.append(el("tr", {}, el("td", { colspan: 7 }, "No verdicts match.")));
 }
 $("#hist-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadHistory().catch((e) => toast(e.message)); });
+
+// Labels (good / defect) on a verdict: one click, stored in the archive with the logged-in user as
+// author. ``prefix`` names the buttons (hist-label-good-<id>, live-label-defect-<camera> ...).
+function labelText(l) { return l ? l.label + (l.defect_type ? ` (${l.defect_type})` : "") : "unlabelled"; }
+function labelButtons(id, current, prefix, key) {
+  const shown = el("span", { class: "lbl " + (current ? current.label : ""), id: `${prefix}-label-${key || id}` }, labelText(current));
+  const send = (label) => async (ev) => {
+    ev.stopPropagation();  // a click on a history row's button does not also open the row
+    try {
+      const r = await api("POST", `/api/verdicts/${id}/label`, { label });
+      shown.textContent = labelText(r); shown.className = "lbl " + r.label;
+      toast(`labelled ${r.label}` + (r.image ? "" : " (its image was not kept)"), true);
+    } catch (e) { toast(e.message); }
+  };
+  return el("span", { class: "labels" }, shown,
+    el("button", { type: "button", class: "secondary", id: `${prefix}-label-good-${key || id}`, onclick: send("good") }, "good"),
+    el("button", { type: "button", class: "secondary", id: `${prefix}-label-defect-${key || id}`, onclick: send("defect") }, "defect"));
+}
 
 function verdictCard(box, r, withAsk) {
   const img = el("img", { alt: "inspected image", class: "hist-image" });
