@@ -31,7 +31,10 @@ def _line_options(p: argparse.ArgumentParser, workdir: str, cameras: bool = True
     if cameras:
         p.add_argument("--cameras", type=int, default=1, help="video-file cameras sharing the bundle (default 1)")
     p.add_argument("--threads", type=int, default=1, help="engines.threads: ONNX Runtime threads (default 1; 0 = all)")
-    p.add_argument("--max-batch", type=int, default=8, help="engines.max_batch of the batched run (default 8)")
+    p.add_argument("--max-batch", type=int, default=1, help="engines.max_batch of the path under test (default 1)")
+    p.add_argument(
+        "--workers", default="auto", help="engines.workers of the path under test: auto or a number (default auto)"
+    )
     p.add_argument(
         "--sparkplug",
         action="store_true",
@@ -39,7 +42,7 @@ def _line_options(p: argparse.ArgumentParser, workdir: str, cameras: bool = True
     )
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="engines.max_wait_ms (default 10)")
     p.add_argument(
-        "--no-compare", dest="compare", action="store_false", help="skip the unbatched run (max_batch 1) for ratios"
+        "--no-compare", dest="compare", action="store_false", help="skip the old path (1 worker, max_batch 1) run"
     )
     p.add_argument("--workdir", type=Path, default=Path(workdir))
 
@@ -67,6 +70,9 @@ def add_bench_target(targets: argparse._SubParsersAction) -> None:
     w.add_argument("--batch-sizes", default="1,2,4,8", help="batch sizes for images/s and p99 (default 1,2,4,8)")
     w.add_argument("--batch-seconds", type=float, default=4.0, help="seconds per batch size and thread count")
     w.add_argument("--thread-counts", default="1,2", help="engines.threads values for the batch curve (default 1,2)")
+    w.add_argument(
+        "--worker-counts", default="1,2", help="concurrent loops for the workers curve (default 1,2; '' = none)"
+    )
     w.add_argument("--seconds", type=float, default=15.0, help="measured run length per point and mode (default 15)")
     w.add_argument("--triggers", type=int, default=10, help="PLC triggers per run (default 10)")
     w.add_argument("--bundle", type=Path, default=None, help="engine bundle (default: the default bundle)")

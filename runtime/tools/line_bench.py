@@ -7,9 +7,12 @@ anomalygpt_edge.runtime.tools.line_bench --subscribe ...``, its own interpreter 
 a PLC gateway) records when each verdict arrives and sends PLC triggers (round robin over the
 cameras) with correlation data.
 
-The daemon runs twice in the same bench run: micro-batched (``--max-batch``) and unbatched
-(``max_batch: 1``), each with a fresh daemon and subscriber; the figures of the batched run are
-the top-level keys, the unbatched run's are under ``unbatched`` and ``ratios`` compares them.
+The daemon runs twice in the same bench run, each with a fresh daemon and subscriber: the path
+under test (``--workers`` inspection workers per bundle queue, default ``auto``, and
+``--max-batch``, default 1) and the old path (one worker, ``max_batch: 1``). The figures of the
+path under test are the top-level keys, the old path's are under ``unbatched`` (the key kept from
+when the comparison was batched vs unbatched; ``baseline`` says what it ran) and ``ratios``
+compares them (new ÷ old). ``--no-compare`` runs the path under test alone.
 
 Figures, overall and per camera: capture→verdict-received latency p50/p99/max (the verdict's
 ``captured_at_epoch`` against the subscriber's clock: same host, same clock), sustained
@@ -119,8 +122,12 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
+#: The old path the bench compares against: one inspection worker, one job at a time.
+BASELINE = {"max_batch": 1, "workers": 1}
+
+
 def _write_config(
-    path: Path, args: argparse.Namespace, work: Path, bundle: Path, broker: Any, max_batch: int, label: str
+    path: Path, args: argparse.Namespace, work: Path, bundle: Path, broker: Any, mode: dict[str, Any], label: str
 ) -> Path:
     """The daemon's config: ``--cameras`` free-running video cameras on the enrolled recipe (YAML as JSON)."""
     names = [f"cam{i + 1}" for i in range(args.cameras)]
@@ -130,7 +137,7 @@ def _write_config(
         for n in names
     ]
     engines = {"bundle": str(bundle), "backend": args.backend, "threads": args.threads}
-    engines.update({"max_batch": max_batch, "max_wait_ms": args.max_wait_ms})
+    engines.update({"max_batch": mode["max_batch"], "max_wait_ms": args.max_wait_ms, "workers": mode["workers"]})
     path.write_text(
         json.dumps(
             {
@@ -265,13 +272,15 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path]:
     return work, bundle
 
 
-def _phase(args: argparse.Namespace, work: Path, bundle: Path, broker: Any, max_batch: int) -> dict[str, Any]:
-    """One daemon run with ``max_batch`` against a fresh subscriber process; its figures."""
+def _phase(args: argparse.Namespace, work: Path, bundle: Path, broker: Any, mode: dict[str, Any]) -> dict[str, Any]:
+    """One daemon run with ``mode`` (``max_batch``, ``workers``) against a fresh subscriber process; its figures."""
+    from anomalygpt_edge.runtime.line.batching import worker_count
     from anomalygpt_edge.runtime.line.config import load_config
     from anomalygpt_edge.runtime.line.daemon import Daemon
 
-    label = f"batch{max_batch}"
-    cfg = _write_config(work / f"bench-{label}.yaml", args, work, bundle, broker, max_batch, label)
+    max_batch = mode["max_batch"]
+    label = f"batch{max_batch}-workers{mode['workers']}"
+    cfg = _write_config(work / f"bench-{label}.yaml", args, work, bundle, broker, mode, label)
     seen = work / f"subscriber-{label}.json"
     seen.unlink(missing_ok=True)
     sub = subprocess.Popen(
@@ -300,6 +309,8 @@ def _phase(args: argparse.Namespace, work: Path, bundle: Path, broker: Any, max_
     queues = list(stats["queues"].values())
     batches = sum(q.get("batches", 0) for q in queues)
     figures["max_batch"] = max_batch
+    figures["workers"] = worker_count(mode["workers"], args.threads)
+    figures["workers_config"] = mode["workers"]
     figures["mean_batch"] = round(sum(q.get("batched_jobs", 0) for q in queues) / batches, 2) if batches else None
     figures["cpu_percent"], figures["rss_mb_peak"] = usage.cpu_percent, round(usage.rss_mb, 1)
     return figures
@@ -310,7 +321,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _compare(batched: dict[str, Any], unbatched: dict[str, Any]) -> dict[str, Any]:
-    """Batched ÷ unbatched: throughput (verdicts/s; > 1 is better) and p99 (< 1 is better)."""
+    """New ÷ old path: throughput (verdicts/s; > 1 is better) and p99 (< 1 is better)."""
     return {
         "verdicts_per_s": _ratio(batched["verdicts_per_s"], unbatched["verdicts_per_s"]),
         "share_of_frames_inspected": _ratio(
@@ -326,6 +337,7 @@ def _print_figures(figures: dict[str, Any], title: str = "") -> None:
     lt, tr = figures["latency_ms"], figures["triggers"]
     measured = f"{figures['seconds_measured']} s measured ({figures['verdicts']} verdicts)"
     cams = f"{figures['cameras']} camera(s) at {figures['fps']:g} fps, max_batch {figures['max_batch']}"
+    cams += f", {figures.get('workers', 1)} worker(s)"
     print(f"line daemon{title}: {cams}, {measured}")
     print(f"  capture -> verdict received   p50 {lt['p50']} ms   p99 {lt['p99']} ms   max {lt['max']} ms")
     print(f"  sustained verdicts/s          {figures['verdicts_per_s']}   (mean batch {figures['mean_batch']})")
@@ -342,24 +354,34 @@ def _print_figures(figures: dict[str, Any], title: str = "") -> None:
         print(f"    {camera}: p50 {lat['p50']} / p99 {lat['p99']} ms, inspected {share}, ERROR {f['error_share']}")
 
 
+def _mode(args: argparse.Namespace) -> dict[str, Any]:
+    """The path under test: ``--max-batch`` and ``--workers`` (``auto`` or a number)."""
+    workers = getattr(args, "workers", "auto")
+    return {"max_batch": args.max_batch, "workers": workers if workers == "auto" else int(workers)}
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Both runs (batched, then unbatched unless ``--max-batch 1`` or ``--no-compare``); the report."""
+    """Both runs (the path under test, then the old path unless they are the same or ``--no-compare``)."""
     import logging
 
+    from anomalygpt_edge.runtime.line.batching import worker_count
     from anomalygpt_edge.runtime.tools.local_broker import start_mosquitto
 
     logging.getLogger("anomalygpt_edge").setLevel(logging.WARNING)
+    mode = _mode(args)
+    same = mode["max_batch"] == 1 and worker_count(mode["workers"], args.threads) == 1
     work, bundle = _prepare(args)
     broker = start_mosquitto()
     try:
-        if args.max_batch == 1 or not args.compare:
-            return _phase(args, work, bundle, broker, args.max_batch)
+        if same or not args.compare:
+            return _phase(args, work, bundle, broker, mode)
         # The sweep alternates which goes first, so that a load change favours neither.
         first = getattr(args, "unbatched_first", False)
-        unbatched = _phase(args, work, bundle, broker, 1) if first else None
-        figures = _phase(args, work, bundle, broker, args.max_batch)
-        unbatched = unbatched or _phase(args, work, bundle, broker, 1)
+        unbatched = _phase(args, work, bundle, broker, BASELINE) if first else None
+        figures = _phase(args, work, bundle, broker, mode)
+        unbatched = unbatched or _phase(args, work, bundle, broker, BASELINE)
         figures["unbatched"] = unbatched
+        figures["baseline"] = dict(BASELINE)
         figures["ratios"] = _compare(figures, unbatched)
     finally:
         broker.stop()
@@ -371,14 +393,14 @@ def run(args: argparse.Namespace) -> int:
     figures = measure(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    _print_figures(figures, " (batched)" if "unbatched" in figures else "")
+    _print_figures(figures, " (path under test)" if "unbatched" in figures else "")
     if "sparkplug" in figures:
         from anomalygpt_edge.runtime.tools.sparkplug_bench import print_sparkplug
 
         print_sparkplug(figures["sparkplug"])
     if "unbatched" in figures:
-        _print_figures(figures["unbatched"], " (unbatched, max_batch 1)")
-        print("  batched / unbatched           " + ", ".join(f"{k} {v}" for k, v in figures["ratios"].items()))
+        _print_figures(figures["unbatched"], " (old path: 1 worker, max_batch 1)")
+        print("  new / old path                " + ", ".join(f"{k} {v}" for k, v in figures["ratios"].items()))
     print(json.dumps(figures))
     return 0
 

@@ -2,13 +2,17 @@
 
 Two curves:
 
-* **cameras × fps**: ``bench line`` (separate subscriber process, batched and unbatched daemons in
-  the same run) at every camera count and frame rate: p50/p99 capture→verdict, the share of
-  frames inspected, the ERROR share, the bench process's CPU % and peak RSS;
+* **cameras × fps**: ``bench line`` (separate subscriber process; the path under test, by default
+  ``engines.workers: auto`` unbatched, and the old path, one worker unbatched, in the same run) at
+  every camera count and frame rate: p50/p99 capture→verdict, the share of frames inspected, the
+  ERROR share, the bench process's CPU % and peak RSS (the keys ``batched``/``unbatched`` name the
+  two runs as before: path under test / old path);
 * **batch size**: one bundle's encoder + bank matcher through the line's batched entry
   (:func:`~anomalygpt_edge.runtime.recipes.inspector.inspect_many`) at each batch size and
   ``engines.threads`` value, interleaved round by round so that load from other processes hits
-  every size alike: images/s and p99 per batch.
+  every size alike: images/s and p99 per batch;
+* **workers**: the same recipe inspected one image at a time by 1, 2, ... concurrent loops (what
+  ``engines.workers`` runs), in blocks 1, 2, 2, 1: images/s and per-image p50/p99.
 
 Plots are drawn with OpenCV (no plotting library is a dependency); every figure is in
 ``sweep.json`` next to them.
@@ -75,6 +79,8 @@ def batch_curve(
     """
     from anomalygpt_edge.runtime.recipes.inspector import inspect_many
 
+    if not sizes:
+        return []  # --batch-sizes "": the camera curve only
     inspectors = {t: _inspector(bundle, store, args.backend, t) for t in threads}
     for inspector in inspectors.values():
         inspect_many([(inspector, images[0], "warm-up")] * max(sizes))
@@ -107,6 +113,57 @@ def batch_curve(
     return rows
 
 
+def workers_curve(
+    bundle: Path, store: Path, images: list[np.ndarray], counts: list[int], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """images/s and per-image p50/p99 of ``n`` loops sharing one inspector, one image at a time each.
+
+    Each loop is what one inspection worker runs (``inspect_many`` of one job on single-thread
+    ONNX Runtime sessions shared by the loops). Counts run in blocks, in the order 1, 2, 2, 1.
+    """
+    import threading
+
+    from anomalygpt_edge.runtime.recipes.inspector import inspect_many
+
+    if not counts:
+        return []
+    inspector = _inspector(bundle, store, args.backend, 1)
+    inspect_many([(inspector, images[0], "warm-up")])
+    done: dict[int, list[float]] = {n: [] for n in counts}
+    elapsed: dict[int, float] = dict.fromkeys(counts, 0.0)
+    for n in [*counts, *reversed(counts)]:
+        end = time.monotonic() + args.batch_seconds
+
+        def loop(k: int, n: int = n, end: float = end) -> None:
+            i = k
+            while time.monotonic() < end:
+                t0 = time.perf_counter()
+                inspect_many([(inspector, images[i % len(images)], f"img{i}")])
+                done[n].append(time.perf_counter() - t0)
+                i += n
+
+        loops = [threading.Thread(target=loop, args=(k,), name=f"curve-{k}") for k in range(n)]
+        t0 = time.monotonic()
+        for t in loops:
+            t.start()
+        for t in loops:
+            t.join()
+        elapsed[n] += time.monotonic() - t0
+    rows = []
+    for n, seconds in done.items():
+        ms = [v * 1e3 for v in seconds]
+        rows.append(
+            {
+                "workers": n,
+                "images": len(ms),
+                "images_per_s": round(len(ms) / elapsed[n], 1),
+                "image_ms_p50": _pct(ms, 50),
+                "image_ms_p99": _pct(ms, 99),
+            }
+        )
+    return rows
+
+
 # -- cameras x fps ------------------------------------------------------------------------------
 def _point(args: argparse.Namespace, cameras: int, fps: float, first: bool = False) -> dict[str, Any]:
     """``bench line`` at one camera count and rate; the summary of both modes and their ratios."""
@@ -114,9 +171,9 @@ def _point(args: argparse.Namespace, cameras: int, fps: float, first: bool = Fal
 
     ns = argparse.Namespace(**{**vars(args), "cameras": cameras, "fps": fps, "unbatched_first": first})
     figures = line_bench.measure(ns)
-    line_bench._print_figures(figures, " (batched)")
+    line_bench._print_figures(figures, " (path under test)")
     keep = ("latency_ms", "verdicts_per_s", "share_of_frames_inspected", "error_share", "errors_free_run",
-            "errors_triggered", "cpu_percent", "rss_mb_peak", "mean_batch", "max_batch", "triggers",
+            "errors_triggered", "cpu_percent", "rss_mb_peak", "mean_batch", "max_batch", "workers", "triggers",
             "load_average_1m")  # fmt: skip
     point: dict[str, Any] = {"cameras": cameras, "fps": fps, "batched": {k: figures.get(k) for k in keep}}
     if "unbatched" in figures:
@@ -167,6 +224,11 @@ def chart(
     return path
 
 
+def _mode_label(figures: dict[str, Any]) -> str:
+    """What one run was: its workers per queue and batch bound."""
+    return f"workers {figures.get('workers') or 1}, batch {figures.get('max_batch') or 1}"
+
+
 def _series(points: list[dict[str, Any]], value: Any, modes: tuple[str, ...] = ("batched", "unbatched")) -> list:
     """One series per (fps, mode): x = cameras, y = ``value(mode figures)``."""
     out = []
@@ -174,11 +236,14 @@ def _series(points: list[dict[str, Any]], value: Any, modes: tuple[str, ...] = (
         for mode in modes:
             pts = [p for p in points if p["fps"] == fps and mode in p]
             if pts:
-                out.append((f"{fps:g} fps {mode}", [p["cameras"] for p in pts], [value(p[mode]) for p in pts]))
+                label = f"{fps:g} fps, {_mode_label(pts[0][mode])}"
+                out.append((label, [p["cameras"] for p in pts], [value(p[mode]) for p in pts]))
     return out
 
 
-def plots(out: Path, points: list[dict[str, Any]], curve: list[dict[str, Any]]) -> list[str]:
+def plots(
+    out: Path, points: list[dict[str, Any]], curve: list[dict[str, Any]], workers: list[dict[str, Any]] | None = None
+) -> list[str]:
     """Every PNG of the report; returns their paths."""
     p99 = _series(points, lambda f: f["latency_ms"]["p99"])
     p50 = _series(points, lambda f: f["latency_ms"]["p50"])
@@ -201,10 +266,16 @@ def plots(out: Path, points: list[dict[str, Any]], curve: list[dict[str, Any]]) 
         chart(out / "images_per_s_vs_batch.png", "encoder+matcher images/s", "batch size", "images/s", ips),
         chart(out / "batch_p99_vs_batch.png", "p99 of one batch", "batch size", "ms", bp99),
     ]
+    if workers:
+        xs = [r["workers"] for r in workers]
+        series = [("images/s", xs, [r["images_per_s"] for r in workers])]
+        paths.append(chart(out / "images_per_s_vs_workers.png", "images/s, one at a time", "workers", "/s", series))
     return [str(p) for p in paths]
 
 
-def _print_tables(points: list[dict[str, Any]], curve: list[dict[str, Any]]) -> None:
+def _print_tables(
+    points: list[dict[str, Any]], curve: list[dict[str, Any]], workers: list[dict[str, Any]] | None = None
+) -> None:
     """The tables BENCHMARKS.md quotes."""
     print("| cameras | fps | mode | p50 ms | p99 ms | inspected | ERROR | verdicts/s | mean batch | CPU % | RSS MB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -215,11 +286,17 @@ def _print_tables(points: list[dict[str, Any]], curve: list[dict[str, Any]]) -> 
             f, lat = p[mode], p[mode]["latency_ms"]
             share = f"{100 * (f['share_of_frames_inspected'] or 0):.1f} %"
             err = f"{100 * (f['error_share'] or 0):.1f} %"
-            print(f"| {p['cameras']} | {p['fps']:g} | {mode} | {lat['p50']} | {lat['p99']} | {share} | {err} | "
+            mode_label = _mode_label(f)
+            print(f"| {p['cameras']} | {p['fps']:g} | {mode_label} | {lat['p50']} | {lat['p99']} | {share} | {err} | "
                   f"{f['verdicts_per_s']} | {f['mean_batch']} | {f['cpu_percent']} | {f['rss_mb_peak']} |")  # fmt: skip
         if "ratios" in p:
-            print(f"|  |  | batched/unbatched | | p99 x{p['ratios']['latency_p99']} | | | "
+            print(f"|  |  | new/old | | p99 x{p['ratios']['latency_p99']} | | | "
                   f"x{p['ratios']['verdicts_per_s']} | | | |")  # fmt: skip
+    if workers:
+        print("\n| workers | images/s | image p50 ms | image p99 ms |")
+        print("| --- | --- | --- | --- |")
+        for r in workers:
+            print(f"| {r['workers']} | {r['images_per_s']} | {r['image_ms_p50']} | {r['image_ms_p99']} |")
     print("\n| threads | batch | images/s | batch p50 ms | batch p99 ms |")
     print("| --- | --- | --- | --- | --- |")
     for r in curve:
@@ -252,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
     images = synthetic.read_video_frames(work / "line.avi")[:16]
     started, busy = time.time(), busy_processes()
     curve = batch_curve(bundle, work / "store", images, _ints(args.batch_sizes), _ints(args.thread_counts), args)
+    workers = workers_curve(bundle, work / "store", images, _ints(getattr(args, "worker_counts", "")), args)
     grid = [(n, fps) for fps in _floats(args.fps_list) for n in _ints(args.camera_counts)]
     points = [_point(args, n, fps, first=i % 2 == 1) for i, (n, fps) in enumerate(grid)]
     report: dict[str, Any] = {
@@ -262,10 +340,11 @@ def run(args: argparse.Namespace) -> int:
         "busy_processes_start": busy,
         "busy_processes_end": busy_processes(),
         "batch_curve": curve,
+        "workers_curve": workers,
         "points": points,
     }
-    report["plots"] = drawn = plots(out, points, curve)
+    report["plots"] = drawn = plots(out, points, curve, workers)
     (out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
-    _print_tables(points, curve)
+    _print_tables(points, curve, workers)
     print(f"report: {out / 'sweep.json'} and {len(drawn)} plots")
     return 0
