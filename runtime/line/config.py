@@ -31,6 +31,7 @@ from anomalygpt_edge.runtime.cameras.base import CameraConfig, camera_config_uni
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig, TlsConfig
 from anomalygpt_edge.runtime.delivery.sparkplug_config import SparkplugConfig
 from anomalygpt_edge.runtime.line.config_yaml import ConfigError, config_error, read_yaml
+from anomalygpt_edge.runtime.line.drift_watch import DriftConfig
 from anomalygpt_edge.runtime.line.station_config import StationConfig
 from anomalygpt_edge.runtime.values import (
     ConfigPath,
@@ -230,6 +231,7 @@ class DaemonConfig(_Section):
     health: HealthConfig = Field(default_factory=HealthConfig)
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)  # the drift watch (runtime/line/drift_watch.py)
     sparkplug: SparkplugConfig | None = None  # Sparkplug B 3.0 Edge Node beside the JSON topics
     station: StationConfig | None = None  # the technician page, served by `run --config` beside the daemon
     _source: str = PrivateAttr("<config>")

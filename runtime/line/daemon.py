@@ -58,6 +58,7 @@ from anomalygpt_edge.runtime.line.asks import AskBook
 from anomalygpt_edge.runtime.line.commands import CommandCenter
 from anomalygpt_edge.runtime.line.config import DaemonConfig, MqttConfig, RecipeBinding
 from anomalygpt_edge.runtime.line.deadline import DeadlineWatchdog
+from anomalygpt_edge.runtime.line.drift_watch import DriftWatches
 from anomalygpt_edge.runtime.line.folder_watch import FolderWatcher
 from anomalygpt_edge.runtime.line.inspection_worker import InspectionWorker
 from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
@@ -104,6 +105,7 @@ class Daemon:
         self.supervisor = Supervisor(self.health)
         self.slots = RecipeSlots(config, RecipeStore(config.storage.store), on_change=self.announce)
         self.storage = LineStorage(config.storage, self.health.error)
+        self.drift = DriftWatches(config.drift, self.slots)  # fed by the publisher, read by status and /metrics
         self.board: TriggerBoard | None = None
         self.publisher: VerdictPublisher | None = None
         self.asks = AskBook()
@@ -118,6 +120,7 @@ class Daemon:
             link=lambda: self.link,
             queues=lambda: self.queues,
             started_at=self.started_at,
+            drift=self.drift,
         )
         self.commands = CommandCenter(
             config,
@@ -266,6 +269,7 @@ class Daemon:
             verdict_listeners=self.verdict_listeners,
             explanation_listeners=self.explanation_listeners,
             sparkplug=self.sparkplug,
+            drift=self.drift,
         )
         self._connect(mqtt_wait_s)
         if self.sparkplug is not None:
@@ -359,6 +363,7 @@ class Daemon:
         if storage.disk is not None:
             health.add_source("disk", storage.disk.stats)
         health.add_source("queues", self.report.queue_depths)
+        health.add_source("drift", self.drift.states)  # per camera: Prometheus anomalygpt_edge_drift_* gauges
         # For Prometheus (anomalygpt_edge_condition_degraded) and /healthz: the status's state as numbers.
         health.add_source("condition", self.report.condition)
         # Threads that do not tick: a dead one stops the systemd watchdog pings just the same.
@@ -446,6 +451,10 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """The retained status document (published on connect and whenever a camera or recipe changes)."""
         return self.report.status()
+
+    def drift_states(self) -> dict[str, dict[str, Any]]:
+        """Camera -> its recipe's drift watch state (runtime/line/drift_watch.py), message included."""
+        return self.drift.states()
 
     def problems(self) -> list[str]:
         """Why the daemon is ``degraded`` (empty when all is well)."""

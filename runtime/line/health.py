@@ -8,7 +8,8 @@ notifications.
 * :class:`MetricsServer` serves the same snapshot as Prometheus text exposition on ``/metrics``
   (and ``/healthz``) from ``http.server`` on a configurable bind address; off unless configured.
   The text is prometheus_client's: a custom collector (:class:`SnapshotCollector`) turns the
-  snapshot into metric families at scrape time, in a registry of the server's own.
+  snapshot into metric families at scrape time, in a registry of the server's own. The drift
+  watch's source (``drift``) becomes gauges per camera and recipe (``drift_watch.drift_families``).
 * :class:`SystemdNotifier` speaks the ``sd_notify`` datagram protocol on ``$NOTIFY_SOCKET``
   (``READY=1``, ``STATUS=…``, ``WATCHDOG=1``, ``STOPPING=1``) with :mod:`socket`: no libsystemd
   binding to install, and a no-op when not started by systemd.
@@ -39,6 +40,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from anomalygpt_edge.runtime.line.drift_watch import drift_families
 from anomalygpt_edge.runtime.line.states import CAMERA_SERVING
 
 log = logging.getLogger(__name__)
@@ -217,7 +219,7 @@ class Health:
 CAMERA_UP_STATES: frozenset[str] = CAMERA_SERVING
 
 #: Top-level snapshot keys that are not sources of ``<source>_<field>`` gauges.
-_NOT_SOURCES = frozenset({"cameras", "queues", "last_error"})
+_NOT_SOURCES = frozenset({"cameras", "queues", "last_error", "drift"})
 
 
 def _metric_name(*parts: str) -> str:
@@ -308,9 +310,9 @@ def _source_families(snapshot: Mapping[str, Any], taken: set[str]) -> list[Metri
 
 
 def metric_families(snapshot: Mapping[str, Any]) -> list[Metric]:
-    """The snapshot as Prometheus metric families: daemon, per-camera (label ``camera``), sources."""
+    """The snapshot as Prometheus metric families: daemon, per-camera (label ``camera``), drift, sources."""
     cams: Mapping[str, Mapping[str, Any]] = snapshot.get("cameras") or {}
-    families = _daemon_families(snapshot) + _camera_families(cams)
+    families = _daemon_families(snapshot) + _camera_families(cams) + drift_families(snapshot.get("drift"))
     taken = {f.name for f in families} | {f.name + "_total" for f in families if f.type == "counter"}
     return families + _source_families(snapshot, taken)
 

@@ -4,6 +4,8 @@ The retained status (published on connect, on every camera or recipe change, and
 says ``starting`` while the engines warm up (before READY=1), then ``degraded`` whenever
 :meth:`StatusReport.problems` is not empty: a sender that cannot spool,
 a full disk, a store moved aside, a dead or restarted thread, a camera whose recipe cannot inspect.
+``warnings`` (the drift watch's plain words, see ``drift_watch.py``) do not make it ``degraded``:
+the daemon works, the parts changed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from anomalygpt_edge.runtime.line.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from anomalygpt_edge.runtime.line.config import DaemonConfig
+    from anomalygpt_edge.runtime.line.drift_watch import DriftWatches
 
 
 class StatusReport:
@@ -43,6 +46,7 @@ class StatusReport:
         link: Callable[[], Link | None],
         queues: Callable[[], Mapping[Path, WorkQueue]],
         started_at: float,
+        drift: DriftWatches | None = None,
     ):
         self.config = config
         self.slots = slots
@@ -54,6 +58,7 @@ class StatusReport:
         self.link = link
         self.queues = queues
         self.started_at = started_at
+        self.drift = drift  # the drift watch: a ``drift`` object per camera and plain-words ``warnings``
 
     def status(self) -> dict[str, Any]:
         """The retained status document (published on connect and whenever a camera or recipe changes)."""
@@ -61,14 +66,17 @@ class StatusReport:
         # Until the engines are warmed up (before READY=1) the daemon is not serving parts yet.
         state: DaemonState = "starting" if not self.slots.warmed.is_set() else "degraded" if problems else "online"
         pipelines = self.slots.pipelines
+        drift = self.drift.states() if self.drift is not None else {}
         base = {
             "schema": STATUS_SCHEMA,
             "state": state,
             "problems": problems,
+            # Not problems (the daemon works): what the line should look at, in plain words (drift).
+            "warnings": self.drift.warnings(drift) if self.drift is not None else [],
             "device": self.config.device_id,
             "version": anomalygpt_edge.__version__,
             "started_at": iso(self.started_at),
-            "cameras": {name: self._camera(name) for name in self.config.cameras},
+            "cameras": {name: {**self._camera(name), "drift": drift.get(name)} for name in self.config.cameras},
             "recipes": self.slots.store.names(),
             "bundles": [
                 {"path": str(k), "sha256": b.sha256, "engine_backend": pipelines[k].encoder.describe()}

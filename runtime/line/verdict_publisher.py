@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from anomalygpt_edge.runtime.delivery.archive import ArchiveWriter
     from anomalygpt_edge.runtime.explain.explainer import ExplanationWorker
     from anomalygpt_edge.runtime.line.config import DaemonConfig
+    from anomalygpt_edge.runtime.line.drift_watch import DriftWatches
 
 log = logging.getLogger(__name__)
 VerdictListener = Callable[[Job, str, Verdict, dict, "np.ndarray | None"], None]
@@ -63,6 +64,7 @@ class VerdictPublisher:
         verdict_listeners: list[VerdictListener] | None = None,
         explanation_listeners: list[ExplanationListener] | None = None,
         sparkplug: Any = None,
+        drift: DriftWatches | None = None,
     ):
         self.config = config
         self.link = link
@@ -74,6 +76,7 @@ class VerdictPublisher:
         self.verdict_listeners = verdict_listeners if verdict_listeners is not None else []
         self.explanation_listeners = explanation_listeners if explanation_listeners is not None else []
         self.sparkplug = sparkplug  # the Sparkplug B Edge Node (None without a sparkplug section)
+        self.drift = drift  # the drift watch, fed every verdict (O(1), never raises)
         self.last: dict[str, tuple[str, Verdict]] = {}  # camera -> (verdict id, verdict), for `ask`
 
     # -- answering -------------------------------------------------------------------------------
@@ -160,6 +163,8 @@ class VerdictPublisher:
         if self.sparkplug is not None:  # the same verdict as DDATA (only queued: spooled on the node's sender)
             self.sparkplug.publish_verdict(job.camera, vid, msg)
         self.last[job.camera] = (vid, verdict)
+        if self.drift is not None:
+            self.drift.observe(job.camera, verdict)
         try:
             self._after_verdict(job, vid, verdict, msg, self._roi_image(job.camera, verdict, image))
         except Exception as exc:  # heatmap/archive/listeners: the answer is already on its way

@@ -1,0 +1,121 @@
+"""The drift watch on a real daemon: good parts through a watched folder leave it quiet; the same
+parts slightly out of focus (a lens drifting) still pass, score higher, and the retained status
+heartbeat (real mosquitto) and ``/metrics`` say so in plain words, while the daemon stays online;
+a recipe switch starts the watch over."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
+    Subscriber,
+    broker_fixture,
+    line_fixture,
+    topic_is,
+    write_config,
+)
+
+from anomalygpt_edge.runtime.line.config import load_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
+from anomalygpt_edge.runtime.tools import synthetic
+from anomalygpt_edge.runtime.tools.local_broker import LocalBroker
+
+DRIFT = "good parts score higher than at enrollment"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _defocused(image: np.ndarray) -> np.ndarray:
+    """The part as a slowly defocusing lens sees it: 70 % of a 3x3 Gaussian blur."""
+    return cv2.addWeighted(image, 0.3, cv2.GaussianBlur(image, (3, 3), 0), 0.7, 0)
+
+
+def _drop(inbox: Path, name: str, image: np.ndarray) -> None:
+    tmp = inbox / f".{name}.tmp.png"
+    cv2.imwrite(str(tmp), image)
+    tmp.rename(inbox / f"{name}.png")
+
+
+def _status_of(sub: Subscriber, pred: Any, timeout: float = 30.0) -> dict[str, Any]:
+    return sub.wait_for(lambda m: m.topic.endswith("/status") and pred(m.json()), timeout=timeout)[0].json()
+
+
+def test_drifting_parts_are_named_in_the_status_heartbeat_and_metrics(
+    tmp_path: Path, broker: LocalBroker, line: dict
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    port = _free_port()
+    cameras = {"inbox": {"type": "image_folder", "source": str(inbox)}}
+    recipes = [{"camera": "inbox", "recipe": "bracket", "trigger": "folder_watch", "deadline_ms": 5000}]
+    cfg_path = write_config(tmp_path / "d.yaml", broker, cameras, recipes, line["store"], line["bundle"], device="dw")
+    cfg = json.loads(cfg_path.read_text())
+    cfg["health"] = {"heartbeat_s": 0.5, "metrics_bind": f"127.0.0.1:{port}"}
+    cfg["drift"] = {"window_parts": 16, "min_parts": 8}
+    cfg_path.write_text(json.dumps(cfg))
+    synthetic.write_golden_video(tmp_path / "more.avi", 16, seed=3)  # good parts the recipe never saw
+    parts = synthetic.read_video_frames(tmp_path / "more.avi")
+    sub = Subscriber(broker, ["anomalygpt/dw/#"])
+    daemon = Daemon(load_config(cfg_path)).start()
+    try:
+        for i, part in enumerate(parts[:10]):
+            _drop(inbox, f"good-{i}", part)
+        sub.wait_for(topic_is("/inbox/verdict"), count=10, timeout=60)
+        quiet = _status_of(sub, lambda s: (s["cameras"]["inbox"].get("drift") or {}).get("passed_parts", 0) >= 10)
+        for i, part in enumerate(parts):
+            _drop(inbox, f"blurred-{i}", _defocused(part))
+        sub.wait_for(topic_is("/inbox/verdict"), count=26, timeout=90)
+        loud = _status_of(sub, lambda s: any(DRIFT in w for w in s.get("warnings", [])))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        states = daemon.drift_states()
+        daemon.switch_recipe("inbox", "bracket")  # a reload: a new inspector, the watch starts over
+        after_switch = daemon.drift_states()
+    finally:
+        daemon.stop()
+        sub.close()
+    assert quiet["warnings"] == [] and quiet["cameras"]["inbox"]["drift"]["message"] is None
+    assert quiet["cameras"]["inbox"]["drift"]["drifting"] is False
+    drift = loud["cameras"]["inbox"]["drift"]
+    assert drift["recipe"] == "bracket" and drift["drifting"] is True
+    assert drift["message"].startswith(f"recipe bracket: {DRIFT}")
+    assert "expected false rejects now ≈" in drift["message"]
+    assert loud["warnings"][0].startswith(f"camera inbox: recipe bracket: {DRIFT}")
+    assert loud["state"] == "online"  # the daemon works: drift is a warning, not a problem
+    assert 'anomalygpt_edge_drift_flag{camera="inbox",recipe="bracket"} 1.0' in metrics
+    assert 'anomalygpt_edge_expected_false_reject_rate{camera="inbox",recipe="bracket"}' in metrics
+    assert 'anomalygpt_edge_drift_auc{camera="inbox",recipe="bracket"}' in metrics
+    assert states["inbox"]["drifting"] is True
+    assert after_switch == {}
+
+
+def test_drift_watch_off_says_nothing(tmp_path: Path, broker: LocalBroker, line: dict) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    cameras = {"inbox": {"type": "image_folder", "source": str(inbox)}}
+    recipes = [{"camera": "inbox", "recipe": "bracket", "trigger": "folder_watch", "deadline_ms": 5000}]
+    cfg_path = write_config(tmp_path / "o.yaml", broker, cameras, recipes, line["store"], line["bundle"], device="do")
+    cfg = json.loads(cfg_path.read_text())
+    cfg["drift"] = {"enabled": False}
+    cfg_path.write_text(json.dumps(cfg))
+    sub = Subscriber(broker, ["anomalygpt/do/#"])
+    daemon = Daemon(load_config(cfg_path)).start()
+    try:
+        _drop(inbox, "blurred", _defocused(synthetic.read_video_frames(line["golden"])[0]))
+        sub.wait_for(topic_is("/inbox/verdict"), timeout=60)
+        status = daemon.status()
+    finally:
+        daemon.stop()
+        sub.close()
+    assert status["warnings"] == [] and status["cameras"]["inbox"]["drift"] is None
+    assert daemon.drift_states() == {}
