@@ -8,6 +8,8 @@ Reuses the browser, the PKI and the daemon fixtures of ``test_web_browser.py`` /
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import ssl
 from pathlib import Path
@@ -109,3 +111,5 @@ def test_an_operator_labels_verdicts_in_history_and_on_the_live_page(
     history = api.get(f"/api/verdicts/{vid}/labels").json()
     assert [(x["label"], x["author"], x["source"]) for x in history][-1] == ("good", "otto", "station")
     assert api.get(f"/api/history/{vid}").json()["label"]["label"] == "good"
+    table = {r["id"]: r for r in csv.DictReader(io.StringIO(api.get("/api/history.csv?limit=1000").body.decode()))}
+    assert table[vid]["label"] == "good", "the CSV export carries the current label"

@@ -52,6 +52,8 @@ CSV_COLUMNS = (
     "frame_seq",
     "latency_ms",
     "reason",
+    "label",
+    "defect_type",
 )
 
 
@@ -125,12 +127,13 @@ def get_labels(ctx: Context, vid: str) -> Response:
 
 def get_history_csv(ctx: Context) -> Response:
     """The filtered history as a CSV download (cells a spreadsheet would run as formulas are quoted)."""
-    rows = ctx.station.history(history_query(ctx))
+    rows = with_labels(ctx.station, ctx.station.history(history_query(ctx)))
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(CSV_COLUMNS)
     for r in rows:
         values = {**r, "regions": len(r.get("regions") or []), "latency_ms": (r.get("latency_ms") or {}).get("total")}
+        values |= {k: (r["label"] or {}).get(k) for k in ("label", "defect_type")}  # the current label
         w.writerow([csv_cell(values.get(c)) for c in CSV_COLUMNS])
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     disposition = {"Content-Disposition": f'attachment; filename="verdicts-{stamp}.csv"'}
