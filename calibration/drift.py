@@ -40,7 +40,8 @@ per-look error rate chosen for "no false alarm in 1,000 parts"; see ``BENCHMARKS
 ``drifting`` is true once the window holds at least ``min_parts`` passed parts and either statistic
 is above its band. Both are updated in O(1) (O(log k) for the rank) per part: each window entry
 keeps its own count of goldens below it and whether it is above the reference, so adding and
-evicting a part adjusts two running sums; the bands for every window size are tabulated once.
+evicting a part adjusts two running sums; each window size's band is tabulated the first time
+the window reaches it (O(size) numpy work, once).
 
 **Expected false rejects now** (the figure in the message): a location-shift model. The shift is
 the median of the passed-part window minus the median of the truncated goldens (medians survive
@@ -81,7 +82,7 @@ import numpy as np
 #: Quantile of the goldens whose exceedance share is watched.
 REFERENCE_Q = 0.95
 DEFECT_LABELS = frozenset({"defect"})
-#: Largest window: the bands are tabulated for every size up to it (O(window²) once per recipe).
+#: Largest window (parts): bands are tabulated per window size, lazily (see :class:`_Bands`).
 MAX_WINDOW = 5000
 
 
@@ -167,9 +168,22 @@ def _upper_count(log_pmf: np.ndarray, alpha: float) -> int:
     return int(ok[0]) if ok.size else len(pmf)
 
 
-def _bands(n_max: int, a: float, b: float, alpha: float) -> list[int]:
-    """For n = 0..n_max, the smallest count c with P(N >= c) <= alpha, N ~ Beta-binomial(n, a, b)."""
-    return [1] + [_upper_count(_log_betabinom_pmf(n, a, b), alpha) for n in range(1, n_max + 1)]
+class _Bands:
+    """For each size n, the smallest count c with P(N >= c) <= alpha, N ~ Beta-binomial(n, a, b).
+
+    Tabulated lazily, each size once (O(n) numpy work the first time a window reaches size n), so a
+    new watch costs nothing up front on the verdict path and a growing window pays one size per part.
+    """
+
+    def __init__(self, a: float, b: float, alpha: float):
+        self.a, self.b, self.alpha = a, b, alpha
+        self._counts: dict[int, int] = {0: 1}
+
+    def __getitem__(self, n: int) -> int:
+        count = self._counts.get(n)
+        if count is None:
+            count = self._counts[n] = _upper_count(_log_betabinom_pmf(n, self.a, self.b), self.alpha)
+        return count
 
 
 def _tail_frr(threshold: float, golden: np.ndarray, shift: float = 0.0) -> float | None:
@@ -201,18 +215,17 @@ class DriftWatch:
         self.golden = np.sort(g[g <= self.threshold])  # truncated as the passed-part window is
         self.k = int(self.golden.size)
         self.expected_reject_rate = expected_reject_rate
-        w = self.settings.window_parts
         if self.k >= 2:
             self._r = min(self.k, math.ceil(REFERENCE_Q * (self.k + 1)))
             self.reference = float(self.golden[self._r - 1])
             a, b = self.k - self._r + 1, self._r
             self.share_expected = a / (a + b)
-            self._share_bands = _bands(w, a, b, self.settings.alpha_share)
+            self._share_bands: _Bands | None = _Bands(a, b, self.settings.alpha_share)
         else:  # nothing to compare with: the watch only counts
-            self._r, self.reference, self.share_expected, self._share_bands = 0, math.inf, 0.0, []
+            self._r, self.reference, self.share_expected, self._share_bands = 0, math.inf, 0.0, None
         # The threshold sits above r_t of the k goldens: P(good part > threshold) <= Beta(k-r_t+1, r_t).
         r_t, k_all = int(np.sum(g <= self.threshold)), int(g.size)
-        self._rate_bands = _bands(w, k_all - r_t + 1, r_t, self.settings.alpha_rate) if r_t >= 1 else None
+        self._rate_bands = _Bands(k_all - r_t + 1, r_t, self.settings.alpha_rate) if r_t >= 1 else None
         self.rate_allowed = (k_all - r_t + 1) / (k_all + 1) if r_t >= 1 else None
         self._lock = threading.Lock()
         self._passed: deque[tuple[float, float, int, bool]] = deque()  # (at, score, goldens below, above ref)
@@ -287,7 +300,7 @@ class DriftWatch:
     def _score_drift(self) -> tuple[bool, float | None, float | None, float | None, float | None]:
         """(drifting, share, share band, auc, auc band) of the current window; lock held."""
         m = len(self._passed)
-        if self.k < 2 or m == 0:
+        if self._share_bands is None or m == 0:
             return False, None, None, None, None
         share = self._above / m
         share_band = self._share_bands[m] / m

@@ -4,8 +4,8 @@ Fed from the verdict path (:class:`VerdictPublisher`, every published verdict, o
 worker): O(1) amortised per part under one lock, no thread, and it never raises into the verdict
 path. A camera's watch is rebuilt the first verdict after its inspector changed (a recipe switch,
 a re-enrollment or a reload gives a new :class:`Inspector`): the watch compares the parts with the
-goldens *of the recipe that judged them*, so the windows start empty then. Building one tabulates
-its bands (a few milliseconds for the default 200-part window; about 0.1 s for the largest, 5,000).
+goldens *of the recipe that judged them*, so the windows start empty then. A new watch costs
+nothing up front: its bands are tabulated one window size at a time as the window fills.
 
 Read by the status document (a ``drift`` object per camera, the plain-words ``warnings`` list), by
 the heartbeat's ``drift`` source (Prometheus gauges per camera and recipe, see ``health.py``) and
@@ -95,7 +95,7 @@ class DriftWatches:
             held = self._watches.get(camera)
             if held is not None and held[0] is inspector:
                 return held[1]
-        watch = watch_for(inspector, self.settings)  # outside the lock: it tabulates its bands
+        watch = watch_for(inspector, self.settings)
         with self._lock:
             self._watches[camera] = (inspector, watch)
         return watch
