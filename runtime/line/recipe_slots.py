@@ -250,8 +250,9 @@ class RecipeSlots:
         """
         if not self.store.exists(recipe):
             raise RecipeError(f"unknown recipe '{recipe}'; recipes: {', '.join(self.store.names()) or 'none'}")
-        was = self.store.load(recipe)
-        live = self.store.rollback(recipe, to_version)
+        with self.store.writer(recipe):  # re-entrant: what was live and what is now, read under one lock
+            was = self.store.load(recipe)
+            live = self.store.rollback(recipe, to_version)
         cameras = sorted(c for c, name in list(self.recipe_names.items()) if name == recipe)
         change = {
             "recipe": recipe,
