@@ -79,6 +79,7 @@ def test_drifting_parts_are_named_in_the_status_heartbeat_and_metrics(
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             metrics = resp.read().decode()
         states = daemon.drift_states()
+        labelled = daemon.drift.on_label("inbox", "good", "OK")  # the label path's hook
         daemon.switch_recipe("inbox", "bracket")  # a reload: a new inspector, the watch starts over
         after_switch = daemon.drift_states()
     finally:
@@ -96,6 +97,7 @@ def test_drifting_parts_are_named_in_the_status_heartbeat_and_metrics(
     assert 'anomalygpt_edge_expected_false_reject_rate{camera="inbox",recipe="bracket"}' in metrics
     assert 'anomalygpt_edge_drift_auc{camera="inbox",recipe="bracket"}' in metrics
     assert states["inbox"]["drifting"] is True
+    assert labelled == 1 and daemon.drift.on_label("bracket", "good", "OK") == 0  # the watch started over
     assert after_switch == {}
 
 

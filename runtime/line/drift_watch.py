@@ -113,8 +113,7 @@ class DriftWatches:
 
     def on_label(self, camera_or_recipe: str, label: str, verdict: str, at: float | None = None) -> int:
         """A technician's label for a verdict, given to the watches of that camera or recipe; how many took it."""
-        with self._lock:
-            watches = [w for cam, (_, w) in self._watches.items() if camera_or_recipe in (cam, w.name)]
+        watches = [w for cam, w in self._live().items() if camera_or_recipe in (cam, w.name)]
         for watch in watches:
             watch.observe_label(label, verdict, at)
         return len(watches)
@@ -123,12 +122,17 @@ class DriftWatches:
         """Camera -> ``{"recipe": name, **DriftState}`` for every camera whose live recipe has judged a part."""
         if not self.config.enabled:
             return {}
+        return {cam: {"recipe": w.name, **w.state().to_json()} for cam, w in sorted(self._live().items())}
+
+    def _live(self) -> dict[str, DriftWatch]:
+        """Camera -> its watch, for the cameras whose inspector is still the one the watch was built for.
+
+        A watch whose inspector was replaced (switch, re-enrollment) judged the previous recipe: it
+        is neither shown nor labelled; the camera's next verdict starts the new one.
+        """
         with self._lock:
             held = dict(self._watches)
-        # A watch whose inspector was replaced (switch, re-enrollment) judged the previous recipe:
-        # it is not shown; the camera's next verdict starts the new one.
-        live = {cam: w for cam, (insp, w) in held.items() if self.slots.current(cam)[0] is insp}
-        return {cam: {"recipe": w.name, **w.state().to_json()} for cam, w in sorted(live.items())}
+        return {cam: w for cam, (insp, w) in held.items() if self.slots.current(cam)[0] is insp}
 
     def warnings(self, states: dict[str, dict[str, Any]] | None = None) -> list[str]:
         """The plain words of every flagged watch, naming the camera."""
