@@ -263,9 +263,10 @@ def plots(
         chart(out / "errors_vs_cameras.png", "ERROR verdicts", "cameras", "% of verdicts", errors),
         chart(out / "cpu_vs_cameras.png", "bench process CPU (100 = one core)", "cameras", "%", cpu),
         chart(out / "rss_vs_cameras.png", "bench process peak RSS", "cameras", "MB", rss),
-        chart(out / "images_per_s_vs_batch.png", "encoder+matcher images/s", "batch size", "images/s", ips),
-        chart(out / "batch_p99_vs_batch.png", "p99 of one batch", "batch size", "ms", bp99),
     ]
+    if curve:  # --batch-sizes "": no batch curve, no empty charts
+        paths.append(chart(out / "images_per_s_vs_batch.png", "encoder+matcher images/s", "batch size", "/s", ips))
+        paths.append(chart(out / "batch_p99_vs_batch.png", "p99 of one batch", "batch size", "ms", bp99))
     if workers:
         xs = [r["workers"] for r in workers]
         series = [("images/s", xs, [r["images_per_s"] for r in workers])]
