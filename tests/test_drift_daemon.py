@@ -13,6 +13,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pytest
 from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     Subscriber,
     broker_fixture,
@@ -21,7 +22,7 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     write_config,
 )
 
-from anomalygpt_edge.runtime.line.config import load_config
+from anomalygpt_edge.runtime.line.config import ConfigError, load_config, parse_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.tools import synthetic
 from anomalygpt_edge.runtime.tools.local_broker import LocalBroker
@@ -121,3 +122,39 @@ def test_drift_watch_off_says_nothing(tmp_path: Path, broker: LocalBroker, line:
         sub.close()
     assert status["warnings"] == [] and status["cameras"]["inbox"]["drift"] is None
     assert daemon.drift_states() == {}
+
+
+DRIFT_CONFIG = """\
+device:
+  id: line1
+cameras:
+  cam1:
+    type: video_file
+    source: line.avi
+recipes:
+  - camera: cam1
+    recipe: bracket
+drift:
+  window_parts: {window}
+  min_parts: {min_parts}
+"""
+
+
+@pytest.mark.parametrize(
+    ("window", "min_parts", "expected"),
+    [
+        ("1", "1", "line.yaml:11: drift.window_parts: must be an integer between 2 and 5000, got 1"),
+        ("lots", "5", "line.yaml:11: drift.window_parts: must be an integer between 2 and 5000, got 'lots'"),
+        ("100", "300", "line.yaml:12: drift.min_parts: must be at most window_parts (100)"),
+        ("100\n  window_hour: 3", "5", "line.yaml:12: drift.window_hour: unknown key"),
+    ],
+)
+def test_a_bad_drift_section_is_named_with_its_line(window: str, min_parts: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(DRIFT_CONFIG.format(window=window, min_parts=min_parts), "line.yaml")
+    assert str(err.value).startswith(expected)
+
+
+def test_the_drift_section_defaults_to_on_with_a_200_part_window() -> None:
+    cfg = parse_config(DRIFT_CONFIG.format(window=200, min_parts=30).replace("drift:\n", "drift:\n  window_hours: 8\n"))
+    assert cfg.drift.enabled and cfg.drift.window_parts == 200 and cfg.drift.window_hours == 8.0

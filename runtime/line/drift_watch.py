@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # mypy reads the plain types; pydantic the project's bounded ones with their messages
     WindowParts = int
+    MinParts = int
     WindowHours = float
 else:
-    WindowParts = integer(1, MAX_WINDOW)
+    WindowParts = integer(2, MAX_WINDOW)
+    MinParts = integer(1, MAX_WINDOW)
     WindowHours = number(0.001, 8760)
 
 
@@ -51,12 +53,10 @@ class DriftConfig(BaseModel):
     enabled: Flag = True
     window_parts: WindowParts = 200  # the last this many parts (passed parts for the scores)
     window_hours: WindowHours | None = None  # and, when set, only those of the last this many hours
-    min_parts: WindowParts = 30  # no judgement before this many passed parts (or verdicts)
+    min_parts: MinParts = 30  # no judgement before this many passed parts (or verdicts)
 
     @model_validator(mode="after")
     def min_parts_fit_the_window(self) -> DriftConfig:
-        if self.window_parts < 2:
-            raise FieldError(("window_parts",), f"must be an integer between 2 and {MAX_WINDOW}, got 1")
         if self.min_parts > self.window_parts:
             raise FieldError(("min_parts",), f"must be at most window_parts ({self.window_parts})")
         return self
