@@ -152,6 +152,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     bv.set_defaults(handler="anomalygpt_edge.runtime.cli.parts_run:bench_vision")  # first run, then the bench
     _add_bench_goldens(targets)
+    _add_bench_learn(targets)
     import importlib
 
     for name in BENCH_TARGET_MODULES:
@@ -182,3 +183,21 @@ def _add_bench_goldens(targets: argparse._SubParsersAction) -> None:
     g.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     g.add_argument("--backend", default="auto")
     g.set_defaults(handler="anomalygpt_edge.runtime.tools.golden_sweep:run")
+
+
+def _add_bench_learn(targets: argparse._SubParsersAction) -> None:
+    g = targets.add_parser("learn", help="replay datasets as a line that learns from labelled verdicts")
+    g.add_argument("--data", type=Path, nargs="+", required=True, help="MVTec-layout dataset folders")
+    g.add_argument("--shots", type=int, default=16, help="golden parts enrolled at the start")
+    g.add_argument("--label-every", type=int, default=10, help="the operator labels every Nth verdict")
+    g.add_argument("--apply-every", type=int, default=10, help="a proposal is applied every M labels")
+    g.add_argument("--window", type=int, default=50, help="parts per window of the figures")
+    g.add_argument("--control-parts", type=int, default=1000, help="control replay from unenrolled train/good")
+    g.add_argument("--max-parts", type=int, default=None, help="replay only the first N parts of the order")
+    g.add_argument("--seed", type=int, default=0, help="golden draw and part order")
+    g.add_argument("--target-frr", type=frr_arg, default=None, help="the recipe's target false-reject rate")
+    g.add_argument("--json", type=Path, required=True)
+    g.add_argument("--report", type=Path, help="folder for the PNG plots and the table")
+    g.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    g.add_argument("--backend", default="auto")
+    g.set_defaults(handler="anomalygpt_edge.runtime.cli.parts_run:bench_learn")  # first run, then the bench

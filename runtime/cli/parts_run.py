@@ -292,3 +292,11 @@ def inspect(args: argparse.Namespace) -> int:
             )
             print(f"      {verdict.sentence}")
     return 1 if failures else 0
+
+
+def bench_learn(args: argparse.Namespace) -> int:
+    """``anomalygpt-edge bench learn``: the first run's default bundle, then runtime/tools/learn_bench.py."""
+    from anomalygpt_edge.runtime.tools import learn_bench
+
+    first_run.ready(args.bundle)
+    return learn_bench.run(args)
