@@ -21,7 +21,7 @@ from anomalygpt_edge.runtime.recipes.store import DEFECT_TYPE
 from anomalygpt_edge.runtime.values import Name, Roi, TargetFrr
 
 ENROLL_ACTIONS = ("start", "add", "add_defect", "remove", "finish", "cancel")
-RECIPE_ACTIONS = ("list", "show", "switch", "rollback", "versions")
+RECIPE_ACTIONS = ("list", "show", "switch", "rollback", "versions", "propose", "apply", "discard")
 #: A defect's mask is a list of rectangles: a few boxes outline any defect a technician can name,
 #: and the bound keeps rasterising (and the payload) small whatever a client sends.
 MAX_MASK_RECTS = 32
@@ -170,12 +170,29 @@ class RecipeRollback(RecipeBody):
     version: Annotated[int, Field(ge=0, le=999_999_999)] | None = None
 
 
+class RecipePropose(RecipeBody):
+    """``propose`` / ``discard``: the recipe whose labels are learned from (or whose proposal is dropped)."""
+
+    recipe: Name
+
+
+class RecipeApply(RecipeBody):
+    """``apply``: the recipe, optionally the bank version the proposal must be on, and why (audited)."""
+
+    recipe: Name
+    expect_base_version: Annotated[int, Field(ge=0, le=999_999_999)] | None = None
+    reason: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+
+
 RECIPE_BODIES: dict[str, type[RecipeBody]] = {
     "list": RecipeBody,
     "show": RecipeShow,
     "switch": RecipeSwitch,
     "rollback": RecipeRollback,
     "versions": RecipeVersions,
+    "propose": RecipePropose,
+    "apply": RecipeApply,
+    "discard": RecipePropose,
 }
 
 

@@ -35,6 +35,8 @@ from anomalygpt_edge.runtime.line.command_bodies import (
     CommandError,
     EnrollBody,
     LabelBody,
+    RecipeApply,
+    RecipePropose,
     RecipeRollback,
     RecipeShow,
     RecipeSwitch,
@@ -127,6 +129,7 @@ class CommandCenter:
         last_verdict: Callable[[str], tuple[str, Verdict] | None],
         asks: AskBook,
         archive: Callable[[], Any] = lambda: None,
+        proposals: Any = None,
     ):
         self.config = config
         self.slots = slots
@@ -136,6 +139,7 @@ class CommandCenter:
         self._explanations = explanations
         self._last_verdict = last_verdict
         self._archive = archive
+        self.proposals = proposals  # ProposalDesk (runtime/line/proposals.py): propose / apply / discard
         self.asks = asks
         self.desk = EnrollDesk(slots, cameras, config.commands.enroll_session_timeout_s)
         self.session_timeout_s = self.desk.session_timeout_s
@@ -252,6 +256,7 @@ class CommandCenter:
             except queue.Empty:
                 self._expire_asks()
                 self._expire_sessions()
+                self._learn()
                 continue
             if item is None:
                 return
@@ -262,6 +267,8 @@ class CommandCenter:
             result = getattr(self, f"_cmd_{cmd.name}")(cmd, data)
             if result is not None:
                 self._send(cmd, data, True, **result)
+            if cmd.name == "label":  # after its reply: an auto-apply it makes due takes seconds
+                self._learn()
         except (CommandError, RecipeError, ImageError, ValueError, OSError) as exc:
             self.fail(cmd, data, str(exc))
         except Exception as exc:  # the daemon keeps running whatever a command does
@@ -296,6 +303,8 @@ class CommandCenter:
             return {"action": "switch", "camera": camera, "recipe": body.recipe, "previous": previous}
         if isinstance(body, RecipeVersions | RecipeRollback):
             return self._recipe_versions(cmd, data, body)
+        if isinstance(body, RecipePropose | RecipeApply):
+            return self._recipe_proposal(cmd, data, body)
         return {"action": "list", "recipes": self._recipe_list(), "cameras": dict(self.slots.recipe_names)}
 
     def _recipe_versions(
@@ -314,6 +323,32 @@ class CommandCenter:
             "bank_version": change["to"],
             "previous": change["from"],
         } | {k: change[k] for k in ("threshold", "cameras")}
+
+    def _recipe_proposal(self, cmd: Command, data: dict[str, Any], body: RecipePropose | RecipeApply) -> dict:
+        """``propose`` / ``apply`` / ``discard`` of the recipe's proposal from labels (runtime/line/proposals.py)."""
+        desk, by = self.proposals, _sender(cmd, data)
+        if desk is None:
+            raise CommandError("proposals need the line daemon's archive and engines")
+        try:
+            if isinstance(body, RecipeApply):
+                change = desk.apply(body.recipe, by, body.reason, body.expect_base_version)
+                return {"action": "apply", "bank_version": change["to"], "previous": change["from"]} | {
+                    k: change[k] for k in ("recipe", "threshold", "cameras", "add_goldens", "add_defects")
+                }
+            if body.action == "discard":
+                desk.discard(body.recipe, by)
+                return {"action": "discard", "recipe": body.recipe}
+            return {"action": "propose", "recipe": body.recipe, "proposal": desk.propose(body.recipe, by).to_json()}
+        except RecipeError as exc:
+            raise CommandError(str(exc)) from None
+
+    def _learn(self) -> None:
+        """Auto-apply where the ``learn:`` policy says it is due (never raises into the commands loop)."""
+        if self.proposals is not None:
+            try:
+                self.proposals.tick()
+            except Exception:
+                log.exception("automatic proposal failed")
 
     def _recipe_list(self) -> list[dict[str, Any]]:
         store = self.slots.store
@@ -342,6 +377,8 @@ class CommandCenter:
             raise CommandError(str(exc)) from None
         except LabelWriteError as exc:
             raise CommandError(str(exc)) from None
+        if self.proposals is not None:  # the drift watch's labelled rates, and auto-apply's count
+            self.proposals.on_label(row.verdict_id, row.at)
         out = row.to_json()
         out["id"] = out.pop("verdict_id")
         out["image"] = archive.verdict_image(row.verdict_id) is not None  # an unkept OK image cannot come back

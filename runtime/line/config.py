@@ -32,6 +32,7 @@ from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig, TlsConfig
 from anomalygpt_edge.runtime.delivery.sparkplug_config import SparkplugConfig
 from anomalygpt_edge.runtime.line.config_yaml import ConfigError, config_error, read_yaml
 from anomalygpt_edge.runtime.line.drift_watch import DriftConfig
+from anomalygpt_edge.runtime.line.learn_config import LearnPolicy
 from anomalygpt_edge.runtime.line.station_config import StationConfig
 from anomalygpt_edge.runtime.values import (
     ConfigPath,
@@ -232,6 +233,7 @@ class DaemonConfig(_Section):
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)  # the drift watch (runtime/line/drift_watch.py)
+    learn: dict[RecipeName, LearnPolicy] = Field(default_factory=dict)  # auto-apply of proposals, per recipe
     sparkplug: SparkplugConfig | None = None  # Sparkplug B 3.0 Edge Node beside the JSON topics
     station: StationConfig | None = None  # the technician page, served by `run --config` beside the daemon
     _source: str = PrivateAttr("<config>")

@@ -63,6 +63,7 @@ from anomalygpt_edge.runtime.line.folder_watch import FolderWatcher
 from anomalygpt_edge.runtime.line.inspection_worker import InspectionWorker
 from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
 from anomalygpt_edge.runtime.line.link import Link
+from anomalygpt_edge.runtime.line.proposals import ProposalDesk
 from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots, warmup_batches
 from anomalygpt_edge.runtime.line.sparkplug_wiring import open_sparkplug, watch_sparkplug
 from anomalygpt_edge.runtime.line.status import DaemonHealth
@@ -122,6 +123,12 @@ class Daemon:
             started_at=self.started_at,
             drift=self.drift,
         )
+        archive = lambda: self.archive.archive if self.archive is not None else None  # noqa: E731
+        # Proposals from labels (issue 14): the station's and cmd/recipe propose / apply / discard.
+        self.proposals = ProposalDesk(
+            self.slots, archive, drift=self.drift, policies=config.learn, max_pixels=config.limits.max_image_pixels
+        )
+        self.health.add_source("proposals", self.proposals.status)
         self.commands = CommandCenter(
             config,
             self.slots,
@@ -131,7 +138,8 @@ class Daemon:
             explanations=lambda: self.explanations,
             last_verdict=lambda camera: self.last.get(camera),
             asks=self.asks,
-            archive=lambda: self.archive.archive if self.archive is not None else None,
+            archive=archive,
+            proposals=self.proposals,
         )
 
     # -- the parts' state under the names other code reads ----------------------------------------

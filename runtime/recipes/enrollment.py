@@ -121,6 +121,7 @@ class Enroller:
         self.store = store
         self.bundle = bundle
         self.pipeline = pipeline or VisionPipeline(bundle)
+        self.roi_applied = False  # True: images come cropped to the recipe's ROI already (proposals from the archive)
 
     # -- recipe lifecycle ---------------------------------------------------------------------
     def create(self, name: str, **settings: Any) -> Recipe:
@@ -182,7 +183,7 @@ class Enroller:
         new: list[GoldenSample] = []
         prepared, owners, result_skipped = [], [], []
         for label, image in images:
-            roi_image = crop_roi(image, recipe.roi, label)
+            roi_image = crop_roi(image, None if self.roi_applied else recipe.roi, label)
             png = _png_bytes(roi_image, label)
             sha = sha256_bytes(png)
             if sha in known:
@@ -255,7 +256,7 @@ class Enroller:
         """Write one defect's PNG, mask and features; None when the same image is already enrolled."""
         if item.defect_type is not None and not DEFECT_TYPE.match(item.defect_type):
             raise RecipeError(f"{item.label}: defect type {item.defect_type!r} is invalid (letters, digits, _ .-)")
-        roi_image = crop_roi(item.image, recipe.roi, item.label)
+        roi_image = crop_roi(item.image, None if self.roi_applied else recipe.roi, item.label)
         png = _png_bytes(roi_image, item.label)
         sha = sha256_bytes(png)
         if sha in known:
@@ -270,7 +271,7 @@ class Enroller:
                     f"{item.label}: mask is {full.shape[1]}x{full.shape[0]}, image is "
                     f"{item.image.shape[1]}x{item.image.shape[0]}"
                 )
-            mask = crop_roi(full, recipe.roi, f"{item.label} mask")
+            mask = crop_roi(full, None if self.roi_applied else recipe.roi, f"{item.label} mask")
             flat = mask.reshape(mask.shape[0], mask.shape[1], -1).max(-1)
             binary = (flat if flat.dtype == bool else flat > 127).astype(np.uint8) * 255
             if not binary.any():

@@ -62,12 +62,14 @@ MIN_POPULATION = 4
 
 @dataclass(frozen=True)
 class LabelledPart:
-    """One labelled verdict's image as the camera saw it (full frame: the recipe's ROI is applied)."""
+    """One labelled verdict's image as the camera saw it: the full frame (the recipe's ROI is applied to
+    it), or with ``roi_applied`` the ROI crop the line archived (enrolled and scored as it is)."""
 
     name: str
     image: np.ndarray
     label: Literal["good", "defect"]
     defect_type: str | None = None
+    roi_applied: bool = False
 
 
 @dataclass
@@ -155,6 +157,8 @@ def _check_parts(parts: Sequence[LabelledPart]) -> None:
             raise ImageError(f"{p.name}: empty image")
         if p.name in seen:
             raise RecipeError(f"{p.name}: labelled twice in one proposal")
+        if p.roi_applied != parts[0].roi_applied:
+            raise RecipeError(f"{p.name}: ROI crops and full frames mixed in one proposal")
         seen.add(p.name)
 
 
@@ -171,16 +175,18 @@ class _Build:
     base_version: int = 0
 
 
-def _scratch(enroller: Enroller, live: Recipe, root: Path) -> tuple[RecipeStore, Enroller]:
+def _scratch(enroller: Enroller, live: Recipe, root: Path, roi_applied: bool) -> tuple[RecipeStore, Enroller]:
     src = enroller.store.folder(live.name)
     shutil.copytree(src, root / live.name, ignore=shutil.ignore_patterns(".lock", ".*.tmp"))
     store = RecipeStore(root)
-    return store, Enroller(store, enroller.bundle, enroller.pipeline)
+    scratch = Enroller(store, enroller.bundle, enroller.pipeline)
+    scratch.roi_applied = roi_applied  # archived crops: stored and encoded as they are, not cropped again
+    return store, scratch
 
 
 def _build(enroller: Enroller, live: Recipe, parts: Sequence[LabelledPart], root: Path, check: bool) -> _Build:
     """Enroll ``parts`` into a scratch copy; with ``check``, refuse the new goldens the quality check flags."""
-    store, se = _scratch(enroller, live, root)
+    store, se = _scratch(enroller, live, root, bool(parts) and parts[0].roi_applied)
     name, refused = live.name, {}
     before = {s.sha256 for s in live.samples}
     goods = [p for p in parts if p.label == "good"]
@@ -307,6 +313,8 @@ def _recall(proposal: Proposal, parts: Sequence[LabelledPart]) -> _Build | None:
 
 
 def _live_scores(enroller: Enroller, recipe: Recipe, store: RecipeStore, parts: Sequence[LabelledPart]) -> list[float]:
+    if parts and parts[0].roi_applied:  # archived ROI crops: inspected as they are
+        recipe = replace(recipe, roi=None)
     inspector = Inspector(enroller.bundle, recipe, store, enroller.pipeline)
     scores: list[float] = []
     for i in range(0, len(parts), 8):

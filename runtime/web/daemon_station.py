@@ -217,6 +217,9 @@ class DaemonStation(StationBase):
         writer = self.daemon.archive
         return writer.archive if writer is not None else None
 
+    def _after_label(self, verdict_id: str, at: float) -> None:
+        self.daemon.proposals.on_label(verdict_id, at)  # the drift watch's labelled rates, auto-apply's count
+
     def labels_archive(self, flush: bool = False) -> Any:
         """The archive that holds verdict labels (None: none); ``flush`` writes queued verdicts first."""
         if flush and self.daemon.archive is not None:

@@ -298,9 +298,13 @@ class StationBase:
             raise NotFoundError(str(exc)) from None
         except ValueError as exc:
             raise StationError(str(exc)) from None
+        self._after_label(verdict_id, row.at)
         out: dict[str, Any] = row.to_json()
         out["image"] = self._labels().verdict_image(verdict_id) is not None  # an unkept OK image cannot come back
         return out
+
+    def _after_label(self, verdict_id: str, at: float) -> None:
+        """A label was stored (the daemon's station passes it to the drift watch and the proposal desk)."""
 
     def verdict_labels(self, verdict_id: str) -> list[dict[str, Any]]:
         """Every label of one archived verdict, oldest first."""

@@ -1,0 +1,37 @@
+"""The ``learn:`` config section: per recipe, whether a proposal from labels is applied without a
+technician (runtime/line/proposals.py), and within which bounds. Off by default.
+
+Kept apart from ``proposals.py`` so that reading a config does not import the engines.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from anomalygpt_edge.runtime.values import Flag, integer, number
+
+#: At most this many labelled parts in one proposal (runtime/recipes/proposal.py's MAX_PARTS).
+MAX_LABELS = 1000
+
+if TYPE_CHECKING:  # mypy reads the plain types; pydantic the project's bounded ones with their messages
+    Labels = int
+    Goldens = int
+    Change = float
+else:
+    Labels = integer(1, MAX_LABELS)
+    Goldens = integer(0, MAX_LABELS)
+    Change = number(0, 1000)
+
+
+class LearnPolicy(BaseModel):
+    """``learn: {<recipe>: {...}}``: auto-apply of proposals from labels, and its bounds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    auto_apply: Flag = False
+    every_labels: Labels = 20  # propose after every this many new labels of the recipe
+    min_labels: Labels = 10  # never auto-apply from fewer labelled parts (with images) than this
+    max_new_goldens: Goldens = 16  # never auto-add more golden parts than this at once
+    max_threshold_change: Change = 0.25  # never move the threshold by more than this share of its value
