@@ -23,6 +23,7 @@ from anomalygpt_edge.runtime.web.station import HistoryQuery, NotFoundError
 PASSWORDS = {"olga": "operator-pw", "theo": "technician-pw", "ada": "admin-pw-123"}
 ROLES = {"olga": "operator", "theo": "technician", "ada": "admin"}
 VID = "ab" * 16
+SEG = "([A-Za-z0-9][A-Za-z0-9_.@-]{0,63})"  # a recipe or camera name in a route's path
 
 # A valid body for each mutating route, so a rejection is due to the guard, never to the body.
 BODIES: dict[str, dict[str, Any]] = {
@@ -44,13 +45,17 @@ BODIES: dict[str, dict[str, Any]] = {
     "/api/ask": {"verdict_id": VID, "question": "why?"},
     "/api/users": {"action": "set", "name": "newbie", "role": "operator", "password": "newbie-pw"},
     "/api/verdicts/([0-9a-f-]{8,64})/label": {"label": "good"},
+    f"/api/recipes/{SEG}/proposal": {},
+    f"/api/recipes/{SEG}/proposal/apply": {"reason": "line changed", "base_bank_version": 3},
+    f"/api/recipes/{SEG}/proposal/discard": {},
+    f"/api/recipes/{SEG}/rollback": {"version": 2},
 }
 MUTATING = [r for r in ROUTES if r.method == "POST" and r.role is not None]
 
 
 def url(pattern: str) -> str:
-    """A route's path with its verdict id filled in (the label route has one)."""
-    return pattern.replace("([0-9a-f-]{8,64})", VID)
+    """A route's path with its verdict id (the label route) or recipe name (the learn routes) filled in."""
+    return pattern.replace("([0-9a-f-]{8,64})", VID).replace(SEG, "part-a")
 
 
 ROLE_RANK = ["operator", "technician", "admin"]

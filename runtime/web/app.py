@@ -40,6 +40,7 @@ from anomalygpt_edge.runtime.recipes.store import RecipeError
 from anomalygpt_edge.runtime.web import http_bodies as b
 from anomalygpt_edge.runtime.web import routes_enroll as enroll
 from anomalygpt_edge.runtime.web import routes_history as history
+from anomalygpt_edge.runtime.web import routes_learn as learn
 from anomalygpt_edge.runtime.web import routes_session as session
 from anomalygpt_edge.runtime.web import routes_station as station
 from anomalygpt_edge.runtime.web.auth import AuthError, Session, csrf_ok, role_allows
@@ -76,6 +77,11 @@ def _change(
     return Route("POST", path, role, enroll.changing(plan), audit, max_body, body)
 
 
+def _learning(path: str, handler: Any, audit: str, body: type[b.Body]) -> Route:
+    """A technician's audited POST on one recipe's proposal or versions (the recipe is in the path)."""
+    return Route("POST", path, "technician", handler, audit, MAX_JSON_BODY, body)
+
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/session", None, session.get_session),
     Route("POST", "/api/login", None, session.post_login, body=b.LoginBody),
@@ -102,6 +108,14 @@ ROUTES: tuple[Route, ...] = (
     _change("/api/enroll/defect/remove", enroll.defect_remove, "enroll.defect.remove", b.DefectRemoveBody),
     _change("/api/recipes/assign", enroll.assign, "recipe.assign", b.AssignBody),
     _change("/api/recipes/delete", enroll.delete_recipe, "recipe.delete", b.RecipeBody, role="admin"),
+    # The line learns (issue 14): proposals from labelled verdicts, versions, rollback (routes_learn.py).
+    Route("GET", f"/api/recipes/{_SEG}/labelled", "operator", learn.get_labelled),
+    Route("GET", f"/api/recipes/{_SEG}/proposal", "operator", learn.get_proposal),
+    _learning(f"/api/recipes/{_SEG}/proposal", learn.post_proposal, "recipe.propose", b.ProposeBody),
+    _learning(f"/api/recipes/{_SEG}/proposal/apply", learn.post_apply, "recipe.apply", b.ApplyProposalBody),
+    _learning(f"/api/recipes/{_SEG}/proposal/discard", learn.post_discard, "recipe.discard", b.ProposeBody),
+    Route("GET", f"/api/recipes/{_SEG}/versions", "operator", learn.get_versions),
+    _learning(f"/api/recipes/{_SEG}/rollback", learn.post_rollback, "recipe.rollback", b.RollbackBody),
     Route("GET", "/api/history", "operator", history.get_history),
     Route("GET", "/api/history.csv", "operator", history.get_history_csv),
     Route("GET", f"/api/history/{_VID}", "operator", history.get_history_item),

@@ -29,6 +29,7 @@ import numpy as np
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 from anomalygpt_edge.runtime.recipes.store import RecipeError
+from anomalygpt_edge.runtime.web.learn_station import LearnMixin
 from anomalygpt_edge.runtime.web.records import KEEP_OK_IMAGE_EVERY, make_record
 from anomalygpt_edge.runtime.web.station_base import StationBase, bundle_status
 from anomalygpt_edge.runtime.web.station_protocol import Frame, HistoryQuery, NotFoundError, StationError
@@ -47,8 +48,9 @@ ARCHIVE_MAX_WINDOWS = 64
 ARCHIVE_CACHE = 5000
 
 
-class DaemonStation(StationBase):
-    """A :class:`~anomalygpt_edge.runtime.web.station.Station` over a started :class:`Daemon`."""
+class DaemonStation(LearnMixin, StationBase):
+    """A :class:`~anomalygpt_edge.runtime.web.station.Station` over a started :class:`Daemon`
+    (proposals, versions and rollback: :class:`~anomalygpt_edge.runtime.web.learn_station.LearnMixin`)."""
 
     def __init__(self, daemon: Daemon):
         super().__init__(daemon.store, self._daemon_explainer if daemon.config.llm.enabled else None)
@@ -178,6 +180,8 @@ class DaemonStation(StationBase):
                     "reason": s.get("reason"),  # why a camera is not online
                     "skipped": s.get("skipped"),  # image-folder files that could not be read
                     "last_error": s.get("last_error"),
+                    # The drift watch of the camera's recipe (plain-words ``message`` when it left its band).
+                    "drift": s.get("drift"),
                     **self.log.rates(name),
                     # The daemon's own rolling figures (what its heartbeat publishes) win over ours.
                     **_daemon_rates(s),
@@ -308,6 +312,7 @@ class DaemonStation(StationBase):
             "backend": d.config.engines.backend,
             "engines": engines,
             "cameras": self.cameras(),
+            "warnings": d.status().get("warnings") or [],  # the drift watch's plain words, per camera
             "spool_depth": spool["depth"] if spool else None,
             "spool": spool,
             "broker": _broker_status(d.config, link),

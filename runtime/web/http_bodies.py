@@ -141,6 +141,28 @@ class LabelBody(Body):
     note: Annotated[str | None, BeforeValidator(_blank_is_none), Field(max_length=500)] = None
 
 
+#: A bank version number as the store writes them (never reused; 0 before the first bank).
+BankVersion = Annotated[int, Field(ge=0, le=1_000_000_000)]
+
+
+class ProposeBody(Body):
+    """``POST /api/recipes/<name>/proposal``: nothing to send; the labels come from the daemon's archive."""
+
+
+class ApplyProposalBody(Body):
+    """``POST /api/recipes/<name>/proposal/apply``: why (kept in the recipe's change record), and the
+    bank version the proposal on the page was computed on (another one pending by then: 409)."""
+
+    reason: Annotated[Annotated[str, Field(max_length=500)] | None, BeforeValidator(_blank_is_none)] = None
+    base_bank_version: BankVersion | None = None
+
+
+class RollbackBody(Body):
+    """``POST /api/recipes/<name>/rollback``: the kept version to make live (none: the previous one)."""
+
+    version: BankVersion | None = None
+
+
 class UsersBody(Body):
     action: Literal["set", "remove"]
     name: UserName

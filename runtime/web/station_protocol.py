@@ -33,6 +33,10 @@ class NotFoundError(StationError):
     """The named camera, recipe, sample or verdict does not exist."""
 
 
+class StaleProposalError(StationError):
+    """The pending proposal was computed on a bank version that is no longer live (answered 409)."""
+
+
 @dataclass(frozen=True)
 class Frame:
     """The newest image of one camera."""
@@ -131,6 +135,29 @@ class Station(Protocol):
 
     def current_labels(self, verdict_ids: list[str]) -> dict[str, dict[str, Any]]:
         """The current label of each of these verdicts that has one."""
+
+    def labelled_counts(self, recipe: str) -> dict[str, Any]:
+        """The recipe's labelled verdicts: good, defect, false rejects / escapes among them, without image."""
+
+    def propose(self, recipe: str, by: str) -> dict[str, Any]:
+        """Compute a proposal from the recipe's labelled verdicts (seconds); it becomes the pending one."""
+
+    def proposal(self, recipe: str) -> dict[str, Any]:
+        """The recipe's pending proposal, with ``stale`` (NotFoundError when there is none)."""
+
+    def apply_proposal(
+        self, recipe: str, by: str, reason: str | None = None, base_bank_version: int | None = None
+    ) -> dict[str, Any]:
+        """Apply the pending proposal in one recipe commit (StaleProposalError when the recipe moved since)."""
+
+    def discard_proposal(self, recipe: str, by: str) -> dict[str, Any]:
+        """Drop the recipe's pending proposal (NotFoundError when there is none)."""
+
+    def recipe_versions(self, recipe: str) -> list[dict[str, Any]]:
+        """The recipe's live version and its kept ones, newest number first."""
+
+    def rollback_recipe(self, recipe: str, version: int | None, by: str) -> dict[str, Any]:
+        """Make a kept version live again (the previous one when ``version`` is None)."""
 
     def history(self, query: HistoryQuery) -> list[dict[str, Any]]:
         """Recent verdict records, newest first, filtered."""

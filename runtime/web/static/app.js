@@ -92,7 +92,7 @@ function route() {
   for (const i of document.querySelectorAll("img.live-frame")) i.removeAttribute("src");
   for (const p of document.querySelectorAll(".page")) p.hidden = p.id !== "page-" + page;
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.getAttribute("href") === "#" + page);
-  ({ live: showLive, enroll: showEnroll, history: showHistory, ask: showAsk, system: showSystem }[page] || showLive)();
+  ({ live: showLive, enroll: showEnroll, learn: showLearn, history: showHistory, ask: showAsk, system: showSystem }[page] || showLive)();
 }
 
 $("#login-form").addEventListener("submit", async (ev) => {
@@ -117,10 +117,10 @@ function showLive() {
       img: el("img", { alt: `camera ${cam.name}`, class: "live-frame", "data-camera": cam.name }),
       roi: el("div", { class: "roi-box", hidden: true }), heat: el("img", { alt: "heatmap", class: "live-heatmap" }),
       badge: el("span", { class: "badge" }, "–"), info: el("div", { class: "vinfo" }), head: el("div", { class: "camhead" }),
-      label: el("div", { class: "vlabel" }) };
+      label: el("div", { class: "vlabel" }), drift: el("div", { class: "drift", id: `live-drift-${cam.name}` }) };
     // Technicians switch the camera's recipe here (any live recipe), audited like every recipe change.
     const assign = allows("technician") ? el("div", { class: "row assign" }) : null;
-    box.append(el("div", { class: "cam", id: `cam-${cam.name}` }, v.head, el("div", { class: "frame" }, v.img, v.roi),
+    box.append(el("div", { class: "cam", id: `cam-${cam.name}` }, v.head, v.drift, el("div", { class: "frame" }, v.img, v.roi),
       el("div", { class: "verdict" }, v.heat, el("div", {}, v.badge, v.info, v.label)), assign));
     if (assign) fillAssign(assign, cam.name);
     views.push(v);
@@ -152,6 +152,7 @@ async function updateCamera(v, c) {
     v.head.replaceChildren(el("strong", {}, c.name), ` · ${c.status} · recipe `, el("b", {}, c.recipe || "none"),
       c.inspect_fps ? ` · ${c.inspect_fps} fps · p50 ${fmt(c.latency_ms_p50, 3)} ms` : "",
       c.inspection_error ? el("div", { class: "reason" }, c.inspection_error) : "");
+    showDrift(v.drift, c.drift);  // learn.js: the recipe's drift in plain words, labelled rates
     if (c.roi && c.frame_size && v.img.clientWidth) {
       const k = v.img.clientWidth / c.frame_size[0];
       Object.assign(v.roi.style, { left: c.roi[0] * k + "px", top: c.roi[1] * k + "px",
@@ -623,14 +624,17 @@ function kv(obj) {
 async function showSystem() {
   const tick = async () => {
     const s = await api("GET", "/api/system");
-    const cams = el("table", { id: "sys-cams" }, el("thead", {}, el("tr", {}, ["Camera", "Status", "Recipe", "Inspections/s", "Latency p50 ms", "p99 (or max) ms", "Error"].map((h) => el("th", {}, h)))),
-      el("tbody", {}, s.cameras.map((c) => el("tr", {}, [c.name, c.status, c.recipe || "–", c.inspect_fps ?? "–", c.latency_ms_p50 ?? "–", c.latency_ms_p99 ?? c.latency_ms_max ?? "–", c.inspection_error || ""].map((v) => el("td", {}, v))))));
-    $("#sys-body").replaceChildren(
+    const cams = el("table", { id: "sys-cams" }, el("thead", {}, el("tr", {}, ["Camera", "Status", "Recipe", "Inspections/s", "Latency p50 ms", "p99 (or max) ms", "Error", "Drift"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, s.cameras.map((c) => el("tr", { "data-camera": c.name }, [c.name, c.status, c.recipe || "–", c.inspect_fps ?? "–", c.latency_ms_p50 ?? "–", c.latency_ms_p99 ?? c.latency_ms_max ?? "–", c.inspection_error || "", driftWords(c.drift)].map((v) => el("td", {}, v))))));
+    // The drift watch's plain words (the status heartbeat's warnings): the line should look at these.
+    const warnings = (s.warnings || []).length ? el("div", { class: "card drift warn", id: "sys-warnings" }, el("h3", {}, "Warnings"),
+      ...s.warnings.map((w) => el("p", {}, w))) : null;
+    $("#sys-body").replaceChildren(...[warnings,
       el("div", { class: "card" }, el("h3", {}, "Versions and engines"), kv({ "AnomalyGPT Edge": s.version, python: s.python, platform: s.platform,
         onnxruntime: s.onnxruntime, opencv: s.opencv, backend: s.backend, "bundle": s.bundle.path, "bundle sha256": s.bundle.sha256,
         "bundle source": s.bundle.source, "exported": s.bundle.created_at, engines: s.engines, LLM: s.llm, uptime_s: s.uptime_s })),
       el("div", { class: "card" }, el("h3", {}, "Cameras"), cams),
-      el("div", { class: "card" }, el("h3", {}, "Delivery"), kv({ "spool depth": s.spool_depth, broker: s.broker, ...(s.archive ? { archive: s.archive } : {}) })));
+      el("div", { class: "card" }, el("h3", {}, "Delivery"), kv({ "spool depth": s.spool_depth, broker: s.broker, ...(s.archive ? { archive: s.archive } : {}) }))].filter((x) => x));
   };
   await tick().catch((e) => toast(e.message));
   S.timers.push(setInterval(() => tick().catch(() => {}), 2000));
@@ -658,4 +662,5 @@ $("#user-form").addEventListener("submit", async (ev) => {
   } catch (e) { toast(e.message); }
 });
 
-boot().catch((e) => toast(e.message));
+// Started once every deferred script (learn.js too) has run: the pages may call into any of them.
+document.addEventListener("DOMContentLoaded", () => boot().catch((e) => toast(e.message)));
