@@ -46,7 +46,7 @@ async function showLearn() {
   const keep = sel.value || L.recipe || onCamera;
   sel.replaceChildren(...recipes.map((r) => el("option", { value: r.name }, r.name + (r.live ? "" : " (not live)"))));
   if (recipes.some((r) => r.name === keep)) sel.value = keep;
-  $("#learn-propose").disabled = !sel.value;
+  $("#learn-propose").disabled = !sel.value || !allows("technician");  // an operator may look, not change
   if (!recipes.length) {
     $("#learn-counts").textContent = "No recipe yet: enroll one first.";
     return;
@@ -108,7 +108,8 @@ function renderProposal(p) {
   const stale = $("#learn-stale");
   stale.hidden = !p.stale;
   stale.textContent = p.stale ? `The recipe changed since (live: v${p.live_bank_version}): propose again before applying.` : "";
-  $("#learn-apply").disabled = !!p.stale;
+  $("#learn-apply").disabled = !!p.stale || !allows("technician");
+  $("#learn-discard").disabled = !allows("technician");
   const row = (what, id, before, after) => el("tr", {}, el("th", {}, what),
     el("td", { id: `learn-${id}-before` }, before), el("td", { id: `learn-${id}-after` }, after));
   $("#learn-table tbody").replaceChildren(
@@ -145,9 +146,10 @@ async function learnBusy(fn) {
   for (const b of buttons) $(b).disabled = true;
   try { return await fn(); } catch (e) { toast(e.message); return null; } finally {
     $("#learn-busy").hidden = true;
-    $("#learn-propose").disabled = !$("#learn-recipe").value;
-    $("#learn-discard").disabled = false;
-    $("#learn-apply").disabled = !!(L.proposal && L.proposal.stale);
+    const tech = allows("technician");
+    $("#learn-propose").disabled = !$("#learn-recipe").value || !tech;
+    $("#learn-discard").disabled = !tech;
+    $("#learn-apply").disabled = !!(L.proposal && L.proposal.stale) || !tech;
   }
 }
 
