@@ -40,7 +40,6 @@ commands (the daemon's ``commands.receive`` is wired only into the MQTT link it 
 
 from __future__ import annotations
 
-import collections
 import logging
 import signal
 import threading
@@ -62,6 +61,7 @@ from anomalygpt_edge.runtime.line.drift_watch import DriftWatches
 from anomalygpt_edge.runtime.line.folder_watch import FolderWatcher
 from anomalygpt_edge.runtime.line.inspection_worker import InspectionWorker
 from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
+from anomalygpt_edge.runtime.line.line_counts import LineCounts
 from anomalygpt_edge.runtime.line.link import Link
 from anomalygpt_edge.runtime.line.proposals import ProposalDesk
 from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots, warmup_batches
@@ -91,7 +91,7 @@ class Daemon:
         self._injected_link = link
         self.link: Link | None = None
         self.sparkplug: Any = None  # the Sparkplug B Edge Node when the config has a sparkplug section
-        self.counts: dict[str, collections.Counter[str]] = {c: collections.Counter() for c in config.cameras}
+        self.counts = LineCounts(config.cameras)
         self.cameras: dict[str, Camera] = {}
         self.explainer: Any = None
         self.explanations: Any = None
@@ -446,7 +446,7 @@ class Daemon:
     def _on_camera_status(self, camera: str, status: str, reason: str | None) -> None:
         if self.board is not None:
             self.board.on_camera_status(camera, status, reason)
-        self.counts[camera][f"status_{status}"] += 1
+        self.counts.add(camera, f"status_{status}")
         self.health.camera_state(camera, status, reason)
         self.announce()
 

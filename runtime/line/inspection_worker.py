@@ -21,7 +21,6 @@ drops it as late).
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -32,6 +31,7 @@ import numpy as np
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
 from anomalygpt_edge.runtime.line.batching import BatchCost, BatchPolicy
 from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
+from anomalygpt_edge.runtime.line.line_counts import LineCounts
 from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
 from anomalygpt_edge.runtime.line.status import DaemonHealth
 from anomalygpt_edge.runtime.line.verdict_publisher import VerdictPublisher
@@ -51,7 +51,7 @@ class InspectionWorker:
         slots: RecipeSlots,
         publisher: VerdictPublisher,
         health: DaemonHealth,
-        counts: dict[str, collections.Counter[str]],
+        counts: LineCounts,
         deadline_ms: Callable[[str], float],
         policy: BatchPolicy | None = None,
     ):
@@ -105,7 +105,7 @@ class InspectionWorker:
         ready: list[tuple[Job, Inspector, np.ndarray]] = []
         for job in jobs:
             if not job.triggered and start > job.deadline_mono:
-                self.counts[job.camera]["stale"] += 1  # a newer frame will come; this one is too old to matter
+                self.counts.add(job.camera, "stale")  # a newer frame will come; this one is too old to matter
                 continue
             inspector, problem, recipe = self.slots.current(job.camera)
             if inspector is None:

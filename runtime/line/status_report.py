@@ -10,7 +10,6 @@ the daemon works, the parts changed.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ import anomalygpt_edge
 from anomalygpt_edge.runtime.cameras.base import Camera
 from anomalygpt_edge.runtime.delivery.messages import STATUS_SCHEMA, iso
 from anomalygpt_edge.runtime.line.jobs import WorkQueue
+from anomalygpt_edge.runtime.line.line_counts import LineCounts
 from anomalygpt_edge.runtime.line.link import Link
 from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
 from anomalygpt_edge.runtime.line.states import CameraState, DaemonState
@@ -42,7 +42,7 @@ class StatusReport:
         health: DaemonHealth,
         storage: LineStorage,
         supervisor: Supervisor,
-        counts: dict[str, collections.Counter[str]],
+        counts: LineCounts,
         link: Callable[[], Link | None],
         queues: Callable[[], Mapping[Path, WorkQueue]],
         started_at: float,

@@ -19,6 +19,7 @@ from anomalygpt_edge.runtime.cameras.base import Camera, Frame
 from anomalygpt_edge.runtime.delivery.mqtt_link import Command
 from anomalygpt_edge.runtime.line.deadline import DeadlineWatchdog
 from anomalygpt_edge.runtime.line.jobs import Job, WorkQueue
+from anomalygpt_edge.runtime.line.line_counts import LineCounts
 from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class TriggerBoard:
         self,
         slots: RecipeSlots,
         cameras: Mapping[str, Camera],
-        counts: dict[str, collections.Counter[str]],
+        counts: LineCounts,
         answer_error: Callable[[Job, str], None],
         on_error: Callable[[str], None] | None = None,
     ):
@@ -74,7 +75,7 @@ class TriggerBoard:
     def on_frame(self, frame: Frame) -> None:
         """Called on the camera's thread for every new frame: hand it to waiting triggers, schedule free-run."""
         cam = frame.camera
-        self.counts[cam]["frames"] += 1
+        self.counts.add(cam, "frames")
         with self._await_lock:
             waiting = self._awaiting.get(cam) or []
             ready = [j for j in waiting if frame.captured_mono >= j.created_mono + self._settle(cam)]
@@ -118,7 +119,7 @@ class TriggerBoard:
             command=command,
             correlation=correlation,
         )
-        self.counts[camera]["triggers"] += 1
+        self.counts.add(camera, "triggers")
         self.watchdog.track(job)
         cam = self.cameras.get(camera)
         if cam is None or not cam.online:
@@ -140,7 +141,7 @@ class TriggerBoard:
             captured_at=time.time(),
             part_id=path.stem,
         )
-        self.counts[binding.camera]["frames"] += 1
+        self.counts.add(binding.camera, "frames")
         self.watchdog.track(job)
         return job
 

@@ -8,7 +8,6 @@ spool cannot commit). A failure after a part was claimed still sends the PLC a m
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import time
@@ -29,6 +28,7 @@ from anomalygpt_edge.runtime.delivery.messages import (
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
 from anomalygpt_edge.runtime.line.asks import LineExplainRequest, PendingAsk
 from anomalygpt_edge.runtime.line.jobs import Job
+from anomalygpt_edge.runtime.line.line_counts import LineCounts
 from anomalygpt_edge.runtime.line.link import Link
 from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
 from anomalygpt_edge.runtime.line.status import DaemonHealth
@@ -57,7 +57,7 @@ class VerdictPublisher:
         link: Link,
         slots: RecipeSlots,
         health: DaemonHealth,
-        counts: dict[str, collections.Counter[str]],
+        counts: LineCounts,
         *,
         archive: ArchiveWriter | None = None,
         explanations: ExplanationWorker | None = None,
@@ -99,7 +99,7 @@ class VerdictPublisher:
         commit). If building the answer fails, the PLC still gets an explicit ERROR.
         """
         if not job.claim():
-            self.counts[job.camera]["late_discarded"] += 1
+            self.counts.add(job.camera, "late_discarded")
             return False
         try:
             self._publish(job, verdict, image)
@@ -144,9 +144,8 @@ class VerdictPublisher:
 
     def _publish(self, job: Job, verdict: Verdict, image: np.ndarray | None) -> None:
         t0 = time.perf_counter()
-        c = self.counts[job.camera]
-        c["verdicts"] += 1
-        c[verdict.verdict] += 1
+        self.counts.add(job.camera, "verdicts")
+        self.counts.add(job.camera, verdict.verdict)
         vid = uuid7()
         msg = self._message(job, verdict, vid)
         link = self.link
