@@ -69,8 +69,11 @@ def _config(tmp_path: Path, broker: Any, line: dict, device: str, learn: dict | 
 
 
 def _label_goods(sub: Subscriber, device: str, daemon: Daemon, n: int) -> list[dict]:
+    """``n`` triggered good parts (once the camera delivers frames), each labelled good over MQTT."""
+    online = lambda m: m.topic.endswith("/status") and m.json()["cameras"]["cam1"]["status"] == "online"  # noqa: E731
+    sub.wait_for(online, timeout=60)
     verdicts = [_ask(sub, device, "trigger", {"camera": "cam1", "part_id": f"P{i}"}, timeout=60) for i in range(n)]
-    assert all(v["verdict"] in ("OK", "NG") for v in verdicts), verdicts  # judged parts (a 30 s deadline)
+    assert all(v["verdict"] in ("OK", "NG") for v in verdicts), [(v["verdict"], v.get("reason")) for v in verdicts]
     assert daemon.archive is not None
     daemon.archive.flush()
     return [
