@@ -200,7 +200,10 @@ class ProposalDesk:
         self.drift = drift
         self.policies = dict(policies or {})
         self.max_pixels = max_pixels
-        self._lock = threading.RLock()
+        # _work: one proposal computed or applied at a time (seconds); _lock: the state below, held
+        # only briefly, so the heartbeat's status never waits for a proposal being computed.
+        self._work = threading.RLock()
+        self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
         self._new_labels: Counter[str] = Counter()
         self.notices: deque[dict[str, Any]] = deque(maxlen=MAX_NOTICES)
@@ -218,7 +221,7 @@ class ProposalDesk:
     # -- the station's API -------------------------------------------------------------------------
     def propose(self, recipe: str, by: str | None) -> Proposal:
         """Compute (and keep, replacing the pending one) the proposal for ``recipe`` from its labels."""
-        with self._lock:
+        with self._work:
             enroller = self._enroller(recipe)
             gathered = self._gather(recipe)
             if not gathered.parts:
@@ -231,7 +234,8 @@ class ProposalDesk:
             proposal.notes += gathered.notes()
             pending = Pending(proposal, gathered.labels, by or "anonymous", now_iso())
             save_pending(self.store, pending)
-            self._pending[recipe] = pending
+            with self._lock:
+                self._pending[recipe] = pending
             log.info("recipe %s: proposal by %s from %d labelled parts", recipe, by, len(gathered.parts))
             return proposal
 
@@ -243,8 +247,9 @@ class ProposalDesk:
 
     def apply(self, recipe: str, by: str | None, reason: str | None = None, expect_base: int | None = None) -> dict:
         """Apply the pending proposal: one store commit, the cameras on it reload, the change is announced."""
-        with self._lock:
-            held = self._pending.get(recipe)
+        with self._work:
+            with self._lock:
+                held = self._pending.get(recipe)
             if held is None:
                 raise RecipeError(f"recipe {recipe}: no pending proposal; propose first")
             p = held.proposal
@@ -256,14 +261,17 @@ class ProposalDesk:
             why = reason or f"proposal from {len(held.labels)} labels ({len(p.add_goldens)} goldens added)"
             committed = apply_pending(self._enroller(recipe), held, self._gather(recipe), by or "anonymous", why)
             drop_pending(self.store, recipe)
-            self._pending.pop(recipe, None)
-            self.applied += 1
+            with self._lock:
+                self._pending.pop(recipe, None)
+                self.applied += 1
             return self._announce(recipe, p, committed, by, why)
 
     def discard(self, recipe: str, by: str | None) -> None:
         """Drop the recipe's pending proposal (RecipeError when there is none)."""
-        with self._lock:
-            if self._pending.pop(recipe, None) is None:
+        with self._work:
+            with self._lock:
+                dropped = self._pending.pop(recipe, None)
+            if dropped is None:
                 raise RecipeError(f"recipe {recipe}: no pending proposal to discard")
             drop_pending(self.store, recipe)
         log.info("recipe %s: proposal discarded by %s", recipe, by)
@@ -296,7 +304,8 @@ class ProposalDesk:
                 self._auto(recipe, policy)
 
     def _auto(self, recipe: str, policy: LearnPolicy) -> None:
-        with self._lock:
+        with self._work:
+            proposal = None
             try:
                 proposal = self.propose(recipe, AUTO)
                 held = out_of_bounds(proposal, policy, len(self._pending[recipe].labels))
@@ -309,22 +318,24 @@ class ProposalDesk:
                     return
             except (RecipeError, ImageError, ValueError, OSError) as exc:
                 held = str(exc)
-            pending = self._pending.get(recipe)
-            if pending is not None:
-                pending.held = held
+            with self._lock:
+                pending = self._pending.get(recipe)
+            if proposal is not None and pending is not None and pending.proposal is proposal:
+                pending.held = held  # kept for the technician, with the reason
                 save_pending(self.store, pending)
             self._notice(recipe, f"recipe {recipe}: proposal not applied automatically: {held}")
         self.slots.changed()
 
     def _notice(self, recipe: str, text: str) -> None:
         log.warning("%s", text)
-        self.notices.append({"recipe": recipe, "message": text, "at": now_iso()})
+        with self._lock:
+            self.notices.append({"recipe": recipe, "message": text, "at": now_iso()})
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """The status's ``proposals``: pending ones in short, notices, counts."""
         with self._lock:
-            pending = dict(self._pending)
+            pending, notices, applied = dict(self._pending), list(self.notices), self.applied
         out: dict[str, Any] = {}
         for name, held in sorted(pending.items()):
             p = held.proposal
@@ -344,7 +355,7 @@ class ProposalDesk:
                     "held": held.held,
                     "notes": p.notes,
                 }
-        return {"pending": out, "applied": self.applied, "notices": list(self.notices)}
+        return {"pending": out, "applied": applied, "notices": notices}
 
     # -- helpers ---------------------------------------------------------------------------------
     def _gather(self, recipe: str) -> Gathered:
