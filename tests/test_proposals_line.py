@@ -26,6 +26,7 @@ from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.recipes.store import Recipe, RecipeStore
 from anomalygpt_edge.runtime.tools import synthetic
+from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
 
 TECH = "station-tech"
 
@@ -131,6 +132,16 @@ def test_labelled_false_rejects_are_proposed_applied_over_mqtt_and_rolled_back(
         r["stale"] = _ask(sub, "prp", "recipe", {"action": "apply", "recipe": "bracket", "client_id": TECH})
         discarded = _ask(sub, "prp", "recipe", {"action": "discard", "recipe": "bracket", "client_id": TECH})
         r["discarded twice"] = _ask(sub, "prp", "recipe", {"action": "discard", "recipe": "bracket", "client_id": TECH})
+        # A label from the station's button reaches the drift watch too (the camera's current watch).
+        last = _ask(sub, "prp", "trigger", {"camera": "cam1", "part_id": "S1"}, timeout=60)
+        assert daemon.archive is not None
+        daemon.archive.flush()
+        station = DaemonStation(daemon)
+        try:
+            station.label_verdict(last["id"], "defect", "anna")
+        finally:
+            station.stop()
+        station_drift = daemon.drift_states().get("cam1") or {}
     finally:
         daemon.stop()
         sub.close()
@@ -174,6 +185,7 @@ def test_labelled_false_rejects_are_proposed_applied_over_mqtt_and_rolled_back(
     assert back["bank_version"] == strict.bank_version and back["threshold"] == approx(1e-6, rel=1e-4), back
     assert again["ok"] and forward["ok"], (again, forward)
     assert discarded["ok"], discarded
+    assert station_drift.get("labelled_defect") == 1, station_drift
     assert store.load("bracket").bank_version == applied["bank_version"], "the stale apply changed nothing"
     assert not (store.folder("bracket") / "proposal.json").exists(), "a discarded proposal is gone on restart too"
 
