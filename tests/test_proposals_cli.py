@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from anomalygpt_edge.cli import main
 from anomalygpt_edge.engines import EngineBundle
 from anomalygpt_edge.engines.preprocess import crop_roi
 from anomalygpt_edge.runtime.delivery.archive import Archive
+from anomalygpt_edge.runtime.line.proposals import ProposalDesk
 from anomalygpt_edge.runtime.recipes.inspector import Inspector
 from anomalygpt_edge.runtime.recipes.store import Recipe, RecipeStore
 from anomalygpt_edge.runtime.tools import synthetic
@@ -78,6 +80,11 @@ def test_cli_propose_prints_before_after_and_apply_makes_the_pending_proposal_li
     assert "false rejects  5/5" in table, table
     assert "1 labelled verdicts have no kept image" in table, table
     assert (store.folder("bracket") / "proposal.json").is_file(), "pending for the daemon and for apply"
+    # A daemon started later (its proposal desk reads the store) shows the same pending proposal.
+    desk = ProposalDesk(SimpleNamespace(store=store), lambda: None)
+    shown = desk.pending("bracket")
+    assert shown is not None and shown.to_json() == proposal
+    assert desk.status()["pending"]["bracket"]["add_goldens"] == len(proposal["add_goldens"])
     assert store.load("bracket").bank_version == strict.bank_version, "proposing changes nothing"
 
     assert main(["recipe", "apply", *base, "--by", "anna", "--reason", "new supplier"]) == 0
@@ -105,6 +112,7 @@ _APPLIER = """
 import time
 from anomalygpt_edge.engines import EngineBundle
 from anomalygpt_edge.runtime.delivery.archive import Archive
+from anomalygpt_edge.runtime.line.proposals import ProposalDesk
 from anomalygpt_edge.runtime.line import proposals as desk
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 from anomalygpt_edge.runtime.recipes.proposal import propose
