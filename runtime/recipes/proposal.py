@@ -36,6 +36,7 @@ import inspect
 import math
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -276,8 +277,9 @@ def _with_defect_threshold(recipe: Recipe) -> Recipe:
 
 
 #: The last proposal's scratch build (one, in a temporary folder), so that applying it right away
-#: does not compute it again; any new proposal or apply drops it, and so does the process's exit.
+#: does not compute it again; the next proposal replaces it, an apply takes it, the process's exit drops it.
 _LAST: dict[str, Any] = {}
+_LOCK = threading.Lock()
 
 
 def _fingerprint(parts: Sequence[LabelledPart]) -> list[tuple[str, str, str]]:
@@ -285,12 +287,21 @@ def _fingerprint(parts: Sequence[LabelledPart]) -> list[tuple[str, str, str]]:
 
 
 def _remember(build: _Build, tmp: str, parts: Sequence[LabelledPart]) -> None:
-    _LAST.update(build=build, tmp=tmp, parts=_fingerprint(parts))
+    with _LOCK:
+        old = _LAST.get("tmp")
+        _LAST.clear()
+        _LAST.update(build=build, tmp=tmp, parts=_fingerprint(parts))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def _forget() -> None:
-    tmp = _LAST.pop("tmp", None)
-    _LAST.clear()
+def _forget(only: str | None = None) -> None:
+    """Drop the kept build (only the one in folder ``only`` when given) and its folder."""
+    with _LOCK:
+        tmp = _LAST.get("tmp")
+        if only is not None and tmp != only:
+            return
+        _LAST.clear()
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -298,18 +309,21 @@ def _forget() -> None:
 atexit.register(lambda: _forget())
 
 
-def _recall(proposal: Proposal, parts: Sequence[LabelledPart]) -> _Build | None:
-    """The scratch build of ``proposal`` if it is the last one computed, from these very parts, on this base."""
-    build = _LAST.get("build")
-    if build is None or _LAST.get("parts") != _fingerprint(parts):
-        return None
-    if build.recipe.name != proposal.recipe or build.base_version != proposal.base_bank_version:
-        return None
-    if sorted(build.added) != sorted(proposal.add_goldens) or sorted(build.defects) != sorted(proposal.add_defects):
-        return None
-    if build.recipe.threshold is None or build.recipe.threshold.value != proposal.threshold_after:
-        return None
-    return build
+def _take(proposal: Proposal, parts: Sequence[LabelledPart]) -> tuple[_Build, str] | None:
+    """The kept scratch build of ``proposal`` (now the caller's), if it is the last one computed, from these parts."""
+    with _LOCK:
+        build = _LAST.get("build")
+        if build is None or _LAST.get("parts") != _fingerprint(parts):
+            return None
+        if build.recipe.name != proposal.recipe or build.base_version != proposal.base_bank_version:
+            return None
+        if sorted(build.added) != sorted(proposal.add_goldens) or sorted(build.defects) != sorted(proposal.add_defects):
+            return None
+        if build.recipe.threshold is None or build.recipe.threshold.value != proposal.threshold_after:
+            return None
+        tmp = _LAST["tmp"]
+        _LAST.clear()
+        return build, tmp
 
 
 def _live_scores(enroller: Enroller, recipe: Recipe, store: RecipeStore, parts: Sequence[LabelledPart]) -> list[float]:
@@ -332,7 +346,6 @@ def propose(enroller: Enroller, recipe_name: str, parts: Sequence[LabelledPart])
     goods = [p for p in parts if p.label == "good"]
     defects = [p for p in parts if p.label == "defect"]
     before_scores = dict(zip([p.name for p in parts], _live_scores(enroller, live, enroller.store, parts)))
-    _forget()
     tmp = tempfile.mkdtemp(prefix="agpt-proposal-")
     try:
         build = _build(enroller, live, parts, Path(tmp), check=True)
@@ -350,7 +363,7 @@ def propose(enroller: Enroller, recipe_name: str, parts: Sequence[LabelledPart])
         )
         defect_scores = {d.name: d.score for d in new.defects}
     except BaseException:
-        _forget()
+        _forget(only=tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     assert new.threshold is not None  # checked above
@@ -442,27 +455,37 @@ def apply(enroller: Enroller, proposal: Proposal, parts: Sequence[LabelledPart],
             )
         if not chosen:
             raise RecipeError(f"proposal for {proposal.recipe}: nothing to apply (no goldens or defects to add)")
-        build = _recall(proposal, parts)
-        with tempfile.TemporaryDirectory(prefix="agpt-apply-") as tmp:
-            if build is None:  # not the proposal just computed: compute it again, on the live base
-                build = _build(enroller, live, chosen, Path(tmp), check=False)
-                build.recipe = _with_defect_threshold(build.recipe)
-            new = build.recipe
-            if new.threshold is None:
-                raise RecipeError(f"recipe {proposal.recipe}: with these parts no threshold could be set")
-            _copy_files(build.store, store, live, new)
-            bank = build.store.load_bank(new)
-            head = build.store.load_head(new, enroller.pipeline.feature_dim)
-            final = replace(
-                new,
-                bank_version=live.bank_version,
-                bank_file=live.bank_file,
-                bank_record=live.bank_record,
-                created_at=live.created_at,
-            )
-            committed = store.commit(final, bank, head, **_commit_kwargs(store, by, reason))
-        _forget()
-        return committed
+        taken = _take(proposal, parts)
+        try:
+            return _commit_build(enroller, live, chosen, taken[0] if taken else None, by, reason)
+        finally:
+            if taken:
+                shutil.rmtree(taken[1], ignore_errors=True)
+
+
+def _commit_build(
+    enroller: Enroller, live: Recipe, chosen: Sequence[LabelledPart], build: _Build | None, by: str, reason: str
+) -> Recipe:
+    """Commit ``build`` (computed again from ``chosen`` on ``live`` when None) into the live store."""
+    store = enroller.store
+    with tempfile.TemporaryDirectory(prefix="agpt-apply-") as tmp:
+        if build is None:  # not the proposal just computed: compute it again, on the live base
+            build = _build(enroller, live, chosen, Path(tmp), check=False)
+            build.recipe = _with_defect_threshold(build.recipe)
+        new = build.recipe
+        if new.threshold is None:
+            raise RecipeError(f"recipe {live.name}: with these parts no threshold could be set")
+        _copy_files(build.store, store, live, new)
+        bank = build.store.load_bank(new)
+        head = build.store.load_head(new, enroller.pipeline.feature_dim)
+        final = replace(
+            new,
+            bank_version=live.bank_version,
+            bank_file=live.bank_file,
+            bank_record=live.bank_record,
+            created_at=live.created_at,
+        )
+        return store.commit(final, bank, head, **_commit_kwargs(store, by, reason))
 
 
 def _copy_files(scratch: RecipeStore, store: RecipeStore, live: Recipe, new: Recipe) -> None:
