@@ -220,3 +220,24 @@ def tally(sent_ids: list[str], messages: list[dict[str, Any]]) -> Tally:
         lost=len(lost),
         lost_ids=lost[:10],
     )
+
+
+def kill_when_ready(code: str, delay: float, stderr: Any = None) -> int:
+    """Run Python ``code`` in a child; once it prints ``ready``, let it work ``delay`` s, then SIGKILL it.
+
+    SIGKILL runs no cleanup, like a power cut. Returns the child's exit code (-9 when the kill
+    landed; anything else means it stopped by itself first).
+    """
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        try:
+            child.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    finally:
+        child.kill()
+        child.wait()
+    return child.returncode

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import replace
@@ -17,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import faults  # tests/faults.py: the SIGKILL helper
 import pytest
 from daemon_fixtures import line_fixture  # noqa: F401 - fixtures are used by name
 from test_recipe_versions import assert_consistent
@@ -135,17 +134,8 @@ while True:
 def _run_and_kill(code: str, delay: float, log: Path) -> None:
     """Run ``code`` in a child, SIGKILL it ``delay`` s after it is ready; it must not have died by itself."""
     with log.open("w") as err:
-        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-            try:
-                child.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                child.kill()  # SIGKILL: no cleanup runs, like a power cut
-        finally:
-            child.kill()
-            child.wait()
-    assert child.returncode == -9, f"the child stopped by itself: {log.read_text()[-2000:]}"
+        code_ = faults.kill_when_ready(code, delay, stderr=err)
+    assert code_ == -9, f"the child stopped by itself: {log.read_text()[-2000:]}"
 
 
 def test_sigkill_during_proposal_applies_leaves_the_old_or_the_new_version_whole(

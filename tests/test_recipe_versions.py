@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
+import faults  # tests/faults.py: the SIGKILL helper
 import numpy as np
 import parts
 import pytest
@@ -209,16 +208,7 @@ while True:
 
 def _kill_at_random(code: str, delay: float) -> None:
     """Run ``code`` in a child, let it work for ``delay`` s after it is ready, then SIGKILL it."""
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-        try:
-            child.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            child.kill()  # SIGKILL: no cleanup runs, like a power cut
-    finally:
-        child.kill()
-        child.wait()
+    faults.kill_when_ready(code, delay)
 
 
 def test_sigkill_during_commits_that_add_goldens_leaves_the_old_or_the_new_version_never_a_mix(
