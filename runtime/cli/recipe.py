@@ -25,7 +25,7 @@ from anomalygpt_edge.runtime.defaults import DEFAULT_STORE
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``recipe versions`` and ``recipe rollback``."""
-    r = sub.add_parser("recipe", help="a recipe's kept versions; roll back to one")
+    r = sub.add_parser("recipe", help="a recipe's kept versions and rollback; proposals from labelled verdicts")
     actions = r.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")
     v = actions.add_parser("versions", help="the live version and the kept ones, in one line")
     b = actions.add_parser("rollback", help="make the previous (or --to N) kept version live, crash-safely")
