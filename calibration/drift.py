@@ -67,6 +67,26 @@ technician said ``good`` or ``defect``) give the false-reject rate (NG among par
 tested against the same band) and the escape rate (OK among parts labelled defect, reported).
 The expected rate (``expected_reject_rate``, the recipe's estimate) is only quoted in the words.
 
+**Labelled defects in the windows.** Both the passed-part window and the reject count assume the
+parts are (nearly all) good. A line that passes many defects, or rejects many real ones (as a
+recipe that has learnt from labelled defects does), breaks that: escaped defects score above the
+goldens and real rejects are not false ones, and the watch would cry "drift" after every approved
+change that made the recipe catch more (``bench learn``: deeppcb's passed window was about half
+escaped defects, magnetic tile's test line is 47 % defective; the good parts themselves scored
+like the new version's goldens, Mann-Whitney 0.40-0.61). So once the labels window holds at least
+``MIN_LABELLED`` labels with a defect among them, the labels say how much may be defects: with π
+the one-sided 95 % upper bound (exact binomial) of the labelled defect share, up to ``n * π`` of
+the window's rejects are taken as real (the rest tested against the band of the goods left);
+with s the same bound among the labelled OK verdicts, the score tests allow the escaped defects'
+worst case (every one above the goldens): share count band + ``m * s``, pair-share band
+``(1 - s) * band + s``. Upper bounds, so labels only ever make the watch quieter than the goods
+alone would, never louder, and on a line with many defects the unlabelled statistics then say
+little: the labelled goods' false rejects (tested at full strength) are the flag there. No labelled
+defect, or fewer than ``MIN_LABELLED`` labels, changes nothing (bsdata's early flag, the control).
+It assumes the labels are a fair sample of the verdicts (a technician labelling only rejects
+inflates π and quiets the watch). A watch rebuilt for a new version of the same recipe keeps the
+labels window (:meth:`DriftWatch.carry_labels`): the line's defects did not change with the recipe.
+
 Windows: the last ``window_parts`` parts; with ``window_hours`` also only those of the last that
 many hours (both limits apply, so the bands' tables stay bounded).
 """
@@ -74,6 +94,7 @@ many hours (both limits apply, so the bands' tables stay bounded).
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import threading
 import time
@@ -90,6 +111,10 @@ REFERENCE_Q = 0.95
 DEFECT_LABELS = frozenset({"defect"})
 #: Largest window (parts): bands are tabulated per window size, lazily (see :class:`_Bands`).
 MAX_WINDOW = 5000
+#: Labelled verdicts of a kind (OK or NG) needed before their defect share adjusts the bands.
+MIN_LABELLED = 10
+#: Confidence of the labelled defect shares' upper bounds.
+LABEL_CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -192,6 +217,30 @@ class _Bands:
         return count
 
 
+@functools.lru_cache(maxsize=4096)
+def share_upper(k: int, n: int, confidence: float = LABEL_CONFIDENCE) -> float:
+    """One-sided upper confidence bound of a share seen as ``k`` of ``n`` (exact binomial, Clopper-Pearson)."""
+    if n <= 0 or k >= n:
+        return 1.0
+    lo, hi = k / n, 1.0
+    for _ in range(50):  # P(Binom(n, p) <= k) falls as p grows
+        mid = (lo + hi) / 2
+        if _binom_cdf(k, n, mid) > 1 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+        for i in range(k + 1)
+    ]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
 def _tail_frr(threshold: float, golden: np.ndarray, shift: float = 0.0) -> float | None:
     if golden.size < 3:
         return None
@@ -240,6 +289,7 @@ class DriftWatch:
         self._verdicts: deque[tuple[float, bool]] = deque()  # (at, rejected)
         self._rejects = 0
         self._labels: deque[tuple[float, bool, bool]] = deque()  # (at, labelled defect, rejected)
+        self._label_counts = [0, 0, 0, 0]  # labelled OK, of them defect, labelled NG, of them defect
         self._parts_seen = 0
         self._verdicts_seen = 0
         self._first_flag: int | None = None  # passed parts seen when the score drift was first flagged
@@ -280,10 +330,38 @@ class DriftWatch:
             return
         now = time.time() if at is None else float(at)
         with self._lock:
-            self._labels.append((now, label in DEFECT_LABELS, verdict == "NG"))
-            if len(self._labels) > self.settings.window_parts:
-                self._labels.popleft()
+            self._add_label((now, label in DEFECT_LABELS, verdict == "NG"))
             self._expire(now)
+
+    def carry_labels(self, previous: DriftWatch) -> None:
+        """Start with ``previous``'s labels window (a new version of the same recipe: same line, same defects)."""
+        with previous._lock:
+            labels = list(previous._labels)
+        with self._lock:
+            for item in labels:
+                self._add_label(item)
+
+    def _add_label(self, item: tuple[float, bool, bool]) -> None:
+        self._labels.append(item)
+        self._count_label(item, 1)
+        if len(self._labels) > self.settings.window_parts:
+            self._count_label(self._labels.popleft(), -1)
+
+    def _count_label(self, item: tuple[float, bool, bool], sign: int) -> None:
+        _, defect, rejected = item
+        self._label_counts[2 * rejected] += sign
+        self._label_counts[2 * rejected + 1] += sign * defect
+
+    def _defect_share(self, passed: bool) -> float:
+        """Upper bound of the labelled defect share among the labelled OK verdicts (``passed``) or among all
+        labelled verdicts; 0 below MIN_LABELLED labels or with no labelled defect."""
+        c = self._label_counts
+        n, k = (c[0], c[1]) if passed else (c[0] + c[2], c[1] + c[3])
+        return share_upper(k, n) if n >= MIN_LABELLED and k else 0.0
+
+    def _real_rejects(self, n: int, rejects: int) -> float:
+        """Of ``rejects`` in ``n`` verdicts, how many the labelled defect share can explain (its upper bound)."""
+        return min(float(rejects), n * self._defect_share(passed=False))
 
     def _evict_passed(self) -> None:
         _, _, below2, above = self._passed.popleft()
@@ -300,7 +378,7 @@ class DriftWatch:
         while self._verdicts and self._verdicts[0][0] < cutoff:
             self._rejects -= self._verdicts.popleft()[1]
         while self._labels and self._labels[0][0] < cutoff:
-            self._labels.popleft()
+            self._count_label(self._labels.popleft(), -1)
 
     # -- judging ------------------------------------------------------------------------------
     def _score_drift(self) -> tuple[bool, float | None, float | None, float | None, float | None]:
@@ -310,15 +388,32 @@ class DriftWatch:
             return False, None, None, None, None
         share = self._above / m
         share_band = self._share_bands[m] / m
+        escaped = self._defect_share(passed=True)  # passed parts that may be defects (labels' bound)
+        share_count = min(m + 1, self._share_bands[m] + math.ceil(m * escaped))
+        share_band = share_count / m
         auc = self._u / (m * self.k)
         auc_band = 0.5 + self.settings.z_auc * math.sqrt((m + self.k + 1) / (12.0 * m * self.k))
+        auc_band = (1 - escaped) * auc_band + escaped
         enough = m >= self.settings.min_parts
-        drifting = enough and (self._above >= self._share_bands[m] or auc > auc_band)
+        drifting = enough and (self._above >= share_count or auc > auc_band)
         return drifting, share, share_band, auc, auc_band
 
-    def _rate_high(self, n: int, rejects: int) -> bool:
-        """Is ``rejects`` of ``n`` above what the goldens allow good parts?"""
-        return bool(self._rate_bands is not None and n >= self.settings.min_parts and rejects >= self._rate_bands[n])
+    def _rate_high(self, n: int, rejects: int, labelled: bool = False) -> bool:
+        """Is ``rejects`` of ``n`` above what the goldens allow good parts (the labelled defects' rejects out)?"""
+        if self._rate_bands is None or n < self.settings.min_parts:
+            return False
+        if labelled:  # the labelled goods' own rejects: nothing to take out
+            return bool(rejects >= self._rate_bands[n])
+        real = self._real_rejects(n, rejects)
+        goods = max(1, round(n - real))
+        return bool(goods >= self.settings.min_parts and rejects - real >= self._rate_bands[goods])
+
+    def _rate_band(self, n: int, rejects: int) -> float | None:
+        """The reject share above which the reject-rate flag is raised now (labelled defects' rejects allowed for)."""
+        if self._rate_bands is None or not n:
+            return None
+        real = self._real_rejects(n, rejects)
+        return (self._rate_bands[max(1, round(n - real))] + real) / n
 
     def state(self, now: float | None = None) -> DriftState:
         """The statistics, bands, flags and plain words now (windows expired to ``now``)."""
@@ -330,13 +425,14 @@ class DriftWatch:
             good = [rej for _, defect, rej in self._labels if not defect]
             bad = [rej for _, defect, rej in self._labels if defect]
             first, first_rate = self._first_flag, self._first_rate_flag
+            rate_high, rate_band = self._rate_high(n, rejects), self._rate_band(n, rejects)
         expected_now = None
         if scores.size and self.k >= 3:
             expected_now = _tail_frr(self.threshold, self.golden, float(np.median(scores) - np.median(self.golden)))
         state = DriftState(
             drifting=drifting,
-            reject_rate_high=self._rate_high(n, rejects),
-            labelled_frr_high=self._rate_high(len(good), sum(good)),
+            reject_rate_high=rate_high,
+            labelled_frr_high=self._rate_high(len(good), sum(good), labelled=True),
             passed_parts=int(scores.size),
             goldens=self.k,
             share_above_p95=share,
@@ -349,7 +445,7 @@ class DriftWatch:
             verdicts=n,
             reject_rate=rejects / n if n else None,
             expected_reject_rate=self.expected_reject_rate,
-            reject_rate_band=self._rate_bands[n] / n if self._rate_bands is not None and n else None,
+            reject_rate_band=rate_band,
             labelled_good=len(good),
             labelled_defect=len(bad),
             labelled_frr=sum(good) / len(good) if good else None,

@@ -172,3 +172,58 @@ def test_goldens_above_the_threshold_are_left_out_as_the_window_truncates_parts(
 def test_bad_settings_are_named(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DriftSettings(**settings)
+
+
+def _defect_heavy_line(watch: DriftWatch, rng: np.random.Generator, threshold: float, labels: bool) -> int | None:
+    """1,000 parts, 45 % defects scoring above the goldens (a third of them under the threshold: escapes), the
+    goods from the goldens' own population; every 10th part labelled with its truth when ``labels``."""
+    for i in range(1, 1001):
+        defect = rng.random() < 0.45
+        escape = rng.random() < 1 / 3
+        s = float(rng.uniform(0.85 * threshold, threshold) if escape else rng.uniform(threshold, 3 * threshold))
+        s = s if defect else float(rng.lognormal(0.0, SPREAD))
+        verdict = "OK" if s <= threshold else "NG"
+        watch.observe(s, verdict, at=float(i))
+        if labels and i % 10 == 0:
+            watch.observe_label("defect" if defect else "good", verdict, at=float(i))
+        if watch.state(now=float(i)).flagged:
+            return i
+    return None
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_labelled_defects_explain_the_rejects_and_escapes_of_a_defect_heavy_line(seed: int) -> None:
+    golden = np.random.default_rng(300 + seed).lognormal(0.0, SPREAD, 40)  # a recipe grown by applied labels
+    threshold = _threshold(golden)
+    unlabelled = _defect_heavy_line(DriftWatch(golden, threshold, 0.01), np.random.default_rng(seed), threshold, False)
+    assert unlabelled is not None  # without labels the watch cannot tell the defects from a drift: it flags
+    watch = DriftWatch(golden, threshold, 0.01, name="bracket")
+    for i in range(30):  # a watch that holds the line's labels (carry_labels: a version after an apply) stays quiet
+        defect = i % 2 == 0
+        watch.observe_label("defect" if defect else "good", "NG" if defect and i % 6 else "OK", at=0.0)
+    first = _defect_heavy_line(watch, np.random.default_rng(seed), threshold, True)
+    assert first is None, f"false alarm after {first} parts: {watch.state(now=1000.0).message}"
+
+
+def test_labelled_defects_do_not_hide_goods_that_drift() -> None:
+    flagged_at = []
+    for seed in range(10):
+        rng, golden, threshold = _recipe(400 + seed)
+        watch = DriftWatch(golden, threshold, 0.01, name="bracket")
+        for i in range(40):  # a line with 5 % labelled defects, all rejected, and labelled goods passed
+            watch.observe_label("defect" if i % 20 == 0 else "good", "NG" if i % 20 == 0 else "OK", at=0.0)
+        flagged_at.append(_feed(watch, rng.lognormal(2 * SPREAD, SPREAD, 100), threshold))
+    caught = [f for f in flagged_at if f is not None]
+    assert len(caught) >= 9, flagged_at
+
+
+def test_a_new_version_of_the_recipe_keeps_the_labels_window() -> None:
+    _, golden, threshold = _recipe(7)
+    old = DriftWatch(golden, threshold, 0.01, name="bracket")
+    for i in range(12):
+        old.observe_label("defect" if i % 3 == 0 else "good", "NG" if i % 3 == 0 else "OK", at=float(i))
+    new = DriftWatch(golden * 1.1, threshold * 1.1, 0.01, name="bracket")
+    new.carry_labels(old)
+    state = new.state(now=12.0)
+    assert (state.labelled_good, state.labelled_defect) == (8, 4)
+    assert state.labelled_escape == 0.0 and state.labelled_frr == 0.0

@@ -114,3 +114,28 @@ def test_rate_upper_bound_is_the_exact_one_sided_binomial_bound() -> None:
     assert rate_upper_bound(0, 59) == pytest.approx(0.0495, abs=5e-4)  # the rule of three's exact form
     assert rate_upper_bound(0, 0) == 1.0
     assert 0.1 < rate_upper_bound(1, 10) < 0.4
+
+
+def test_a_recipe_after_an_apply_gets_no_drift_flag_on_parts_from_its_own_population(
+    tmp_path: Path, bundle: EngineBundle
+) -> None:
+    """The drift watch is rebuilt on the applied version's held-out golden scores (the retrained head's
+    cross-fitted ones): fresh good parts of the same population must not read as a drift against them."""
+    from anomalygpt_edge.calibration.drift import DriftSettings
+    from anomalygpt_edge.runtime.line.drift_watch import watch_for
+
+    enroller = enrolled(tmp_path, bundle)
+    labelled = [LabelledPart(f"new_{i}.png", parts.good_part(200 + i), "good") for i in range(8)]
+    spots = ["top left", "bottom right", "center"]
+    labelled += [LabelledPart(f"bad_{i}.png", parts.scratched_part(260 + i, s), "defect") for i, s in enumerate(spots)]
+    proposal = propose(enroller, "plate", labelled)
+    assert proposal.retrain_head and len(proposal.add_goldens) == 8, proposal.to_json()
+    recipe = apply(enroller, proposal, labelled, by="tech", reason="labels")
+    inspector = Inspector(bundle, recipe, enroller.store)
+    watch = watch_for(inspector, DriftSettings(min_parts=30))
+    fresh = inspector.inspect_batch([parts.good_part(700 + i) for i in range(40)])
+    for i, v in enumerate(fresh):
+        watch.observe(v.score, v.verdict, at=float(i))
+    state = watch.state(now=40.0)
+    assert state.passed_parts >= 30, [v.verdict for v in fresh]
+    assert not state.flagged, state.message

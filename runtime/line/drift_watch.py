@@ -4,7 +4,9 @@ Fed from the verdict path (:class:`VerdictPublisher`, every published verdict, o
 worker): O(1) amortised per part under one lock, no thread, and it never raises into the verdict
 path. A camera's watch is rebuilt the first verdict after its inspector changed (a recipe switch,
 a re-enrollment or a reload gives a new :class:`Inspector`): the watch compares the parts with the
-goldens *of the recipe that judged them*, so the windows start empty then. A new watch costs
+goldens *of the recipe that judged them*, so the windows start empty then (the labels window
+of a new version of the same recipe is kept: the line's defect share, which the watch's bands
+allow for, did not change with the recipe; see ``calibration/drift.py``). A new watch costs
 nothing up front: its bands are tabulated one window size at a time as the window fills.
 
 Read by the status document (a ``drift`` object per camera, the plain-words ``warnings`` list), by
@@ -96,6 +98,8 @@ class DriftWatches:
             if held is not None and held[0] is inspector:
                 return held[1]
         watch = watch_for(inspector, self.settings)
+        if held is not None and held[1].name == watch.name:  # a new version of the same recipe: same line
+            watch.carry_labels(held[1])
         with self._lock:
             self._watches[camera] = (inspector, watch)
         return watch

@@ -12,7 +12,9 @@ Per dataset (MVTec layout; ``ground_truth/`` optional: the operator labels image
 5. false-reject and escape rates per window of ``--window`` parts, and of the first and last
    quarter of the parts, for both; for context the oracle of the last quarter: the lowest escape
    any threshold on those scores gives at 5 % false rejects (no line has it);
-6. the drift watch (``calibration/drift.py``) watches the learning replay's verdicts:
+6. the drift watch (``calibration/drift.py``) watches the learning replay's verdicts and gets
+   the operator's labels (as the line's watch does), its labels window kept when an apply
+   rebuilds it for the new version:
    ``drift_first_flag_part`` is the part index of its first flag of any kind (score drift, reject
    rate above what the goldens allow, labelled false rejects), ``drift_first_flag_good_parts`` how
    many good parts had passed the line by then; ``drift_score_flag_part`` the score-drift
@@ -72,6 +74,14 @@ def _watch(recipe: Recipe) -> Any | None:
     golden = [s.score for s in recipe.samples if s.score is not None]
     expected = (recipe.quality.get("expectation") or {}).get("estimated_frr")
     return drift.DriftWatch(golden, recipe.threshold.value, expected, name=recipe.name)
+
+
+def _rewatch(recipe: Recipe, previous: Any | None) -> Any | None:
+    """The watch of a new version, keeping the previous watch's labels (as ``DriftWatches`` does on the line)."""
+    watch = _watch(recipe)
+    if watch is not None and previous is not None and hasattr(watch, "carry_labels"):
+        watch.carry_labels(previous)
+    return watch
 
 
 @dataclass
@@ -174,10 +184,12 @@ class Line:
                         out.any_flag = _flag_record(state, i, goods_passed)
                 if self.args.label_every and (i + 1) % self.args.label_every == 0:
                     pending.append(LabelledPart(name, image, "defect" if defect else "good", kind if defect else None))
+                    if watch is not None:  # as the line's labels reach its watch (ProposalDesk.on_label)
+                        watch.observe_label("defect" if defect else "good", "NG" if ng else "OK", at=float(i))
                     n_labels += 1
                     if n_labels % self.args.apply_every == 0:
                         live = self.learn(pending, i, out)
-                        watch = _watch(live.recipe) if watch is not None or _drift_module() else None
+                        watch = _rewatch(live.recipe, watch)
                         pending = []
         return out
 
