@@ -158,3 +158,47 @@ def test_a_bad_drift_section_is_named_with_its_line(window: str, min_parts: str,
 def test_the_drift_section_defaults_to_on_with_a_200_part_window() -> None:
     cfg = parse_config(DRIFT_CONFIG.format(window=200, min_parts=30).replace("drift:\n", "drift:\n  window_hours: 8\n"))
     assert cfg.drift.enabled and cfg.drift.window_parts == 200 and cfg.drift.window_hours == 8.0
+
+
+def test_a_new_version_of_the_live_recipe_keeps_the_labels_a_switch_does_not(
+    tmp_path: Path, default_bundle_dir: Path
+) -> None:
+    """DriftWatches rebuilds a camera's watch when its inspector changes: an applied proposal (a new
+    version of the same recipe) keeps the labels window, whose defect share the bands allow for; a
+    switch to another recipe starts with none."""
+    import parts
+
+    from anomalygpt_edge.engines import EngineBundle
+    from anomalygpt_edge.runtime.line.drift_watch import DriftConfig, DriftWatches
+    from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
+    from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+    from anomalygpt_edge.runtime.recipes.inspector import Inspector
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+
+    base = "device:\n  id: d\ncameras:\n  cam1:\n    type: video_file\n    source: a.avi\n"
+    config = parse_config(base + "recipes:\n  - camera: cam1\n    recipe: plate\n", "line.yaml")
+    store, bundle = RecipeStore(tmp_path / "store"), EngineBundle.open(default_bundle_dir)
+    enroller = Enroller(store, bundle)
+    for name in ("plate", "other"):
+        enroller.create(name)
+        enroller.add(name, [(f"good_{i}.png", parts.good_part(i)) for i in range(10)], accept_flagged=True)
+    slots = RecipeSlots(config, store)
+    watches = DriftWatches(DriftConfig(), slots)
+
+    def go_live(name: str) -> Inspector:
+        inspector = Inspector(bundle, store.load(name), store)
+        slots.inspectors["cam1"], slots.recipe_names["cam1"] = inspector, name
+        watches.observe("cam1", inspector.inspect(parts.good_part(50)))
+        return inspector
+
+    go_live("plate")
+    for label, verdict in (("defect", "OK"), ("defect", "NG"), ("good", "OK")):
+        assert watches.on_label("cam1", label, verdict) == 1
+    enroller.add("plate", [("good_new.png", parts.good_part(60))], accept_flagged=True)  # a new version goes live
+    go_live("plate")
+    state = watches.states()["cam1"]
+    assert (state["recipe"], state["labelled_defect"], state["labelled_good"]) == ("plate", 2, 1)
+    assert state["passed_parts"] <= 1  # the parts window started over on the new version
+    go_live("other")
+    state = watches.states()["cam1"]
+    assert (state["recipe"], state["labelled_defect"], state["labelled_good"]) == ("other", 0, 0)
