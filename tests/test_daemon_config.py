@@ -189,3 +189,16 @@ def test_cross_field_mistakes_name_the_key_that_is_wrong() -> None:
 def test_a_config_naming_the_removed_torch_cuda_backend_says_it_was_removed_and_what_to_use() -> None:
     with pytest.raises(ConfigError, match=r"line.yaml:13: engines.backend: .*removed.*onnxruntime-cuda"):
         parse_config(VALID + "engines:\n  backend: torch-cuda\n", "line.yaml")
+
+
+def test_kept_recipe_versions_come_from_the_storage_section_and_are_bounded(tmp_path: Path) -> None:
+    from anomalygpt_edge.runtime.line.daemon import Daemon
+
+    text = VALID + "storage:\n  keep_versions: 1\n"
+    config = parse_config(text, "line.yaml", tmp_path)
+    assert config.storage.keep_versions == 1
+    assert Daemon(config).store.keep_versions == 1
+    assert parse_config(VALID, "line.yaml", tmp_path).storage.keep_versions == 3
+    with pytest.raises(ConfigError) as info:
+        parse_config(VALID + "storage:\n  keep_versions: -1\n", "line.yaml", tmp_path)
+    assert "line.yaml:13: storage.keep_versions: must be an integer between 0 and 100" in str(info.value)

@@ -161,6 +161,8 @@ class StorageConfig(_Section):
     """Where recipes and daemon state live, and the spool, archive and disk bounds."""
 
     store: ConfigPath = Path("data/recipes")  # the recipe store (banks, golden samples)
+    # Replaced recipe versions kept for a rollback (each keeps its bank, head and samples on disk).
+    keep_versions: integer(0, 100) = 3
     data: ConfigPath = Path("data")  # daemon state: <data>/spool.db, <data>/archive/
     spool: Flag = True  # every verdict on disk until the broker acknowledges it
     spool_max_rows: integer(1, 10**9) = 100000

@@ -104,7 +104,11 @@ class Daemon:
             config.device_id, heartbeat_s=config.health.heartbeat_s, metrics_bind=config.health.metrics_bind
         )
         self.supervisor = Supervisor(self.health)
-        self.slots = RecipeSlots(config, RecipeStore(config.storage.store), on_change=self.announce)
+        self.slots = RecipeSlots(
+            config,
+            RecipeStore(config.storage.store, keep_versions=config.storage.keep_versions),
+            on_change=self.announce,
+        )
         self.storage = LineStorage(config.storage, self.health.error)
         self.drift = DriftWatches(config.drift, self.slots)  # fed by the publisher, read by status and /metrics
         self.board: TriggerBoard | None = None
