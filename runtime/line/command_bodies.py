@@ -21,7 +21,7 @@ from anomalygpt_edge.runtime.recipes.store import DEFECT_TYPE
 from anomalygpt_edge.runtime.values import Name, Roi, TargetFrr
 
 ENROLL_ACTIONS = ("start", "add", "add_defect", "remove", "finish", "cancel")
-RECIPE_ACTIONS = ("list", "show", "switch", "rollback", "versions", "propose", "apply", "discard")
+RECIPE_ACTIONS = ("list", "show", "switch", "rollback", "versions", "propose", "apply", "discard", "pending")
 #: A defect's mask is a list of rectangles: a few boxes outline any defect a technician can name,
 #: and the bound keeps rasterising (and the payload) small whatever a client sends.
 MAX_MASK_RECTS = 32
@@ -171,7 +171,8 @@ class RecipeRollback(RecipeBody):
 
 
 class RecipePropose(RecipeBody):
-    """``propose`` / ``discard``: the recipe whose labels are learned from (or whose proposal is dropped)."""
+    """``propose`` / ``discard`` / ``pending``: the recipe whose labels are learned from (or whose proposal is
+    dropped, or shown)."""
 
     recipe: Name
 
@@ -193,6 +194,7 @@ RECIPE_BODIES: dict[str, type[RecipeBody]] = {
     "propose": RecipePropose,
     "apply": RecipeApply,
     "discard": RecipePropose,
+    "pending": RecipePropose,
 }
 
 

@@ -15,7 +15,7 @@ In order, for one received message:
    required. The token is removed from the body before the daemon sees it (never logged).
    With **neither** set, privileged commands are refused unless ``allow_anonymous`` is true
    (the config's ``commands.allow_anonymous_control``); only their read-only actions
-   (:data:`READ_ONLY_ACTIONS`: ``recipe`` list/show/versions) stay open, as triggers do.
+   (:data:`READ_ONLY_ACTIONS`: ``recipe`` list/show/versions/pending) stay open, as triggers do.
 
 MQTT does not tell a subscriber who published a message, so a client id in a user property is a
 *claim*: it is only trustworthy when the broker's ACL lets only that client publish to the
@@ -39,7 +39,7 @@ COMMANDS = ("trigger", "enroll", "recipe", "ask", "label")
 PRIVILEGED = ("enroll", "recipe", "label")
 #: Actions of privileged commands that change nothing: open without credentials even when
 #: anonymous control is off (an HMI may list recipes; it may not create or switch them).
-READ_ONLY_ACTIONS: dict[str, frozenset[str]] = {"recipe": frozenset({"list", "show", "versions"})}
+READ_ONLY_ACTIONS: dict[str, frozenset[str]] = {"recipe": frozenset({"list", "show", "versions", "pending"})}
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 MAX_DEPTH = 32
 MAX_TOPIC_LEN = 1024

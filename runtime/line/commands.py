@@ -7,8 +7,9 @@ malformed JSON, wrong types, unknown cameras or recipes and oversized payloads a
 and authorisation are checked by the command gate (``command_gate.py``); the bodies by their
 pydantic models (``command_bodies.py``). Triggers and enroll ``cancel`` are handled on paho's
 thread (they only queue work or drop a session, so a cancel is never stuck behind slow commands);
-everything slow runs on the ``commands`` thread. Enroll sessions are kept by ``enroll_desk.py``;
-asks awaiting their explanation by ``asks.py``.
+everything slow runs on the ``commands`` thread, except a recipe ``propose``: it is computed on the
+proposal desk's ``proposals`` thread (``proposals.py``) and answered from there when it is done.
+Enroll sessions are kept by ``enroll_desk.py``; asks awaiting their explanation by ``asks.py``.
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ class CommandCenter:
         """Drop enroll sessions idle past the timeout (called whenever the commands loop is idle)."""
         self.desk.expire()
 
-    def _cmd_recipe(self, cmd: Command, data: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_recipe(self, cmd: Command, data: dict[str, Any]) -> dict[str, Any] | None:
         body = recipe_body(data)
         store = self.slots.store
         if isinstance(body, RecipeShow):
@@ -324,8 +325,11 @@ class CommandCenter:
             "previous": change["from"],
         } | {k: change[k] for k in ("threshold", "cameras")}
 
-    def _recipe_proposal(self, cmd: Command, data: dict[str, Any], body: RecipePropose | RecipeApply) -> dict:
-        """``propose`` / ``apply`` / ``discard`` of the recipe's proposal from labels (runtime/line/proposals.py)."""
+    def _recipe_proposal(
+        self, cmd: Command, data: dict[str, Any], body: RecipePropose | RecipeApply
+    ) -> dict[str, Any] | None:
+        """``propose`` / ``apply`` / ``discard`` / ``pending`` of the recipe's proposal from labels
+        (runtime/line/proposals.py); a propose is answered from the ``proposals`` thread when computed."""
         desk, by = self.proposals, _sender(cmd, data)
         if desk is None:
             raise CommandError("proposals need the line daemon's archive and engines")
@@ -338,12 +342,27 @@ class CommandCenter:
             if body.action == "discard":
                 desk.discard(body.recipe, by)
                 return {"action": "discard", "recipe": body.recipe}
-            return {"action": "propose", "recipe": body.recipe, "proposal": desk.propose(body.recipe, by).to_json()}
+            if body.action == "pending":
+                held = desk.pending(body.recipe)
+                if held is None:
+                    raise CommandError(f"no pending proposal for {body.recipe}")
+                return {"action": "pending", "recipe": body.recipe, "proposal": held.to_json()}
+            desk.submit(body.recipe, by, lambda p, exc: self._proposed(cmd, data, body.recipe, p, exc))
+            return None
         except RecipeError as exc:
             raise CommandError(str(exc)) from None
 
+    def _proposed(self, cmd: Command, data: dict[str, Any], recipe: str, proposal: Any, exc: Exception | None) -> None:
+        """The reply to a ``propose`` (on the ``proposals`` thread, when it is computed)."""
+        if exc is None:
+            self._send(cmd, data, True, action="propose", recipe=recipe, proposal=proposal.to_json())
+        elif isinstance(exc, RecipeError | ImageError | ValueError | OSError):
+            self.fail(cmd, data, str(exc))
+        else:
+            self.fail(cmd, data, f"internal error: {type(exc).__name__}: {exc}")
+
     def _learn(self) -> None:
-        """Auto-apply where the ``learn:`` policy says it is due (never raises into the commands loop)."""
+        """Queue auto-apply where the ``learn:`` policy says it is due (never raises into the commands loop)."""
         if self.proposals is not None:
             try:
                 self.proposals.tick()

@@ -352,6 +352,7 @@ class Daemon:
             for i in range(worker.policy.workers):  # engines.workers loops share the bundle's queue
                 self.supervisor.spawn(f"inspect-{n}-{i}", worker.run, queue, stop)
         self.commands.start(self._spawner)
+        self.proposals.start(self._spawner)  # proposals computed off the commands thread (seconds each)
         for name, cam_cfg in self.config.cameras.items():
             binding = self.binding(name)
             if binding is not None and binding.trigger == "folder_watch":
@@ -408,6 +409,7 @@ class Daemon:
         # The commands and explanation loops end on their own stop signal, not on ``stopping``:
         # stop them before joining the supervised threads, or each join would wait its timeout.
         self.commands.stop()
+        self.proposals.stop()
         if self.explanations is not None:
             self.explanations.stop()
         self.supervisor.join(3.0)

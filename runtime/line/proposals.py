@@ -12,8 +12,14 @@ change is listed in the status's ``recipe_changes`` as a rollback is. A proposal
 the live bank version is no longer the one it was computed on, or a label it used changed since:
 its apply is refused with one line saying so.
 
+Computation runs on the desk's own ``proposals`` thread (:meth:`start`, :meth:`submit`), never on
+the ``commands`` thread, so enroll, switch, rollback and ask are not held up by a proposal (seconds
+on a real recipe). At most one computation per recipe is pending or running: a second ``propose``
+(or an ``apply`` / ``discard``) of a recipe being computed is refused at once with
+``a proposal for <recipe> is being computed`` (:data:`BUSY`); other recipes are not held up.
+
 Auto-apply (``learn:`` config, :class:`LearnPolicy`, off by default): after every ``every_labels``
-new labels of a recipe the desk proposes on the ``commands`` thread (:meth:`tick`, never the
+new labels of a recipe the desk proposes on the ``proposals`` thread (:meth:`tick`, never the
 inspection path) and applies only within the bounds, audited as ``by: auto`` with the bounds as
 reason and announced (``recipe_changes`` + a notice in the status's ``proposals``); out of bounds
 the proposal stays pending with the reason.
@@ -25,18 +31,26 @@ labelled false-reject and escape rates.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import queue
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from anomalygpt_edge.atomic_files import atomic_write_bytes
-from anomalygpt_edge.engines.preprocess import ImageError, read_image
+from anomalygpt_edge.engines.preprocess import ImageError
 from anomalygpt_edge.runtime.line.learn_config import LearnPolicy
-from anomalygpt_edge.runtime.recipes.proposal import MAX_PARTS, LabelledPart, Proposal, apply, propose
+from anomalygpt_edge.runtime.line.proposal_parts import (
+    Gathered,
+    Pending,
+    apply_pending,
+    drop_pending,
+    gather,
+    load_pending,
+    save_pending,
+    staleness,
+)
+from anomalygpt_edge.runtime.recipes.proposal import Proposal, propose
 from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore, now_iso
 
 if TYPE_CHECKING:
@@ -44,139 +58,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROPOSAL_FILE = "proposal.json"
 #: Notices (auto-applies, held proposals) the status lists, newest last.
 MAX_NOTICES = 8
 #: The author of an automatic change.
 AUTO = "auto"
-
-
-@dataclass
-class Gathered:
-    """The labelled parts of one recipe read from the archive, and what could not be used."""
-
-    parts: list[LabelledPart] = field(default_factory=list)
-    labels: list[list[Any]] = field(default_factory=list)  # [verdict id, label, labelled at] per part
-    no_image: int = 0
-    not_judged: int = 0
-    unreadable: list[str] = field(default_factory=list)
-    total: int = 0
-
-    def notes(self) -> list[str]:
-        out = []
-        if self.no_image:
-            out.append(
-                f"{self.no_image} labelled verdicts have no kept image (an OK image is kept only at "
-                "storage.archive_ok_sample_rate, or it was evicted): they cannot be re-scored and are left out."
-            )
-        if self.not_judged:
-            out.append(f"{self.not_judged} labelled verdicts are ERROR verdicts (no part was judged): left out.")
-        if self.unreadable:
-            out.append(f"{len(self.unreadable)} archived images could not be read: {'; '.join(self.unreadable[:3])}")
-        if self.total > MAX_PARTS:
-            out.append(f"{self.total} labelled verdicts: only the newest {MAX_PARTS} are used.")
-        return out
-
-
-def gather(archive: Any, recipe: str, max_pixels: int | None = None) -> Gathered:
-    """The recipe's labelled verdicts (newest :data:`MAX_PARTS`) as parts; images are the archived ROI crops."""
-    rows = archive.labelled(recipe=recipe)
-    out = Gathered(total=len(rows))
-    for row in rows[-MAX_PARTS:]:
-        if row.verdict not in ("OK", "NG"):  # an ERROR verdict judged no part (its image is no ROI crop)
-            out.not_judged += 1
-            continue
-        if row.image_path is None:
-            out.no_image += 1
-            continue
-        try:
-            image = read_image(row.image_path, max_pixels)
-        except (ImageError, OSError) as exc:
-            out.unreadable.append(str(exc)[:160])
-            continue
-        out.parts.append(LabelledPart(row.verdict_id, image, row.label, row.defect_type, roi_applied=True))
-        out.labels.append([row.verdict_id, row.label, row.at])
-    return out
-
-
-@dataclass
-class Pending:
-    """A recipe's pending proposal, the labels it was computed from, and why it was not applied (auto)."""
-
-    proposal: Proposal
-    labels: list[list[Any]]
-    by: str
-    at: str
-    held: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"proposal": self.proposal.to_json(), "labels": self.labels, "by": self.by, "at": self.at} | (
-            {"held": self.held} if self.held else {}
-        )
-
-    @classmethod
-    def from_json(cls, data: Any) -> Pending:
-        if not isinstance(data, dict) or not isinstance(data.get("proposal"), dict):
-            raise RecipeError("proposal.json: malformed (no proposal object)")
-        labels = data.get("labels")
-        if not isinstance(labels, list) or not all(isinstance(x, list) and len(x) == 3 for x in labels):
-            raise RecipeError("proposal.json: malformed labels")
-        return cls(
-            Proposal.from_json(data["proposal"]), labels, str(data.get("by")), str(data.get("at")), data.get("held")
-        )
-
-
-def save_pending(store: RecipeStore, pending: Pending) -> None:
-    """``<store>/<recipe>/proposal.json``, written atomically (a crash leaves the old file or the new)."""
-    path = store.folder(pending.proposal.recipe) / PROPOSAL_FILE
-    atomic_write_bytes(path, json.dumps(pending.to_json(), indent=1).encode())
-
-
-def load_pending(store: RecipeStore, recipe: str) -> Pending | None:
-    """The recipe's saved proposal; None when there is none (a damaged file is logged and ignored)."""
-    path = store.folder(recipe) / PROPOSAL_FILE
-    if not path.is_file():
-        return None
-    try:
-        return Pending.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:
-        log.warning("recipe %s: pending proposal unreadable, ignored: %s", recipe, exc)
-        return None
-
-
-def drop_pending(store: RecipeStore, recipe: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (store.folder(recipe) / PROPOSAL_FILE).unlink()
-
-
-def staleness(store: RecipeStore, pending: Pending, gathered: Gathered | None = None) -> str | None:
-    """Why ``pending`` may not be applied any more (None: it still may)."""
-    p = pending.proposal
-    live = store.load(p.recipe)
-    if live.bank_version != p.base_bank_version:
-        return (
-            f"the proposal for recipe {p.recipe} is stale: it was computed on bank version {p.base_bank_version}, "
-            f"the live one is {live.bank_version}; compute a new proposal"
-        )
-    if gathered is not None:
-        now = {vid: (label, at) for vid, label, at in gathered.labels}
-        changed = [vid for vid, label, at in pending.labels if now.get(vid) != (label, at)]
-        if changed:
-            return (
-                f"the proposal for recipe {p.recipe} is stale: {len(changed)} of its labels changed or their "
-                f"images are gone since (first {changed[0]}); compute a new proposal"
-            )
-    return None
-
-
-def apply_pending(enroller: Enroller, pending: Pending, gathered: Gathered, by: str, reason: str) -> Any:
-    """Apply ``pending`` with the parts it was computed from (refused, with the reason, when stale)."""
-    stale = staleness(enroller.store, pending, gathered)
-    if stale:
-        raise RecipeError(stale)
-    used = {vid for vid, _, _ in pending.labels}
-    parts = [p for p in gathered.parts if p.name in used]
-    return apply(enroller, pending.proposal, parts, by=by, reason=reason)
+#: The refusal while the recipe's proposal is computed (a second propose, an apply, a discard).
+BUSY = "a proposal for {} is being computed"
+#: What the ``proposals`` thread runs: (recipe, author, reply), or None to stop.
+_Job = tuple[str, str | None, Callable[[Proposal | None, Exception | None], None]]
 
 
 class ProposalDesk:
@@ -200,10 +89,13 @@ class ProposalDesk:
         self.drift = drift
         self.policies = dict(policies or {})
         self.max_pixels = max_pixels
-        # _work: one proposal computed or applied at a time (seconds); _lock: the state below, held
-        # only briefly, so the heartbeat's status never waits for a proposal being computed.
-        self._work = threading.RLock()
+        # _work[recipe]: the recipe's proposal computed or applied one at a time (seconds), other recipes
+        # not held up; _lock: the state below, held only briefly, so the heartbeat's status never waits.
+        self._work: dict[str, threading.RLock] = {}
         self._lock = threading.Lock()
+        self._computing: set[str] = set()  # recipes queued on or computed by the proposals thread
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=16)
+        self._thread: threading.Thread | None = None
         self._pending: dict[str, Pending] = {}
         self._new_labels: Counter[str] = Counter()
         self.notices: deque[dict[str, Any]] = deque(maxlen=MAX_NOTICES)
@@ -218,10 +110,90 @@ class ProposalDesk:
         store: RecipeStore = self.slots.store
         return store
 
+    # -- the proposals thread --------------------------------------------------------------------
+    def start(self, spawn: Callable[[str, Callable[[], None]], threading.Thread] | None = None) -> None:
+        """Start the ``proposals`` thread (through ``spawn``: the daemon's supervisor)."""
+        if spawn is not None:
+            self._thread = spawn("proposals", self._run)
+        else:
+            self._thread = threading.Thread(target=self._run, name="proposals", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """End the ``proposals`` thread after the computation in progress."""
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(None)
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def submit(self, recipe: str, by: str | None, done: Callable[[Proposal | None, Exception | None], None]) -> None:
+        """Queue the recipe's proposal for the ``proposals`` thread; ``done(proposal, error)`` when it is
+        computed. Refused at once (RecipeError, :data:`BUSY`) while that recipe is already computing."""
+        self._reserve(recipe)
+        try:
+            self._jobs.put_nowait((recipe, by, done))
+        except queue.Full:
+            self._release(recipe)
+            raise RecipeError("busy: too many proposals waiting; retry") from None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=1.0)
+            except queue.Empty:
+                self.tick()
+                continue
+            if job is None:
+                return
+            recipe, by, done = job
+            result: tuple[Proposal | None, Exception | None] = (None, None)
+            try:
+                if by == AUTO and recipe in self.policies:
+                    self._auto(recipe, self.policies[recipe])
+                else:
+                    result = (self._compute(recipe, by), None)
+            except Exception as exc:  # every propose gets its reply, whatever went wrong
+                if not isinstance(exc, RecipeError | ImageError | ValueError | OSError):
+                    log.exception("recipe %s: proposal failed", recipe)
+                result = (None, exc)
+            finally:
+                self._release(recipe)
+            try:
+                done(*result)
+            except Exception:  # a reply that cannot be sent never ends the thread
+                log.exception("recipe %s: proposal reply failed", recipe)
+
+    def _reserve(self, recipe: str) -> None:
+        with self._lock:
+            if recipe in self._computing:
+                raise RecipeError(BUSY.format(recipe))
+            self._computing.add(recipe)
+
+    def _release(self, recipe: str) -> None:
+        with self._lock:
+            self._computing.discard(recipe)
+
+    def _busy(self, recipe: str) -> None:
+        with self._lock:
+            if recipe in self._computing:
+                raise RecipeError(BUSY.format(recipe))
+
+    def _recipe_work(self, recipe: str) -> threading.RLock:
+        with self._lock:
+            return self._work.setdefault(recipe, threading.RLock())
+
     # -- the station's API -------------------------------------------------------------------------
     def propose(self, recipe: str, by: str | None) -> Proposal:
-        """Compute (and keep, replacing the pending one) the proposal for ``recipe`` from its labels."""
-        with self._work:
+        """Compute (and keep, replacing the pending one) the proposal for ``recipe`` from its labels, here
+        (the station, the CLI); refused at once while the ``proposals`` thread computes that recipe."""
+        self._reserve(recipe)
+        try:
+            return self._compute(recipe, by)
+        finally:
+            self._release(recipe)
+
+    def _compute(self, recipe: str, by: str | None) -> Proposal:
+        with self._recipe_work(recipe):
             enroller = self._enroller(recipe)
             gathered = self._gather(recipe)
             if not gathered.parts:
@@ -247,7 +219,9 @@ class ProposalDesk:
 
     def apply(self, recipe: str, by: str | None, reason: str | None = None, expect_base: int | None = None) -> dict:
         """Apply the pending proposal: one store commit, the cameras on it reload, the change is announced."""
-        with self._work:
+        if by != AUTO:  # auto-apply runs inside its own computation
+            self._busy(recipe)
+        with self._recipe_work(recipe):
             with self._lock:
                 held = self._pending.get(recipe)
             if held is None:
@@ -268,7 +242,8 @@ class ProposalDesk:
 
     def discard(self, recipe: str, by: str | None) -> None:
         """Drop the recipe's pending proposal (RecipeError when there is none)."""
-        with self._work:
+        self._busy(recipe)
+        with self._recipe_work(recipe):
             with self._lock:
                 dropped = self._pending.pop(recipe, None)
             if dropped is None:
@@ -294,20 +269,31 @@ class ProposalDesk:
             log.exception("label %s: drift / proposal follow-up failed", verdict_id)
 
     def tick(self) -> None:
-        """Auto-apply where due (the ``commands`` thread calls this when idle and after each label)."""
+        """Auto-apply where due (the ``proposals`` thread calls this when idle; the ``commands`` thread
+        after each label, which only queues it)."""
         for recipe, policy in self.policies.items():
             with self._lock:
                 due = policy.auto_apply and self._new_labels[recipe] >= policy.every_labels
+                due = due and recipe not in self._computing  # due again once that computation is done
                 if due:
                     self._new_labels[recipe] = 0
-            if due:
-                self._auto(recipe, policy)
+            if not due:
+                continue
+            with contextlib.suppress(RecipeError):  # busy meanwhile, or the queue full: due again later
+                if self._thread is None:  # no proposals thread (tools, tests): here
+                    self._reserve(recipe)
+                    try:
+                        self._auto(recipe, policy)
+                    finally:
+                        self._release(recipe)
+                else:
+                    self.submit(recipe, AUTO, lambda _p, _e: None)
 
     def _auto(self, recipe: str, policy: LearnPolicy) -> None:
-        with self._work:
+        with self._recipe_work(recipe):
             proposal = None
             try:
-                proposal = self.propose(recipe, AUTO)
+                proposal = self._compute(recipe, AUTO)
                 held = out_of_bounds(proposal, policy, len(self._pending[recipe].labels))
                 if held is None:
                     reason = (
@@ -336,6 +322,7 @@ class ProposalDesk:
         """The status's ``proposals``: pending ones in short, notices, counts."""
         with self._lock:
             pending, notices, applied = dict(self._pending), list(self.notices), self.applied
+            computing = sorted(self._computing)
         out: dict[str, Any] = {}
         for name, held in sorted(pending.items()):
             p = held.proposal
@@ -355,14 +342,25 @@ class ProposalDesk:
                     "held": held.held,
                     "notes": p.notes,
                 }
-        return {"pending": out, "applied": applied, "notices": notices}
+        return {"pending": out, "computing": computing, "applied": applied, "notices": notices}
 
     # -- helpers ---------------------------------------------------------------------------------
     def _gather(self, recipe: str) -> Gathered:
         archive = self._archive()
         if archive is None:
             raise RecipeError("no archive: proposals learn from labelled verdicts in the archive (storage.archive)")
-        return gather(archive, recipe, self.max_pixels)
+        return gather(archive, recipe, self.max_pixels, self._other_roi(recipe))
+
+    def _other_roi(self, recipe: str) -> Callable[[str], bool]:
+        """True for a camera whose config ROI overrides the recipe's with another one."""
+        roi = self.store.load(recipe).roi
+        binding = getattr(self.slots, "binding", lambda _camera: None)
+
+        def other(camera: str) -> bool:
+            b = binding(camera)
+            return b is not None and b.roi is not None and tuple(b.roi) != (tuple(roi) if roi else None)
+
+        return other
 
     def _enroller(self, recipe: str) -> Enroller:
         """The enroller of the bundle the recipe was enrolled with (a camera's on it first)."""
