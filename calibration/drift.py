@@ -101,10 +101,11 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+
+from anomalygpt_edge.calibration.threshold import normal_tail_frr, rate_upper_bound
 
 #: Quantile of the goldens whose exceedance share is watched.
 REFERENCE_Q = 0.95
@@ -220,33 +221,14 @@ class _Bands:
 @functools.lru_cache(maxsize=4096)
 def share_upper(k: int, n: int, confidence: float = LABEL_CONFIDENCE) -> float:
     """One-sided upper confidence bound of a share seen as ``k`` of ``n`` (exact binomial, Clopper-Pearson)."""
-    if n <= 0 or k >= n:
-        return 1.0
-    lo, hi = k / n, 1.0
-    for _ in range(50):  # P(Binom(n, p) <= k) falls as p grows
-        mid = (lo + hi) / 2
-        if _binom_cdf(k, n, mid) > 1 - confidence:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def _binom_cdf(k: int, n: int, p: float) -> float:
-    logs = [
-        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-        for i in range(k + 1)
-    ]
-    top = max(logs)
-    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+    return rate_upper_bound(k, n, confidence)
 
 
 def _tail_frr(threshold: float, golden: np.ndarray, shift: float = 0.0) -> float | None:
+    """:func:`threshold.normal_tail_frr` of the goldens' normal fit moved by ``shift`` (None below 3 goldens)."""
     if golden.size < 3:
         return None
-    mad = float(np.median(np.abs(golden - np.median(golden))))
-    sigma = max(float(golden.std(ddof=1)), 1.4826 * mad, 1e-12)
-    return float(1.0 - NormalDist(float(golden.mean()) + shift, sigma).cdf(threshold))
+    return normal_tail_frr(threshold - shift, golden)
 
 
 class DriftWatch:

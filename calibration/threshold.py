@@ -82,18 +82,41 @@ def required_samples(target_frr: float, confidence: float = CONFIDENCE) -> int:
     return math.ceil(math.log(1 - confidence) / math.log(1 - target_frr))
 
 
-def _binom_cdf(k: int, n: int, p: float) -> float:
+def binom_cdf(k: int, n: int, p: float) -> float:
     """P(Binomial(n, p) <= k), summed in log space (n can be thousands)."""
     if k < 0:
         return 0.0
-    if k >= n:
+    if k >= n or p <= 0:
         return 1.0
+    if p >= 1:
+        return 0.0
     logs = [
         math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
         for i in range(k + 1)
     ]
     m = max(logs)
     return min(1.0, math.exp(m) * sum(math.exp(v - m) for v in logs))
+
+
+def rate_upper_bound(failures: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided upper confidence bound of a rate seen as ``failures`` in ``n`` (exact binomial, Clopper-Pearson)."""
+    if n <= 0 or failures >= n:
+        return 1.0
+    lo, hi = failures / n, 1.0
+    for _ in range(60):  # P(Binom(n, p) <= failures) falls as p grows
+        mid = (lo + hi) / 2
+        if binom_cdf(failures, n, mid) > 1 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def robust_sigma(scores: np.ndarray, floor: float = 0.0) -> float:
+    """The spread of a normal fit to scores: max(sample SD, 1.4826·MAD), at least ``floor`` (needs ≥ 2 scores)."""
+    s = np.asarray(scores, np.float64)
+    mad = float(np.median(np.abs(s - np.median(s))))
+    return max(float(s.std(ddof=1)), 1.4826 * mad, floor)
 
 
 def frr_upper_bound(n: int, rank: int, confidence: float = CONFIDENCE) -> float:
@@ -103,7 +126,7 @@ def frr_upper_bound(n: int, rank: int, confidence: float = CONFIDENCE) -> float:
     lo, hi = 0.0, 1.0
     for _ in range(60):  # bisection on α: P(Binom(n, 1-α) <= rank-1) is increasing in α
         mid = (lo + hi) / 2
-        if _binom_cdf(rank - 1, n, 1 - mid) >= confidence:
+        if binom_cdf(rank - 1, n, 1 - mid) >= confidence:
             hi = mid
         else:
             lo = mid
@@ -135,7 +158,7 @@ def fit_threshold(scores: np.ndarray | list[float], target_frr: float = DEFAULT_
     need = required_samples(target_frr)
     stats = _stats(s)
     if n >= need:
-        rank = next(r for r in range(1, n + 1) if _binom_cdf(r - 1, n, 1 - target_frr) >= CONFIDENCE)
+        rank = next(r for r in range(1, n + 1) if binom_cdf(r - 1, n, 1 - target_frr) >= CONFIDENCE)
         return Threshold(
             float(s[rank - 1]), "order-statistic", target_frr, n, need, True, frr_upper_bound(n, rank), stats
         )
@@ -145,8 +168,7 @@ def fit_threshold(scores: np.ndarray | list[float], target_frr: float = DEFAULT_
     ]
     mean = float(s.mean())
     if n >= 3:
-        mad = float(np.median(np.abs(s - np.median(s))))
-        sigma = max(float(s.std(ddof=1)), 1.4826 * mad)
+        sigma = robust_sigma(s)
     else:
         sigma = SMALL_SAMPLE_CV * abs(mean)
         warnings.append(f"fewer than 3 scores: spread assumed to be {100 * SMALL_SAMPLE_CV:g}% of the mean")
@@ -184,9 +206,7 @@ def normal_tail_frr(threshold: float, scores: np.ndarray) -> float:
     s = np.asarray(scores, np.float64)
     if s.size < 3:
         return float("nan")
-    mad = float(np.median(np.abs(s - np.median(s))))
-    sigma = max(float(s.std(ddof=1)), 1.4826 * mad, 1e-12)
-    return float(1.0 - NormalDist(float(s.mean()), sigma).cdf(threshold))
+    return float(1.0 - NormalDist(float(s.mean()), robust_sigma(s, 1e-12)).cdf(threshold))
 
 
 def variety_warning(bank_scores: np.ndarray, k: int) -> str | None:
@@ -195,7 +215,7 @@ def variety_warning(bank_scores: np.ndarray, k: int) -> str | None:
     if s.size < 4 or np.median(s) <= 0:
         return None
     med = float(np.median(s))
-    cv = max(float(s.std(ddof=1)), 1.4826 * float(np.median(np.abs(s - med)))) / med
+    cv = robust_sigma(s) / med
     if cv <= VARIED_CV:
         return None
     return (

@@ -33,7 +33,6 @@ from __future__ import annotations
 import atexit
 import hashlib
 import inspect
-import math
 import shutil
 import tempfile
 import threading
@@ -46,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 
 from anomalygpt_edge.atomic_files import atomic_write_bytes
-from anomalygpt_edge.calibration.threshold import CONFIDENCE, frr_upper_bound
+from anomalygpt_edge.calibration.threshold import frr_upper_bound, rate_upper_bound, robust_sigma
 from anomalygpt_edge.engines.preprocess import ImageError
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller, LabelledImage
 from anomalygpt_edge.runtime.recipes.golden_check import quality_report
@@ -98,35 +97,6 @@ class Proposal:
             return cls(**data)
         except TypeError as exc:
             raise RecipeError(f"proposal: malformed ({exc})") from None
-
-
-def rate_upper_bound(failures: int, n: int, confidence: float = CONFIDENCE) -> float:
-    """One-sided upper confidence bound of a rate seen as ``failures`` in ``n`` (exact binomial)."""
-    if n == 0:
-        return 1.0
-    if failures >= n:
-        return 1.0
-    lo, hi = failures / n, 1.0
-    for _ in range(60):  # P(Binom(n, p) <= failures) falls as p grows
-        mid = (lo + hi) / 2
-        if _binom_cdf(failures, n, mid) > 1 - confidence:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def _binom_cdf(k: int, n: int, p: float) -> float:
-    if p <= 0:
-        return 1.0
-    if p >= 1:
-        return 0.0 if k < n else 1.0
-    logs = [
-        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-        for i in range(k + 1)
-    ]
-    m = max(logs)
-    return min(1.0, math.exp(m) * sum(math.exp(v - m) for v in logs))
 
 
 def figures(good: Sequence[float], defect: Sequence[float], threshold: float) -> dict[str, Any]:
@@ -255,7 +225,7 @@ def _with_defect_threshold(recipe: Recipe) -> Recipe:
     d = np.array([x.score for x in recipe.defects if x.score is not None], float)
     if t is None or t.supported or g.size < 3 or not d.size:
         return recipe
-    spread = max(float(g.std(ddof=1)), 1.4826 * float(np.median(np.abs(g - np.median(g)))), 1e-12)
+    spread = robust_sigma(g, 1e-12)
     point = float(g.mean()) + NormalDist().inv_cdf(1 - t.target_frr) * spread
     caught = int(((d > point) & (d <= t.value)).sum())
     if point >= t.value or not caught:
