@@ -193,6 +193,15 @@ class Browser:
         element.clear()
         element.send_keys(text)
 
+    def login(self, url: str, user: str, password: str) -> None:
+        """Open the live page at ``url``, log in through the form and wait for the live page."""
+        self.get(url + "/#live")
+        self.wait("the login form", lambda: self.js("return !document.querySelector('#page-login').hidden"))
+        self.type("#login-user", user)
+        self.type("#login-pass", password)
+        self.click("#login-btn")
+        self.wait("the live page", lambda: self.js("return !document.querySelector('#page-live').hidden"))
+
     def upload(self, css: str, path: Path) -> None:
         """Choose a file in an ``<input type=file>`` (chromedriver sends the local path)."""
         self.driver.find_element(By.CSS_SELECTOR, css).send_keys(str(path))
@@ -289,14 +298,7 @@ def test_enrollment_in_the_browser_then_the_line_reports_verdicts(station, brows
     server, st, plc = station
     b = browser
     assert server.url.startswith("https://")
-    b.get(server.url + "/#live")
-
-    # Log in.
-    b.wait("the login form", lambda: b.js("return !document.querySelector('#page-login').hidden"))
-    b.type("#login-user", "tina")
-    b.type("#login-pass", "tina-password")
-    b.click("#login-btn")
-    b.wait("the live page", lambda: b.js("return !document.querySelector('#page-live').hidden"))
+    b.login(server.url, "tina", "tina-password")
     b.wait(
         "live frames of both cameras",
         lambda: _img_loaded(b, "#cam-cam1 img.live-frame") and _img_loaded(b, "#cam-cam2 img.live-frame"),

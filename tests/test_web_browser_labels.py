@@ -63,12 +63,7 @@ def test_an_operator_labels_verdicts_in_history_and_on_the_live_page(
 ) -> None:
     server, daemon = labelling_station
     b = browser
-    b.get(server.url + "/#live")
-    b.wait("the login form", lambda: b.js("return !document.querySelector('#page-login').hidden"))
-    b.type("#login-user", "otto")
-    b.type("#login-pass", "otto-password")
-    b.click("#login-btn")
-    b.wait("the live page", lambda: b.js("return !document.querySelector('#page-live').hidden"))
+    b.login(server.url, "otto", "otto-password")
 
     # Live page: the last verdict of cam1 gets "defect" with one click.
     b.wait("a verdict on the live page", lambda: b.js("return !!document.querySelector('#live-label-defect-cam1')"), 60)

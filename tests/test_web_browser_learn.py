@@ -54,12 +54,7 @@ def test_a_technician_learns_from_labelled_false_rejects_applies_and_rolls_back_
     v0 = int(daemon.inspectors["inbox"].recipe.bank_version)
     feed_drifted(line["inbox"])
     api = login(server.url, "olga", ssl.create_default_context(cafile=str(pki / "ca.pem")))
-    b.get(server.url + "/#live")
-    b.wait("the login form", lambda: b.js("return !document.querySelector('#page-login').hidden"))
-    b.type("#login-user", "theo")
-    b.type("#login-pass", "technician-pw")
-    b.click("#login-btn")
-    b.wait("the live page", lambda: b.js("return !document.querySelector('#page-live').hidden"))
+    b.login(server.url, "theo", "technician-pw")
 
     # The drift watch of plate leaves its band: the live page says so in plain words.
     b.wait("a verdict on the live page", lambda: b.js("return !!document.querySelector('#live-label-good-inbox')"), 60)
