@@ -202,3 +202,36 @@ def test_a_new_version_of_the_live_recipe_keeps_the_labels_a_switch_does_not(
     go_live("other")
     state = watches.states()["cam1"]
     assert (state["recipe"], state["labelled_defect"], state["labelled_good"]) == ("other", 0, 0)
+
+
+def test_a_failing_drift_watch_never_fails_the_verdict_and_is_reported_to_health(
+    tmp_path: Path, default_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import parts
+
+    from anomalygpt_edge.calibration.drift import DriftWatch
+    from anomalygpt_edge.engines import EngineBundle
+    from anomalygpt_edge.runtime.line.drift_watch import DriftConfig, DriftWatches
+    from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
+    from anomalygpt_edge.runtime.recipes.enrollment import Enroller
+    from anomalygpt_edge.runtime.recipes.inspector import Inspector
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+
+    base = "device:\n  id: d\ncameras:\n  cam1:\n    type: video_file\n    source: a.avi\n"
+    config = parse_config(base + "recipes:\n  - camera: cam1\n    recipe: plate\n", "line.yaml")
+    store, bundle = RecipeStore(tmp_path / "store"), EngineBundle.open(default_bundle_dir)
+    enroller = Enroller(store, bundle)
+    enroller.create("plate")
+    enroller.add("plate", [(f"good_{i}.png", parts.good_part(i)) for i in range(5)], accept_flagged=True)
+    slots = RecipeSlots(config, store)
+    inspector = Inspector(bundle, store.load("plate"), store)
+    slots.inspectors["cam1"], slots.recipe_names["cam1"] = inspector, "plate"
+    errors: list[tuple[str, str | None]] = []
+    watches = DriftWatches(DriftConfig(), slots, lambda message, camera: errors.append((message, camera)))
+
+    def broken(self: DriftWatch, score: float, verdict: str, at: float | None = None) -> None:
+        raise RuntimeError("injected drift-watch fault")
+
+    monkeypatch.setattr(DriftWatch, "observe", broken)
+    watches.observe("cam1", inspector.inspect(parts.good_part(50)))  # must not raise
+    assert errors == [("camera cam1: drift watch failed: RuntimeError('injected drift-watch fault')", "cam1")]

@@ -110,7 +110,7 @@ class Daemon:
             on_change=self.announce,
         )
         self.storage = LineStorage(config.storage, self.health.error)
-        self.drift = DriftWatches(config.drift, self.slots)  # fed by the publisher, read by status and /metrics
+        self.drift = DriftWatches(config.drift, self.slots, self.health.error)  # fed by the publisher
         self.board: TriggerBoard | None = None
         self.publisher: VerdictPublisher | None = None
         self.asks = AskBook()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -81,8 +81,11 @@ def watch_for(inspector: Inspector, settings: DriftSettings) -> DriftWatch:
 class DriftWatches:
     """Camera -> the drift watch of its live recipe; thread-safe."""
 
-    def __init__(self, config: DriftConfig, slots: RecipeSlots):
+    def __init__(
+        self, config: DriftConfig, slots: RecipeSlots, on_error: Callable[[str, str | None], None] | None = None
+    ):
         self.config = config
+        self.on_error = on_error  # the daemon's health.error: a failing watch shows in the status
         self.settings = config.settings()
         self.slots = slots
         self._lock = threading.Lock()
@@ -112,8 +115,10 @@ class DriftWatches:
             watch = self._watch(camera)
             if watch is not None and watch.name == verdict.recipe:
                 watch.observe(verdict.score, verdict.verdict, at)
-        except Exception:
+        except Exception as exc:
             log.exception("camera %s: drift watch failed", camera)
+            if self.on_error is not None:
+                self.on_error(f"camera {camera}: drift watch failed: {exc!r}", camera)
 
     def on_label(self, camera_or_recipe: str, label: str, verdict: str, at: float | None = None) -> int:
         """A technician's label for a verdict, given to the watches of that camera or recipe; how many took it."""
