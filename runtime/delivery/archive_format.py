@@ -37,14 +37,12 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_ts ON files(ts);
 """
 
+# The columns every verdict CSV starts with (the archive's export and the station's history
+# download), so that a spreadsheet made from one reads the other the same way.
+VERDICT_CSV_COLUMNS = ("id", "captured_at", "camera", "recipe", "verdict", "score", "threshold")
+
 CSV_COLUMNS = (
-    "id",
-    "captured_at",
-    "camera",
-    "recipe",
-    "verdict",
-    "score",
-    "threshold",
+    *VERDICT_CSV_COLUMNS,
     "part_id",
     "frame_seq",
     "reason",

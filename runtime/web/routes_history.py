@@ -9,7 +9,6 @@ daemon's archive with the logged-in user as author (``source: station``, audited
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 import json
 import logging
@@ -22,6 +21,7 @@ from typing import Any
 from starlette.responses import Response, StreamingResponse
 
 from anomalygpt_edge.runtime.delivery.archive import csv_cell
+from anomalygpt_edge.runtime.delivery.archive_format import VERDICT_CSV_COLUMNS, ArchiveError, parse_time
 from anomalygpt_edge.runtime.delivery.archive_labels import LabelWriteError
 from anomalygpt_edge.runtime.web.http_base import (
     SECURITY_HEADERS,
@@ -37,13 +37,7 @@ from anomalygpt_edge.runtime.web.station import HistoryQuery
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
-    "id",
-    "captured_at",
-    "camera",
-    "recipe",
-    "verdict",
-    "score",
-    "threshold",
+    *VERDICT_CSV_COLUMNS,
     "normalized_score",
     "location",
     "regions",
@@ -67,12 +61,9 @@ def _when(query: dict[str, str], key: str) -> float | None:
     except ValueError:
         pass
     try:
-        moment = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
+        return parse_time(v)
+    except ArchiveError:
         raise HttpError(400, f"{key}: not a time (ISO-8601 or epoch seconds): {v!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.timestamp()
 
 
 def query_limit(query: dict[str, str], default: int) -> int:
