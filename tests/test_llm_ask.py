@@ -58,25 +58,20 @@ def enrolled(default_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return {"root": root, "store": store}
 
 
+def _ask(enrolled: dict, *args: str) -> int:
+    """``anomalygpt-edge ask`` on the enrolled ``synthetic`` recipe with these further arguments."""
+    return cli_main(["ask", "--recipe", "synthetic", "--store", str(enrolled["store"]), *args])
+
+
 def test_ask_json_answers_consistently_with_the_verdict_and_names_the_location(
     enrolled: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
     capsys.readouterr()
-    rc = cli_main(
-        [
-            "ask",
-            "--recipe",
-            "synthetic",
-            "--store",
-            str(enrolled["store"]),
-            "--json",
-            "--threads",
-            "1",
-            "--max-tokens",
-            "48",
-            str(enrolled["root"] / "bad.png"),
-            "Is there any anomaly in the image?",
-        ]
+    rc = _ask(
+        enrolled,
+        *("--json", "--threads", "1", "--max-tokens", "48"),
+        str(enrolled["root"] / "bad.png"),
+        "Is there any anomaly in the image?",
     )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -101,21 +96,7 @@ def test_ask_chat_streams_follow_up_answers(
     enrolled: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("How large is it?\n\n"))  # an operator typing
-    rc = cli_main(
-        [
-            "ask",
-            "--recipe",
-            "synthetic",
-            "--store",
-            str(enrolled["store"]),
-            "--chat",
-            "--threads",
-            "1",
-            "--max-tokens",
-            "24",
-            str(enrolled["root"] / "bad.png"),
-        ]
-    )
+    rc = _ask(enrolled, *("--chat", "--threads", "1", "--max-tokens", "24"), str(enrolled["root"] / "bad.png"))
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("verdict: NG") and "top left" in lines[0]
@@ -126,15 +107,6 @@ def test_ask_chat_streams_follow_up_answers(
 
 def test_ask_reports_an_unreadable_image(enrolled: dict, capsys: pytest.CaptureFixture[str]) -> None:
     (enrolled["root"] / "broken.png").write_bytes(b"not an image")
-    rc = cli_main(
-        [
-            "ask",
-            "--recipe",
-            "synthetic",
-            "--store",
-            str(enrolled["store"]),
-            str(enrolled["root"] / "broken.png"),
-        ]
-    )
+    rc = _ask(enrolled, str(enrolled["root"] / "broken.png"))
     assert rc == 2
     assert "cannot read image" in capsys.readouterr().err
