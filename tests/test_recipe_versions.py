@@ -29,6 +29,14 @@ def golden(n: int, start: int = 0) -> list[tuple[str, np.ndarray]]:
     return [(f"good_{i:03d}.png", parts.good_part(i)) for i in range(start, start + n)]
 
 
+def plate_store(root: Path, bundle: EngineBundle, **store_options: int) -> tuple[RecipeStore, Enroller]:
+    """A recipe store at ``root`` with an empty recipe ``plate``, and the enroller that fills it."""
+    store = RecipeStore(root, **store_options)
+    enroller = Enroller(store, bundle)
+    enroller.create("plate")
+    return store, enroller
+
+
 def kept_numbers(store: RecipeStore, name: str) -> list[int]:
     return [v["bank_version"] for v in store.versions(name) if not v["live"]]
 
@@ -45,9 +53,7 @@ def assert_consistent(store: RecipeStore, recipe: Recipe) -> None:
 def test_each_commit_keeps_the_version_it_replaces_and_only_the_last_keep_versions(
     tmp_path: Path, bundle: EngineBundle
 ) -> None:
-    store = RecipeStore(tmp_path, keep_versions=2)
-    enroller = Enroller(store, bundle)
-    enroller.create("plate")
+    store, enroller = plate_store(tmp_path, bundle, keep_versions=2)
     lives = [enroller.add("plate", golden(2, start=2 * i)).recipe for i in range(4)]
     assert [r.bank_version for r in lives] == [1, 2, 3, 4]
     assert kept_numbers(store, "plate") == [3, 2], "the two most recently replaced"
@@ -70,9 +76,7 @@ def test_each_commit_keeps_the_version_it_replaces_and_only_the_last_keep_versio
 def test_a_setting_only_commit_keeps_no_version_and_a_change_records_who_and_why(
     tmp_path: Path, bundle: EngineBundle
 ) -> None:
-    store = RecipeStore(tmp_path)
-    enroller = Enroller(store, bundle)
-    enroller.create("plate")
+    store, enroller = plate_store(tmp_path, bundle)
     live = enroller.add("plate", golden(3)).recipe
     before = kept_numbers(store, "plate")
     from dataclasses import replace
@@ -92,9 +96,7 @@ def test_a_setting_only_commit_keeps_no_version_and_a_change_records_who_and_why
 def test_rollback_restores_the_previous_version_and_a_roll_forward_undoes_it(
     tmp_path: Path, bundle: EngineBundle
 ) -> None:
-    store = RecipeStore(tmp_path)
-    enroller = Enroller(store, bundle)
-    enroller.create("plate")
+    store, enroller = plate_store(tmp_path, bundle)
     first = enroller.add("plate", golden(3)).recipe
     second = enroller.add("plate", golden(3, start=3)).recipe
     back = store.rollback("plate")
@@ -112,9 +114,7 @@ def test_rollback_restores_the_previous_version_and_a_roll_forward_undoes_it(
 
 
 def test_a_commit_after_a_rollback_never_reuses_a_version_number(tmp_path: Path, bundle: EngineBundle) -> None:
-    store = RecipeStore(tmp_path)
-    enroller = Enroller(store, bundle)
-    enroller.create("plate")
+    store, enroller = plate_store(tmp_path, bundle)
     for i in range(3):
         enroller.add("plate", golden(2, start=2 * i))  # v1, v2, v3
     assert store.rollback("plate", to_version=1).bank_version == 1
@@ -127,9 +127,7 @@ def test_a_commit_after_a_rollback_never_reuses_a_version_number(tmp_path: Path,
 
 
 def test_an_older_version_is_refused_when_there_is_none(tmp_path: Path, bundle: EngineBundle) -> None:
-    store = RecipeStore(tmp_path, keep_versions=0)
-    enroller = Enroller(store, bundle)
-    enroller.create("plate")
+    store, enroller = plate_store(tmp_path, bundle, keep_versions=0)
     enroller.add("plate", golden(2))
     enroller.add("plate", golden(2, start=2))
     with pytest.raises(RecipeError, match=r"no older version to roll back to \(live v2, kept: none\)"):
@@ -140,9 +138,7 @@ def test_an_older_version_is_refused_when_there_is_none(tmp_path: Path, bundle: 
 def test_a_damaged_kept_version_is_refused_naming_the_file_and_the_live_one_is_untouched(
     tmp_path: Path, bundle: EngineBundle
 ) -> None:
-    store = RecipeStore(tmp_path)
-    enroller = Enroller(store, bundle)
-    enroller.create("plate")
+    store, enroller = plate_store(tmp_path, bundle)
     enroller.add("plate", golden(3))
     enroller.add("plate", golden(3, start=3))
     live_json = (tmp_path / "plate" / "recipe.json").read_bytes()
@@ -166,9 +162,7 @@ def test_a_damaged_kept_version_is_refused_naming_the_file_and_the_live_one_is_u
 def test_the_cli_lists_versions_and_rolls_back_in_one_line_each(
     tmp_path: Path, bundle: EngineBundle, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = RecipeStore(tmp_path)
-    enroller = Enroller(store, bundle)
-    enroller.create("plate")
+    store, enroller = plate_store(tmp_path, bundle)
     enroller.add("plate", golden(3))
     enroller.add("plate", golden(2, start=3))
     assert main(["recipe", "versions", "--store", str(tmp_path), "--recipe", "plate"]) == 0
@@ -214,9 +208,7 @@ def _kill_at_random(code: str, delay: float) -> None:
 def test_sigkill_during_commits_that_add_goldens_leaves_the_old_or_the_new_version_never_a_mix(
     tmp_path: Path, default_bundle_dir: Path, bundle: EngineBundle
 ) -> None:
-    store = RecipeStore(tmp_path)
-    enroller = Enroller(store, bundle)
-    enroller.create("plate")
+    store, enroller = plate_store(tmp_path, bundle)
     enroller.add("plate", golden(2, start=1000))
     rng = random.Random(14)
     seen = [store.load("plate").bank_version]
@@ -240,9 +232,7 @@ def test_sigkill_during_commits_that_add_goldens_leaves_the_old_or_the_new_versi
 
 
 def test_sigkill_during_rollbacks_leaves_one_whole_version_live(tmp_path: Path, bundle: EngineBundle) -> None:
-    store = RecipeStore(tmp_path)
-    enroller = Enroller(store, bundle)
-    enroller.create("plate")
+    store, enroller = plate_store(tmp_path, bundle)
     a = enroller.add("plate", golden(3)).recipe
     b = enroller.add("plate", golden(3, start=3)).recipe
     whole = {a.bank_version: a.to_json(), b.bank_version: b.to_json()}
