@@ -43,6 +43,21 @@ REQUIRED_VERDICT_FIELDS = (
 )
 
 
+#: The smallest daemon config (YAML): one video camera and one recipe on it. Tests append their
+#: own sections, so the line numbers their error messages name start after these nine lines.
+ONE_CAMERA_CONFIG = """\
+device:
+  id: line1
+cameras:
+  cam1:
+    type: video_file
+    source: line.avi
+recipes:
+  - camera: cam1
+    recipe: bracket
+"""
+
+
 @pytest.fixture(scope="module", name="broker")
 def broker_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     """A real mosquitto, loopback only, on a free port, for this test module."""

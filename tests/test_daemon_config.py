@@ -6,25 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from daemon_fixtures import ONE_CAMERA_CONFIG
 
 from anomalygpt_edge.cli import main as cli_main
 from anomalygpt_edge.runtime.line.config import ConfigError, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "runtime" / "config.example.yaml"
 
-VALID = """\
-device:
-  id: line1
-cameras:
-  cam1:
-    type: video_file
-    source: line.avi
-recipes:
-  - camera: cam1
-    recipe: bracket
-mqtt:
-  port: 1883
-"""
+VALID = ONE_CAMERA_CONFIG + "mqtt:\n  port: 1883\n"
 
 
 def test_the_commented_example_config_loads_with_every_section() -> None:

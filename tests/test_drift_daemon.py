@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
+    ONE_CAMERA_CONFIG,
     Subscriber,
     broker_fixture,
     line_fixture,
@@ -124,20 +125,7 @@ def test_drift_watch_off_says_nothing(tmp_path: Path, broker: LocalBroker, line:
     assert daemon.drift_states() == {}
 
 
-DRIFT_CONFIG = """\
-device:
-  id: line1
-cameras:
-  cam1:
-    type: video_file
-    source: line.avi
-recipes:
-  - camera: cam1
-    recipe: bracket
-drift:
-  window_parts: {window}
-  min_parts: {min_parts}
-"""
+DRIFT_CONFIG = ONE_CAMERA_CONFIG + "drift:\n  window_parts: {window}\n  min_parts: {min_parts}\n"
 
 
 @pytest.mark.parametrize(
