@@ -1,7 +1,9 @@
-"""Shared fixtures: the embedded default bundle is exported once per test session."""
+"""Shared fixtures: the embedded default bundle is exported once per test session; a test that
+damages a bundle gets its own copy."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,3 +17,11 @@ def default_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "default"
     assert main(["export", "vision", "--source", "efficientnet-lite0", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture()
+def bundle_copy(default_bundle_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the default bundle in this test's folder, free to damage or rebuild."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(default_bundle_dir, dst)
+    return dst

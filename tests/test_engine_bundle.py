@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +13,6 @@ import pytest
 from anomalygpt_edge.engines import EngineBundle
 from anomalygpt_edge.engines.base import EngineError, resolve_backend
 from anomalygpt_edge.engines.bundle import BundleError
-
-
-@pytest.fixture()
-def bundle_copy(default_bundle_dir: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "bundle"
-    shutil.copytree(default_bundle_dir, dst)
-    return dst
 
 
 def test_manifest_describes_every_graph_and_preprocessing(default_bundle_dir: Path) -> None:

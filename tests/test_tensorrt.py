@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +51,6 @@ NO_TENSORRT = "tensorrt is not installed (TensorRT comes from JetPack or NVIDIA'
 needs_tensorrt = pytest.mark.skipif(not HAVE_TENSORRT, reason=NO_TENSORRT)
 
 ORIN = DeviceKey("Orin", "8.7", "10.3.0", "a" * 64)
-
-
-@pytest.fixture()
-def bundle_copy(default_bundle_dir: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "bundle"
-    shutil.copytree(default_bundle_dir, dst)
-    return dst
 
 
 # --- optimisation profiles ---------------------------------------------------------------------
