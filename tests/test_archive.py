@@ -33,6 +33,14 @@ def image(seed: int, size: int = 64) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
 
 
+def three_image_archive(root: Path) -> Archive:
+    """An archive at ``root/arch`` whose image quota holds three and a half of :func:`image`'s NG
+    images: the fourth one evicts the oldest. (The size of one is measured in ``root/probe``.)"""
+    probe = Archive(root / "probe")
+    probe.record(verdict(0, "NG"), image(0))
+    return Archive(root / "arch", quota_bytes=int(probe.stats.bytes_used * 3.5))
+
+
 def test_every_verdict_is_a_row_queryable_by_time_camera_recipe_and_verdict(tmp_path: Path) -> None:
     archive = Archive(tmp_path / "arch")
     for i in range(10):
@@ -71,10 +79,7 @@ def test_ng_images_and_heatmaps_are_written_ok_images_only_at_the_sample_rate(tm
 
 
 def test_images_beyond_the_quota_evict_the_oldest_first_and_rows_stay(tmp_path: Path) -> None:
-    probe = Archive(tmp_path / "probe")
-    probe.record(verdict(0, "NG"), image(0))
-    one = probe.stats.bytes_used
-    archive = Archive(tmp_path / "arch", quota_bytes=int(one * 3.5))
+    archive = three_image_archive(tmp_path)
     for i in range(6):
         archive.record(verdict(i, "NG", minute=i), image(i))
     assert archive.stats.bytes_used <= archive.quota_bytes

@@ -10,7 +10,7 @@ import pytest
 from anomalygpt_edge.runtime.delivery.archive import Archive, DiskBudget
 from anomalygpt_edge.runtime.delivery.archive_labels import LABELS, LabelWriteError, UnknownVerdict
 from anomalygpt_edge.runtime.delivery.spool import free_bytes
-from tests.test_archive import image, verdict
+from tests.test_archive import image, three_image_archive, verdict
 
 
 def test_a_label_is_a_row_with_author_and_source_and_a_relabel_keeps_the_history(tmp_path: Path) -> None:
@@ -65,10 +65,7 @@ def test_an_unknown_verdict_or_a_bad_field_is_refused_and_nothing_is_written(tmp
 
 
 def test_labelled_images_are_evicted_only_after_every_unlabelled_one(tmp_path: Path) -> None:
-    probe = Archive(tmp_path / "probe")
-    probe.record(verdict(0, "NG"), image(0))
-    one = probe.stats.bytes_used
-    archive = Archive(tmp_path / "arch", quota_bytes=int(one * 3.5))
+    archive = three_image_archive(tmp_path)
     for i in range(3):
         archive.record(verdict(i, "NG", minute=i), image(i))
     archive.add_label("dev-00000", "defect", author="ana", source="station")  # the oldest image
