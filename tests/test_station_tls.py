@@ -4,20 +4,16 @@ the config opts in, and ``run --config`` serving the page beside the daemon as o
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import socket
 import ssl
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from station_http import Client
 from station_pki import HAVE_OPENSSL, make_pki
-from station_scene import PART_ROI, write_video
+from station_run import station_process, write_line_config
 
 from anomalygpt_edge.runtime.line.config import ConfigError, parse_config
 from anomalygpt_edge.runtime.web.auth import UserStore
@@ -105,35 +101,9 @@ def test_a_key_that_does_not_match_the_certificate_fails_before_listening(pki, t
 
 
 def _line_config(tmp_path: Path, bundle: Path, broker, pki: Path) -> Path:
-    video = write_video(tmp_path / "line.avi", 20, mixed=False)
-    cfg = {
-        "device": {"id": "one-service"},
-        "cameras": {"cam1": {"type": "video_file", "source": str(video), "fps": 10, "loop": True}},
-        "recipes": [{"camera": "cam1", "recipe": "plate", "trigger": "free_run", "fps": 2, "roi": list(PART_ROI)}],
-        "engines": {"bundle": str(bundle), "backend": "onnxruntime"},
-        "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocols[0]},
-        "storage": {"store": str(tmp_path / "store"), "data": str(tmp_path / "state")},
-        "station": {"port": 0, "tls": {"cert": str(pki / "server.pem"), "key": str(pki / "server.key")},
-                    "users": str(tmp_path / "users.json")},
-    }  # fmt: skip
-    path = tmp_path / "line.yaml"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def _station_url(proc: subprocess.Popen, timeout: float = 90) -> str:
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or ()], daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            assert proc.poll() is None, "run exited early"
-            continue
-        if line.startswith("station: "):
-            return line.split()[1].rstrip("/")
-    raise AssertionError("run --config did not say where the station listens")
+    tls = {"cert": str(pki / "server.pem"), "key": str(pki / "server.key")}
+    station = {"port": 0, "tls": tls, "users": str(tmp_path / "users.json")}
+    return write_line_config(tmp_path, bundle, broker, "one-service", station=station)
 
 
 @needs_openssl
@@ -146,10 +116,7 @@ def test_run_config_with_a_station_section_serves_the_page_over_https_beside_the
     try:
         UserStore(tmp_path / "users.json").set("tina", "technician", "tina-password")
         config = _line_config(tmp_path, default_bundle_dir, broker, pki)
-        cmd = [sys.executable, "-m", "anomalygpt_edge", "run", "--config", str(config)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            url = _station_url(proc)
+        with station_process("run", "--config", str(config), timeout=90) as (proc, url):
             assert url.startswith("https://127.0.0.1:")
             c = Client(url, _client_context(pki))
             assert c.login("tina", "tina-password").status == 200
@@ -161,10 +128,6 @@ def test_run_config_with_a_station_section_serves_the_page_over_https_beside_the
             assert system["device"] == "one-service"
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
     finally:
         broker.stop()
 

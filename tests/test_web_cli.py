@@ -4,48 +4,22 @@
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from station_http import Client
-from station_scene import PART_ROI, write_video
+from station_run import STATION, station_process, write_line_config
+from station_scene import PART_ROI
 
 from anomalygpt_edge.runtime.tools.local_broker import start_local_broker
 from anomalygpt_edge.runtime.web.auth import User, UserStore
 
-STATION = [sys.executable, "-m", "anomalygpt_edge"]  # the product's own command line
-
 
 def _config(tmp_path: Path, bundle: Path, broker) -> Path:
-    video = write_video(tmp_path / "line.avi", 20, mixed=False)
-    cfg = {
-        "device": {"id": "cli-test"},
-        "cameras": {"cam1": {"type": "video_file", "source": str(video), "fps": 10, "loop": True}},
-        "recipes": [{"camera": "cam1", "recipe": "plate", "trigger": "free_run", "fps": 2, "roi": list(PART_ROI)}],
-        "engines": {"bundle": str(bundle), "backend": "onnxruntime"},
-        "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocols[0]},
-        "storage": {"store": str(tmp_path / "store"), "data": str(tmp_path / "state")},
-    }
-    path = tmp_path / "line.yaml"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def _lines(proc: subprocess.Popen) -> queue.Queue:
-    q: queue.Queue = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            q.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return q
+    return write_line_config(tmp_path, bundle, broker, "cli-test")
 
 
 def test_web_user_add_from_stdin_then_web_serves_the_daemon_on_loopback_until_sigterm(default_bundle_dir, tmp_path):
@@ -64,25 +38,8 @@ def test_web_user_add_from_stdin_then_web_serves_the_daemon_on_loopback_until_si
         assert UserStore(users_file).get("tina") == User("tina", "technician")
         assert "tina-password" not in added.stdout + added.stderr + users_file.read_text()
 
-        proc = subprocess.Popen(
-            [*STATION, "web", "--config", str(config), "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            lines = _lines(proc)
-            url, said = None, []
-            deadline = time.monotonic() + 60
-            while url is None and time.monotonic() < deadline:
-                try:
-                    line = lines.get(timeout=1)
-                except queue.Empty:
-                    assert proc.poll() is None, "web exited early"
-                    continue
-                said.append(line)
-                if line.startswith("station: "):
-                    url = line.split()[1].rstrip("/")
+        said: list[str] = []
+        with station_process("web", "--config", str(config), "--port", "0", said=said) as (proc, url):
             assert url and url.startswith("http://127.0.0.1:"), "the station binds to loopback by default"
             # `web` is the alias now: one line points at `run --config` with a station: section.
             assert any(x.startswith("note: `anomalygpt-edge run --config`") and "station:" in x for x in said), said
@@ -114,28 +71,8 @@ def test_web_user_add_from_stdin_then_web_serves_the_daemon_on_loopback_until_si
             assert system["broker"]["connected"] is True and system["device"] == "cli-test"
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
     finally:
         broker.stop()
-
-
-def _serve(args: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([*STATION, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines = _lines(proc)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            assert proc.poll() is None, "web exited early"
-            continue
-        if line.startswith("station: "):
-            return proc, line.split()[1].rstrip("/")
-    proc.kill()
-    raise AssertionError("the station did not say where it listens")
 
 
 def test_web_standalone_runs_the_daemon_with_a_null_link_and_no_broker(default_bundle_dir, tmp_path):
@@ -144,8 +81,7 @@ def test_web_standalone_runs_the_daemon_with_a_null_link_and_no_broker(default_b
     nobody = SimpleNamespace(host="127.0.0.1", port=1, protocols=("5",))  # no broker needed or used
     config = _config(tmp_path, default_bundle_dir, nobody)
     UserStore(tmp_path / "state" / "web" / "users.json").set("olga", "operator", "olga-password")
-    proc, url = _serve(["web", "--config", str(config), "--standalone", "--port", "0"])
-    try:
+    with station_process("web", "--config", str(config), "--standalone", "--port", "0") as (proc, url):
         c = Client(url)
         assert c.login("olga", "olga-password").status == 200
         for _ in range(100):
@@ -160,10 +96,6 @@ def test_web_standalone_runs_the_daemon_with_a_null_link_and_no_broker(default_b
         assert c.post("/api/enroll/start", {"recipe": "plate", "camera": "cam1"}).status == 403, "operators view only"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
 
 
 def test_a_config_without_an_mqtt_section_runs_the_daemon_with_the_null_link(default_bundle_dir, tmp_path):
