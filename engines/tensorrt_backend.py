@@ -43,12 +43,16 @@ from anomalygpt_edge.engines.device_key import (
 from anomalygpt_edge.engines.manifest import Manifest, ManifestError, read_manifest
 
 try:  # cuda-python >= 12.6 moved the runtime bindings; older releases have cuda.cudart
-    from cuda.bindings import runtime as cudart
+    from cuda.bindings import runtime as _cuda_runtime
 except ImportError:
     try:
-        from cuda import cudart
+        from cuda import cudart as _cuda_runtime
     except ImportError:
-        cudart = None
+        _cuda_runtime = None
+
+#: cuda-python's runtime API, or None without cuda-python. Bound by assignment, not import, so that
+#: it is part of this module's interface: calibration/int8.py allocates its calibration buffer with it.
+cudart = _cuda_runtime
 
 #: Every tensor's (name, shape), sorted: a captured CUDA graph is valid for exactly one of these.
 _ShapeSignature = tuple[tuple[str, tuple[int, ...]], ...]
