@@ -131,7 +131,7 @@ class ClipBPETokenizer:
         if not text.isascii():
             raise ValueError(f"the prompt tokenizer takes ASCII sentences only, got {text!r}")
         text = " ".join(text.split()).lower()
-        ids = []
+        ids: list[int] = []
         for token in self.pattern.findall(text):
             token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
             ids.extend(self.encoder[piece] for piece in self._bpe(token))
@@ -154,6 +154,9 @@ class ImageBindText(nn.Module):
     bias) -> L2-normalise. The learnable logit scale is omitted: AnomalyGPT re-normalises the
     averaged features, which cancels it.
     """
+
+    #: The causal attention mask, a registered buffer: declared so its type is known.
+    mask: torch.Tensor
 
     def __init__(self, cfg: AnomalyGPTConfig = FULL):
         super().__init__()

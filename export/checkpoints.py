@@ -35,6 +35,8 @@ from anomalygpt_edge.export.anomalygpt_text import (
 )
 
 StateDict = dict[str, torch.Tensor]
+#: Checkpoint key -> (module, dotted name of the parameter or buffer in it) that the key loads into.
+KeyMap = dict[str, tuple[torch.nn.Module, str]]
 
 
 class CheckpointError(ValueError):
@@ -107,7 +109,7 @@ def _clip(keys: list, limit: int = 12) -> str:
 def _assign(
     path: str | Path,
     state: StateDict,
-    mapping: dict[str, tuple[torch.nn.Module, str]],
+    mapping: KeyMap,
     ignored_prefixes: dict[str, tuple[str, ...]] | None = None,
     accounted: set[str] | None = None,
 ) -> LoadReport:
@@ -130,11 +132,12 @@ def _assign(
             unexpected.append(key)
         else:
             report.ignored[group] = report.ignored.get(group, 0) + 1
-    targets = {}
+    targets: dict[str, torch.Tensor] = {}
     shapes = []
     for key, (module, name) in mapping.items():
         if key not in state:
             continue
+        target: torch.Tensor
         try:
             target = module.get_parameter(name)
         except AttributeError:
@@ -169,7 +172,7 @@ def _modality_prefixes(modality: str) -> tuple[str, ...]:
     return tuple(f"{stage}.{modality}." for stage in _STAGES)
 
 
-def imagebind_vision_keys(vision: ImageBindVision) -> dict[str, tuple[torch.nn.Module, str]]:
+def imagebind_vision_keys(vision: ImageBindVision) -> KeyMap:
     """``imagebind_huge.pth`` key -> (module, parameter) for the vision branch.
 
     Names in ImageBind: ``modality_preprocessors.vision.rgbt_stem.proj.1`` is the Conv3d after
@@ -177,7 +180,7 @@ def imagebind_vision_keys(vision: ImageBindVision) -> dict[str, tuple[torch.nn.M
     the LayerNorm and 2 the Linear (1 is ``SelectElement``); the postprocessor has no parameters.
     """
     pre, trunk, head = "modality_preprocessors.vision", "modality_trunks.vision", "modality_heads.vision"
-    keys = {
+    keys: KeyMap = {
         f"{pre}.rgbt_stem.proj.1.weight": (vision, "stem.weight"),
         f"{pre}.cls_token": (vision, "cls_token"),
         f"{pre}.pos_embedding_helper.pos_embed": (vision, "pos_embed"),
@@ -193,10 +196,10 @@ def imagebind_vision_keys(vision: ImageBindVision) -> dict[str, tuple[torch.nn.M
     return keys
 
 
-def imagebind_text_keys(text: ImageBindText) -> dict[str, tuple[torch.nn.Module, str]]:
+def imagebind_text_keys(text: ImageBindText) -> KeyMap:
     """``imagebind_huge.pth`` key -> (module, parameter) for the text tower (text features only)."""
     pre, trunk, head = "modality_preprocessors.text", "modality_trunks.text", "modality_heads.text"
-    keys = {
+    keys: KeyMap = {
         f"{pre}.token_embedding.weight": (text, "token_embedding.weight"),
         f"{pre}.pos_embed": (text, "pos_embed"),
         f"{head}.proj.0.weight": (text, "head_norm.weight"),
@@ -242,11 +245,9 @@ def load_imagebind(
 # --- AnomalyGPT pytorch_model.pt -------------------------------------------------------------------
 
 
-def anomalygpt_keys(
-    decoder: TextMatchingDecoder, prompt_learner: PromptLearner
-) -> dict[str, tuple[torch.nn.Module, str]]:
+def anomalygpt_keys(decoder: TextMatchingDecoder, prompt_learner: PromptLearner) -> KeyMap:
     """AnomalyGPT checkpoint key -> (module, parameter): ``image_decoder.*`` and ``prompt_learner.*``."""
-    keys = {f"image_decoder.{n}": (decoder, n) for n, _ in decoder.named_parameters()}
+    keys: KeyMap = {f"image_decoder.{n}": (decoder, n) for n, _ in decoder.named_parameters()}
     keys.update({f"prompt_learner.{n}": (prompt_learner, n) for n, _ in prompt_learner.named_parameters()})
     return keys
 
@@ -278,7 +279,7 @@ def load_pandagpt_delta(path: str | Path, llama_proj: torch.nn.Linear, state: St
     silently skipped. Any other key is unexpected.
     """
     state = read_state_dict(path) if state is None else state
-    mapping = {"llama_proj.weight": (llama_proj, "weight"), "llama_proj.bias": (llama_proj, "bias")}
+    mapping: KeyMap = {"llama_proj.weight": (llama_proj, "weight"), "llama_proj.bias": (llama_proj, "bias")}
     lora: dict[tuple[int, str, str], torch.Tensor] = {}
     for key, value in state.items():
         m = LORA_KEY.match(key)

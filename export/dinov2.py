@@ -199,6 +199,9 @@ class DinoPatchEncoder(nn.Module):
     might place differently from PyTorch.
     """
 
+    #: The resized positional embedding, a registered buffer: declared so its type is known.
+    pos_embed: torch.Tensor
+
     def __init__(self, vit: DinoVisionTransformer, image_size: tuple[int, int]):
         super().__init__()
         if image_size[0] % PATCH or image_size[1] % PATCH:

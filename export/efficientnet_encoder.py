@@ -17,9 +17,14 @@ or feature centring did not improve image AUROC, and fewer patches keep matching
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # only for annotations: the package is an optional dependency (export extra)
+    from efficientnet_lite_pytorch import EfficientNet
 
 #: Block indices (0-based) of EfficientNet-Lite0 whose outputs are tapped: the end of the
 #: stride-16 stage (112 channels).
@@ -35,7 +40,7 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
 
-def load_efficientnet_lite0(image_size: int = 224) -> nn.Module:
+def load_efficientnet_lite0(image_size: int = 224) -> EfficientNet:
     """EfficientNet-Lite0 with the registry's ImageNet weights, loaded without pickle execution.
 
     ``image_size`` sets the static TF-"SAME" padding the package computes at construction.
@@ -68,7 +73,7 @@ class EfficientNetPatchEncoder(nn.Module):
     """
 
     def __init__(
-        self, net: nn.Module, taps: tuple[int, ...] = DEFAULT_TAPS, pool: int = 3, head_taps: tuple[int, ...] = ()
+        self, net: EfficientNet, taps: tuple[int, ...] = DEFAULT_TAPS, pool: int = 3, head_taps: tuple[int, ...] = ()
     ):
         super().__init__()
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
@@ -106,7 +111,18 @@ class EfficientNetPatchEncoder(nn.Module):
         return (-(-image_size[0] // stride), -(-image_size[1] // stride))
 
     def channels(self) -> int:
-        return sum(self.blocks[i]._bn2.num_features for i in self.taps)
+        """Feature width of a bank patch: the summed widths of the tapped blocks."""
+        return self._block_widths(self.taps)
 
     def head_channels(self) -> int:
-        return sum(self.blocks[i]._bn2.num_features for i in self.head_taps)
+        """Feature width of a defect-head patch (``head_0``): the summed widths of the head taps."""
+        return self._block_widths(self.head_taps)
+
+    def _block_widths(self, taps: tuple[int, ...]) -> int:
+        total = 0
+        for i in taps:
+            bn = self.blocks[i]._bn2
+            # A ModuleList's item is typed as any Module; every MBConvBlock ends in this BatchNorm.
+            assert isinstance(bn, nn.BatchNorm2d)
+            total += bn.num_features
+        return total

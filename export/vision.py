@@ -24,7 +24,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +35,10 @@ from anomalygpt_edge.engines.manifest import Manifest, PatchLayer, Preprocess
 from anomalygpt_edge.export import checkpoints as ckpt
 from anomalygpt_edge.export.bank_matcher import BankMatcher
 from anomalygpt_edge.export.bundle_writer import BundleWriter, log
+
+if TYPE_CHECKING:  # annotations only: each source's model module is imported when that source runs
+    from anomalygpt_edge.export.dinov2 import DinoVisionTransformer
+    from anomalygpt_edge.export.wide_resnet import WideResNet50_2
 
 #: Source-specific flags (argparse dest -> what an unset flag looks like), checked against each row.
 SOURCE_FLAGS: dict[str, Any] = {
@@ -243,7 +247,7 @@ def _efficientnet_reference(m: Manifest) -> nn.Module:
 # --- wide_resnet50: PatchCore ------------------------------------------------------------------------
 
 
-def build_wide_resnet50(seed: int = 0) -> nn.Module:
+def build_wide_resnet50(seed: int = 0) -> WideResNet50_2:
     """WideResNet-50-2 in torchvision's layout with torchvision's (seeded) random initialisation."""
     from anomalygpt_edge.export.wide_resnet import WideResNet50_2
 
@@ -284,7 +288,7 @@ def _wide_resnet50_reference(m: Manifest) -> nn.Module:
 # --- dinov2-small / dinov2-base: AnomalyDINO ---------------------------------------------------------
 
 
-def build_dinov2(name: str, seed: int = 0) -> nn.Module:
+def build_dinov2(name: str, seed: int = 0) -> DinoVisionTransformer:
     """DINOv2 ``name`` ("dinov2-small" | "dinov2-base") in the hub layout, seeded random init."""
     from anomalygpt_edge.export import dinov2
 
@@ -353,7 +357,13 @@ def _check_anomalygpt(args: argparse.Namespace) -> None:
 # --- the table -------------------------------------------------------------------------------------
 
 _PRETRAINED = ("weights", "random_weights")
-_DINO = {"default_size": 448, "size_multiple": 14, "min_size": 28, "flags": _PRETRAINED}
+
+
+def _dinov2_source(name: str) -> VisionSource:
+    """A DINOv2 row: both sizes take 448 px by default, multiples of the 14 px patch, 28 px (2 patches) at least."""
+    return VisionSource(name, 448, 14, 28, _PRETRAINED, export_dinov2, reference=_dinov2_reference)
+
+
 SOURCES: dict[str, VisionSource] = {
     s.name: s
     for s in (
@@ -370,8 +380,8 @@ SOURCES: dict[str, VisionSource] = {
         VisionSource(
             "wide_resnet50", 224, 16, 32, _PRETRAINED, export_wide_resnet50, "l2", reference=_wide_resnet50_reference
         ),
-        VisionSource("dinov2-small", export=export_dinov2, reference=_dinov2_reference, **_DINO),
-        VisionSource("dinov2-base", export=export_dinov2, reference=_dinov2_reference, **_DINO),
+        _dinov2_source("dinov2-small"),
+        _dinov2_source("dinov2-base"),
         VisionSource(
             "anomalygpt",
             224,

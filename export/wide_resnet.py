@@ -64,6 +64,12 @@ class Bottleneck(nn.Module):
 class WideResNet50_2(nn.Module):  # noqa: N801 - torchvision's name
     """``wide_resnet50_2`` with torchvision's module names (and so its checkpoint keys)."""
 
+    # The four stages are set in a loop (setattr, for torchvision's names); declared so their type is known.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, num_classes: int = 1000):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
@@ -136,4 +142,7 @@ class PatchCoreEncoder(nn.Module):
 
     def channels(self) -> int:
         """Feature width of a patch: 512 (layer2) + 1024 (layer3)."""
-        return self.layer2[-1].bn3.num_features + self.layer3[-1].bn3.num_features
+        last2, last3 = self.layer2[-1], self.layer3[-1]
+        # Indexing a Sequential is typed as any Module; every stage is built of Bottlenecks.
+        assert isinstance(last2, Bottleneck) and isinstance(last3, Bottleneck)
+        return last2.bn3.num_features + last3.bn3.num_features
