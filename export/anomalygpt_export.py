@@ -185,9 +185,9 @@ def compute_text_features(mods: AnomalyGPTModules, seed: int = 0) -> tuple[dict[
 
 def _save_npz(features: dict[str, np.ndarray]):
     def write(path: Path) -> None:
-        # np.savez stores plain .npy arrays: the runtime reads them with allow_pickle=False.
+        # Plain .npy arrays only: the runtime reads them with allow_pickle=False.
         with open(path, "wb") as f:
-            np.savez(f, **features)
+            np.savez(f, allow_pickle=False, **features)
 
     return write
 

@@ -69,11 +69,13 @@ def quiet_log() -> Iterator[None]:
 
 
 def human_size(n: int) -> str:
+    """``n`` bytes in B, KB, MB or GB (multiples of 1024), as the export log prints sizes."""
+    size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 class BundleWriter:

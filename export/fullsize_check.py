@@ -113,6 +113,8 @@ def run_bundle(bundle_dir: Path, precisions: list[str]) -> dict[str, Any]:
     m = bundle.manifest
     cfg = m.source["config"]
     assert [p.name for p in m.patch_layers] == [f"tap{i}" for i in cfg["taps"]], m.patch_layers
+    llm_section = m.llm
+    assert llm_section is not None, "an AnomalyGPT bundle's manifest has an llm section"
     for precision in precisions:
         dt = np.float32 if precision == "fp32" else np.float16
         r: dict[str, Any] = {}
@@ -130,7 +132,7 @@ def run_bundle(bundle_dir: Path, precisions: list[str]) -> dict[str, Any]:
         out = run("encoder", {"pixel_values": ref["pixel_values"].astype(dt)})
         r["encoder_max_abs_diff_vs_torch"] = {k: float(np.abs(out[k].astype(np.float32) - ref[k]).max()) for k in out}
         shapes = {k: list(v.shape) for k, v in out.items()}
-        n, llm = (cfg["image_size"] // cfg["patch_size"]) ** 2, m.llm["width"]
+        n, llm = (cfg["image_size"] // cfg["patch_size"]) ** 2, llm_section["width"]
         assert shapes["image_embed"] == [1, cfg["embed_dim"]] and shapes["img_llm"] == [1, 1, llm], shapes
         assert all(shapes[p.name] == [1, n, cfg["width"]] for p in m.patch_layers), shapes
         taps = [out[p.name] for p in m.patch_layers]
@@ -142,7 +144,7 @@ def run_bundle(bundle_dir: Path, precisions: list[str]) -> dict[str, Any]:
         r["bank_self_match_max_score"] = float(np.abs(fmap.astype(np.float32)).max())
         prompts = run("prompt_learner", {"anomaly_map": amap})["prompt_embeds"]
         assert amap.shape == (1, 1, *m.map_size), amap.shape
-        assert prompts.shape == (1, m.llm["n_prompts"], llm), prompts.shape
+        assert prompts.shape == (1, llm_section["n_prompts"], llm), prompts.shape
         result[precision] = r
     result["sizes"] = {f.path: f.size for f in m.files.values()}
     result["runtime_peak_rss_gb"] = _rss_gb()

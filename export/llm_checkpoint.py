@@ -48,12 +48,13 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
-    """Yield (field number, wire type, value) of a protobuf message; length-delimited as bytes."""
+def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """Yield (field number, wire type, value) of a protobuf message; varints as int, the rest as bytes."""
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
         num, wire = key >> 3, key & 7
+        val: int | bytes
         if wire == 0:
             val, pos = _varint(buf, pos)
         elif wire == 1:
@@ -80,17 +81,18 @@ def read_sentencepiece(path: Path) -> list[tuple[str, float, int]]:
     try:
         data = Path(path).read_bytes()
         pieces = []
+        # The wire type fixes a value's type (0: an int, 2 and 5: bytes); isinstance says so to mypy.
         for num, wire, val in _fields(data):
-            if num != 1 or wire != 2:
+            if num != 1 or wire != 2 or not isinstance(val, bytes):
                 continue
             piece, score, ptype = "", 0.0, 1
-            for n2, w2, v2 in _fields(val):  # type: ignore[arg-type]
-                if n2 == 1 and w2 == 2:
-                    piece = bytes(v2).decode("utf-8")  # type: ignore[arg-type]
-                elif n2 == 2 and w2 == 5:
-                    score = struct.unpack("<f", v2)[0]  # type: ignore[arg-type]
-                elif n2 == 3 and w2 == 0:
-                    ptype = int(v2)  # type: ignore[arg-type]
+            for n2, w2, v2 in _fields(val):
+                if n2 == 1 and w2 == 2 and isinstance(v2, bytes):
+                    piece = v2.decode("utf-8")
+                elif n2 == 2 and w2 == 5 and isinstance(v2, bytes):
+                    score = struct.unpack("<f", v2)[0]
+                elif n2 == 3 and w2 == 0 and isinstance(v2, int):
+                    ptype = v2
             pieces.append((piece, score, ptype))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise LLMExportError(f"{path}: not a readable sentencepiece model ({exc})") from exc

@@ -117,7 +117,8 @@ def int8_accuracy_report(bundle: Any, fp16_plan: Path, int8_plan: Path, calib_im
         cand = np.stack([quant.run({name: x[None]})[layer.name][0] for x in held])
         report = int8.compare_int8(ref, cand, bank, metric)
         reports.append(f"[{layer.name}] " + int8.format_report(report, [p.name for p in held_paths]))
-    fp16.close(), quant.close()
+    fp16.close()
+    quant.close()
     return "\n".join(reports)
 
 

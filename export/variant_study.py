@@ -68,7 +68,7 @@ class Study:
     def maps(self, q: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw (unsmoothed) cosine maps and patch scores, as the bank matcher graph computes them."""
         ps = 1 - (_unit(q) @ _unit(bank).T).max(-1)
-        return upsample_aligned(ps.reshape(-1, *self.p.grid), tuple(self.p.manifest.map_size)), ps
+        return upsample_aligned(ps.reshape(-1, *self.p.grid), self.p.manifest.map_size), ps
 
     def scores(self, raw: np.ndarray, sigma: float = 4.0, rule: str = "max") -> np.ndarray:
         smooth = [cv2.GaussianBlur(m, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) if sigma else m for m in raw]
