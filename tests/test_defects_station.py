@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import pytest
 from station_http import Client
+from station_run import serve_video_station
 from station_scene import PART_ROI, part, write_video
 
-from anomalygpt_edge.runtime.web.auth import UserStore
-from anomalygpt_edge.runtime.web.server import StationServer, WebConfig
+from anomalygpt_edge.runtime.web.server import StationServer
 
 PASSWORDS = {"olga": "operator-pw", "theo": "technician-pw"}
 #: Where station_scene draws a scratch: from (115..125, 90) to (+50, +65), 3 px wide.
@@ -56,21 +56,9 @@ def _audit(path: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture()
 def station(default_bundle_dir: Path, tmp_path: Path):
-    from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.recipes.store import RecipeStore
-    from anomalygpt_edge.runtime.web.standalone import CameraSpec, StandaloneStation
-
     video = write_video(tmp_path / "good.avi", 20, mixed=False, seed0=300)
-    st = StandaloneStation(
-        RecipeStore(tmp_path / "store"),
-        EngineBundle.open(default_bundle_dir),
-        [CameraSpec("cam1", "video_file", str(video), fps=10)],
-        inspect_fps=1,
-    ).start()
-    users = UserStore(tmp_path / "users.json")
-    for name, role in (("theo", "technician"), ("olga", "operator")):
-        users.set(name, role, PASSWORDS[name])
-    server = StationServer(st, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0)).start()
+    users = [("theo", "technician", PASSWORDS["theo"]), ("olga", "operator", PASSWORDS["olga"])]
+    server, st = serve_video_station(tmp_path, default_bundle_dir, video, users, inspect_fps=1)
     yield server, st
     server.stop()
     st.stop()

@@ -14,6 +14,7 @@ from typing import Any
 import cv2
 import pytest
 from station_http import Client
+from station_run import serve_video_station
 from station_scene import BLOCK, PART_ROI, is_defective, read_video, write_video
 
 from anomalygpt_edge.runtime.web.auth import UserStore
@@ -290,21 +291,9 @@ def _png_b64(image) -> str:
 
 @pytest.mark.slow
 def test_enrollment_over_http_then_verdicts_history_csv_and_ask(default_bundle_dir, tmp_path):
-    from anomalygpt_edge.engines.bundle import EngineBundle
-    from anomalygpt_edge.runtime.recipes.store import RecipeStore
-    from anomalygpt_edge.runtime.web.standalone import CameraSpec, StandaloneStation
-
     video = write_video(tmp_path / "mixed.avi", 40, mixed=True, seed0=500)
-    station = StandaloneStation(
-        RecipeStore(tmp_path / "store"),
-        EngineBundle.open(default_bundle_dir),
-        [CameraSpec("cam1", "video_file", str(video), fps=10)],
-        inspect_fps=5,
-    ).start()
-    users = UserStore(tmp_path / "users.json")
-    users.set("theo", "technician", PASSWORDS["theo"])
-    users.set("olga", "operator", PASSWORDS["olga"])
-    server = StationServer(station, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0)).start()
+    users = [("theo", "technician", PASSWORDS["theo"]), ("olga", "operator", PASSWORDS["olga"])]
+    server, station = serve_video_station(tmp_path, default_bundle_dir, video, users, inspect_fps=5)
     try:
         c = logged_in(server, "theo")
         state = c.post("/api/enroll/start", {"recipe": "plate", "camera": "cam1", "roi": list(PART_ROI)}).json()
