@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -44,9 +44,13 @@ from anomalygpt_edge.runtime.inspection.memory_bank import DEFAULT_BUDGET, BankE
 from anomalygpt_edge.runtime.recipes import versions
 from anomalygpt_edge.runtime.recipes.writer_lock import WriterLock
 
+if TYPE_CHECKING:  # types only: the store never opens engines; `versions` in RecipeStore is its method
+    from anomalygpt_edge.engines.bundle import EngineBundle
+    from anomalygpt_edge.runtime.recipes.versions import KeptVersion
+
 #: Format 2 adds labelled defects, the defect head, and the bank's sha256/shape/dtype. Format 1
 #: recipes load unchanged (their bank is still checked for shape and finite values, not hash).
-RECIPE_FORMAT = 2
+RECIPE_FORMAT: Final = 2
 READABLE_FORMATS = (1, 2)
 #: Anomaly sources: the few-shot bank, AnomalyGPT's zero-shot text decoder, or both averaged.
 SOURCES = ("bank", "text", "text+bank")
@@ -272,12 +276,11 @@ class Recipe:
 
 
 def _record(data: bytes, arrays: dict[str, np.ndarray]) -> FileRecord:
-    dtypes = {str(a.dtype) for a in arrays.values()}
     return FileRecord(
         sha256=sha256_bytes(data),
         bytes=len(data),
         shapes={k: list(a.shape) for k, a in arrays.items()},
-        dtype=",".join(sorted(dtypes)),
+        dtype=",".join(sorted({str(a.dtype) for a in arrays.values()})),
     )
 
 
@@ -295,10 +298,10 @@ def read_checked(path: Path, record: FileRecord | None, what: str) -> bytes:
     return data
 
 
-def text_features_for(recipe: Recipe, bundle: Any) -> np.ndarray:
+def text_features_for(recipe: Recipe, bundle: EngineBundle) -> np.ndarray:
     """The bundle's AnomalyGPT text features for the recipe's object class (text sources)."""
-    table = bundle.text_features()
-    cls = recipe.class_name or bundle.manifest.text_features.get("default_class", "object")
+    table = bundle.text_features()  # BundleError without them: the `or {}` below only narrows the type
+    cls = recipe.class_name or str((bundle.manifest.text_features or {}).get("default_class", "object"))
     if cls not in table:
         raise RecipeError(f"recipe {recipe.name}: class '{cls}' has no text features in the bundle")
     return table[cls]
@@ -473,7 +476,7 @@ class RecipeStore:
         """The bank, head and sample files ``recipe`` names are there and match their records (RecipeError)."""
         versions.check_files(self, recipe, what)
 
-    def collect_garbage(self, recipe: Recipe, kept: list[versions.KeptVersion]) -> None:
+    def collect_garbage(self, recipe: Recipe, kept: list[KeptVersion]) -> None:
         """Remove what neither the just-committed recipe nor a kept version names (under the writer lock)."""
         folder = self.folder(recipe.name)
         named = [recipe] + [k.recipe for k in kept if k.recipe is not None]
