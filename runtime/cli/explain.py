@@ -191,7 +191,8 @@ def run_ask(args: argparse.Namespace) -> int:
         return fail(f"cannot read image {exc}")
     try:
         inspector = Inspector.from_store(args.store, args.recipe, _ask_bundle(args))
-        llm = create_llm(args.model or default_model_path(), n_ctx=2048, n_threads=args.threads)
+        model_path = Path(args.model or default_model_path())
+        llm = create_llm(model_path, n_ctx=2048, n_threads=args.threads)
     except (OSError, ValueError, RuntimeError) as exc:  # LLMError and GGUFError are RuntimeErrors
         return fail(exc)
     anomalygpt = llm.metadata("anomalygpt.prompt_embeddings") is not None
@@ -206,7 +207,7 @@ def run_ask(args: argparse.Namespace) -> int:
             "question": args.question,
             "verdict": verdict.to_json(),
             "answer": answer.to_json(),
-            "model": llm.path.name,
+            "model": model_path.name,
             "llm_input": "anomalygpt-embeddings" if anomalygpt else "findings-text",
         }
         if anomalygpt:

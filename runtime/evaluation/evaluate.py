@@ -35,6 +35,7 @@ from anomalygpt_edge.runtime.evaluation import accuracy as metrics
 # The report (tables, curves, heatmap grids) is a module of its own.
 from anomalygpt_edge.runtime.evaluation.report import text_table, write_report, write_section
 from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
+from anomalygpt_edge.runtime.inspection.verdict import Verdict
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller, LabelledImage
 from anomalygpt_edge.runtime.recipes.inspector import Inspector
 from anomalygpt_edge.runtime.recipes.store import RecipeStore
@@ -166,12 +167,16 @@ def _enroll(enroller: Enroller, golden: list[Path], defects: list[TestImage], sk
 def _inspect_tests(inspector: Inspector, tests: list[TestImage], skips: Skips, bar: Progress) -> tuple:
     """Verdicts of the test images in batches of 8: per-image rows, downscaled maps and masks, examples."""
     rows: dict[str, list] = {k: [] for k in ("scores", "labels", "defects", "verdicts", "has_mask")}
-    pix_maps, pix_masks, examples = [], [], []
+    pix_maps: list[np.ndarray] = []
+    pix_masks: list[np.ndarray] = []
+    examples: list[tuple[TestImage, np.ndarray, Verdict]] = []
     for i in range(0, len(tests), 8):
         chunk = [(t, r) for t in tests[i : i + 8] if (r := skips.read(t.path, t)) is not None]
         verdicts = inspector.inspect_batch([r[0] for _, r in chunk], [t.path.name for t, _ in chunk]) if chunk else []
         bar.update(len(tests[i : i + 8]))
         for (t, (image, mask)), v in zip(chunk, verdicts):
+            if v.anomaly_map is None:  # an ERROR verdict (its score is not a number): nothing to evaluate
+                raise ValueError(f"{t.path}: {v.reason}")
             rows["scores"].append(v.score)
             rows["labels"].append(t.defect != "good")
             rows["defects"].append(t.defect)

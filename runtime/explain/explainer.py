@@ -187,9 +187,9 @@ class Explainer:
         self._lock = threading.Lock()
 
     @classmethod
-    def default(cls, n_threads: int | None = None, **options: object) -> Explainer:
+    def default(cls, n_threads: int | None = None, backend: str = "llama.cpp", **options: object) -> Explainer:
         """The embedded SmolLM2-135M-Instruct model."""
-        return cls(create_llm(default_model_path(), n_ctx=2048, n_threads=n_threads, **options))
+        return cls(create_llm(default_model_path(), backend, n_ctx=2048, n_threads=n_threads, **options))
 
     def explain(
         self, verdict: Verdict, question: str = DEFAULT_QUESTION, on_text: Callable[[str], None] | None = None
@@ -411,10 +411,15 @@ class ExplanationWorker:
 
     @classmethod
     def for_explainer(
-        cls, explainer: Explainer, on_result: Callable[[ExplainRequest, Explanation], None], **kw: float
+        cls,
+        explainer: Explainer,
+        on_result: Callable[[ExplainRequest, Explanation], None],
+        max_queue: int = 4,
+        max_age_s: float = 10.0,
+        spawn: Callable[[str, Callable[[], None]], threading.Thread] | None = None,
     ) -> ExplanationWorker:
-        """A worker that runs ``explainer.explain`` on each request."""
-        return cls(lambda req: explainer.explain(req.verdict, req.question), on_result, **kw)
+        """A worker that runs ``explainer.explain`` on each request (the other arguments as in ``__init__``)."""
+        return cls(lambda req: explainer.explain(req.verdict, req.question), on_result, max_queue, max_age_s, spawn)
 
     def submit(self, request: ExplainRequest) -> None:
         """Queue ``request`` without waiting; may drop an older one (counted)."""

@@ -144,7 +144,7 @@ class DefectHead:
             mode = str(meta.pop("mode"))
         except (KeyError, TypeError, ValueError) as exc:
             raise HeadError(f"{origin}: defect head metadata incomplete: {exc}") from exc
-        return cls(**arrays, **stats, mode=mode, meta=meta)
+        return cls(arrays["mean"], arrays["scale"], arrays["weight"], **stats, mode=mode, meta=meta)
 
 
 @dataclass(frozen=True)

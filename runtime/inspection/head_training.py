@@ -52,7 +52,11 @@ class HeadFit:
 
 
 def _train(
-    golden: Sequence[ScoredPart], defects: Sequence[ScoredPart], labels: Sequence[LabelledDefect], grid, seed: int
+    golden: Sequence[ScoredPart],
+    defects: Sequence[ScoredPart],
+    labels: Sequence[LabelledDefect],
+    grid: tuple[int, int],
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, str]:
     x, y, mode = training_rows(
         [g.patches for g in golden], labels, [d.patch_scores for d in defects], grid, np.random.default_rng(seed)
@@ -73,8 +77,9 @@ def fit_head(
     grid = pipeline.grid
     k, n_def = len(golden), len(defects)
     folds = max(1, min(MAX_FOLDS, k))
-    golden_logits: list[np.ndarray | None] = [None] * k
-    defect_logits: list[np.ndarray | None] = [None] * n_def
+    # Held-out logits by part index: every golden part falls in one fold; defects only with two or more.
+    golden_logits: dict[int, np.ndarray] = {}
+    defect_logits: dict[int, np.ndarray] = {}
     held_out_defects = n_def >= 2
     for f in range(folds):
         g_hold = [i for i in range(k) if i % folds == f]
@@ -88,7 +93,7 @@ def fit_head(
             defect_logits[j] = linear_logits(*params, defects[j].patches[0])
     mean, scale, weight, bias, mode = _train(golden, defects, labels, grid, seed)
     for j in range(n_def):
-        if defect_logits[j] is None:  # a single labelled defect: no model without it can score it
+        if j not in defect_logits:  # a single labelled defect: no model without it can score it
             defect_logits[j] = linear_logits(mean, scale, weight, bias, defects[j].patches[0])
 
     # Fusion statistics at the image level: the z-scores of each map are scaled by how much the
@@ -100,7 +105,8 @@ def fit_head(
 
     bank_mu, bank_sd = robust_stats(np.array([image_level(g.raw_map) for g in golden]))
     head_images = [
-        image_level(upsample_aligned(lg.reshape(1, *grid), g.raw_map.shape)[0]) for g, lg in zip(golden, golden_logits)
+        image_level(upsample_aligned(golden_logits[i].reshape(1, *grid), g.raw_map.shape)[0])
+        for i, g in enumerate(golden)
     ]
     head_mu, head_sd = robust_stats(np.array(head_images))
     head = DefectHead(
@@ -112,8 +118,8 @@ def fit_head(
         head_map = upsample_aligned(logits.reshape(1, *grid), part.raw_map.shape)[0]
         return pipeline.image_score(pipeline.smooth(head.fuse(part.raw_map, head_map)[None])[0])
 
-    golden_scores = np.array([fused_score(g, lg) for g, lg in zip(golden, golden_logits)])
-    defect_scores = np.array([fused_score(d, lg) for d, lg in zip(defects, defect_logits)])
+    golden_scores = np.array([fused_score(g, golden_logits[i]) for i, g in enumerate(golden)])
+    defect_scores = np.array([fused_score(d, defect_logits[j]) for j, d in enumerate(defects)])
     seconds = time.perf_counter() - t0
     head.meta["train_seconds"] = round(seconds, 3)
     return HeadFit(head, golden_scores, defect_scores, held_out_defects, seconds, {"mode": mode, "folds": folds})

@@ -50,7 +50,9 @@ class MemoryBank:
         buf = io.BytesIO()
         meta = {**self.meta, "format": BANK_FORMAT, "layers": list(self.layers)}
         arrays = {f"layer_{i}": a for i, a in enumerate(self.layers.values())}
-        np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
+        # Named, not left to its default: load() refuses pickles, and numpy's stubs would otherwise
+        # match **arrays against this bool keyword.
+        np.savez(buf, allow_pickle=False, meta=np.array(json.dumps(meta)), **arrays)
         return buf.getvalue()
 
     def save(self, path: Path) -> None:

@@ -67,7 +67,7 @@ class VisionPipeline:
                 f"{bundle.path}/manifest.json: matching.image_score {self.score_rule!r} is not one of {IMAGE_SCORES}"
             )
         layers = self.manifest.patch_layers
-        self.grid = tuple(layers[0].grid)
+        self.grid = layers[0].grid
         #: Every encoder output a recipe stores per sample: the bank's layers, then the head-only ones.
         self.feature_names = self.layer_names + [layer.name for layer in self.manifest.head_layers]
         self.feature_dim = sum(layer.dim for layer in (*layers, *self.manifest.head_layers))
@@ -107,7 +107,7 @@ class VisionPipeline:
     def head_map(self, head: DefectHead, features: dict[str, np.ndarray]) -> np.ndarray:
         """A defect head's patch logits upsampled to the map size (B, H, W), unsmoothed."""
         logits = head.logits(self.patches(features))
-        return upsample_aligned(logits.reshape(-1, *self.grid), tuple(self.manifest.map_size))
+        return upsample_aligned(logits.reshape(-1, *self.grid), self.manifest.map_size)
 
     def bank_maps(
         self, features: dict[str, np.ndarray], bank: dict[str, np.ndarray], head: DefectHead | None = None
@@ -165,6 +165,7 @@ class VisionPipeline:
         elif bank is not None:
             maps = self.bank_maps(feats, bank, head)
         else:
+            assert text_features is not None, "a recipe matches against a bank, text features or both"
             maps = self.text_maps(feats, text_features)
         t2 = time.perf_counter()
         self.last_timings = {"encoder": (t1 - t0) * 1e3, "matcher": (t2 - t1) * 1e3}

@@ -283,7 +283,7 @@ class Enroller:
         if coverage is not None:
             arrays["coverage"] = coverage.astype(np.float32)
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, allow_pickle=False, **arrays)  # named: the reader refuses pickles; numpy's stubs need it
         atomic_write_bytes(self.store.defect_path(recipe.name, sha, "npz"), buf.getvalue())
         return DefectSample(sha, item.label, now_iso(), item.defect_type, coverage is not None)
 
@@ -293,12 +293,12 @@ class Enroller:
             t0 = time.perf_counter()
             recipe = self.store.load(name)
 
-            def hits(items: Sequence[GoldenSample | DefectSample]) -> list:
+            def hits(items: Sequence[GoldenSample | DefectSample]) -> list[GoldenSample | DefectSample]:
                 return [s for s in items if s.name == which or (len(which) >= 8 and s.sha256.startswith(which))]
 
             golden, defects = hits(recipe.samples), hits(recipe.defects)
             if len(golden) + len(defects) != 1:
-                names = ", ".join(s.name for s in (*recipe.samples, *recipe.defects)) or "none"
+                names = ", ".join([s.name for s in recipe.samples] + [d.name for d in recipe.defects]) or "none"
                 raise RecipeError(
                     f"recipe {name}: no single golden sample '{which}' or labelled defect (samples: {names})"
                 )
@@ -318,7 +318,7 @@ class Enroller:
     # -- internals ----------------------------------------------------------------------------
     def _save_features(self, name: str, sha: str, feats: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
-        np.savez(buf, **{f"layer_{i}": v.astype(np.float16) for i, v in enumerate(feats.values())})
+        np.savez(buf, allow_pickle=False, **{f"layer_{i}": v.astype(np.float16) for i, v in enumerate(feats.values())})
         atomic_write_bytes(self.store.sample_path(name, sha, "npz"), buf.getvalue())
 
     def _load_features(self, name: str, sha: str) -> dict[str, np.ndarray]:

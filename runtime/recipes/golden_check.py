@@ -61,6 +61,7 @@ def golden_parts(
     names = pipeline.layer_names
     text = text_features_for(recipe, bundle) if recipe.source in USES_TEXT else None
     if recipe.source == "text":
+        assert text is not None, "every source in USES_TEXT has text features"
         query = {n: np.stack([f[n][0] for f in feats]) for n in names}
         maps = pipeline.text_maps(query, text, smooth=False)
         empty = np.zeros(0, np.float32)

@@ -33,7 +33,7 @@ class Inspector:
     def __init__(
         self, bundle: EngineBundle, recipe: Recipe, store: RecipeStore, pipeline: VisionPipeline | None = None
     ):
-        if not recipe.live:
+        if not recipe.live or recipe.threshold is None:  # live means it has one; said so the type narrows
             raise RecipeError(
                 f"recipe {recipe.name} is not live: "
                 + (
