@@ -15,14 +15,25 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, ValidationError, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    GetCoreSchemaHandler,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+)
+from pydantic_core import CoreSchema
 
 __all__ = [
     "MIN_ROI_SIDE",
+    "Between",
     "ConfigPath",
     "ExistingPath",
     "FieldError",
@@ -148,16 +159,33 @@ def _number(low: float, high: float, whole: bool, value: Any) -> Any:
     return int(value) if whole else float(value)
 
 
+@dataclass(frozen=True)
+class Between:
+    """``Annotated[int, Between(1, 65535)]``, ``Annotated[float, Between(0, 1)]``: a config number in
+    ``[low, high]`` with the project's messages (booleans and text refused; floats too for an ``int``).
+
+    Metadata rather than a type built by a call, so a type checker reads the plain ``int`` or
+    ``float`` the field holds; the annotated type says whether whole numbers are required.
+    """
+
+    low: float
+    high: float = math.inf
+
+    def __get_pydantic_core_schema__(self, source_type: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        whole = source_type is int
+        check = BeforeValidator(partial(_number, self.low, self.high, whole))
+        bounds = Field(ge=self.low) if self.high == math.inf else Field(ge=self.low, le=self.high)
+        return handler(Annotated[source_type, check, bounds])
+
+
 def number(low: float, high: float = math.inf) -> Any:
     """A real number in ``[low, high]`` (ints accepted, booleans and text refused)."""
-    return Annotated[float, BeforeValidator(partial(_number, low, high, False)), Field(ge=low, le=high)]
+    return Annotated[float, Between(low, high)]
 
 
 def integer(low: int, high: float = math.inf) -> Any:
     """A whole number in ``[low, high]`` (booleans, floats and text refused)."""
-    if high == math.inf:
-        return Annotated[int, BeforeValidator(partial(_number, low, high, True)), Field(ge=low)]
-    return Annotated[int, BeforeValidator(partial(_number, low, high, True)), Field(ge=low, le=high)]
+    return Annotated[int, Between(low, high)]
 
 
 def _flag(value: Any) -> bool:

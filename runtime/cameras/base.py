@@ -21,12 +21,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from anomalygpt_edge.runtime.values import Flag, Name, Text, number, resolve_path
+from anomalygpt_edge.runtime.values import Between, Flag, Name, Text, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,19 @@ class Frame:
     name: str | None = None  # file name, for sources that replay files
 
 
-class _KindCall(type(BaseModel)):  # type: ignore[misc]
+if TYPE_CHECKING:  # pydantic does not export its models' metaclass; at run time it is type(BaseModel)
+    from pydantic._internal._model_construction import ModelMetaclass
+else:
+    ModelMetaclass = type(BaseModel)
+
+
+class _KindCall(ModelMetaclass):
     """``CameraConfig("cam", "video_file", "line.avi", fps=10)``: positional ``name, type, source``
     as before the models were typed, and the base class called with a registered ``type`` builds
     that kind's model. Only calls go through here; validation (which must keep its context, the
     config file's folder) never does."""
 
-    def __call__(cls, *args: Any, **data: Any) -> Any:
+    def __call__(cls, *args: Any, **data: Any) -> Any:  # noqa: N805 - a metaclass: its instances are classes
         data.update(zip(("name", "type", "source"), args, strict=False))
         model = cls
         if cls is CameraConfig and isinstance(data.get("type"), str):
@@ -78,9 +84,10 @@ class CameraConfig(BaseModel, metaclass=_KindCall):
     name: Name
     type: str
     source: Text  # device index, /dev/videoN, URL, GStreamer pipeline, video file or image folder
-    fps: number(0.1, 1000) | None = None  # pacing of file sources; requested rate of live cameras
-    reconnect_min_s: number(0.01, 60) = 0.5  # backoff after a camera drops: doubles up to reconnect_max_s
-    reconnect_max_s: number(0.01, 3600) = 10.0
+    fps: Annotated[float, Between(0.1, 1000)] | None = None  # pacing of file sources; requested rate of live cameras
+    # backoff after a camera drops: doubles up to reconnect_max_s
+    reconnect_min_s: Annotated[float, Between(0.01, 60)] = 0.5
+    reconnect_max_s: Annotated[float, Between(0.01, 3600)] = 10.0
 
 
 class FileCameraConfig(CameraConfig):
@@ -251,7 +258,7 @@ class Camera:
                     return None
                 self._cond.wait(left)
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """Status for the retained status topic."""
         return {
             "type": self.source.kind,

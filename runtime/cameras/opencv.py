@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 import cv2
 import numpy as np
 
 from anomalygpt_edge.runtime.cameras.base import CameraConfig, CameraError, CameraSource, register_source
-from anomalygpt_edge.runtime.values import Flag, integer
+from anomalygpt_edge.runtime.values import Between, Flag
 
 _DEV_NODE = re.compile(r"^/dev/video(\d+)$")
 
@@ -24,8 +24,8 @@ class OpenCVCameraConfig(CameraConfig):
     """A live camera: ``fps``, ``width`` and ``height`` are requested from the driver."""
 
     type: Literal["opencv"] = "opencv"
-    width: integer(1, 16384) | None = None  # requested capture size
-    height: integer(1, 16384) | None = None
+    width: Annotated[int, Between(1, 16384)] | None = None  # requested capture size
+    height: Annotated[int, Between(1, 16384)] | None = None
     gstreamer: Flag = False  # ``source`` is a GStreamer pipeline (cv2.CAP_GSTREAMER)
 
     @property

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 
-from anomalygpt_edge.runtime.values import ExistingPath, FieldError, Flag, Text, TopicLevel, as_text, integer
+from anomalygpt_edge.runtime.values import Between, ExistingPath, FieldError, Flag, Text, TopicLevel, as_text
 
 #: MQTT protocol versions the link speaks; ``protocol: 5`` in the YAML reads as the text "5".
 Protocol = Annotated[Literal["5", "3.1.1"], BeforeValidator(as_text)]
@@ -40,16 +40,16 @@ class MqttConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     host: Text = "localhost"
-    port: integer(1, 65535) = 1883
+    port: Annotated[int, Between(1, 65535)] = 1883
     protocol: Protocol = "5"
     prefix: TopicLevel = "anomalygpt"
-    qos: integer(0, 1) = 1
-    keepalive: integer(5, 3600) = 30
+    qos: Annotated[int, Between(0, 1)] = 1
+    keepalive: Annotated[int, Between(5, 3600)] = 30
     client_id: Text | None = None  # default: anomalygpt-edge-<device id>
     username: Text | None = None
     password_file: ExistingPath | None = None  # a file, never the password itself in the config
     tls: TlsConfig | None = None
-    max_payload_bytes: integer(256, 256 * 1024 * 1024) = 65536  # larger commands get an error reply
+    max_payload_bytes: Annotated[int, Between(256, 256 * 1024 * 1024)] = 65536  # larger commands get an error reply
 
     @property
     def password(self) -> str | None:

@@ -14,7 +14,7 @@ line, the key path and what is wrong (``line.yaml:14: recipes[0].fps: must be a 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -35,6 +35,7 @@ from anomalygpt_edge.runtime.line.drift_watch import DriftConfig
 from anomalygpt_edge.runtime.line.learn_config import LearnPolicy
 from anomalygpt_edge.runtime.line.station_config import StationConfig
 from anomalygpt_edge.runtime.values import (
+    Between,
     ConfigPath,
     ExistingPath,
     FieldError,
@@ -44,8 +45,6 @@ from anomalygpt_edge.runtime.values import (
     Text,
     TopicLevel,
     check_name,
-    integer,
-    number,
 )
 
 __all__ = [
@@ -69,8 +68,11 @@ __all__ = [
 TriggerMode = Literal["free_run", "mqtt", "folder_watch"]
 ExplainWhen = Literal["ng", "all"]
 CommandName = Literal["trigger", "enroll", "recipe", "ask", "label"]
-#: Each registered camera kind's model, chosen by ``type``.
-CameraSettings = camera_config_union()
+if TYPE_CHECKING:  # the union is built from the kinds registered at run time; mypy reads what they all share
+    CameraSettings = CameraConfig
+else:
+    #: Each registered camera kind's model, chosen by ``type``.
+    CameraSettings = camera_config_union()
 
 
 class _Section(BaseModel):
@@ -121,13 +123,15 @@ class RecipeBinding(_Section):
     camera: Name
     recipe: RecipeName
     trigger: TriggerMode = "free_run"
-    fps: number(0.01, 1000) = 10.0  # free_run: at most this many inspections per second
-    deadline_ms: number(1, 600000) = 500.0  # capture (or trigger) to verdict; later means an ERROR verdict
+    fps: Annotated[float, Between(0.01, 1000)] = 10.0  # free_run: at most this many inspections per second
+    # capture (or trigger) to verdict; later means an ERROR verdict
+    deadline_ms: Annotated[float, Between(1, 600000)] = 500.0
     roi: Roi | None = None  # overrides the recipe's ROI
     bundle: ConfigPath | None = None  # overrides engines.bundle for this camera
     heatmap: Flag = False  # publish a JPEG overlay for NG parts on <camera>/heatmap
-    settle_ms: number(0, 10000) = 0.0  # mqtt trigger: only frames captured this long after the trigger count;
+    # mqtt trigger: only frames captured this long after the trigger count;
     # folder_watch: a file still empty this long (0 = 1 s) is answered ERROR "empty file"
+    settle_ms: Annotated[float, Between(0, 10000)] = 0.0
 
 
 class EnginesConfig(_Section):
@@ -141,15 +145,15 @@ class EnginesConfig(_Section):
     # CPU (onnxruntime) threads per inspection worker; 0 = the backend's default (every core).
     # One thread leaves the other cores to the camera, MQTT and archive threads and avoids the
     # spin-waiting of two ONNX Runtime thread pools (encoder and matcher) fighting for two cores.
-    threads: integer(0, 256) = 1
+    threads: Annotated[int, Between(0, 256)] = 1
     # Micro-batching (runtime/line/batching.py): at most this many jobs per engine run; 1 = one at a
     # time. Off by default: with one thread a batch costs as much per image as single images, so it
     # only adds latency (BENCHMARKS.md, bench line-sweep: batch 8 at 10 fps, p99 x1.2-1.9 for 2-6
     # cameras, the same verdicts/s); a box with more cores and `threads` > 1 may gain (not measured).
-    max_batch: integer(1, 64) = 1
+    max_batch: Annotated[int, Between(1, 64)] = 1
     # How long free-run frames wait for other cameras' frames to join their batch (never past a
     # deadline; a triggered part never waits).
-    max_wait_ms: number(0, 1000) = 10.0
+    max_wait_ms: Annotated[float, Between(0, 1000)] = 10.0
     # Inspection workers per bundle queue, each running one inference at a time on `threads` ONNX
     # Runtime threads; a camera is inspected by one worker at a time (its verdicts stay in order).
     # auto = as many as `threads` fit the cores, at most 2 (the most measured: BENCHMARKS.md,
@@ -162,19 +166,20 @@ class StorageConfig(_Section):
 
     store: ConfigPath = Path("data/recipes")  # the recipe store (banks, golden samples)
     # Replaced recipe versions kept for a rollback (each keeps its bank, head and samples on disk).
-    keep_versions: integer(0, 100) = 3
+    keep_versions: Annotated[int, Between(0, 100)] = 3
     data: ConfigPath = Path("data")  # daemon state: <data>/spool.db, <data>/archive/
     spool: Flag = True  # every verdict on disk until the broker acknowledges it
-    spool_max_rows: integer(1, 10**9) = 100000
-    spool_max_age_s: number(1) = 86400.0
+    spool_max_rows: Annotated[int, Between(1, 10**9)] = 100000
+    spool_max_age_s: Annotated[float, Between(1)] = 86400.0
     archive: Flag = True  # every verdict row, NG images and heatmaps under a quota
-    archive_quota_mb: integer(0, 10**9) = 2048
-    archive_ok_sample_rate: number(0, 1) = 0.0  # share of OK images kept too (0 = none)
+    archive_quota_mb: Annotated[int, Between(0, 10**9)] = 2048
+    archive_ok_sample_rate: Annotated[float, Between(0, 1)] = 0.0  # share of OK images kept too (0 = none)
     # One disk budget for everything under `data` (spool, archive, both WALs, images); 0 = none.
-    disk_budget_mb: integer(0, 10**9) = 0
+    disk_budget_mb: Annotated[int, Between(0, 10**9)] = 0
     # Below this much free space the archive stops writing (images below twice it); the spool goes on.
-    disk_free_floor_mb: integer(0, 10**6) = 64
-    spool_reserve_mb: integer(0, 10**5) = 4  # held back in a file, released to the spool when the disk fills
+    disk_free_floor_mb: Annotated[int, Between(0, 10**6)] = 64
+    # held back in a file, released to the spool when the disk fills
+    spool_reserve_mb: Annotated[int, Between(0, 10**5)] = 4
 
 
 class LlmConfig(_Section):
@@ -182,15 +187,16 @@ class LlmConfig(_Section):
 
     enabled: Flag = False
     model: ExistingPath | None = None  # GGUF; default the embedded SmolLM2-135M-Instruct
-    threads: integer(1, 256) = 1  # keep the LLM off the cores the vision path needs
+    threads: Annotated[int, Between(1, 256)] = 1  # keep the LLM off the cores the vision path needs
     explain: ExplainWhen = "ng"  # explain NG verdicts only, or all
-    max_queue: integer(1, 1000) = 4
+    max_queue: Annotated[int, Between(1, 1000)] = 4
 
 
 class HealthConfig(_Section):
     """The heartbeat and the optional Prometheus endpoint."""
 
-    heartbeat_s: number(0.5, 3600) = 10.0  # the status topic is republished with rolling figures this often
+    # the status topic is republished with rolling figures this often
+    heartbeat_s: Annotated[float, Between(0.5, 3600)] = 10.0
     metrics_bind: Text | None = None  # e.g. "127.0.0.1:9108" for Prometheus /metrics; off by default
 
 
@@ -203,7 +209,8 @@ class CommandsConfig(_Section):
     # Without a token or allowed client ids, enroll and recipe switch are refused unless this is
     # set: any broker client could otherwise create recipes and switch the line's recipe.
     allow_anonymous_control: Flag = False
-    enroll_session_timeout_s: number(1, 86400) = 300.0  # an idle MQTT enroll session (and its frames) is dropped
+    # an idle MQTT enroll session (and its frames) is dropped
+    enroll_session_timeout_s: Annotated[float, Between(1, 86400)] = 300.0
 
     @property
     def token(self) -> str | None:
@@ -218,14 +225,14 @@ class CommandsConfig(_Section):
 class LimitsConfig(_Section):
     """Bounds on what a client, a camera folder or a file can make the process allocate."""
 
-    max_image_pixels: integer(1) = 40_000_000  # width x height, checked from the header before decoding
+    max_image_pixels: Annotated[int, Between(1)] = 40_000_000  # width x height, checked from the header before decoding
 
 
 class DaemonConfig(_Section):
     """The whole file: one field per section, each section its own model."""
 
     device: DeviceConfig
-    cameras: dict[Name, CameraSettings]  # type: ignore[valid-type]
+    cameras: dict[Name, CameraSettings]
     recipes: list[RecipeBinding]
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)

@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from anomalygpt_edge.calibration.drift import MAX_WINDOW, DriftSettings, DriftWatch
-from anomalygpt_edge.runtime.values import FieldError, Flag, integer, number
+from anomalygpt_edge.runtime.values import Between, FieldError, Flag
 
 if TYPE_CHECKING:
     from anomalygpt_edge.runtime.inspection.verdict import Verdict
@@ -37,14 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:  # mypy reads the plain types; pydantic the project's bounded ones with their messages
-    WindowParts = int
-    MinParts = int
-    WindowHours = float
-else:
-    WindowParts = integer(2, MAX_WINDOW)
-    MinParts = integer(1, MAX_WINDOW)
-    WindowHours = number(0.001, 8760)
+WindowParts = Annotated[int, Between(2, MAX_WINDOW)]
+MinParts = Annotated[int, Between(1, MAX_WINDOW)]
+WindowHours = Annotated[float, Between(0.001, 8760)]
 
 
 class DriftConfig(BaseModel):

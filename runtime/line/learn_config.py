@@ -6,23 +6,18 @@ Kept apart from ``proposals.py`` so that reading a config does not import the en
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict
 
-from anomalygpt_edge.runtime.values import Flag, integer, number
+from anomalygpt_edge.runtime.values import Between, Flag
 
 #: At most this many labelled parts in one proposal (runtime/recipes/proposal.py's MAX_PARTS).
 MAX_LABELS = 1000
 
-if TYPE_CHECKING:  # mypy reads the plain types; pydantic the project's bounded ones with their messages
-    Labels = int
-    Goldens = int
-    Change = float
-else:
-    Labels = integer(1, MAX_LABELS)
-    Goldens = integer(0, MAX_LABELS)
-    Change = number(0, 1000)
+Labels = Annotated[int, Between(1, MAX_LABELS)]
+Goldens = Annotated[int, Between(0, MAX_LABELS)]
+Change = Annotated[float, Between(0, 1000)]
 
 
 class LearnPolicy(BaseModel):

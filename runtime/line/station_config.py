@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from anomalygpt_edge.runtime.values import ConfigPath, ExistingPath, FieldError, Flag, Text, integer, number
+from anomalygpt_edge.runtime.values import Between, ConfigPath, ExistingPath, FieldError, Flag, Text
 
 __all__ = ["StationConfig", "StationTlsConfig", "is_loopback"]
 
@@ -43,14 +44,15 @@ class StationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     bind: Text = "127.0.0.1"  # this machine only; the line network needs tls (or allow_plain_http)
-    port: integer(0, 65535) = 8080  # 0 picks a free port (tests)
+    port: Annotated[int, Between(0, 65535)] = 8080  # 0 picks a free port (tests)
     tls: StationTlsConfig | None = None
     users: ConfigPath | None = None  # default <storage.data>/web/users.json
     audit: ConfigPath | None = None  # default <storage.data>/web/audit.jsonl
     # Passwords and session cookies in clear text on the line network: only on an isolated one.
     allow_plain_http: Flag = False
-    session_idle_s: number(60, 7 * 86400) = 8 * 3600.0
-    live_max_fps: number(0.5, 60) = 8.0  # the MJPEG live view sends at most this many frames per second
+    session_idle_s: Annotated[float, Between(60, 7 * 86400)] = 8 * 3600.0
+    # the MJPEG live view sends at most this many frames per second
+    live_max_fps: Annotated[float, Between(0.5, 60)] = 8.0
 
     @model_validator(mode="after")
     def plain_http_stays_on_this_machine(self) -> StationConfig:

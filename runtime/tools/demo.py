@@ -54,9 +54,9 @@ def ensure_bundle(path: Path) -> Path:
 def read_through_camera(video: Path) -> list[Any]:
     """Every frame of ``video`` via the OpenCV video-file camera source (as the daemon reads the line)."""
     from anomalygpt_edge.runtime.cameras.base import EndOfStreamError, create_source
-    from anomalygpt_edge.runtime.line.config import CameraConfig
+    from anomalygpt_edge.runtime.cameras.video_file import VideoFileCameraConfig
 
-    src = create_source(CameraConfig("golden", "video_file", str(video), fps=1000, loop=False))
+    src = create_source(VideoFileCameraConfig(name="golden", source=str(video), fps=1000, loop=False))
     src.open()
     frames = []
     try:
