@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -116,6 +117,9 @@ def write_config(
     return path
 
 
+Kept = TypeVar("Kept")  # what a RecordingClient keeps of each message
+
+
 @dataclass
 class Received:
     topic: str
@@ -127,11 +131,12 @@ class Received:
         return json.loads(self.payload)
 
 
-class Subscriber:
-    """A separate MQTT client (not the daemon's code path) that records everything it receives."""
+class RecordingClient(ABC, Generic[Kept]):
+    """A separate MQTT client (not the daemon's code path) subscribed to ``topics`` at QoS 1: it
+    keeps what :meth:`record` makes of each message it receives, for :meth:`wait_for`."""
 
     def __init__(self, broker: LocalBroker, topics: list[str], protocol: int = mqtt.MQTTv5, client_id: str = ""):
-        self.messages: list[Received] = []
+        self.messages: list[Kept] = []
         self._cond = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         self.client.on_message = self._on_message
@@ -142,13 +147,24 @@ class Subscriber:
         self.client.loop_start()
         assert subscribed.wait(10), "subscriber could not subscribe"
 
+    @abstractmethod
+    def record(self, msg: mqtt.MQTTMessage) -> Kept | None:
+        """What to keep of a received message (on paho's thread); None keeps nothing."""
+
+    @abstractmethod
+    def topic_of(self, kept: Kept) -> str:
+        """The topic a kept message came on, for the message of a wait that timed out."""
+
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        kept = self.record(msg)
+        if kept is None:
+            return
         with self._cond:
-            self.messages.append(Received(msg.topic, bytes(msg.payload), msg.properties, time.time()))
+            self.messages.append(kept)
             self._cond.notify_all()
 
-    def wait_for(self, pred: Callable[[Received], bool], count: int = 1, timeout: float = 15.0) -> list[Received]:
-        """The first ``count`` received messages matching ``pred`` (waiting up to ``timeout``)."""
+    def wait_for(self, pred: Callable[[Kept], bool], count: int = 1, timeout: float = 15.0) -> list[Kept]:
+        """The first ``count`` kept messages matching ``pred`` (waiting up to ``timeout``)."""
         end = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -157,9 +173,23 @@ class Subscriber:
                     return found[:count]
                 left = end - time.monotonic()
                 if left <= 0:
-                    topics = sorted({m.topic for m in self.messages})
+                    topics = sorted({self.topic_of(m) for m in self.messages})
                     raise AssertionError(f"only {len(found)} of {count} messages within {timeout} s; saw {topics}")
                 self._cond.wait(left)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Subscriber(RecordingClient[Received]):
+    """A test's own MQTT client that records everything it receives, and publishes as a PLC would."""
+
+    def record(self, msg: mqtt.MQTTMessage) -> Received:
+        return Received(msg.topic, bytes(msg.payload), msg.properties, time.time())
+
+    def topic_of(self, kept: Received) -> str:
+        return kept.topic
 
     def publish(
         self,
@@ -176,10 +206,6 @@ class Subscriber:
             if correlation:
                 props.CorrelationData = correlation
         self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def topic_is(suffix: str) -> Callable[[Received], bool]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,8 +15,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from daemon_fixtures import broker_fixture, line_fixture, write_config  # noqa: F401  (fixtures used by name)
-from paho.mqtt.enums import CallbackAPIVersion
+from daemon_fixtures import (  # noqa: F401  (fixtures used by name)
+    RecordingClient,
+    broker_fixture,
+    line_fixture,
+    write_config,
+)
 from pysparkplug import DataType, DBirth, DCmd, Message, MessageType, Metric, NBirth, NCmd, NDeath, Topic
 
 from anomalygpt_edge.runtime.delivery import sparkplug_metrics as spm
@@ -30,55 +33,31 @@ from anomalygpt_edge.runtime.tools.local_broker import LocalBroker, start_mosqui
 GROUP, NODE = "Plant1", "line-spb"
 
 
-class Host:
+class Host(RecordingClient[Message]):
     """A Sparkplug host stand-in: a separate paho client that decodes everything with pysparkplug."""
 
     def __init__(self, broker: LocalBroker):
-        self.messages: list[Message] = []
+        # Written on paho's thread only (record), before the message it decodes is kept.
         self.births: dict[tuple[str | None, str | None], Any] = {}
-        self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.on_connect = lambda c, *a: c.subscribe(f"spBv1.0/{GROUP}/#", 1)
-        self.client.connect(broker.host, broker.port, 10)
-        self.client.loop_start()
-        assert subscribed.wait(10)
+        super().__init__(broker, [f"spBv1.0/{GROUP}/#"], protocol=mqtt.MQTTv311)
 
-    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def record(self, msg: mqtt.MQTTMessage) -> Message | None:
         topic = Topic.from_str(msg.topic)
         key = (topic.edge_node_id, topic.device_id)
         if topic.message_type in (MessageType.NCMD, MessageType.DCMD):
-            return
+            return None
         decoded = Message.from_mqtt_message(msg, birth=self.births.get(key))
-        with self._cond:
-            if isinstance(decoded.payload, NBirth | DBirth):
-                self.births[key] = decoded.payload
-            self.messages.append(decoded)
-            self._cond.notify_all()
+        if isinstance(decoded.payload, NBirth | DBirth):
+            self.births[key] = decoded.payload
+        return decoded
 
-    def wait_for(self, pred: Callable[[Message], bool], count: int = 1, timeout: float = 15.0) -> list[Message]:
-        end = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [m for m in self.messages if pred(m)]
-                if len(found) >= count:
-                    return found[:count]
-                left = end - time.monotonic()
-                assert left > 0, (
-                    f"{len(found)} of {count} within {timeout} s; saw {[str(m.topic) for m in self.messages]}"
-                )
-                self._cond.wait(left)
+    def topic_of(self, kept: Message) -> str:
+        return str(kept.topic)
 
     def command(self, kind: MessageType, metrics: tuple[Metric, ...], device: str | None = None) -> None:
         payload = (NCmd if kind == MessageType.NCMD else DCmd)(timestamp=spm.now_ms(), metrics=metrics)
         topic = Topic(group_id=GROUP, message_type=kind, edge_node_id=NODE, device_id=device)
         self.client.publish(str(topic), payload.encode(), qos=1).wait_for_publish(5)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def of(kind: MessageType, device: str | None = None) -> Callable[[Message], bool]:
