@@ -61,7 +61,8 @@ class ImageFolderSource(CameraSource):
         try:
             self._files = list_images(folder, allow_empty=True)
         except (OSError, ImageError) as exc:  # gone between the check and the listing
-            raise CameraError(f"camera {self.config.name}: image folder {folder}: {exc.strerror or exc}") from exc
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or exc
+            raise CameraError(f"camera {self.config.name}: image folder {folder}: {reason}") from exc
         if not self._files:
             raise CameraError(f"camera {self.config.name}: no images in {folder}")
         self._index = 0

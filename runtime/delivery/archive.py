@@ -223,7 +223,9 @@ class Archive(ArchiveLabels):
             with self._lock:
                 self.stats.images_skipped_disk += 1  # images give way first, so rows and the spool keep room
             keep_image = False
-        paths = self._keep_images(vid, ts, kind, image, heatmap) if keep_image else {"image": None, "heatmap": None}
+        paths: dict[str, str | None] = {"image": None, "heatmap": None}
+        if keep_image:
+            paths = self._keep_images(vid, ts, kind, image, heatmap)
         row = verdict_row(verdict, ts, paths)
         if level == "critical":
             self._defer(row)
@@ -406,7 +408,8 @@ class Archive(ArchiveLabels):
         Each row is the published verdict JSON plus ``image``/``heatmap`` (paths relative to
         ``images/``, None when not kept or evicted).
         """
-        where, args = ["1=1"], []
+        where: list[str] = ["1=1"]
+        args: list[float | str] = []
         if start is not None:
             where.append("ts >= ?")
             args.append(parse_time(start))

@@ -308,7 +308,8 @@ class VerdictSpool:
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (str(row[0]), str(row[1]), bytes(row[2]), now, attempts, now if attempts else None),
                 )
-                seqs.append(int(cur.lastrowid))
+                assert cur.lastrowid is not None  # set by every INSERT
+                seqs.append(cur.lastrowid)
             if rows:
                 depth = self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]
                 excess = depth - self.max_rows

@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +102,9 @@ def decode_row(r: tuple) -> tuple[SpoolItem | None, str]:
 def salvage_rows(path: Path) -> list[tuple]:
     """The rows of a damaged spool file that can still be read, oldest first (best effort, bounded).
 
-    The file is read into memory (never written) and, if it was cut short, padded with zeros to
-    the size its header declares, so SQLite can still reach the pages that survived. A damaged
+    The file is read into memory (never written; Python 3.10 reads a temporary copy) and, if it
+    was cut short, padded with zeros to the size its header declares, so SQLite can still reach
+    the pages that survived. A damaged
     page makes a scan fail where it starts; the scan resumes past it by jumping further ahead
     each time, so one bad page costs the rows on it, not the rows behind it.
     """
@@ -113,33 +117,57 @@ def salvage_rows(path: Path) -> list[tuple]:
     page = int.from_bytes(data[16:18], "big")
     page = 65536 if page == 1 else page
     declared = int.from_bytes(data[28:32], "big") * page
-    if page >= 512 and len(data) < declared <= 4 * len(data) + (1 << 20):
-        data += b"\0" * (declared - len(data))
-    data = bytearray(data)
-    data[:16] = b"SQLite format 3\x00"  # a damaged magic string alone must not cost every row
-    data[18:20] = b"\x01\x01"  # WAL-mode image -> rollback mode: an in-memory copy has no WAL to open
+    image = bytearray(data)
+    if page >= 512 and len(image) < declared <= 4 * len(image) + (1 << 20):
+        image += b"\0" * (declared - len(image))
+    image[:16] = b"SQLite format 3\x00"  # a damaged magic string alone must not cost every row
+    image[18:20] = b"\x01\x01"  # WAL-mode image -> rollback mode: an in-memory copy has no WAL to open
     rows: dict[int, tuple] = {}
-    db = sqlite3.connect(":memory:", check_same_thread=False)
     try:
-        db.deserialize(bytes(data))
-        after, jump = 0, 1
-        for _ in range(SALVAGE_PROBES):
-            try:
-                for r in db.execute(f"SELECT {COLUMNS} FROM spool WHERE seq > ? ORDER BY seq", (after,)):
-                    item, _problem = decode_row(tuple(r))
-                    if item is not None and item.seq > after:
-                        it = item
-                        rows[it.seq] = (it.seq, it.verdict_id, it.topic, it.payload, it.created, it.attempts)
-                        after = item.seq
-                break
-            except sqlite3.Error:
-                after += jump
-                jump *= 2
-    except sqlite3.Error:
+        with _opened_image(bytes(image)) as db:
+            _salvage_into(db, rows)
+    except (sqlite3.Error, OSError):
         pass
-    finally:
-        db.close()
     return [rows[k] for k in sorted(rows)]
+
+
+@contextlib.contextmanager
+def _opened_image(image: bytes) -> Iterator[sqlite3.Connection]:
+    """A connection on the database ``image``: in memory (``Connection.deserialize``, Python 3.11+),
+    else (3.10, e.g. JetPack 6) on a temporary copy read only and deleted after."""
+    if sys.version_info >= (3, 11):
+        db = sqlite3.connect(":memory:", check_same_thread=False)
+        try:
+            db.deserialize(image)
+            yield db
+        finally:
+            db.close()
+    else:
+        with tempfile.TemporaryDirectory(prefix="spool-salvage-") as folder:
+            copy = Path(folder) / "spool.db"
+            copy.write_bytes(image)
+            db = sqlite3.connect(f"{copy.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            try:
+                yield db
+            finally:
+                db.close()
+
+
+def _salvage_into(db: sqlite3.Connection, rows: dict[int, tuple]) -> None:
+    """The readable spool rows of ``db`` into ``rows`` by ``seq``, probing past damaged pages."""
+    after, jump = 0, 1
+    for _ in range(SALVAGE_PROBES):
+        try:
+            for r in db.execute(f"SELECT {COLUMNS} FROM spool WHERE seq > ? ORDER BY seq", (after,)):
+                item, _problem = decode_row(tuple(r))
+                if item is not None and item.seq > after:
+                    it = item
+                    rows[it.seq] = (it.seq, it.verdict_id, it.topic, it.payload, it.created, it.attempts)
+                    after = item.seq
+            break
+        except sqlite3.Error:
+            after += jump
+            jump *= 2
 
 
 class Transaction:

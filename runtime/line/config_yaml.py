@@ -97,13 +97,17 @@ class _Plain:
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                self.marks.values[(*loc, "?")] = key_node.start_mark.line + 1
-                raise self.marks.fail((*loc, "?"), "keys must be plain strings")
+                # The path in a variable, not `values[(*loc, "?")]`: 3.11's parser reads that subscript
+                # as `values[*loc, "?"]`, which 3.10 lacks, so mypy (targeting 3.10) cannot tell them apart.
+                odd_key: Loc = (*loc, "?")
+                self.marks.values[odd_key] = key_node.start_mark.line + 1
+                raise self.marks.fail(odd_key, "keys must be plain strings")
             key = str(key_node.value)
-            self.marks.keys[(*loc, key)] = key_node.start_mark.line + 1
+            key_loc: Loc = (*loc, key)
+            self.marks.keys[key_loc] = key_node.start_mark.line + 1
             if key in out:
-                raise self.marks.fail((*loc, key), "duplicate key", at_key=True)
-            out[key] = self.node(value_node, (*loc, key))
+                raise self.marks.fail(key_loc, "duplicate key", at_key=True)
+            out[key] = self.node(value_node, key_loc)
         return out
 
     def scalar(self, node: yaml.ScalarNode, loc: Loc) -> Any:

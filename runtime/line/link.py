@@ -31,8 +31,10 @@ class Link(Protocol):
 
     connected: threading.Event
     on_error: Callable[[str], None] | None
-    stats: dict[str, int]
     sender: Any
+
+    @property
+    def stats(self) -> dict[str, int]: ...
 
     @property
     def network_thread(self) -> threading.Thread | None: ...

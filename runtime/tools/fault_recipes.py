@@ -66,9 +66,9 @@ def damage_recipe(store: Path, source: str, name: str, kind: str) -> str:
         }
         named = str(bank_path)
     elif kind == "sha":
-        data = bytearray(bank_path.read_bytes())
-        data[-100] ^= 0xFF
-        bank_path.write_bytes(bytes(data))
+        damaged = bytearray(bank_path.read_bytes())
+        damaged[-100] ^= 0xFF
+        bank_path.write_bytes(bytes(damaged))
         named = str(bank_path)
     elif kind == "path":
         doc["bank_file"] = "../../../etc/passwd"
@@ -143,7 +143,7 @@ def _damaged_row(plc: Plc, daemon: Any, when: str, kind: str, named: str) -> dic
     else:
         refusal = daemon.recipe_problems.get(camera)
     since = time.time() - 1.5
-    wait_until(lambda since=since: plc.status_since(since, lambda d: d.get("state") == "degraded"), 3)
+    wait_until(lambda: plc.status_since(since, lambda d: d.get("state") == "degraded"), 3)
     problems = list(daemon.status()["problems"])
     corrs = _parts(plc, camera, f"{when}-{kind}", 5)
     row = _refusal_row(plc, f"recipe_{kind}_{when}", corrs, named, RECIPE_REASONS[kind], refusal, problems)

@@ -54,7 +54,7 @@ class Plc:
 
     def __init__(self, rig: Rig, device: str, prefix: str = "anomalygpt"):
         import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
         self.base = f"{prefix}/{device}"
         self.lock = threading.RLock()
@@ -63,7 +63,9 @@ class Plc:
         self.verdicts: list[tuple[float, dict]] = []
         self.statuses: list[tuple[float, dict]] = []
         subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"plc-{uuid.uuid4().hex[:8]}", protocol=5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"plc-{uuid.uuid4().hex[:8]}", protocol=MQTTProtocolVersion.MQTTv5
+        )
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: subscribed.set()
         topics = [(f"{self.base}/+/verdict", 1), (f"{self.base}/status", 1), (ANSWERS + "/" + device, 1)]

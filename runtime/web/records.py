@@ -88,7 +88,7 @@ class VerdictLog:
         camera = record["camera"]
         overlay_jpeg = jpeg(overlay(roi_image, verdict)) if roi_image is not None else None
         record["has_image"] = bool(keep_image and roi_image is not None)
-        image_jpeg = jpeg(roi_image) if record["has_image"] else None
+        image_jpeg = jpeg(roi_image) if keep_image and roi_image is not None else None
         now = time.time()
         with self._lock:
             if len(self._records) == self._records.maxlen:

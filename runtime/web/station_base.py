@@ -134,15 +134,15 @@ class StationBase:
         with self._enroll_lock, self.store.writer(recipe):
             if self.store.exists(recipe):
                 current = enroller.open_or_create(recipe)
-                if roi is not None and tuple(roi) != current.roi:
+                if roi is not None and roi != current.roi:
                     if current.samples:
                         raise StationError(
                             f"recipe {recipe} already has {len(current.samples)} golden samples taken with "
                             f"ROI {current.roi}; remove them or create a new recipe to change the ROI"
                         )
-                    self.store.commit(replace(current, roi=tuple(roi)))
+                    self.store.commit(replace(current, roi=roi))
             else:
-                enroller.create(recipe, roi=tuple(roi) if roi else None, **settings)
+                enroller.create(recipe, roi=roi, **settings)
         return self.recipe(recipe)
 
     def _step(self, recipe: str, result: Any) -> dict[str, Any]:
@@ -357,14 +357,16 @@ class StationBase:
         with self._llm_lock:
             # One model, one context: a follow-up continues only while nothing else (another chat,
             # or the explanation worker, which sets the explainer's verdict) has used the model since.
-            follow = (
-                self._conversation is not None
-                and self._conversation[:2] == (conversation, verdict_id)
-                and getattr(explainer, "_verdict", None) is self._conversation[2]
-            )
-            if follow:
+            last = self._conversation
+            follow = False
+            if (
+                last is not None
+                and last[:2] == (conversation, verdict_id)
+                and getattr(explainer, "_verdict", None) is last[2]
+            ):
+                follow = True
                 # The explainer re-checks under its own lock: the worker may explain another part in between.
-                result = explainer.follow_up(question, on_text=on_text, verdict=self._conversation[2])
+                result = explainer.follow_up(question, on_text=on_text, verdict=last[2])
             else:
                 result = explainer.explain(verdict, question, on_text=on_text)
             self._conversation = (conversation, verdict_id, getattr(explainer, "_verdict", None))
