@@ -19,9 +19,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.publish as mqtt_publish
+
+if TYPE_CHECKING:
+    from anomalygpt_edge.runtime.line.daemon import Daemon
+    from anomalygpt_edge.runtime.tools.fault_bench import Plc, Rig
 
 
 def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.01) -> bool:
@@ -241,3 +245,25 @@ def kill_when_ready(code: str, delay: float, stderr: Any = None) -> int:
         child.kill()
         child.wait()
     return child.returncode
+
+
+def line_rig(broker: Any, line: dict[str, Any]) -> Rig:
+    """The fault bench's rig (``fault_bench.Rig``) on a test module's broker and synthetic line
+    (the ``broker`` and ``line`` fixtures of daemon_fixtures)."""
+    from anomalygpt_edge.runtime.tools import fault_bench
+
+    return fault_bench.Rig(broker.host, broker.port, line["store"], line["bundle"], line["video"])
+
+
+def daemon_with_plc(tmp_path: Path, broker: Any, line: dict[str, Any], device: str) -> tuple[Daemon, Plc]:
+    """A started daemon named ``device`` on the line (config ``tmp_path/<device>.yaml``, state in
+    ``tmp_path/state``) and the bench's PLC, subscribed before the daemon starts so that it hears
+    all the daemon says. The caller stops the daemon, then closes the PLC."""
+    from anomalygpt_edge.runtime.line.config import load_config
+    from anomalygpt_edge.runtime.line.daemon import Daemon
+    from anomalygpt_edge.runtime.tools import fault_bench
+
+    rig = line_rig(broker, line)
+    cfg = fault_bench.write_config(tmp_path / f"{device}.yaml", rig, device, tmp_path / "state")
+    plc = fault_bench.Plc(rig, device)
+    return Daemon(load_config(cfg)).start(), plc

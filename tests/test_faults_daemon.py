@@ -35,15 +35,11 @@ from anomalygpt_edge.runtime.line.status import DaemonHealth
 from anomalygpt_edge.runtime.tools import fault_bench
 
 
-def _rig(broker: Any, line: dict) -> fault_bench.Rig:
-    return fault_bench.Rig(broker.host, broker.port, line["store"], line["bundle"], line["video"])
-
-
 @pytest.mark.parametrize("kind", fault_bench.SPOOL_KINDS)
 def test_a_damaged_spool_never_stops_the_line_and_never_hides_a_verdict(
     tmp_path: Path, broker: Any, line: dict, kind: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    r = fault_bench.corrupt_spool(_rig(broker, line), tmp_path, kind)
+    r = fault_bench.corrupt_spool(faults.line_rig(broker, line), tmp_path, kind)
     faults.report(capsys, f"spool {kind}: {r}")
     assert r["started"], r.get("error")
     assert r["new_trigger_answered"], "the line goes on with a fresh spool"
@@ -66,7 +62,7 @@ def test_a_damaged_spool_never_stops_the_line_and_never_hides_a_verdict(
 def test_a_folder_watch_part_that_stays_empty_is_answered_error(
     tmp_path: Path, broker: Any, line: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    r = fault_bench.empty_file(_rig(broker, line), tmp_path)
+    r = fault_bench.empty_file(faults.line_rig(broker, line), tmp_path)
     faults.report(capsys, f"empty file: {r}")
     assert r["empty_answer"] is not None, "the empty part was never answered"
     assert r["empty_answer"]["verdict"] == "ERROR" and "empty file" in r["empty_answer"]["reason"]
@@ -81,7 +77,7 @@ def test_a_burst_of_300_triggers_is_answered_in_time(
     # 0.22 s burst says nothing about the daemon; both runs must still answer every part once.
     runs = []
     for attempt in range(2):
-        r = fault_bench.burst(_rig(broker, line), tmp_path / f"run{attempt}")
+        r = fault_bench.burst(faults.line_rig(broker, line), tmp_path / f"run{attempt}")
         runs.append(r)
         faults.report(capsys, f"burst {attempt + 1}: {r} (load {os.getloadavg()[0]:.2f})")
         assert r["sent"] == r["answered"] == 300 and r["duplicates"] == 0, "exactly one answer per part"
@@ -124,7 +120,7 @@ def test_a_dead_watched_thread_stops_the_systemd_watchdog() -> None:
 def test_a_loop_that_keeps_dying_is_restarted_then_marked_dead_and_the_status_says_so(
     tmp_path: Path, broker: Any, line: dict
 ) -> None:
-    cfg = fault_bench.write_config(tmp_path / "t.yaml", _rig(broker, line), "fthread", tmp_path / "state")
+    cfg = fault_bench.write_config(tmp_path / "t.yaml", faults.line_rig(broker, line), "fthread", tmp_path / "state")
     daemon = Daemon(load_config(cfg)).start()
     try:
         queue = next(iter(daemon.queues.values()))
@@ -153,7 +149,9 @@ def test_a_start_up_error_is_one_line_naming_the_file_and_debug_shows_the_traceb
     tmp_path: Path, broker: Any, line: dict
 ) -> None:
     (tmp_path / "data").write_text("a file where the state folder should be")
-    cfg = fault_bench.write_config(tmp_path / "s.yaml", _rig(broker, line), "fstart", tmp_path / "data" / "state")
+    cfg = fault_bench.write_config(
+        tmp_path / "s.yaml", faults.line_rig(broker, line), "fstart", tmp_path / "data" / "state"
+    )
     plain = _run(cfg)
     lines = [ln for ln in plain.stderr.splitlines() if ln.strip() and " INFO " not in ln and " WARNING " not in ln]
     assert plain.returncode == 2 and len(lines) == 1, plain.stderr
@@ -188,10 +186,7 @@ def test_a_part_whose_answer_fails_half_way_still_gets_an_explicit_error(
 ) -> None:
     # Issue 12 row 1: the deadline watchdog claimed parts, then failed to publish ("deadline answer
     # failed") and the PLC never heard back. Now a failure after the claim sends a minimal ERROR.
-    rig = _rig(broker, line)
-    cfg = fault_bench.write_config(tmp_path / "a.yaml", rig, "fanswer", tmp_path / "state")
-    plc = fault_bench.Plc(rig, "fanswer")
-    daemon = Daemon(load_config(cfg)).start()
+    daemon, plc = faults.daemon_with_plc(tmp_path, broker, line, "fanswer")
     try:
         assert fault_bench.wait_until(lambda: plc.last_status().get("state"), 20)
 
@@ -211,12 +206,9 @@ def test_a_part_whose_answer_fails_half_way_still_gets_an_explicit_error(
 
 
 def test_an_archive_that_cannot_be_opened_does_not_stop_the_line(tmp_path: Path, broker: Any, line: dict) -> None:
-    rig = _rig(broker, line)
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "archive").write_text("a file where the archive folder should be")
-    cfg = fault_bench.write_config(tmp_path / "n.yaml", rig, "fnoarch", tmp_path / "state")
-    plc = fault_bench.Plc(rig, "fnoarch")
-    daemon = Daemon(load_config(cfg)).start()
+    daemon, plc = faults.daemon_with_plc(tmp_path, broker, line, "fnoarch")
     try:
         assert fault_bench.wait_until(lambda: plc.last_status().get("state"), 20)
         plc.trigger("cam1", "p1")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import faults  # tests/faults.py
 import pytest
 from daemon_fixtures import broker_fixture, line_fixture  # noqa: F401 - fixtures are used by name
 
@@ -23,10 +24,6 @@ from anomalygpt_edge.runtime.tools import fault_bench
 
 #: The crash stays in the status this long here (30 s in production): the test sees it clear.
 REPORT_S = 2.0
-
-
-def _rig(broker: Any, line: dict) -> fault_bench.Rig:
-    return fault_bench.Rig(broker.host, broker.port, line["store"], line["bundle"], line["video"])
 
 
 def _once(original: Any, message: str) -> Any:
@@ -59,10 +56,7 @@ def short_report(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_camera_grab_loop_that_raises_is_restarted_the_status_says_so_and_verdicts_keep_flowing(
     tmp_path: Path, broker: Any, line: dict, short_report: None
 ) -> None:
-    rig = _rig(broker, line)
-    cfg = fault_bench.write_config(tmp_path / "c.yaml", rig, "fcam", tmp_path / "state")
-    plc = fault_bench.Plc(rig, "fcam")
-    daemon = Daemon(load_config(cfg)).start()
+    daemon, plc = faults.daemon_with_plc(tmp_path, broker, line, "fcam")
     try:
         cam = daemon.cameras["cam1"]
         assert fault_bench.wait_until(lambda: cam.online and plc.last_status().get("state") == "online", 20)
@@ -97,10 +91,7 @@ def test_a_camera_grab_loop_that_raises_is_restarted_the_status_says_so_and_verd
 def test_the_commands_thread_that_raises_is_restarted_and_answers_the_next_command(
     tmp_path: Path, broker: Any, line: dict, short_report: None
 ) -> None:
-    rig = _rig(broker, line)
-    cfg = fault_bench.write_config(tmp_path / "m.yaml", rig, "fcmd", tmp_path / "state")
-    plc = fault_bench.Plc(rig, "fcmd")
-    daemon = Daemon(load_config(cfg)).start()
+    daemon, plc = faults.daemon_with_plc(tmp_path, broker, line, "fcmd")
     try:
         assert fault_bench.wait_until(lambda: plc.last_status().get("state") == "online", 20)
         commands = daemon.commands
@@ -139,7 +130,7 @@ def test_the_explanation_worker_that_raises_is_restarted_by_the_daemon_and_expla
     tmp_path: Path, broker: Any, line: dict, short_report: None
 ) -> None:
     # No LLM here: the worker as the daemon builds it (spawned through the daemon's Supervisor), with a stub explainer.
-    cfg = fault_bench.write_config(tmp_path / "e.yaml", _rig(broker, line), "fexp", tmp_path / "state")
+    cfg = fault_bench.write_config(tmp_path / "e.yaml", faults.line_rig(broker, line), "fexp", tmp_path / "state")
     daemon = Daemon(load_config(cfg))
     done: list[str] = []
     worker = ExplanationWorker(
