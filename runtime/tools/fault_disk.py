@@ -18,7 +18,7 @@ from anomalygpt_edge.runtime.tools.fault_rig import (
     Rig,
     answer_ids,
     count_lost,
-    start_daemon,
+    daemon_and_plc,
     tally,
     wait_online,
     wait_until,
@@ -157,34 +157,31 @@ def disk_full(
     with tmpfs(work / "disk", 16) as mnt:
         storage = {"disk_free_floor_mb": 2, "spool_reserve_mb": 1, "archive_ok_sample_rate": 1.0}
         cfg = write_config(work / "disk.yaml", rig, device, mnt / "state", storage=storage, heartbeat_s=1.0)
-        plc = Plc(rig, device)
-        daemon = start_daemon(cfg)
-        filler = None
-        try:
-            if not wait_online(plc):
-                raise RuntimeError("the daemon never said online")
-            paced = _Paced(plc, rate_hz)
-            before = paced.send(int(2 * rate_hz))
-            filler = Filler(mnt / "filler").start()
-            if not filler.full.wait(30):
-                raise RuntimeError("the filler did not fill the tmpfs")
-            t_full = time.time()
-            during = paced.send(int(full_s * rate_hz))
-            reported = plc.status_since(t_full, lambda d: d.get("state") == "degraded")
-            status_full = plc.last_status()
-            filler.release()
-            t_free = time.time()
-            after = paced.send(int(after_s * rate_hz))
-            resumed = _resumed_after(plc, t_free)
-            wait_until(lambda: all(plc.answers.get(c) for c in after), 5)
-            ids = answer_ids(plc, before + during + after)
-            lost = count_lost(plc, ids, 15)
-            figures = _daemon_figures(daemon)
-        finally:
-            if filler is not None:
+        with daemon_and_plc(rig, device, cfg) as (plc, daemon):
+            filler = None
+            try:
+                if not wait_online(plc):
+                    raise RuntimeError("the daemon never said online")
+                paced = _Paced(plc, rate_hz)
+                before = paced.send(int(2 * rate_hz))
+                filler = Filler(mnt / "filler").start()
+                if not filler.full.wait(30):
+                    raise RuntimeError("the filler did not fill the tmpfs")
+                t_full = time.time()
+                during = paced.send(int(full_s * rate_hz))
+                reported = plc.status_since(t_full, lambda d: d.get("state") == "degraded")
+                status_full = plc.last_status()
                 filler.release()
-            daemon.stop()
-            plc.close()
+                t_free = time.time()
+                after = paced.send(int(after_s * rate_hz))
+                resumed = _resumed_after(plc, t_free)
+                wait_until(lambda: all(plc.answers.get(c) for c in after), 5)
+                ids = answer_ids(plc, before + during + after)
+                lost = count_lost(plc, ids, 15)
+                figures = _daemon_figures(daemon)
+            finally:
+                if filler is not None:
+                    filler.release()
         archive = figures["archive"]
         return {
             "fault": "disk_full",
@@ -215,10 +212,8 @@ def self_fill(rig: Rig, work: Path, seconds: float = 25.0, rate_hz: float = 10.0
     with tmpfs(work / "disk8", 8) as mnt:
         storage = {"disk_free_floor_mb": 1, "spool_reserve_mb": 1, "archive_ok_sample_rate": 1.0}
         cfg = write_config(work / "self.yaml", rig, device, mnt / "state", storage=storage)
-        plc = Plc(rig, device)
-        daemon = start_daemon(cfg)
         corrs, lowest = [], free_bytes(mnt)
-        try:
+        with daemon_and_plc(rig, device, cfg) as (plc, daemon):
             wait_online(plc)
             start = time.monotonic()
             for i in range(int(seconds * rate_hz)):
@@ -230,9 +225,6 @@ def self_fill(rig: Rig, work: Path, seconds: float = 25.0, rate_hz: float = 10.0
             lost = count_lost(plc, answer_ids(plc, corrs), 10)
             archive = dict(daemon.archive.archive.stats.to_json()) if daemon.archive else {}
             problems = plc.last_status().get("problems")
-        finally:
-            daemon.stop()
-            plc.close()
     return {
         "fault": "self_fill",
         **tally(plc, corrs, deadline_ms),

@@ -15,7 +15,7 @@ from anomalygpt_edge.runtime.tools.fault_rig import (
     Rig,
     answer_ids,
     count_lost,
-    start_daemon,
+    daemon_and_plc,
     tally,
     wait_online,
     wait_until,
@@ -189,10 +189,8 @@ def recipe_faults(rig: Rig, work: Path, when: str) -> list[dict[str, Any]]:
         named[kind] = damage_recipe(store, rig.recipe, f"bad-{kind}", kind)
     bindings = {f"cam-{k}": f"bad-{k}" for k in RECIPE_KINDS} if when == "start" else {"cam1": rig.recipe}
     cfg = recipe_config(work / f"recipes-{when}.yaml", rig, device, work / f"recipes-{when}-state", store, bindings)
-    plc = Plc(rig, device)
-    daemon = start_daemon(cfg)
     rows: list[dict[str, Any]] = []
-    try:
+    with daemon_and_plc(rig, device, cfg) as (plc, daemon):
         if not wait_online(plc):
             raise RuntimeError("the daemon never published its status")
         wait_until(lambda: all(c.online for c in daemon.cameras.values()), 10)
@@ -204,9 +202,6 @@ def recipe_faults(rig: Rig, work: Path, when: str) -> list[dict[str, Any]]:
         cleared = wait_until(lambda: plc.status_since(t_end, lambda d: d.get("state") == "online"), 5)
         dead = daemon.health.dead_threads()
         alive = all(t.is_alive() for t in daemon._threads)
-    finally:
-        daemon.stop()
-        plc.close()
     for row in rows:
         row["online_at_end"] = bool(cleared)
         row["daemon_alive"] = alive and not dead

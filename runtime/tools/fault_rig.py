@@ -4,12 +4,13 @@ start, and the figures (tallies, percentiles, lost verdicts) the scenarios repor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,21 @@ def start_daemon(config: Path) -> Any:
     from anomalygpt_edge.runtime.line.daemon import Daemon
 
     return Daemon(load_config(config)).start()
+
+
+@contextlib.contextmanager
+def daemon_and_plc(rig: Rig, device: str, config: Path) -> Iterator[tuple[Plc, Any]]:
+    """A PLC for ``device`` and the daemon started on ``config``, both stopped after the block (the
+    daemon first); the PLC's records stay readable for the figures."""
+    plc = Plc(rig, device)
+    try:
+        daemon = start_daemon(config)
+        try:
+            yield plc, daemon
+        finally:
+            daemon.stop()
+    finally:
+        plc.close()
 
 
 def wait_online(plc: Plc, timeout: float = 20.0) -> bool:
