@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WindowParts = Annotated[int, Between(2, MAX_WINDOW)]
-MinParts = Annotated[int, Between(1, MAX_WINDOW)]
-WindowHours = Annotated[float, Between(0.001, 8760)]
-
 
 class DriftConfig(BaseModel):
     """``drift:``: compare the scores of passed parts with the recipe's goldens over a rolling window."""
@@ -48,9 +44,10 @@ class DriftConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: Flag = True
-    window_parts: WindowParts = 200  # the last this many parts (passed parts for the scores)
-    window_hours: WindowHours | None = None  # and, when set, only those of the last this many hours
-    min_parts: MinParts = 30  # no judgement before this many passed parts (or verdicts)
+    window_parts: Annotated[int, Between(2, MAX_WINDOW)] = 200  # the last this many parts (passed parts for the scores)
+    # and, when set, only those of the last this many hours
+    window_hours: Annotated[float, Between(0.001, 8760)] | None = None
+    min_parts: Annotated[int, Between(1, MAX_WINDOW)] = 30  # no judgement before this many passed parts (or verdicts)
 
     @model_validator(mode="after")
     def min_parts_fit_the_window(self) -> DriftConfig:
