@@ -177,6 +177,16 @@ class ExternalSubscriber:
         self._fh.close()
 
 
+def saved_subscriber(broker: Broker, topic: str, out: Path, client_id: str = "plc-checker") -> ExternalSubscriber:
+    """A persistent :class:`ExternalSubscriber` whose subscription is live and saved in the broker's
+    persistence (autosave every second), so that its session survives a broker SIGKILL."""
+    sub = ExternalSubscriber(broker.port, topic, out, client_id=client_id)
+    assert sub.wait_subscribed(15), f"{out.name}: mosquitto_sub did not subscribe"
+    subscribed_ns = time.time_ns()
+    assert broker.wait_persisted(subscribed_ns, 10), "the broker did not save the subscriber's session"
+    return sub
+
+
 @dataclass
 class Tally:
     """What a subscriber received against what was sent."""

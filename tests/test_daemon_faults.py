@@ -12,6 +12,7 @@ Figures are printed (run with ``-s``): sent, received, redelivered, lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,33 +63,40 @@ def _config(
     return path
 
 
-def _wait(pred: Any, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
+def _wait(pred: Any, timeout: float) -> bool:
+    """faults.wait_until, polling every 0.1 s: each poll re-reads the subscriber's whole output."""
+    return faults.wait_until(pred, timeout, 0.1)
 
 
 def _verdicts(sub: Any) -> list[dict]:
     return [m for t, m in sub.messages() if t.endswith("/verdict")]
 
 
+def _captured_after(sub: Any, epoch: float) -> int:
+    """How many verdicts the subscriber has received for frames captured after ``epoch``."""
+    return sum((m.get("captured_at_epoch") or 0) > epoch for m in _verdicts(sub))
+
+
 def test_broker_killed_and_restarted_while_frames_flow_loses_no_verdict(
     tmp_path: Path, line: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
     broker = faults.Broker(tmp_path / "broker").start()
-    sub = faults.ExternalSubscriber(broker.port, "anomalygpt/bk/+/verdict", tmp_path / "sub.txt")
-    time.sleep(1.5)  # subscribed, and the persistent session autosaved by the broker
+    sub = faults.saved_subscriber(broker, "anomalygpt/bk/+/verdict", tmp_path / "sub.txt")
     cfg = load_config(_config(tmp_path / "bk.yaml", broker.port, line, "bk"))
     daemon = Daemon(cfg).start()
     try:
         assert _wait(lambda: len(_verdicts(sub)) >= 20, 20), "verdicts did not start flowing"
         broker.kill()
-        time.sleep(2.0)  # about 20 verdicts are inspected with no broker
+        spooled_at_kill = daemon.spool.depth()
+        assert _wait(lambda: daemon.spool.depth() >= spooled_at_kill + 20, 20), (
+            f"20 verdicts were not inspected and spooled with the broker down: {daemon.spool.stats()}"
+        )
         broker.start()
-        time.sleep(3.0)
+        restarted_at = time.time()
+        # The daemon reconnects while frames still flow: fresh verdicts arrive beside the backlog.
+        assert _wait(lambda: _captured_after(sub, restarted_at) >= 10, 30), (
+            f"no verdicts of frames captured after the broker restart arrived: {daemon.link.stats}"
+        )
         for cam in daemon.cameras.values():
             cam.stop()  # no new frames: what was inspected must now all arrive
         assert _wait(lambda: daemon.spool.depth() == 0, 30), f"spool not drained: {daemon.spool.stats()}"
@@ -113,7 +121,8 @@ def test_broker_killed_and_restarted_while_frames_flow_loses_no_verdict(
 
 
 def _spooled_ids(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as conn:
+    # Closed at once: it is polled while the daemon process writes the spool (WAL: readers never block it).
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         return dict(conn.execute("SELECT verdict_id, attempts FROM spool").fetchall())
 
 
@@ -132,8 +141,7 @@ def test_daemon_sigkilled_mid_stream_and_restarted_delivers_everything_it_had_sp
     tmp_path: Path, line: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
     broker = faults.Broker(tmp_path / "broker").start()
-    sub = faults.ExternalSubscriber(broker.port, "anomalygpt/dk/+/verdict", tmp_path / "sub.txt")
-    time.sleep(1.5)
+    sub = faults.saved_subscriber(broker, "anomalygpt/dk/+/verdict", tmp_path / "sub.txt")
     config = _config(tmp_path / "dk.yaml", broker.port, line, "dk")
     spool_db = tmp_path / "dk-state" / "spool.db"
     log = tmp_path / "daemon.log"
@@ -146,7 +154,7 @@ def test_daemon_sigkilled_mid_stream_and_restarted_delivers_everything_it_had_sp
         proc = _daemon_process(config, log)
         assert _wait(lambda: len(_verdicts(sub)) >= 30, 40), log.read_text()[-3000:]
         broker.kill()  # 2: broker down, verdicts pile up in the spool ...
-        time.sleep(2.5)
+        assert _wait(lambda: len(_spooled_ids(spool_db)) >= 20, 30), "verdicts did not pile up in the spool"
         os.kill(proc.pid, signal.SIGKILL)  # ... and the daemon dies with them there
         proc.wait(10)
         second_kill = _spooled_ids(spool_db)
@@ -203,9 +211,14 @@ def test_a_small_archive_quota_fills_and_the_daemon_keeps_inspecting_and_reports
             return bool(s) and (s[-1].get("archive") or {}).get("images_evicted", 0) > 0
 
         assert _wait(evicting, 40), _status(sub, "dq")[-1:] or "no heartbeat"
-        before = len([m for m in sub.messages if m.topic.endswith("/verdict")])
-        time.sleep(2.0)
-        after = len([m for m in sub.messages if m.topic.endswith("/verdict")])
+
+        def verdicts() -> int:
+            return len([m for m in sub.messages if m.topic.endswith("/verdict")])
+
+        # The rate is the check: 10 verdicts within 2 s (10 fps) once the quota filled.
+        before, started = verdicts(), time.monotonic()
+        _wait(lambda: verdicts() - before >= 10, 2.0)
+        after, took = verdicts(), time.monotonic() - started
     finally:
         daemon.stop()
         sub.close()
@@ -218,7 +231,9 @@ def test_a_small_archive_quota_fills_and_the_daemon_keeps_inspecting_and_reports
     assert cam["inspected_fps"] > 5 and cam["latency_ms"]["p99"] >= cam["latency_ms"]["p50"] > 0
     assert heartbeat["engine_backend"] and heartbeat["spool"]["depth"] >= 0
     used = sum(f.stat().st_size for f in (cfg.storage.data / "archive" / "images").rglob("*.jpg"))
-    faults.report(capsys, f"quota 1 MiB: verdicts +{after - before} in 2 s after the quota filled; archive {archive}")
+    faults.report(
+        capsys, f"quota 1 MiB: verdicts +{after - before} in {took:.1f} s after the quota filled; archive {archive}"
+    )
     assert after - before >= 10, "inspection slowed down or stopped when the archive filled"
     assert used <= 1024**2
     assert archive["images_evicted"] > 0

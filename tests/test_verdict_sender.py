@@ -83,12 +83,12 @@ def broker(tmp_path: Path):  # noqa: ANN201 - yields a running Broker
 def subscriber(broker: Any, tmp_path: Path, persistent: bool = True) -> Any:
     """mosquitto_sub, subscribed; a persistent one also saved in the broker's persistence (autosave
     every second), so its session survives a broker SIGKILL."""
-    name = "sub.txt" if persistent else "sub-clean.txt"
-    sub = faults.ExternalSubscriber(broker.port, "anomalygpt/dev1/+/verdict", tmp_path / name, persistent=persistent)
-    assert sub.wait_subscribed(15), f"{name}: mosquitto_sub did not subscribe"
     if persistent:
-        subscribed_ns = time.time_ns()
-        assert broker.wait_persisted(subscribed_ns, 10), "the broker did not save the subscriber's session"
+        return faults.saved_subscriber(broker, "anomalygpt/dev1/+/verdict", tmp_path / "sub.txt")
+    sub = faults.ExternalSubscriber(
+        broker.port, "anomalygpt/dev1/+/verdict", tmp_path / "sub-clean.txt", persistent=False
+    )
+    assert sub.wait_subscribed(15), "sub-clean.txt: mosquitto_sub did not subscribe"
     return sub
 
 
