@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +93,8 @@ def test_a_burst_of_300_triggers_is_answered_in_time(
 class _Notifier(SystemdNotifier):
     """A notifier that counts watchdog pings instead of sending them."""
 
-    def __init__(self) -> None:
-        super().__init__(socket_path="@unused", environ={"WATCHDOG_USEC": "200000"})
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(socket_path="@unused", environ={"WATCHDOG_USEC": "200000"}, clock=clock)
         self.pings = 0
 
     def watchdog(self) -> bool:
@@ -103,15 +103,20 @@ class _Notifier(SystemdNotifier):
 
 
 def test_a_dead_watched_thread_stops_the_systemd_watchdog() -> None:
-    notifier = _Notifier()
-    health = DaemonHealth("dev", notifier=notifier)
+    now = [100.0]  # the notifier's and the health's clock: the test moves it, no waiting
+
+    def clock() -> float:
+        return now[0]
+
+    notifier = _Notifier(clock)
+    health = DaemonHealth("dev", notifier=notifier, clock=clock)
     worker = threading.Thread(target=lambda: None)
     health.watch_thread("verdict-sender", lambda: worker)
     health.tick("inspect-0")
     assert notifier.pings == 1  # not started yet: not dead
     worker.start()
     worker.join()
-    time.sleep(0.15)  # past half the interval
+    now[0] += 0.15  # past half the 0.2 s interval: with every thread alive a ping would be due
     health.tick("inspect-0")
     assert notifier.pings == 1, "no ping while a watched thread is dead"
     assert health.dead_threads() == {"verdict-sender": "thread ended"}

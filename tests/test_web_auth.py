@@ -10,11 +10,27 @@ import stat
 import time
 from pathlib import Path
 
+import faults  # tests/faults.py: bounded polling
 import pytest
 
 from anomalygpt_edge.runtime.web import auth
 from anomalygpt_edge.runtime.web.audit import AuditLog
 from anomalygpt_edge.runtime.web.auth import AuthError, Sessions, User, UserStore, hash_password, verify_password
+
+
+def _wait_for_a_later_mtime(path: Path) -> None:
+    """Wait until a file written now gets a later mtime than ``path`` has: file systems stamp files
+    from a coarse clock, and UserStore sees a change on disk by its mtime."""
+    probe = path.with_name(path.name + ".clock")
+
+    def stamped_later() -> bool:
+        probe.touch()
+        return probe.stat().st_mtime_ns > path.stat().st_mtime_ns
+
+    try:
+        assert faults.wait_until(stamped_later, 5), f"the file system clock did not move past {path}'s mtime"
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def test_password_hash_is_salted_scrypt_and_verifies_only_the_right_password():
@@ -38,7 +54,7 @@ def test_users_file_is_private_and_never_holds_the_password(tmp_path: Path):
     assert users.authenticate("alice", "wrong-password") is None
     assert users.authenticate("bob", "s3cret-password") is None
     # Another process (the web-user command) changing the file is seen without a restart.
-    time.sleep(0.01)
+    _wait_for_a_later_mtime(users.path)
     UserStore(users.path).set("alice", "admin", "another-password")
     assert users.authenticate("alice", "another-password") == User("alice", "admin")
     assert users.authenticate("alice", "s3cret-password") is None
@@ -73,6 +89,7 @@ def test_sessions_are_random_and_end_when_idle_or_logged_out():
     assert auth.csrf_ok(a, a.csrf) and not auth.csrf_ok(a, b.csrf) and not auth.csrf_ok(a, None)
     sessions.end(a.token)
     assert sessions.get(a.token) is None
+    # A fixed time: Sessions reads the real clock, and the 0.2 s idle timeout itself has to pass.
     time.sleep(0.3)
     assert sessions.get(b.token) is None, "idle session must expire"
     c = sessions.create(User("v", "admin"))
