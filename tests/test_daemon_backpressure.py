@@ -59,6 +59,7 @@ def test_a_burst_of_triggers_on_a_busy_line_gets_one_answer_each_and_free_run_dr
             sub.publish("anomalygpt/burst/cmd/trigger", f'{{"camera": "cam1", "part_id": "B{i}"}}',
                         response_topic="plc/burst", correlation=f"{i}".encode())  # fmt: skip
         answers = sub.wait_for(topic_is("plc/burst"), count=n, timeout=30)
+        # A fixed absence window: no event says that no late or duplicate answer is coming.
         time.sleep(1.0)  # anything late or duplicated would arrive now
         stats = daemon.stats()
     finally:

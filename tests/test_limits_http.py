@@ -150,6 +150,7 @@ def test_spraying_made_up_names_from_one_address_is_throttled_and_the_real_user_
     assert b"from this address" in sprayed.body  # type: ignore[attr-defined]
     # Refused before the password is checked, even the right one: the address has to wait.
     assert _login(server, "127.0.0.2", "olga", PASSWORD).status == 429
+    # A fixed time: the address's 1 s delay (Retry-After) has to pass; that window is the scenario.
     time.sleep(1.05)
     assert _login(server, "127.0.0.2", "user100", "guess-1234").status == 401  # waited: checked again
     again = _login(server, "127.0.0.2", "user101", "guess-1234")
@@ -169,7 +170,7 @@ def test_guessing_one_users_password_from_many_addresses_slows_that_name_but_not
     assert slowed.status == 429 and b"for this user name" in slowed.body  # type: ignore[attr-defined]
     assert 1 <= int(slowed.getheader("Retry-After") or 0) <= auth.MAX_DELAY_S
     assert _login(server, "127.0.0.1", "olga", PASSWORD).status == 200, "at her usual address olga logs in"
-    time.sleep(1.05)
+    time.sleep(1.05)  # a fixed time: the name's 1 s delay has to pass; that window is the scenario
     assert _login(server, "127.0.2.1", "olga", PASSWORD).status == 200, "a delay, not a lock"
 
 

@@ -295,6 +295,7 @@ def test_worker_never_blocks_the_producer_and_counts_dropped_requests() -> None:
         assert worker.stats()["dropped"] == {"superseded": 3}
         worker.submit(ExplainRequest(ng_verdict("top"), verdict_id="v6", key="cam2"))
         assert worker.stats()["dropped"] == {"superseded": 3, "queue_full": 1}  # v4 was oldest
+        # A fixed time: staleness is the requests' age on the real clock, past max_age_s (0.3 s).
         time.sleep(0.4)  # v5 and v6 go stale while v0 is still stuck
         gate.set()
         deadline = time.time() + 5

@@ -127,7 +127,9 @@ while True:
     desk.save_pending(e.store, pending)
     desk.apply_pending(e, pending, g, 'kill-test', 'loop')
     print('applied', flush=True)
-    time.sleep(0.5)  # the new version live for a while: some kills find it
+    # The kill points are random by design (the parent waits a random delay, not for a state):
+    # this pause only widens the stretch where the new version is live, so some kills find it.
+    time.sleep(0.5)
 """
 
 
