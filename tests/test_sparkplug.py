@@ -1,12 +1,15 @@
 """The Sparkplug B Edge Node against a real mosquitto, every message decoded by pysparkplug.
 
 Births, data by alias, seq wrap, the NDEATH Will and bdSeq across a reconnect, rebirth on NCMD, a
-DCMD trigger answered in DDATA, and verdict DDATA through the spool (resent after an outage).
+DCMD trigger answered in DDATA, and verdict DDATA through the spool (resent after an outage). With a
+Primary Host: no BIRTH before its STATE says online, a new session when it goes offline, stale STATE
+ignored, spooled verdicts after the BIRTHs. bdSeq kept across restarts in its state file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +24,7 @@ from daemon_fixtures import (  # noqa: F401  (fixtures used by name)
     line_fixture,
     write_config,
 )
-from pysparkplug import DataType, DBirth, DCmd, Message, MessageType, Metric, NBirth, NCmd, NDeath, Topic
+from pysparkplug import DataType, DBirth, DCmd, Message, MessageType, Metric, NBirth, NCmd, NDeath, State, Topic
 
 from anomalygpt_edge.runtime.delivery import sparkplug_metrics as spm
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig
@@ -39,6 +42,7 @@ class Host(RecordingClient[Message]):
     def __init__(self, broker: LocalBroker):
         # Written on paho's thread only (record), before the message it decodes is kept.
         self.births: dict[tuple[str | None, str | None], Any] = {}
+        self.state_topics: set[str] = set()  # retained STATE published, cleared on close
         super().__init__(broker, [f"spBv1.0/{GROUP}/#"], protocol=mqtt.MQTTv311)
 
     def record(self, msg: mqtt.MQTTMessage) -> Message | None:
@@ -59,6 +63,18 @@ class Host(RecordingClient[Message]):
         topic = Topic(group_id=GROUP, message_type=kind, edge_node_id=NODE, device_id=device)
         self.client.publish(str(topic), payload.encode(), qos=1).wait_for_publish(5)
 
+    def state(self, host_id: str, online: bool, timestamp: int) -> None:
+        """The Primary Host Application's STATE as Sparkplug 3.0 has it: JSON, QoS 1, retained."""
+        topic = str(Topic(message_type=MessageType.STATE, sparkplug_host_id=host_id))
+        self.state_topics.add(topic)
+        payload = State(timestamp=timestamp, online=online).encode()
+        self.client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+
+    def close(self) -> None:
+        for topic in self.state_topics:  # no retained STATE left for the next test's node
+            self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        super().close()
+
 
 def of(kind: MessageType, device: str | None = None) -> Callable[[Message], bool]:
     return lambda m: m.topic.message_type == kind and (device is None or m.topic.device_id == device)
@@ -74,11 +90,20 @@ FACTS = (
 )
 
 
-def make_node(broker: LocalBroker, triggers: list | None = None, spool: VerdictSpool | None = None) -> SparkplugNode:
-    cfg = SparkplugConfig(group=GROUP, node=NODE)
+def make_node(
+    broker: LocalBroker,
+    triggers: list | None = None,
+    spool: VerdictSpool | None = None,
+    *,
+    primary_host: str | None = None,
+    state_path: Path | None = None,
+) -> SparkplugNode:
+    cfg = SparkplugConfig(group=GROUP, node=NODE, primary_host=primary_host)
     mqtt_cfg = MqttConfig(host=broker.host, port=broker.port, keepalive=5)
     on_trigger = (lambda cam, part: triggers.append((cam, part))) if triggers is not None else (lambda c, p: None)
-    return SparkplugNode(cfg, mqtt_cfg, "dev", ["cam1", "cam2"], lambda: FACTS, on_trigger, spool)
+    return SparkplugNode(
+        cfg, mqtt_cfg, "dev", ["cam1", "cam2"], lambda: FACTS, on_trigger, spool, state_path=state_path
+    )
 
 
 @pytest.fixture(name="host")
@@ -288,6 +313,8 @@ def test_the_daemon_answers_a_dcmd_trigger_with_a_real_verdict_in_ddata_beside_t
     assert values(dbirth)["Recipe"] == "bracket"
     assert values(nbirth)["Properties/Version"] and values(nbirth)["Properties/Backend"]
     assert spool_rows.path == tmp_path / "spbd-state" / "sparkplug" / "spool.db"
+    bd_seq_file = tmp_path / "spbd-state" / "sparkplug" / "bdseq.json"  # beside the spool: the next start's bdSeq
+    assert json.loads(bd_seq_file.read_text()) == {"bd_seq": values(nbirth)["bdSeq"]}
     assert status["sparkplug"]["connected"] is True and status["sparkplug"]["triggers"] == 1
     assert not any("sparkplug" in p for p in status["problems"])
     assert host.wait_for(of(MessageType.NDEATH))[0].payload.bd_seq_metric.value == values(nbirth)["bdSeq"]
@@ -305,3 +332,166 @@ def test_the_example_configs_sparkplug_block_is_valid_and_absent_by_default() ->
     text = "\n".join(lines[:start] + block + lines[end:]) + "\n"
     cfg = parse_config(text, "example.yaml", example.parent)
     assert cfg.sparkplug is not None and cfg.sparkplug.group == "AnomalyGPT" and cfg.sparkplug.data_qos == 1
+    assert cfg.sparkplug.primary_host is None  # births without waiting for a host unless one is named
+
+
+# -- Primary Host Application STATE --------------------------------------------------------------
+
+
+def until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def seen(host: Host, kind: MessageType) -> int:
+    with host._cond:
+        return sum(1 for m in host.messages if of(kind)(m))
+
+
+def test_no_birth_before_the_primary_hosts_state_says_online(broker: LocalBroker, host: Host) -> None:
+    node = make_node(broker, primary_host="scada-wait")
+    try:
+        assert not node.start(1.0)  # connected, subscribed, not born
+        assert until(lambda: node.status()["session"] == "waiting for primary host scada-wait")
+        host.state("scada-wait", False, 1_000)  # the host's retained Will: still offline
+        time.sleep(0.5)
+        assert seen(host, MessageType.NBIRTH) == 0 and seen(host, MessageType.DBIRTH) == 0
+        status = node.status()
+        assert status["connected"] is False and status["primary_host"] == "scada-wait"
+        host.state("scada-wait", True, 2_000)
+        nbirth = host.wait_for(of(MessageType.NBIRTH))[0]
+        dbirths = host.wait_for(of(MessageType.DBIRTH), count=2)
+        assert until(node.connected.is_set) and node.status()["session"] == "born"
+    finally:
+        node.stop()
+    assert values(nbirth)["bdSeq"] == 0 and nbirth.payload.seq == 0
+    assert [d.payload.seq for d in dbirths] == [1, 2]
+
+
+def test_an_offline_host_ends_the_session_and_the_births_follow_its_return(broker: LocalBroker, host: Host) -> None:
+    host.state("scada-cycle", True, 5_000)  # already online, retained: the node births on connect
+    node = make_node(broker, primary_host="scada-cycle")
+    try:
+        assert node.start(10)
+        first = host.wait_for(of(MessageType.NBIRTH))[0]
+        host.state("scada-cycle", False, 6_000)
+        death = host.wait_for(of(MessageType.NDEATH))[0]
+        # A new session (next bdSeq), waiting again: the retained STATE still says offline.
+        assert until(lambda: node.bd_seq == 1 and node.status()["session"].startswith("waiting for primary host"))
+        time.sleep(0.5)
+        assert seen(host, MessageType.NBIRTH) == 1 and seen(host, MessageType.NDEATH) == 1  # no Will besides
+        assert node.network_thread is not None and node.network_thread.is_alive()
+        host.state("scada-cycle", True, 7_000)
+        again = host.wait_for(of(MessageType.NBIRTH), count=2)[1]
+        host.wait_for(of(MessageType.DBIRTH, "cam2"), count=2)
+        stats = node.status()
+    finally:
+        node.stop()
+    assert values(first)["bdSeq"] == 0
+    assert isinstance(death.payload, NDeath) and death.payload.bd_seq_metric.value == 0
+    assert values(again)["bdSeq"] == 1 and again.payload.seq == 0
+    assert stats["host_offline"] == 1 and stats["session"] == "born"
+
+
+def test_a_stale_state_is_ignored(broker: LocalBroker, host: Host) -> None:
+    host.state("scada-stale", True, 9_000)
+    node = make_node(broker, primary_host="scada-stale")
+    try:
+        assert node.start(10)
+        host.wait_for(of(MessageType.DBIRTH), count=2)
+        host.state("scada-stale", False, 8_999)  # older than the online one: a late or replayed Will
+        assert until(lambda: node.stats["states_ignored"] == 1)
+        time.sleep(0.3)
+        assert node.connected.is_set() and seen(host, MessageType.NDEATH) == 0
+        host.state("scada-stale", False, 9_000)  # not older: the host did go offline
+        death = host.wait_for(of(MessageType.NDEATH))[0]
+    finally:
+        node.stop()
+    assert death.payload.bd_seq_metric.value == 0
+    assert seen(host, MessageType.NBIRTH) == 1
+
+
+def test_spooled_verdict_ddata_is_delivered_after_the_host_comes_online(
+    tmp_path: Path, broker: LocalBroker, host: Host
+) -> None:
+    spool = VerdictSpool(tmp_path / "sparkplug" / "spool.db")
+    node = make_node(broker, spool=spool, primary_host="scada-spool")
+    try:
+        node.start(1.0)
+        assert until(lambda: node.status()["session"] == "waiting for primary host scada-spool")
+        for n in range(1, 4):
+            node.publish_verdict("cam1", f"v{n}", verdict_msg(n))
+        assert until(lambda: spool.depth() == 3)
+        time.sleep(0.3)
+        assert seen(host, MessageType.DDATA) == 0 and spool.depth() == 3  # nothing lost, nothing sent
+        host.state("scada-spool", True, 1_000)
+        nbirth = host.wait_for(of(MessageType.NBIRTH))[0]
+        data = host.wait_for(of(MessageType.DDATA, "cam1"), count=3)
+        assert until(lambda: spool.depth() == 0)  # acknowledged by the broker
+    finally:
+        node.stop()
+        spool.close()
+    assert values(nbirth)["bdSeq"] == 0
+    assert [values(d)["Inspection/Verdict ID"] for d in data] == ["v1", "v2", "v3"]
+    assert [d.payload.seq for d in data] == [3, 4, 5]  # after the NBIRTH (0) and DBIRTHs (1, 2)
+
+
+# -- bdSeq across restarts -------------------------------------------------------------------------
+
+
+def test_a_restarted_node_carries_the_next_bdseq_in_its_will_and_birth(tmp_path: Path, broker: LocalBroker) -> None:
+    state = tmp_path / "sparkplug" / "bdseq.json"
+    births: list[Message] = []
+    deaths: list[Message] = []
+    for run in range(2):  # two processes in a row, the same state file
+        watcher = Host(broker)
+        node = make_node(broker, state_path=state)
+        try:
+            assert node.start(10)
+            births.append(watcher.wait_for(of(MessageType.NBIRTH))[0])
+            if run == 1:
+                _cut(node)  # the broker sends the Will of the restarted node's first CONNECT
+                deaths.append(watcher.wait_for(of(MessageType.NDEATH))[0])
+                births.append(watcher.wait_for(of(MessageType.NBIRTH), count=2, timeout=20)[1])
+        finally:
+            node.stop()
+            watcher.close()
+    assert [values(b)["bdSeq"] for b in births] == [0, 1, 2]
+    assert deaths[0].payload.bd_seq_metric.value == 1
+    assert json.loads(state.read_text()) == {"bd_seq": 2}  # a clean stop does not step it
+
+
+def test_bdseq_255_in_the_state_file_wraps_to_0(tmp_path: Path, broker: LocalBroker, host: Host) -> None:
+    state = tmp_path / "bdseq.json"
+    state.write_text(json.dumps({"bd_seq": 255}))
+    node = make_node(broker, state_path=state)
+    try:
+        assert node.start(10)
+        nbirth = host.wait_for(of(MessageType.NBIRTH))[0]
+    finally:
+        node.stop()
+    assert values(nbirth)["bdSeq"] == 0 and host.wait_for(of(MessageType.NDEATH))[0].payload.bd_seq_metric.value == 0
+    assert json.loads(state.read_text()) == {"bd_seq": 0}
+
+
+def test_a_corrupt_bdseq_file_starts_at_0_and_says_so_in_one_log_line(
+    tmp_path: Path, broker: LocalBroker, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "bdseq.json"
+    state.write_bytes(b'{"bd_seq": "seven"')
+    with caplog.at_level(logging.INFO, logger="anomalygpt_edge.runtime.delivery.sparkplug_session"):
+        node = make_node(broker, state_path=state)
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith("sparkplug_session")]
+    try:
+        assert node.start(10)
+        nbirth = host.wait_for(of(MessageType.NBIRTH))[0]
+    finally:
+        node.stop()
+    assert len(lines) == 1 and "corrupt" in lines[0] and str(state) in lines[0] and "starts at 0" in lines[0]
+    assert values(nbirth)["bdSeq"] == 0
+    assert json.loads(state.read_text()) == {"bd_seq": 0}  # written anew, good for the next start

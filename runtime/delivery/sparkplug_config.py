@@ -29,6 +29,10 @@ class SparkplugConfig(BaseModel):
     # the spool (a verdict published while the link is down is then gone for the SCADA).
     data_qos: Literal[0, 1] = 1
     spool: Flag = True  # with data_qos 1: a spool of its own under storage.data/sparkplug/
+    # The Primary Host Application's id (Ignition: its MQTT Engine's "Primary Host ID"): the node
+    # then births only while spBv1.0/STATE/<id> says online and starts a new session when it goes
+    # offline (Sparkplug 3.0). None: births on every connect, whatever the hosts do.
+    primary_host: TopicLevel | None = None
 
 
 __all__ = ["SparkplugConfig"]

@@ -12,6 +12,11 @@
   the new BIRTH and is flagged with ``Inspection/Redelivered``.
 * NCMD ``Node Control/Rebirth`` republishes every BIRTH; DCMD ``Trigger`` (a string: the part id)
   triggers the camera and its verdict is answered in DDATA.
+* bdSeq is kept across restarts in a small file (``state_path``, see ``sparkplug_session.py``).
+* With ``sparkplug.primary_host`` the node subscribes to ``spBv1.0/STATE/<host>`` with its commands,
+  before any BIRTH, and births only once that STATE says online; an offline STATE (not older than
+  the last one) ends the session: NDEATH, DISCONNECT, a new CONNECT (next bdSeq), waiting again.
+  Verdict DDATA stays in the spool while the node waits.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -33,6 +39,7 @@ from anomalygpt_edge.runtime.delivery.callbacks import guard_callback
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig
 from anomalygpt_edge.runtime.delivery.sender import VerdictSender
 from anomalygpt_edge.runtime.delivery.sparkplug_config import SparkplugConfig
+from anomalygpt_edge.runtime.delivery.sparkplug_session import BdSeqFile, PrimaryHost
 from anomalygpt_edge.runtime.delivery.spool import SpoolError, VerdictSpool
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,7 @@ class SparkplugNode:
         spool: VerdictSpool | None = None,
         *,
         own_spool: bool = False,
+        state_path: Path | None = None,
     ):
         self.config, self.mqtt = config, mqtt_config
         self._own_spool = own_spool  # close the spool on stop (the daemon's wiring opened it for the node)
@@ -98,9 +106,23 @@ class SparkplugNode:
         self.cameras = list(cameras)
         self.index = {camera: i for i, camera in enumerate(self.cameras)}
         self.facts, self.on_trigger = facts, on_trigger
-        self.connected = threading.Event()
-        self.bd_seq = 0
-        self.stats = {"births": 0, "rebirths": 0, "data": 0, "triggers": 0, "commands_refused": 0}
+        self.connected = threading.Event()  # set while born (BIRTHs sent in the current session)
+        self._bd_seq_file = BdSeqFile(state_path)
+        self.bd_seq = self._bd_seq_file.first()
+        self.host = PrimaryHost(config.primary_host) if config.primary_host else None
+        self._in_session = False  # an MQTT session is up (born or, with a primary host, waiting)
+        self._stopping = False  # stop() began: no new session, no bdSeq step for its DISCONNECT
+        self._rejoining = False  # between a DISCONNECT for an offline host and the new network thread
+        self._session_lock = threading.Lock()  # stop() against the rejoin after an offline host
+        self.stats = {
+            "births": 0,
+            "rebirths": 0,
+            "data": 0,
+            "triggers": 0,
+            "commands_refused": 0,
+            "host_offline": 0,  # sessions ended because the primary host went offline
+            "states_ignored": 0,  # stale or unreadable STATE messages
+        }
         self.on_error: Callable[[str], None] | None = None
         self._seq = 0
         self._seq_lock = threading.Lock()  # held around stamping a seq and handing the payload to paho
@@ -125,6 +147,7 @@ class SparkplugNode:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, wait_s: float = 10.0) -> bool:
         """Connect in the background (reconnecting forever); True once born within ``wait_s``."""
+        self._keep_bd_seq()  # before the CONNECT whose Will carries it
         if self.sender is not None:
             self.sender.start()
         self.client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=self.mqtt.keepalive)
@@ -133,6 +156,8 @@ class SparkplugNode:
 
     def stop(self) -> None:
         """A clean end: DDEATH per camera and the NDEATH ourselves (a clean disconnect sends no Will)."""
+        with self._session_lock:  # a rejoin under way finishes first; none starts after this
+            self._stopping = True
         if self.sender is not None:
             self.sender.stop()
             if self._own_spool:
@@ -152,6 +177,12 @@ class SparkplugNode:
 
     def _set_will(self) -> None:
         self.client.will_set(self.topic(MessageType.NDEATH), spm.node_death(self.bd_seq).encode(), qos=1, retain=False)
+
+    def _keep_bd_seq(self) -> None:
+        """Write the bdSeq of the next CONNECT to the state file (a failure is reported, never raised)."""
+        problem = self._bd_seq_file.save(self.bd_seq)
+        if problem:
+            self._report(problem)
 
     def _next_seq(self) -> int:
         """The seq for the next payload (call with ``_seq_lock`` held)."""
@@ -193,10 +224,25 @@ class SparkplugNode:
         if reason.is_failure:
             log.warning("Sparkplug connect to %s:%s refused: %s", self.mqtt.host, self.mqtt.port, reason)
             return
-        # Subscribed before the NBIRTH (spec 3.0): a host may send NCMD/DCMD the moment it sees it.
-        client.subscribe([(self.topic(MessageType.NCMD), 1), (self.topic(MessageType.DCMD, "+"), 1)])
+        # Subscribed before the NBIRTH (spec 3.0): a host may send NCMD/DCMD the moment it sees it,
+        # and the Primary Host's STATE (retained) decides whether there is to be an NBIRTH at all.
+        topics = [(self.topic(MessageType.NCMD), 1), (self.topic(MessageType.DCMD, "+"), 1)]
+        self._in_session = True
+        if self.host is None:
+            client.subscribe(topics)
+            self._go_live()
+            return
+        self.host.new_session()
+        # paho would resend the last session's unacknowledged QoS 1 messages (DDATA, the NDEATH
+        # sent for an offline host) right after this CONNACK, before any BIRTH; the spool resends
+        # the verdicts once born.
+        client.drop_out_messages()
+        client.subscribe([*topics, (self.host.topic, 1)])
+        log.info("Sparkplug edge node %s/%s waiting for primary host %s", self.group, self.node, self.host.host_id)
+
+    def _go_live(self) -> None:
+        """Every BIRTH, then the sender's backlog (verdicts spooled while away) after them in seq order."""
         self.birth()
-        # After the BIRTHs: the sender's backlog (verdicts spooled while away) follows them in seq order.
         if self.sender is not None:
             self.sender.on_connect()
         self.connected.set()
@@ -204,27 +250,73 @@ class SparkplugNode:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
+        self._in_session = False
         if self.sender is not None:
             self.sender.on_disconnect()
-        # The next CONNECT carries the next bdSeq in its Will; its NBIRTH will say the same.
-        self.bd_seq = (self.bd_seq + 1) % 256
-        self._set_will()
-        if reason.is_failure:
+        if not self._stopping:
+            # The next CONNECT carries the next bdSeq in its Will; its NBIRTH will say the same.
+            self.bd_seq = (self.bd_seq + 1) % 256
+            self._set_will()
+            self._keep_bd_seq()
+        if self._rejoining:
+            # Ended for an offline primary host: paho's loop returns after a DISCONNECT we asked for,
+            # so a thread of its own connects again (this one cannot join itself).
+            threading.Thread(target=self._rejoin, name="sparkplug-rejoin", daemon=True).start()
+        elif reason.is_failure:
             log.warning("Sparkplug connection lost: %s; reconnecting", reason)
+
+    def _rejoin(self) -> None:
+        """A new session after an offline primary host: the old network thread ends, a new one connects."""
+        with self._session_lock:
+            if not self._stopping:
+                self.client.loop_stop()
+                self.client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=self.mqtt.keepalive)
+                self.client.loop_start()
+            self._rejoining = False
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         if self.sender is not None:
             self.sender.on_publish(mid, reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.host is not None and msg.topic == self.host.topic:
+            self._host_state(bytes(msg.payload))
+            return
         topic = Topic.from_str(msg.topic)
         if topic.message_type == MessageType.NCMD:
             self._node_command(bytes(msg.payload))
         elif topic.message_type == MessageType.DCMD and topic.device_id in self.index:
             self._device_command(str(topic.device_id), bytes(msg.payload))
 
+    def _host_state(self, raw: bytes) -> None:
+        """The primary host's STATE: online -> BIRTHs (when waiting); offline -> end the session."""
+        if self.host is None:
+            return
+        change = self.host.update(raw)
+        if change in ("stale", "invalid"):
+            self.stats["states_ignored"] += 1
+            log.info("Sparkplug: %s STATE of primary host %s ignored: %r", change, self.host.host_id, raw[:200])
+        elif change == "online" and not self.connected.is_set():
+            self._go_live()
+        elif change == "offline" and self.connected.is_set():
+            self._leave_for_host()
+
+    def _leave_for_host(self) -> None:
+        """Spec 3.0: the primary host went offline: NDEATH, DISCONNECT and a new session (on paho's thread)."""
+        log.warning("Sparkplug primary host %s went offline: NDEATH and a new session", self.config.primary_host)
+        self.stats["host_offline"] += 1
+        self.connected.clear()
+        if self.sender is not None:
+            self.sender.on_disconnect()  # verdicts stay in the spool until the next BIRTHs
+        self._rejoining = True
+        with self._seq_lock:  # after any DDATA already handed to paho: the NDEATH is the session's last word
+            self.client.publish(self.topic(MessageType.NDEATH), spm.node_death(self.bd_seq).encode(), 1)
+        self.client.disconnect()
+
     def _node_command(self, raw: bytes) -> None:
-        """NCMD: ``Node Control/Rebirth`` true republishes every BIRTH."""
+        """NCMD: ``Node Control/Rebirth`` true republishes every BIRTH (once born: not while waiting for the host)."""
+        if not self.connected.is_set():
+            return
         for metric in NCmd.decode(raw, birth=self._births.get(None)).metrics:
             if metric.name == spm.REBIRTH and metric.value:
                 self.stats["rebirths"] += 1
@@ -288,15 +380,28 @@ class SparkplugNode:
     # -- health ------------------------------------------------------------------------------------
     @property
     def network_thread(self) -> threading.Thread | None:
-        """paho's network thread of the node's connection (for liveness checks); None before :meth:`start`."""
+        """paho's network thread of the node's connection (for liveness checks); None before :meth:`start`
+        and while a new session replaces the one an offline primary host ended (its thread ends on purpose)."""
+        if self._rejoining:
+            return None
         return getattr(self.client, "_thread", None)
 
+    def session(self) -> str:
+        """The session in words: ``born``, ``waiting for primary host <id>`` or ``connecting``."""
+        if self.connected.is_set():
+            return "born"
+        if self.host is not None and (self._in_session or self._rejoining):
+            return f"waiting for primary host {self.host.host_id}"
+        return "connecting"
+
     def status(self) -> dict[str, Any]:
-        """For the status document and the heartbeat: connection, bdSeq, counters, the DDATA spool."""
+        """For the status document and the heartbeat: connection, session, bdSeq, counters, the DDATA spool."""
         out: dict[str, Any] = {
             "connected": self.connected.is_set(),
+            "session": self.session(),
             "group": self.group,
             "node": self.node,
+            "primary_host": self.host.host_id if self.host is not None else None,
             "bd_seq": self.bd_seq,
             **self.stats,
         }

@@ -52,7 +52,17 @@ def open_sparkplug(
         spool = VerdictSpool(
             st.data / "sparkplug" / "spool.db", max_rows=st.spool_max_rows, max_age_s=st.spool_max_age_s
         )
-    node = SparkplugNode(spb, config.mqtt, config.device_id, cameras, facts, on_trigger, spool, own_spool=True)
+    node = SparkplugNode(
+        spb,
+        config.mqtt,
+        config.device_id,
+        cameras,
+        facts,
+        on_trigger,
+        spool,
+        own_spool=True,
+        state_path=st.data / "sparkplug" / "bdseq.json",  # bdSeq kept across restarts, beside the spool
+    )
     node.on_error = report
     return node
 
