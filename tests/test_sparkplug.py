@@ -373,6 +373,19 @@ def test_no_birth_before_the_primary_hosts_state_says_online(broker: LocalBroker
     assert [d.payload.seq for d in dbirths] == [1, 2]
 
 
+def test_start_returns_at_once_when_the_hosts_retained_state_says_offline(broker: LocalBroker, host: Host) -> None:
+    host.state("scada-down", False, 3_000)  # the host's Will, retained: the SCADA is down
+    node = make_node(broker, primary_host="scada-down")
+    try:
+        began = time.monotonic()
+        assert not node.start(10)  # the daemon's start is not held up by a SCADA that is down
+        assert time.monotonic() - began < 5
+        assert node.status()["session"] == "waiting for primary host scada-down"
+    finally:
+        node.stop()
+    assert seen(host, MessageType.NBIRTH) == 0 and seen(host, MessageType.NDEATH) == 0  # never born: no NDEATH
+
+
 def test_an_offline_host_ends_the_session_and_the_births_follow_its_return(broker: LocalBroker, host: Host) -> None:
     host.state("scada-cycle", True, 5_000)  # already online, retained: the node births on connect
     node = make_node(broker, primary_host="scada-cycle")

@@ -107,6 +107,7 @@ class SparkplugNode:
         self.index = {camera: i for i, camera in enumerate(self.cameras)}
         self.facts, self.on_trigger = facts, on_trigger
         self.connected = threading.Event()  # set while born (BIRTHs sent in the current session)
+        self._settled = threading.Event()  # born, or the primary host's STATE says wait: start() returns
         self._bd_seq_file = BdSeqFile(state_path)
         self.bd_seq = self._bd_seq_file.first()
         self.host = PrimaryHost(config.primary_host) if config.primary_host else None
@@ -146,13 +147,18 @@ class SparkplugNode:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, wait_s: float = 10.0) -> bool:
-        """Connect in the background (reconnecting forever); True once born within ``wait_s``."""
+        """Connect in the background (reconnecting forever); True once born within ``wait_s``.
+
+        Returns early (False) once the primary host's (retained) STATE says to wait: a SCADA that is
+        down must not hold up the daemon's start; the BIRTHs follow when the host comes online.
+        """
         self._keep_bd_seq()  # before the CONNECT whose Will carries it
         if self.sender is not None:
             self.sender.start()
         self.client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=self.mqtt.keepalive)
         self.client.loop_start()
-        return self.connected.wait(wait_s)
+        self._settled.wait(wait_s)
+        return self.connected.is_set()
 
     def stop(self) -> None:
         """A clean end: DDEATH per camera and the NDEATH ourselves (a clean disconnect sends no Will)."""
@@ -246,6 +252,7 @@ class SparkplugNode:
         if self.sender is not None:
             self.sender.on_connect()
         self.connected.set()
+        self._settled.set()
         log.info("Sparkplug edge node %s/%s born (bdSeq %d)", self.group, self.node, self.bd_seq)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -300,6 +307,7 @@ class SparkplugNode:
             self._go_live()
         elif change == "offline" and self.connected.is_set():
             self._leave_for_host()
+        self._settled.set()  # whatever it said, start() need not wait any longer
 
     def _leave_for_host(self) -> None:
         """Spec 3.0: the primary host went offline: NDEATH, DISCONNECT and a new session (on paho's thread)."""
