@@ -275,11 +275,16 @@ class SparkplugNode:
     def _rejoin(self) -> None:
         """A new session after an offline primary host: the old network thread ends, a new one connects."""
         with self._session_lock:
-            if not self._stopping:
-                self.client.loop_stop()
-                self.client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=self.mqtt.keepalive)
-                self.client.loop_start()
-            self._rejoining = False
+            try:
+                if not self._stopping:
+                    self.client.loop_stop()
+                    self.client.connect_async(self.mqtt.host, self.mqtt.port, keepalive=self.mqtt.keepalive)
+                    self.client.loop_start()
+            except Exception as exc:  # off paho's thread: nothing else would say so
+                log.exception("Sparkplug: the new session after an offline primary host failed")
+                self._report(f"sparkplug: new session after an offline primary host failed: {exc!r}")
+            finally:
+                self._rejoining = False  # the network thread is watched again (a dead one is then reported)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         if self.sender is not None:
