@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from anomalygpt_edge.atomic_files import sha256_bytes, sha256_file
-from anomalygpt_edge.engines.base import Engine, EngineError, TensorSpec, create_engine
+from anomalygpt_edge.engines.base import (
+    BackendOptions,
+    Engine,
+    EngineError,
+    TensorSpec,
+    backend_options,
+    create_engine,
+)
 from anomalygpt_edge.engines.cpu_int8 import why_not_int8
 from anomalygpt_edge.engines.manifest import GraphEntry, Manifest, ManifestError, read_manifest
 
@@ -27,21 +34,31 @@ class EngineBundle:
     The two compute different features, so each has its own identity: at ``fp32`` the manifest
     without its ``int8`` record (a recipe enrolled before ``export int8`` stays valid), at ``int8``
     the whole manifest (a recipe enrolled at one precision is refused at the other: re-enroll).
+
+    ``backend`` is the backend's options object (:func:`~anomalygpt_edge.engines.base.backend_options`)
+    or its key, the shorthand for that backend's defaults; every graph loads with it (the INT8
+    encoder excepted: ONNX Runtime on the CPU, with these options when they are that backend's).
     """
 
     def __init__(
-        self, path: Path, manifest: Manifest, sha256: str, backend: str = "auto", precision: str = "fp32"
+        self,
+        path: Path,
+        manifest: Manifest,
+        sha256: str,
+        backend: str | BackendOptions = "auto",
+        precision: str = "fp32",
     ) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.sha256 = sha256
-        self.backend = backend
+        self.options = backend_options(backend)
+        self.backend = self.options.type  # the key, for logs and the status
         self.precision = precision
         self._engines: dict[tuple[str, str], Engine] = {}
 
     @classmethod
     def open(
-        cls, path: Path | str, backend: str = "auto", verify: bool = True, precision: str = "fp32"
+        cls, path: Path | str, backend: str | BackendOptions = "auto", verify: bool = True, precision: str = "fp32"
     ) -> EngineBundle:
         """Read the manifest and (by default) check every file's size and sha256 against it."""
         path = Path(path)
@@ -82,7 +99,7 @@ class EngineBundle:
                 f"bundle {self.path} has no '{graph}' graph (it has {', '.join(sorted(self.manifest.graphs))})"
             ) from None
 
-    def engine(self, graph: str, precision: str | None = None, backend: str | None = None) -> Engine:
+    def engine(self, graph: str, precision: str | None = None, backend: str | BackendOptions | None = None) -> Engine:
         """The loaded engine for ``graph``; loaded once and shared by every caller (and camera).
 
         ``precision`` defaults to the bundle's for the encoder and ``fp32`` for every other graph.
@@ -95,17 +112,17 @@ class EngineBundle:
         return self._engines[key]
 
     def variant(
-        self, graph: str, precision: str | None = None, backend: str | None = None
-    ) -> tuple[Path, list[TensorSpec], list[TensorSpec], str]:
-        """(file, inputs, outputs, backend) of ``graph`` at ``precision`` (default: as :meth:`engine`).
+        self, graph: str, precision: str | None = None, backend: str | BackendOptions | None = None
+    ) -> tuple[Path, list[TensorSpec], list[TensorSpec], BackendOptions]:
+        """(file, inputs, outputs, backend options) of ``graph`` at ``precision`` (default: as :meth:`engine`).
 
-        For callers that load the graph with options of their own (the line's ONNX Runtime threads):
-        they must load the file of the bundle's precision, not the FP32 one.
+        For callers that load the graph themselves: they must load the file of the bundle's
+        precision, not the FP32 one.
         """
         if precision is None:
             precision = self.precision if graph == "encoder" else "fp32"
         entry = self.graph(graph)
-        backend = backend or self.backend
+        backend = self.options if backend is None else backend_options(backend)
         if precision == "fp32":
             return self.path / entry.file, entry.inputs, entry.outputs, backend
         if precision == "fp16":
@@ -113,7 +130,9 @@ class EngineBundle:
                 raise BundleError(f"bundle {self.path}: graph '{graph}' has no fp16 variant")
             return self.path / entry.fp16_file, _as_fp16(entry.inputs), _as_fp16(entry.outputs), backend
         if precision == "int8":
-            return self.path / self._int8_file(graph, backend), entry.inputs, entry.outputs, "onnxruntime"
+            file = self._int8_file(graph, backend.type)
+            cpu = backend if backend.type == "onnxruntime" else backend_options("onnxruntime")
+            return self.path / file, entry.inputs, entry.outputs, cpu
         raise BundleError(f"precision must be fp32, fp16 or int8, got '{precision}'")
 
     def _int8_file(self, graph: str, backend: str) -> str:

@@ -26,12 +26,13 @@ import importlib.util
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from anomalygpt_edge.atomic_files import sha256_bytes, sha256_file
-from anomalygpt_edge.engines.base import DTYPES, Engine, EngineError, TensorSpec, register_backend
+from anomalygpt_edge.engines.base import DTYPES, BackendOptions, Engine, EngineError, TensorSpec, register_backend
 from anomalygpt_edge.engines.device_key import (
     DeviceKey,
     EngineRecordError,
@@ -59,6 +60,18 @@ _ShapeSignature = tuple[tuple[str, tuple[int, ...]], ...]
 
 #: Why TensorRT is missing, in the words tests and ``why_not`` use.
 TENSORRT_MISSING = "tensorrt is not installed (TensorRT comes from JetPack or NVIDIA's index)"
+
+
+class TensorRTOptions(BackendOptions):
+    """``tensorrt``: the engines built on this device by ``anomalygpt-edge export engines``."""
+
+    type: Literal["tensorrt"] = "tensorrt"
+    # Which GPU runs the engines; an engine built for another GPU model is refused by its key.
+    device_id: Annotated[int, Field(ge=0, le=63, strict=True)] = 0
+    # Capture batch-1 runs into a CUDA graph and replay it (saves the per-kernel launch cost).
+    cuda_graph: Annotated[bool, Field(strict=True)] = True
+    # Check each plan's size and sha256 against engines.json before loading it (reads the whole plan).
+    verify_plan: Annotated[bool, Field(strict=True)] = True
 
 
 def _tensorrt() -> Any:
@@ -163,12 +176,17 @@ class _HostDeviceBuffer:
 class PlanRunner:
     """A deserialised TensorRT engine with its context, stream, buffers and batch-1 CUDA graph."""
 
-    def __init__(self, plan: Path, cuda_graph: bool = True, batch_inputs: Sequence[str] | None = None):
-        """Deserialise ``plan``. ``batch_inputs``: inputs whose axis 0 is the batch (default: every input
-        with a dynamic axis 0 except ``bank*``); calls with batch 1 on all of them use the CUDA graph.
+    def __init__(self, plan: Path, cuda_graph: bool = True, batch_inputs: Sequence[str] | None = None, device: int = 0):
+        """Deserialise ``plan`` on CUDA device ``device``. ``batch_inputs``: inputs whose axis 0 is the batch
+        (default: every input with a dynamic axis 0 except ``bank*``); calls with batch 1 on all of them
+        use the CUDA graph.
         """
         trt = _tensorrt()
         self.plan = Path(plan)
+        self.device = device
+        # The current device is per host thread: set here for the engine, stream and buffers made
+        # now, and again by each run (the inspection workers are other threads).
+        cuda_call(cudart.cudaSetDevice(device))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.plan.read_bytes())
@@ -207,6 +225,7 @@ class PlanRunner:
         buffers and captured graph are single-use at a time.
         """
         with self._lock:
+            cuda_call(cudart.cudaSetDevice(self.device))
             return self._run_locked(feeds)
 
     def _run_locked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -293,6 +312,7 @@ class PlanRunner:
         """Free the graph, buffers and stream (also done when the runner is garbage-collected)."""
         if cudart is None:
             return
+        cudart.cudaSetDevice(self.device)
         self._drop_graph()
         for buf in self.buffers.values():
             buf.free()
@@ -306,7 +326,7 @@ class PlanRunner:
             self.close()
 
 
-@register_backend("tensorrt")
+@register_backend("tensorrt", options=TensorRTOptions)
 class TensorRTEngine(Engine):
     """A bundle graph run by the TensorRT engine built for it on this device.
 
@@ -315,16 +335,13 @@ class TensorRTEngine(Engine):
     the caller asked for, so FP32 callers can run an FP16 or INT8 engine unchanged.
     """
 
+    options: TensorRTOptions
+
     def __init__(
-        self,
-        path: Path,
-        inputs: list[TensorSpec],
-        outputs: list[TensorSpec],
-        cuda_graph: bool = True,
-        device: int = 0,
-        verify_plan: bool = True,
+        self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], options: BackendOptions | None = None
     ):
-        super().__init__(path, inputs, outputs)
+        super().__init__(path, inputs, outputs, options)
+        device = self.options.device_id
         bundle_dir = self.path.parent
         try:
             manifest, raw = read_manifest(bundle_dir)
@@ -337,12 +354,12 @@ class TensorRTEngine(Engine):
         check_key(plan.name, recorded, current_key(sha256_bytes(raw), device), bundle_dir)
         if not plan.is_file():
             raise EngineRecordError(f"{plan} is recorded in engines.json but missing; rebuild the engines")
-        if verify_plan and (
+        if self.options.verify_plan and (
             plan.stat().st_size != int(self.record["plan_size"]) or sha256_file(plan) != self.record["plan_sha256"]
         ):
             raise EngineRecordError(f"{plan} does not match its record in engines.json (truncated or replaced)")
         batch = [s.name for s in inputs if s.shape and s.shape[0] == "batch"]
-        self.runner = PlanRunner(plan, cuda_graph=cuda_graph, batch_inputs=batch)
+        self.runner = PlanRunner(plan, cuda_graph=self.options.cuda_graph, batch_inputs=batch, device=device)
         want_in, want_out = {s.name for s in inputs}, {s.name for s in outputs}
         if set(self.runner.input_names) != want_in or not want_out <= set(self.runner.output_names):
             raise EngineError(

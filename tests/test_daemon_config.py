@@ -145,7 +145,7 @@ def test_the_camera_kinds_and_engine_backends_come_from_their_registries() -> No
     with pytest.raises(ConfigError, match=f"line.yaml:13: engines.backend: must be one of {names}, got 'tpu'"):
         parse_config(VALID + "engines:\n  backend: tpu\n", "line.yaml")
     for name in engines.backend_names():
-        assert parse_config(VALID + f"engines:\n  backend: {name}\n").engines.backend == name
+        assert parse_config(VALID + f"engines:\n  backend: {name}\n").engines.backend.type == name
 
 
 @pytest.mark.parametrize(

@@ -81,13 +81,10 @@ class _Publisher:
 @pytest.fixture(scope="module", name="inspector")
 def inspector_fixture(line: dict[str, Any]) -> Inspector:
     """The live ``bracket`` recipe on the default bundle, as the daemon builds it (one thread)."""
-    from anomalygpt_edge.engines.base import create_engine
+    from anomalygpt_edge.engines.onnxruntime_backend import OnnxRuntimeOptions
 
-    bundle = EngineBundle.open(line["bundle"])
+    bundle = EngineBundle.open(line["bundle"], backend=OnnxRuntimeOptions(threads=1))
     pipeline = VisionPipeline(bundle)
-    for attr, graph in (("encoder", "encoder"), ("matcher", "bank_matcher")):
-        file, inputs, outputs, _ = bundle.variant(graph)
-        setattr(pipeline, attr, create_engine(file, inputs, outputs, "onnxruntime", threads=1))
     store = RecipeStore(line["store"])
     return Inspector(bundle, store.load("bracket"), store, pipeline)
 

@@ -293,6 +293,7 @@ def test_engines_precision_in_the_line_config_and_the_precision_flags() -> None:
 def test_the_line_loads_the_encoder_of_engines_precision_with_its_own_thread_count(
     tiny_bundle: Path, parts: Path, vnni_cpu: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
     from anomalygpt_edge.runtime.line.config import parse_config
     from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots
     from anomalygpt_edge.runtime.recipes.store import RecipeStore
@@ -303,6 +304,7 @@ def test_the_line_loads_the_encoder_of_engines_precision_with_its_own_thread_cou
     for precision, name in (("fp32", "encoder.onnx"), ("int8", "encoder.int8.onnx")):
         config = parse_config(base + f"  precision: {precision}\n", "line.yaml")
         slots = RecipeSlots(config, RecipeStore(tmp_path / "store"))
-        pipeline = slots._pipeline(EngineBundle.open(tiny_bundle, precision=precision))
+        pipeline = VisionPipeline(slots.open_bundle(tiny_bundle))
         assert pipeline.encoder.path.name == name
         assert pipeline.matcher.path.name == "bank_matcher.onnx"
+        assert pipeline.encoder.session.get_session_options().intra_op_num_threads == 1

@@ -506,6 +506,7 @@ class _FakeCudart:
         self.memory: dict[int, object] = {}
         self.allocations = self.frees = self.captures = self.launches = 0
         self.capturing: list | None = None
+        self.devices: list[int] = []  # every cudaSetDevice, in order
 
     def _alloc(self, size: int) -> tuple[int, int]:
         buf = self._ctypes.create_string_buffer(size)
@@ -515,6 +516,10 @@ class _FakeCudart:
         return 0, addr
 
     cudaMallocHost = cudaMalloc = _alloc
+
+    def cudaSetDevice(self, device: int) -> tuple[int]:
+        self.devices.append(device)
+        return (0,)
 
     def _free(self, ptr: int) -> tuple[int]:
         self.memory.pop(ptr)
@@ -985,3 +990,36 @@ def test_cameras_sharing_one_engine_get_their_own_results(fake_runner) -> None:
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(infer, range(40)))
+
+
+def test_tensorrt_options_reach_the_engine_and_its_runner_keeps_to_its_gpu(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from anomalygpt_edge.engines.base import backend_options
+    from anomalygpt_edge.export import tensorrt_build
+
+    cudart = _FakeCudart()
+    fake = _FakeTrtWithRuntime(bundle_copy, cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "cudart", cudart)
+    monkeypatch.setattr(trt_backend, "_tensorrt", lambda: fake)
+    probed: list[int] = []
+
+    def key(sha: str, device: int = 0) -> DeviceKey:
+        probed.append(device)
+        return DeviceKey("Orin", "8.7", "10.3.0", sha)
+
+    monkeypatch.setattr(trt_backend, "current_key", key)
+    monkeypatch.setattr(trt_backend.TensorRTEngine, "why_not", classmethod(lambda cls: None))
+    assert tensorrt_build.run(_engines_args(bundle_copy, max_batch=2)) == 0
+    probed.clear()
+
+    options = backend_options({"type": "tensorrt", "device_id": 1, "cuda_graph": False})
+    encoder = EngineBundle.open(bundle_copy, backend=options).engine("encoder")
+    assert probed == [1], "the engine's key is checked against the GPU that runs it"
+    assert encoder.runner.device == 1 and not encoder.runner.use_cuda_graph
+    cudart.devices.clear()
+    encoder.run({"pixel_values": np.zeros((1, 3, 256, 256), np.float32)})
+    assert cudart.devices == [1] and cudart.launches == 0, "each run sets its GPU (workers are other threads)"

@@ -3,7 +3,8 @@
 Every key is declared once, as a field of a frozen pydantic model with ``extra="forbid"``: a typo
 must not silently fall back to a default on a production line. Each room owns its section's
 model: the cameras (one model per kind, joined on ``type`` from the source registry,
-:mod:`anomalygpt_edge.runtime.cameras.base`), the MQTT link
+:mod:`anomalygpt_edge.runtime.cameras.base`), the engine backends' options (one model per
+backend, joined on ``type`` from the engine registry, :mod:`anomalygpt_edge.engines.base`), the MQTT link
 (:mod:`anomalygpt_edge.runtime.delivery.mqtt_config`); the rest is the line's own.
 
 The YAML file is read with its line numbers (:mod:`.config_yaml`); an error names the file, the
@@ -27,6 +28,13 @@ from pydantic import (
     model_validator,
 )
 
+from anomalygpt_edge.engines.base import (
+    AutoOptions,
+    BackendOptions,
+    backend_keys,
+    backend_options_union,
+    removed_backend,
+)
 from anomalygpt_edge.runtime.cameras.base import CameraConfig, camera_config_union
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig, TlsConfig
 from anomalygpt_edge.runtime.delivery.sparkplug_config import SparkplugConfig
@@ -68,11 +76,14 @@ __all__ = [
 TriggerMode = Literal["free_run", "mqtt", "folder_watch"]
 ExplainWhen = Literal["ng", "all"]
 CommandName = Literal["trigger", "enroll", "recipe", "ask", "label"]
-if TYPE_CHECKING:  # the union is built from the kinds registered at run time; mypy reads what they all share
+if TYPE_CHECKING:  # the unions are built from the kinds registered at run time; mypy reads what they all share
     CameraSettings = CameraConfig
+    BackendUnion = BackendOptions
 else:
     #: Each registered camera kind's model, chosen by ``type``.
     CameraSettings = camera_config_union()
+    #: Each registered engine backend's options model (``auto``'s too), chosen by ``type``.
+    BackendUnion = backend_options_union()
 
 
 class _Section(BaseModel):
@@ -87,15 +98,22 @@ def _recipe_name(value: str) -> str:
         raise ValueError(f"recipe {exc}") from None
 
 
-def _backend(value: str) -> str:
-    from anomalygpt_edge.engines.base import backend_names, removed_backend
-
-    known = ["auto", *backend_names()]  # the registry's names, installed here or not
-    gone = removed_backend(value)
-    if gone is not None:
-        raise ValueError(gone)
-    if value not in known:
-        raise ValueError(f"must be one of {', '.join(known)}, got {value!r}")
+def _backend(value: Any) -> Any:
+    """``engines.backend: onnxruntime`` is the shorthand for ``{type: onnxruntime}``; a removed
+    backend (as a key or a ``type``) gets its own line, an unknown key the list of known ones."""
+    if isinstance(value, str):
+        if (gone := removed_backend(value)) is not None:
+            raise ValueError(gone)
+        if value not in backend_keys():  # the registry's names, installed here or not
+            raise ValueError(f"must be one of {', '.join(backend_keys())}, got {value!r}")
+        return {"type": value}
+    if not isinstance(value, dict | BackendOptions):
+        raise ValueError(
+            f"must be a backend key ({', '.join(backend_keys())}) or a mapping with its type, got {value!r}"
+        )
+    named = value.get("type") if isinstance(value, dict) else None
+    if isinstance(named, str) and (gone := removed_backend(named)) is not None:
+        raise FieldError(("type",), gone)
     return value
 
 
@@ -108,7 +126,8 @@ def _workers(value: Any) -> Any:
 RecipeName = Annotated[Text, AfterValidator(_recipe_name)]
 #: ``engines.workers``: ``auto`` or a count (one clear message for anything else).
 Workers = Annotated[Literal["auto"] | int, BeforeValidator(_workers)]
-Backend = Annotated[Text, AfterValidator(_backend)]
+#: ``engines.backend``: a key or a mapping of the backend's options, validated by its model.
+Backend = Annotated[BackendUnion, BeforeValidator(_backend)]
 
 
 class DeviceConfig(_Section):
@@ -135,16 +154,21 @@ class RecipeBinding(_Section):
 
 
 class EnginesConfig(_Section):
-    """The engine bundle and the backend that runs it."""
+    """The engine bundle, the backend that runs it and that backend's options."""
 
     bundle: ConfigPath = Path("data/bundles/default")
-    backend: Backend = "auto"
+    # A backend key (auto, onnxruntime, onnxruntime-cuda, tensorrt), or a mapping of that backend's
+    # options, e.g. {type: onnxruntime-cuda, device_id: 1}; each backend declares its own (engines/*_backend.py).
+    backend: Backend = AutoOptions()
     # The encoder's precision: int8 is the bundle's CPU INT8 variant (`anomalygpt-edge export int8`), refused
     # on a CPU without VNNI / dot-product instructions. Recipes are enrolled at one precision: re-enroll to switch.
     precision: Literal["fp32", "int8"] = "fp32"
     # CPU (onnxruntime) threads per inspection worker; 0 = the backend's default (every core).
     # One thread leaves the other cores to the camera, MQTT and archive threads and avoids the
     # spin-waiting of two ONNX Runtime thread pools (encoder and matcher) fighting for two cores.
+    # The shorthand of the onnxruntime backend's own `threads` (backend: {type: onnxruntime,
+    # threads: N}); that one wins when given (threads then follows it), both given must agree.
+    # Also what `workers: auto` counts by, whichever backend runs.
     threads: Annotated[int, Between(0, 256)] = 1
     # Micro-batching (runtime/line/batching.py): at most this many jobs per engine run; 1 = one at a
     # time. Off by default: with one thread a batch costs as much per image as single images, so it
@@ -159,6 +183,39 @@ class EnginesConfig(_Section):
     # auto = as many as `threads` fit the cores, at most 2 (the most measured: BENCHMARKS.md,
     # "Two inspection workers per bundle"); threads 0 (a pool on every core) gets 1.
     workers: Workers = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def threads_follow_the_backend(cls, data: Any) -> Any:
+        """``backend: {type: onnxruntime, threads: N}`` without ``threads``: ``threads`` is N too."""
+        if isinstance(data, dict) and "threads" not in data:
+            backend = data.get("backend")
+            if isinstance(backend, dict) and backend.get("type") == "onnxruntime" and "threads" in backend:
+                return {**data, "threads": backend["threads"]}
+        return data
+
+    @model_validator(mode="after")
+    def one_thread_count(self) -> EnginesConfig:
+        """The onnxruntime backend's ``threads`` and its shorthand ``engines.threads`` agree."""
+        own = getattr(self.backend, "threads", None)
+        if "threads" in self.backend.model_fields_set and own != self.threads:
+            raise FieldError(
+                ("backend", "threads"),
+                f"is {own} but engines.threads is {self.threads}: give the thread count once "
+                "(engines.threads is the shorthand of this one)",
+            )
+        return self
+
+    def bundle_options(self) -> BackendOptions:
+        """The backend options bundles are opened with on this machine: ``auto`` resolved to the
+        best usable backend (EngineError when none is, or the one named is not usable here), and
+        ONNX Runtime on the CPU given ``threads``."""
+        from anomalygpt_edge.engines.base import backend_options, resolve_options
+
+        chosen = resolve_options(self.backend)
+        if chosen.type != "onnxruntime":
+            return chosen
+        return backend_options({**chosen.model_dump(), "threads": self.threads})
 
 
 class StorageConfig(_Section):

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from anomalygpt_edge.engines.base import create_engine, resolve_backend
 from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
@@ -123,24 +122,20 @@ class RecipeSlots:
         for camera in self.config.cameras:
             key = self.bundle_key(camera)
             if key not in self.bundles:
-                engines = self.config.engines
-                bundle = EngineBundle.open(key, backend=engines.backend, precision=engines.precision)
+                bundle = self.open_bundle(key)
                 self.bundles[key] = bundle
-                self.pipelines[key] = self._pipeline(bundle)
+                self.pipelines[key] = VisionPipeline(bundle)
                 self.enrollers[key] = Enroller(self.store, bundle, self.pipelines[key])
         for b in self.config.recipes:
             with contextlib.suppress(RecipeError):
                 self.load_recipe(b.camera, b.recipe)
 
-    def _pipeline(self, bundle: EngineBundle) -> VisionPipeline:
-        """The bundle's pipeline; on the CPU backend with ``engines.threads`` ONNX Runtime threads."""
-        pipeline = VisionPipeline(bundle)
-        threads = self.config.engines.threads
-        if threads and resolve_backend(self.config.engines.backend) == "onnxruntime":
-            for attr, graph in (("encoder", "encoder"), ("matcher", "bank_matcher")):
-                file, inputs, outputs, _ = bundle.variant(graph)  # the encoder at engines.precision
-                setattr(pipeline, attr, create_engine(file, inputs, outputs, "onnxruntime", threads=threads))
-        return pipeline
+    def open_bundle(self, path: Path) -> EngineBundle:
+        """The bundle at ``path`` as the line runs it: at ``engines.precision``, every graph loaded
+        with the engines section's backend options (``auto`` resolved on this machine, ONNX Runtime
+        on the CPU with ``engines.threads`` threads)."""
+        engines = self.config.engines
+        return EngineBundle.open(path, backend=engines.bundle_options(), precision=engines.precision)
 
     # -- warm-up ---------------------------------------------------------------------------------
     def warm_up(self, batches: Sequence[int], before: Callable[[str], None] | None = None) -> list[WarmRun]:

@@ -49,21 +49,15 @@ def _pct(values: list[float], q: float) -> float:
 # -- batch size -> images/s ---------------------------------------------------------------------
 def _inspector(bundle: Path, store: Path, backend: str, threads: int) -> Any:
     """The enrolled ``bracket`` recipe on ``threads`` ONNX Runtime threads, as the daemon builds it."""
-    from anomalygpt_edge.engines.base import create_engine, resolve_backend
     from anomalygpt_edge.engines.bundle import EngineBundle
     from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
+    from anomalygpt_edge.runtime.line.config import EnginesConfig
     from anomalygpt_edge.runtime.recipes.inspector import Inspector
     from anomalygpt_edge.runtime.recipes.store import RecipeStore
 
-    opened = EngineBundle.open(bundle, backend=backend)
+    options = EnginesConfig.model_validate({"backend": backend, "threads": threads}).bundle_options()
+    opened = EngineBundle.open(bundle, backend=options)
     pipeline = VisionPipeline(opened)
-    if threads and resolve_backend(backend) == "onnxruntime":
-        for attr, graph in (("encoder", "encoder"), ("matcher", "bank_matcher")):
-            entry = opened.graph(graph)
-            engine = create_engine(
-                opened.path / entry.file, entry.inputs, entry.outputs, "onnxruntime", threads=threads
-            )
-            setattr(pipeline, attr, engine)
     recipes = RecipeStore(store)
     return Inspector(opened, recipes.load("bracket"), recipes, pipeline)
 

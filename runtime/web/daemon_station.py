@@ -151,7 +151,9 @@ class DaemonStation(LearnMixin, StationBase):
                 from anomalygpt_edge.engines.bundle import EngineBundle
 
                 engines = self.daemon.config.engines
-                bundle = EngineBundle.open(engines.bundle, backend=engines.backend, precision=engines.precision)
+                bundle = EngineBundle.open(
+                    engines.bundle, backend=engines.bundle_options(), precision=engines.precision
+                )
                 self._spare_enroller = Enroller(self.store, bundle)
             return self._spare_enroller
 
@@ -309,7 +311,7 @@ class DaemonStation(LearnMixin, StationBase):
             "device": d.config.device_id,
             "bundle": bundle_status(first) if first is not None else None,
             "bundles": [bundle_status(b) for b in d.bundles.values()],
-            "backend": d.config.engines.backend,
+            "backend": d.config.engines.backend.type,
             "engines": engines,
             "cameras": self.cameras(),
             "warnings": d.status().get("warnings") or [],  # the drift watch's plain words, per camera

@@ -75,9 +75,14 @@ def bench_config(
             {"camera": cam, "recipe": recipe, "fps": inspect_fps, "deadline_ms": BENCH_DEADLINE_MS}
             for cam, recipe in bindings.items()
         ],
-        # threads 0: the backend's default (every core), as a bench's enrollment wants; the
-        # line's one-thread setting protects a PLC's deadlines, which a bench does not have.
-        "engines": {"bundle": str(bundle.path), "backend": bundle.backend or "auto", "threads": 0},
+        # The bundle's backend with the options it was opened with. threads: its own, else 0, the
+        # backend's default (every core), as a bench's enrollment wants; the line's one-thread
+        # setting protects a PLC's deadlines, which a bench does not have.
+        "engines": {
+            "bundle": str(bundle.path),
+            "backend": {**bundle.options.model_dump(exclude_unset=True), "type": bundle.backend},
+            "threads": getattr(bundle.options, "threads", 0),
+        },
         "storage": {"store": str(store), "data": str(data), "spool": False, "archive": False},
     }
     return parse_config(json.dumps(text), "<standalone station>")  # JSON is YAML
