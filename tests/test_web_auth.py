@@ -7,7 +7,6 @@ import io
 import json
 import os
 import stat
-import time
 from pathlib import Path
 
 import faults  # tests/faults.py: bounded polling
@@ -81,27 +80,29 @@ def test_roles_are_ordered_operator_technician_admin():
     assert not auth.role_allows("root", "operator")
 
 
-def test_sessions_are_random_and_end_when_idle_or_logged_out():
-    sessions = Sessions(idle_timeout_s=0.2)
-    a, b = sessions.create(User("u", "operator")), sessions.create(User("u", "operator"))
-    assert a.token != b.token and a.csrf != b.csrf and len(a.token) >= 40
-    assert sessions.get(a.token) is a
-    assert auth.csrf_ok(a, a.csrf) and not auth.csrf_ok(a, b.csrf) and not auth.csrf_ok(a, None)
-    sessions.end(a.token)
-    assert sessions.get(a.token) is None
-    # A fixed time: Sessions reads the real clock, and the 0.2 s idle timeout itself has to pass.
-    time.sleep(0.3)
-    assert sessions.get(b.token) is None, "idle session must expire"
-    c = sessions.create(User("v", "admin"))
-    assert sessions.end_user("v") == 1 and sessions.get(c.token) is None
-
-
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
 
     def __call__(self) -> float:
         return self.now
+
+
+def test_sessions_are_random_and_end_when_idle_or_logged_out():
+    clock = FakeClock()
+    sessions = Sessions(idle_timeout_s=0.2, clock=clock)
+    a, b = sessions.create(User("u", "operator")), sessions.create(User("u", "operator"))
+    assert a.token != b.token and a.csrf != b.csrf and len(a.token) >= 40
+    assert sessions.get(a.token) is a
+    assert auth.csrf_ok(a, a.csrf) and not auth.csrf_ok(a, b.csrf) and not auth.csrf_ok(a, None)
+    sessions.end(a.token)
+    assert sessions.get(a.token) is None
+    clock.now += 0.19
+    assert sessions.get(b.token) is b, "a session seen within the idle timeout stays"
+    clock.now += 0.21
+    assert sessions.get(b.token) is None, "idle session must expire"
+    c = sessions.create(User("v", "admin"))
+    assert sessions.end_user("v") == 1 and sessions.get(c.token) is None
 
 
 def test_login_delay_grows_exponentially_per_address_up_to_a_cap_and_is_forgotten_later():

@@ -321,16 +321,19 @@ class Sessions:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         max_age_s: float = MAX_AGE_S,
         throttle: LoginThrottle | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.idle_timeout_s = idle_timeout_s
         self.max_age_s = max_age_s
-        self.throttle = throttle or LoginThrottle()
+        self.throttle = throttle or LoginThrottle(clock)
+        self._clock = clock  # a monotonic clock; tests move a fake one instead of sleeping
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
     def create(self, user: User) -> Session:
         """A new session with fresh random cookie and CSRF tokens (never reused after login: no fixation)."""
-        s = Session(secrets.token_urlsafe(32), user.name, user.role, secrets.token_urlsafe(32))
+        now = self._clock()
+        s = Session(secrets.token_urlsafe(32), user.name, user.role, secrets.token_urlsafe(32), now, now)
         with self._lock:
             self._sessions[s.token] = s
         return s
@@ -339,7 +342,7 @@ class Sessions:
         """The live session for a cookie token, refreshing its idle timer; None if unknown or expired."""
         if not token:
             return None
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             s = self._sessions.get(token)
             if s is None:
