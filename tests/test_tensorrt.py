@@ -947,18 +947,25 @@ class _FakeTrtWithRuntime(_FakeBuilderTrt):
         self.Runtime = Runtime
 
 
-def test_export_engines_int8_qdq_builds_both_engines_and_reports_accuracy_on_held_out_images(
-    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def _install_fake_tensorrt(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[_FakeTrtWithRuntime, _FakeCudart]:
+    """The fake TensorRT (builder and runtime) and CUDA runtime, installed where the backend and the
+    exporter import them from."""
     import sys
 
-    from anomalygpt_edge.export import tensorrt_build
-
     cudart = _FakeCudart()
-    fake = _FakeTrtWithRuntime(bundle_copy, cudart)
+    fake = _FakeTrtWithRuntime(bundle, cudart)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(trt_backend, "cudart", cudart)
     monkeypatch.setattr(trt_backend, "_tensorrt", lambda: fake)
+    return fake, cudart
+
+
+def test_export_engines_int8_qdq_builds_both_engines_and_reports_accuracy_on_held_out_images(
+    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from anomalygpt_edge.export import tensorrt_build
+
+    fake, _ = _install_fake_tensorrt(bundle_copy, monkeypatch)
     monkeypatch.setattr(trt_backend, "current_key", lambda sha, device=0: DeviceKey("Orin", "8.7", "10.3.0", sha))
     golden = tmp_path / "golden"
     _golden_images(golden, 5)
@@ -995,16 +1002,10 @@ def test_cameras_sharing_one_engine_get_their_own_results(fake_runner) -> None:
 def test_tensorrt_options_reach_the_engine_and_its_runner_keeps_to_its_gpu(
     bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sys
-
     from anomalygpt_edge.engines.base import backend_options
     from anomalygpt_edge.export import tensorrt_build
 
-    cudart = _FakeCudart()
-    fake = _FakeTrtWithRuntime(bundle_copy, cudart)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "cudart", cudart)
-    monkeypatch.setattr(trt_backend, "_tensorrt", lambda: fake)
+    _, cudart = _install_fake_tensorrt(bundle_copy, monkeypatch)
     probed: list[int] = []
 
     def key(sha: str, device: int = 0) -> DeviceKey:
