@@ -74,10 +74,13 @@ def test_users_file_refuses_bad_names_roles_and_short_passwords(tmp_path, name, 
     assert not (tmp_path / "u.json").exists()
 
 
-def test_roles_are_ordered_operator_technician_admin():
+def test_roles_are_ordered_viewer_operator_technician_admin():
+    assert auth.ROLES == ("viewer", "operator", "technician", "admin")
     assert auth.role_allows("admin", "technician") and auth.role_allows("technician", "operator")
+    assert auth.role_allows("operator", "viewer") and auth.role_allows("viewer", "viewer")
     assert not auth.role_allows("operator", "technician") and not auth.role_allows("technician", "admin")
-    assert not auth.role_allows("root", "operator")
+    assert not auth.role_allows("viewer", "operator"), "a viewer only looks: labelling and asking are an operator's"
+    assert not auth.role_allows("root", "operator") and not auth.role_allows("root", "viewer")
 
 
 class FakeClock:

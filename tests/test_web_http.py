@@ -59,7 +59,7 @@ def url(pattern: str) -> str:
     return pattern.replace("([0-9a-f-]{8,64})", VID).replace(SEG, "part-a")
 
 
-ROLE_RANK = ["operator", "technician", "admin"]
+ROLE_RANK = ["viewer", "operator", "technician", "admin"]  # auth.ROLES
 
 
 class FakeStation:

@@ -14,6 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from anomalygpt_edge.runtime.web.auth import ROLES  # standard library only: light enough for the parser
+
 log = logging.getLogger(__name__)
 
 DEFAULT_USERS = Path("data/web/users.json")
@@ -53,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     acts = u.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = acts.add_parser("add", help="add a user or set its role and password; the password is read from stdin")
     a.add_argument("name")
-    a.add_argument("--role", required=True, choices=("operator", "technician", "admin"))
+    a.add_argument("--role", required=True, choices=ROLES, help="lowest first: " + " < ".join(ROLES))
     r = acts.add_parser("remove", help="remove a user")
     r.add_argument("name")
     acts.add_parser("list", help="list users and roles")

@@ -8,7 +8,9 @@ Security model, in one place:
 * Every POST (all state changes are POSTs) also needs the session's CSRF token in the
   ``X-CSRF-Token`` header and, when the browser sends one, an ``Origin`` equal to this server;
   otherwise 403. Login itself needs a JSON body, which a cross-site form cannot send.
-* Each route names the least role allowed (operator < technician < admin); a lower role → 403.
+* Each route names the least role allowed (viewer < operator < technician < admin); a lower role
+  → 403, before the body is read or the station called. Every read is a viewer's (admin's pages
+  excepted); every POST but login and logout needs at least an operator.
 * A POST body is bounded before it is read (Content-Length checked, then streamed up to it) and
   validated against the route's body model before any handler runs.
 * Enrollment, recipe, label and user changes are written to the audit log under the route's own
@@ -85,17 +87,17 @@ def _learning(path: str, handler: Any, audit: str, body: type[b.Body]) -> Route:
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/session", None, session.get_session),
     Route("POST", "/api/login", None, session.post_login, body=b.LoginBody),
-    Route("POST", "/api/logout", "operator", session.post_logout),
-    Route("GET", "/api/cameras", "operator", station.get_cameras),
-    Route("GET", f"/api/cameras/{_SEG}/frame.jpg", "operator", station.get_frame),
-    Route("GET", f"/api/cameras/{_SEG}/live.mjpg", "operator", station.get_live),
-    Route("GET", f"/api/cameras/{_SEG}/overlay.jpg", "operator", station.get_overlay),
-    Route("GET", f"/api/cameras/{_SEG}/verdict", "operator", station.get_last_verdict),
-    Route("GET", "/api/recipes", "operator", enroll.get_recipes),
-    Route("GET", f"/api/recipes/{_SEG}", "operator", enroll.get_recipe),
-    Route("GET", f"/api/recipes/{_SEG}/samples/{_SHA}.png", "operator", enroll.get_sample),
-    Route("GET", f"/api/recipes/{_SEG}/defects/{_SHA}.png", "operator", enroll.get_defect),
-    Route("GET", f"/api/recipes/{_SEG}/defects/{_SHA}/mask.png", "operator", enroll.get_defect_mask),
+    Route("POST", "/api/logout", "viewer", session.post_logout),
+    Route("GET", "/api/cameras", "viewer", station.get_cameras),
+    Route("GET", f"/api/cameras/{_SEG}/frame.jpg", "viewer", station.get_frame),
+    Route("GET", f"/api/cameras/{_SEG}/live.mjpg", "viewer", station.get_live),
+    Route("GET", f"/api/cameras/{_SEG}/overlay.jpg", "viewer", station.get_overlay),
+    Route("GET", f"/api/cameras/{_SEG}/verdict", "viewer", station.get_last_verdict),
+    Route("GET", "/api/recipes", "viewer", enroll.get_recipes),
+    Route("GET", f"/api/recipes/{_SEG}", "viewer", enroll.get_recipe),
+    Route("GET", f"/api/recipes/{_SEG}/samples/{_SHA}.png", "viewer", enroll.get_sample),
+    Route("GET", f"/api/recipes/{_SEG}/defects/{_SHA}.png", "viewer", enroll.get_defect),
+    Route("GET", f"/api/recipes/{_SEG}/defects/{_SHA}/mask.png", "viewer", enroll.get_defect_mask),
     _change("/api/enroll/start", enroll.enroll_start, "enroll.start", b.EnrollStartBody),
     _change("/api/enroll/capture", enroll.enroll_capture, "enroll.capture", b.RecipeCameraBody),
     _change("/api/enroll/upload", enroll.enroll_upload, "enroll.upload", b.EnrollUploadBody, max_body=_UP),
@@ -109,21 +111,24 @@ ROUTES: tuple[Route, ...] = (
     _change("/api/recipes/assign", enroll.assign, "recipe.assign", b.AssignBody),
     _change("/api/recipes/delete", enroll.delete_recipe, "recipe.delete", b.RecipeBody, role="admin"),
     # The line learns (issue 14): proposals from labelled verdicts, versions, rollback (routes_learn.py).
-    Route("GET", f"/api/recipes/{_SEG}/labelled", "operator", learn.get_labelled),
-    Route("GET", f"/api/recipes/{_SEG}/proposal", "operator", learn.get_proposal),
+    Route("GET", f"/api/recipes/{_SEG}/labelled", "viewer", learn.get_labelled),
+    Route("GET", f"/api/recipes/{_SEG}/proposal", "viewer", learn.get_proposal),
     _learning(f"/api/recipes/{_SEG}/proposal", learn.post_proposal, "recipe.propose", b.ProposeBody),
     _learning(f"/api/recipes/{_SEG}/proposal/apply", learn.post_apply, "recipe.apply", b.ApplyProposalBody),
     _learning(f"/api/recipes/{_SEG}/proposal/discard", learn.post_discard, "recipe.discard", b.ProposeBody),
-    Route("GET", f"/api/recipes/{_SEG}/versions", "operator", learn.get_versions),
+    Route("GET", f"/api/recipes/{_SEG}/versions", "viewer", learn.get_versions),
     _learning(f"/api/recipes/{_SEG}/rollback", learn.post_rollback, "recipe.rollback", b.RollbackBody),
-    Route("GET", "/api/history", "operator", history.get_history),
-    Route("GET", "/api/history.csv", "operator", history.get_history_csv),
-    Route("GET", f"/api/history/{_VID}", "operator", history.get_history_item),
-    Route("GET", f"/api/history/{_VID}/(image|heatmap).jpg", "operator", history.get_history_image),
+    Route("GET", "/api/history", "viewer", history.get_history),
+    Route("GET", "/api/history.csv", "viewer", history.get_history_csv),
+    Route("GET", f"/api/history/{_VID}", "viewer", history.get_history_item),
+    Route("GET", f"/api/history/{_VID}/(image|heatmap).jpg", "viewer", history.get_history_image),
+    # Ask changes nothing stored, yet it is an operator's: it takes the one LLM the daemon also
+    # explains NG verdicts with (seconds each, and it ends a follow-up conversation), so a screen
+    # that only looks must not hold the line's explanations up.
     Route("POST", "/api/ask", "operator", history.post_ask, body=b.AskBody),
     Route("POST", f"/api/verdicts/{_VID}/label", "operator", history.post_label, "verdict.label", body=b.LabelBody),
-    Route("GET", f"/api/verdicts/{_VID}/labels", "operator", history.get_labels),
-    Route("GET", "/api/system", "operator", station.get_system),
+    Route("GET", f"/api/verdicts/{_VID}/labels", "viewer", history.get_labels),
+    Route("GET", "/api/system", "viewer", station.get_system),
     Route("GET", "/api/audit", "admin", station.get_audit),
     Route("GET", "/api/users", "admin", station.get_users),
     Route("POST", "/api/users", "admin", station.post_users, "user.{action}", body=b.UsersBody),

@@ -1,8 +1,9 @@
 """Station users, roles, password hashing and server-side sessions with CSRF tokens.
 
-Roles are ordered: ``operator`` (view the line, history, ask) < ``technician`` (also enroll and
-change recipes) < ``admin`` (also configuration and users). A higher role may do everything a
-lower one may.
+Roles are ordered: ``viewer`` (look only: live view, history and its CSV, system, the learn
+figures; for a screen in an office or the quality lab) < ``operator`` (also label verdicts and
+ask the model) < ``technician`` (also enroll and change recipes) < ``admin`` (also configuration
+and users). A higher role may do everything a lower one may.
 
 Passwords are hashed with scrypt (memory-hard, in the standard library) and a random per-user
 salt; the parameters are stored with each hash so they can be raised later without breaking old
@@ -29,7 +30,8 @@ from typing import Any
 
 from anomalygpt_edge.atomic_files import atomic_write_bytes
 
-ROLES = ("operator", "technician", "admin")
+#: Lowest first: a role may do what every role before it may.
+ROLES = ("viewer", "operator", "technician", "admin")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 #: scrypt cost: 2**14 x 8 x 1 needs 16 MiB and ~50 ms on a small CPU: slow for guessing, fine for a login.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -50,7 +52,7 @@ class AuthError(ValueError):
 
 
 def role_allows(role: str, needed: str) -> bool:
-    """Whether ``role`` may do what ``needed`` may (roles are ordered operator < technician < admin)."""
+    """Whether ``role`` may do what ``needed`` may (ordered viewer < operator < technician < admin)."""
     return role in ROLES and ROLES.index(role) >= ROLES.index(needed)
 
 

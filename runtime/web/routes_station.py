@@ -25,7 +25,7 @@ def get_frame(ctx: Context, camera: str) -> Response:
 def get_live(ctx: Context, camera: str) -> Response:
     """The camera's live view as MJPEG (see runtime/web/live.py): one stream per session and camera."""
     ctx.station.latest_frame(camera)  # an unknown camera, a watched folder: a JSON error, not an empty stream
-    assert ctx.session is not None  # an operator route
+    assert ctx.session is not None  # a route with a role: there is a session
     live = ctx.state.live
     stream = live.open(ctx.session.token, camera)
     if stream is None:
