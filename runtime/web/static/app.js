@@ -4,7 +4,7 @@
 
 const S = { user: null, role: null, csrf: null, cameras: [], timers: [], recipe: null, roi: null,
             askVerdict: null, conversation: newId() };
-const ROLES = ["operator", "technician", "admin"];
+const ROLES = ["viewer", "operator", "technician", "admin"];  // lowest first, as auth.ROLES
 const $ = (sel) => document.querySelector(sel);
 
 function newId() { return Math.random().toString(36).slice(2, 12); }
@@ -83,7 +83,10 @@ async function boot() {
 
 function route() {
   if (!S.user) return showLogin();
-  const page = (location.hash || "#live").slice(1);
+  let page = (location.hash || "#live").slice(1);
+  // A page the nav hides from this role (typed into the address bar) shows the live view instead.
+  const link = [...document.querySelectorAll("nav a[data-role]")].find((a) => a.getAttribute("href") === "#" + page);
+  if (link && !allows(link.dataset.role)) page = "live";
   for (const t of S.timers) clearInterval(t);
   S.timers = [];
   S.gen = (S.gen || 0) + 1;  // ends the live view's loop
@@ -540,6 +543,7 @@ function labelButtons(id, current, prefix, key) {
       toast(`labelled ${r.label}` + (r.image ? "" : " (its image was not kept)"), true);
     } catch (e) { toast(e.message); }
   };
+  if (!allows("operator")) return el("span", { class: "labels" }, shown);  // a viewer sees the label, cannot set it
   return el("span", { class: "labels" }, shown,
     el("button", { type: "button", class: "secondary", id: `${prefix}-label-good-${key || id}`, onclick: send("good") }, "good"),
     el("button", { type: "button", class: "secondary", id: `${prefix}-label-defect-${key || id}`, onclick: send("defect") }, "defect"));
@@ -557,7 +561,7 @@ function verdictCard(box, r, withAsk) {
       el("dt", {}, "regions"), el("dd", {}, (r.regions || []).map((g) => `${g.location} (${fmt(g.area_pct, 2)} %)`).join(", ") || "none"),
       el("dt", {}, "explanation"), el("dd", { class: "explanation" }, r.explanation || "–"),
       r.reason ? [el("dt", {}, "reason"), el("dd", {}, r.reason)] : null),
-    withAsk ? el("button", { type: "button", id: "hist-ask", onclick: () => { S.askVerdict = r; S.conversation = newId(); $("#ask-log").replaceChildren(); location.hash = "#ask"; } }, "Ask about this") : null,
+    withAsk && allows("operator") ? el("button", { type: "button", id: "hist-ask", onclick: () => { S.askVerdict = r; S.conversation = newId(); $("#ask-log").replaceChildren(); location.hash = "#ask"; } }, "Ask about this") : null,
   ].filter((x) => x));
   if (r.has_image) {
     loadImg(img, `/api/history/${r.id}/image.jpg`);

@@ -46,7 +46,9 @@ async function showLearn() {
   const keep = sel.value || L.recipe || onCamera;
   sel.replaceChildren(...recipes.map((r) => el("option", { value: r.name }, r.name + (r.live ? "" : " (not live)"))));
   if (recipes.some((r) => r.name === keep)) sel.value = keep;
-  $("#learn-propose").disabled = !sel.value || !allows("technician");  // an operator may look, not change
+  // Viewers and operators see the figures; the buttons that change a recipe are a technician's.
+  $("#learn-propose").hidden = !allows("technician");
+  $("#learn-propose").disabled = !sel.value || !allows("technician");
   if (!recipes.length) {
     $("#learn-counts").textContent = "No recipe yet: enroll one first.";
     return;
@@ -108,6 +110,7 @@ function renderProposal(p) {
   const stale = $("#learn-stale");
   stale.hidden = !p.stale;
   stale.textContent = p.stale ? `The recipe changed since (live: v${p.live_bank_version}): propose again before applying.` : "";
+  $("#learn-decide").hidden = !allows("technician");
   $("#learn-apply").disabled = !!p.stale || !allows("technician");
   $("#learn-discard").disabled = !allows("technician");
   const row = (what, id, before, after) => el("tr", {}, el("th", {}, what),
