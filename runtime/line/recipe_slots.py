@@ -5,6 +5,10 @@ Each bound camera has a slot holding its recipe's name, its :class:`Inspector` (
 recipe cannot inspect) and the reason it cannot. A recipe that is missing or not live does not stop
 the daemon: that camera answers every part ERROR with the reason until it is enrolled.
 
+Each slot also keeps its :class:`RecipeStamp`, what the camera's recipe was loaded from (the stat
+of ``recipe.json`` and the recipe it held), so the recipe watch (``recipe_watch.py``) can tell a
+commit of another process from what the camera already runs.
+
 Warm-up (issue 16): :meth:`RecipeSlots.warm_up` runs every live recipe's engines once per batch
 shape in use before the daemon says READY, so first-run work (ONNX Runtime's arena growth, a
 TensorRT build for a new shape) is not paid by the first part, nor counted by systemd's watchdog.
@@ -17,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +32,7 @@ from anomalygpt_edge.engines.bundle import EngineBundle
 from anomalygpt_edge.runtime.inspection.pipeline import VisionPipeline
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 from anomalygpt_edge.runtime.recipes.inspector import Inspector, inspect_many
-from anomalygpt_edge.runtime.recipes.store import RecipeError, RecipeStore, now_iso
+from anomalygpt_edge.runtime.recipes.store import Recipe, RecipeError, RecipeStore, now_iso
 
 if TYPE_CHECKING:
     from anomalygpt_edge.runtime.line.config import DaemonConfig, EnginesConfig, RecipeBinding
@@ -37,8 +41,28 @@ log = logging.getLogger(__name__)
 
 #: Grey level of the warm-up image: any valid image exercises the same shapes and kernels.
 WARMUP_GREY = 128
-#: Recipe changes (rollbacks) the status lists, newest last.
+#: Recipe changes (rollbacks, applies, reloads of other processes' commits) the status lists, newest last.
 MAX_CHANGES = 8
+#: ``recipe.json``'s (inode, modification time in ns, size): an atomic replace changes the inode.
+CommitStat = tuple[int, int, int]
+
+
+def commit_stat(path: Path) -> CommitStat | None:
+    """The stat of a recipe's ``recipe.json`` that a commit changes; None when there is none."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@dataclass(frozen=True)
+class RecipeStamp:
+    """What a camera's recipe was loaded from: ``recipe.json``'s stat, taken before it was read, and
+    the committed recipe it held (None when it could not be read; before the binding's ROI)."""
+
+    stat: CommitStat | None
+    committed: Recipe | None
 
 
 @dataclass(frozen=True)
@@ -94,8 +118,11 @@ class RecipeSlots:
         #: Set once :meth:`warm_up` has run (the status says ``starting`` until then).
         self.warmed = threading.Event()
         self.warmups: list[WarmRun] = []
-        #: The last recipe rollbacks, announced in the status (``recipe_changes``).
+        #: The last recipe changes, announced in the status (``recipe_changes``).
         self.changes: deque[dict[str, Any]] = deque(maxlen=MAX_CHANGES)
+        #: Camera -> what its recipe was last loaded from (set by every :meth:`load_recipe`).
+        self.stamps: dict[str, RecipeStamp] = {}
+        self._reloading: dict[str, int] = {}  # recipe -> loads, reloads and rollbacks of it under way
 
     # -- bundles ---------------------------------------------------------------------------------
     def binding(self, camera: str) -> RecipeBinding | None:
@@ -186,12 +213,19 @@ class RecipeSlots:
 
     def load_recipe(self, camera: str, name: str) -> Inspector:
         """Make ``name`` the camera's recipe; a recipe that cannot go live leaves the camera answering ERROR."""
+        with self.reloading(name):
+            return self._load_recipe(camera, name)
+
+    def _load_recipe(self, camera: str, name: str) -> Inspector:
         key = self.bundle_key(camera)
         binding = self.binding(camera)
         with self.lock:
             self.recipe_names[camera] = name
+        stat, committed = None, None
         try:
-            recipe = self.store.load(name)
+            # Stat before reading: a commit landing in between shows as a change the watch re-checks.
+            stat = commit_stat(self.store.folder(name) / "recipe.json")
+            recipe = committed = self.store.load(name)
             if binding is not None and binding.roi is not None:
                 recipe = replace(recipe, roi=binding.roi)
             inspector = Inspector(self.bundles[key], recipe, self.store, self.pipelines[key])
@@ -199,11 +233,13 @@ class RecipeSlots:
             with self.lock:
                 self.inspectors[camera] = None
                 self.recipe_problems[camera] = str(exc)
+                self.stamps[camera] = RecipeStamp(stat, committed)
             log.warning("camera %s: recipe %s cannot inspect: %s", camera, name, exc)
             raise RecipeError(str(exc)) from exc
         with self.lock:
             self.inspectors[camera] = inspector
             self.recipe_problems[camera] = None
+            self.stamps[camera] = RecipeStamp(stat, committed)
         log.info("camera %s: recipe %s live (threshold %.4g)", camera, name, inspector.threshold)
         return inspector
 
@@ -231,12 +267,52 @@ class RecipeSlots:
 
     def reload_users(self, recipe: str) -> None:
         """Cameras inspecting with ``recipe`` pick up its new bank, head and threshold."""
-        for camera, name in list(self.recipe_names.items()):
-            if name == recipe:
-                # Not live any more: load_recipe leaves the camera answering ERROR and says why.
-                with contextlib.suppress(RecipeError):
-                    self.load_recipe(camera, name)
+        with self.reloading(recipe):
+            for camera, name in list(self.recipe_names.items()):
+                if name == recipe:
+                    # Not live any more: load_recipe leaves the camera answering ERROR and says why.
+                    with contextlib.suppress(RecipeError):
+                        self.load_recipe(camera, name)
         self.changed()
+
+    @contextlib.contextmanager
+    def reloading(self, recipe: str) -> Iterator[None]:
+        """Mark ``recipe`` as being (re)loaded by the daemon itself while the block runs.
+
+        The recipe watch leaves such a recipe alone: what the block commits, the block reloads.
+        """
+        with self.lock:
+            self._reloading[recipe] = self._reloading.get(recipe, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                left = self._reloading.pop(recipe) - 1
+                if left:
+                    self._reloading[recipe] = left
+
+    def is_reloading(self, recipe: str) -> bool:
+        """Whether the daemon is loading, reloading or rolling back ``recipe`` right now."""
+        with self.lock:
+            return recipe in self._reloading
+
+    def stamps_of(self, recipe: str) -> dict[str, RecipeStamp]:
+        """Camera -> its :class:`RecipeStamp`, for every camera inspecting with ``recipe``."""
+        with self.lock:
+            return {c: self.stamps[c] for c, name in self.recipe_names.items() if name == recipe and c in self.stamps}
+
+    def restamp(self, cameras: Sequence[str], stat: CommitStat | None) -> None:
+        """``recipe.json`` was rewritten (or touched) with what these cameras run: note its new stat."""
+        with self.lock:
+            for camera in cameras:
+                held = self.stamps.get(camera)
+                if held is not None:
+                    self.stamps[camera] = replace(held, stat=stat)
+
+    def record_change(self, change: dict[str, Any]) -> None:
+        """Add ``change`` to the recipe changes the status lists (``recipe_changes``)."""
+        with self.lock:
+            self.changes.append(change)
 
     def rollback(self, recipe: str, to_version: int | None = None, by: str | None = None) -> dict[str, Any]:
         """Roll ``recipe`` back (:meth:`RecipeStore.rollback`), reload the cameras using it, announce it.
@@ -245,6 +321,10 @@ class RecipeSlots:
         """
         if not self.store.exists(recipe):
             raise RecipeError(f"unknown recipe '{recipe}'; recipes: {', '.join(self.store.names()) or 'none'}")
+        with self.reloading(recipe):  # the rollback's own reload below, not the recipe watch's
+            return self._rollback(recipe, to_version, by)
+
+    def _rollback(self, recipe: str, to_version: int | None, by: str | None) -> dict[str, Any]:
         with self.store.writer(recipe):  # re-entrant: what was live and what is now, read under one lock
             was = self.store.load(recipe)
             live = self.store.rollback(recipe, to_version)
