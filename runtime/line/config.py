@@ -224,6 +224,8 @@ class StorageConfig(_Section):
     store: ConfigPath = Path("data/recipes")  # the recipe store (banks, golden samples)
     # Replaced recipe versions kept for a rollback (each keeps its bank, head and samples on disk).
     keep_versions: Annotated[int, Between(0, 100)] = 3
+    # How often the daemon looks for recipe commits of other processes (CLI rollback, calibrate); 0 = never.
+    recipe_watch_s: Annotated[float, Between(0, 3600)] = 2.0
     data: ConfigPath = Path("data")  # daemon state: <data>/spool.db, <data>/archive/
     spool: Flag = True  # every verdict on disk until the broker acknowledges it
     spool_max_rows: Annotated[int, Between(1, 10**9)] = 100000

@@ -19,6 +19,7 @@ Threads (few and named, so ``py-spy dump`` reads like the design):
   passes while it still waits for a frame, a queue slot or the engine;
 * ``watch-<camera>``: one per folder-watch recipe, turning new files into parts;
 * ``commands``: slow MQTT commands (enrollment, recipe switches, questions), off paho's thread;
+* ``recipe-watch``: reloads the cameras on a recipe another process committed (``recipe_watch.py``);
 * paho's network thread; ``explanation-worker`` when an LLM is enabled.
 
 Fail safe: every triggered part gets exactly one answer (:meth:`Job.claim`); an engine error, a
@@ -65,6 +66,7 @@ from anomalygpt_edge.runtime.line.line_counts import LineCounts
 from anomalygpt_edge.runtime.line.link import Link
 from anomalygpt_edge.runtime.line.proposals import ProposalDesk
 from anomalygpt_edge.runtime.line.recipe_slots import RecipeSlots, warmup_batches
+from anomalygpt_edge.runtime.line.recipe_watch import RecipeWatch
 from anomalygpt_edge.runtime.line.sparkplug_wiring import open_sparkplug, watch_sparkplug
 from anomalygpt_edge.runtime.line.status import DaemonHealth
 from anomalygpt_edge.runtime.line.status_report import StatusReport
@@ -84,6 +86,8 @@ WARMUP_EXTEND_S = 600.0
 
 class Daemon:
     """Everything ``anomalygpt-edge run`` runs; :meth:`start` / :meth:`stop` for tests and the demo."""
+
+    recipe_watch: RecipeWatch | None = None  # started with the loops unless storage.recipe_watch_s is 0
 
     def __init__(self, config: DaemonConfig, *, link: Link | None = None):
         self.config = config
@@ -353,6 +357,9 @@ class Daemon:
                 self.supervisor.spawn(f"inspect-{n}-{i}", worker.run, queue, stop)
         self.commands.start(self._spawner)
         self.proposals.start(self._spawner)  # proposals computed off the commands thread (seconds each)
+        if self.config.storage.recipe_watch_s > 0:  # other processes' recipe commits reach the cameras
+            self.recipe_watch = RecipeWatch(self.slots, self.config.storage.recipe_watch_s, self.health.error)
+            self.supervisor.spawn("recipe-watch", self.recipe_watch.run, stop)
         for name, cam_cfg in self.config.cameras.items():
             binding = self.binding(name)
             if binding is not None and binding.trigger == "folder_watch":
