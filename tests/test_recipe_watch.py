@@ -1,0 +1,220 @@
+"""The recipe watch (runtime/line/recipe_watch.py) on a running daemon (real mosquitto, real engines):
+a recipe committed by a separate process (the CLI's ``recipe rollback``) reaches the cameras on it
+within a bounded wait, the status lists the reload and the verdicts carry the new threshold and bank
+version; a touch of ``recipe.json`` reloads nothing; a damaged commit leaves the camera answering
+ERROR with the reason; the daemon's own MQTT rollback reloads once, not twice; a failing check is
+reported to the health and the watch goes on; ``storage.recipe_watch_s: 0`` turns it off."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
+    Subscriber,
+    broker_fixture,
+    line_fixture,
+    write_config,
+)
+from faults import wait_until
+from pytest import approx  # verdicts carry the threshold rounded to 5 significant digits
+
+from anomalygpt_edge.atomic_files import atomic_write_bytes
+from anomalygpt_edge.runtime.line.config import load_config
+from anomalygpt_edge.runtime.line.daemon import Daemon
+from anomalygpt_edge.runtime.line.recipe_slots import commit_stat
+from anomalygpt_edge.runtime.line.recipe_watch import OTHER_WRITER, SETTLE_S
+from anomalygpt_edge.runtime.recipes.store import Recipe, RecipeStore
+
+WATCH_S = 0.2  # the watch's interval in these tests: a foreign commit is live within WATCH_S + SETTLE_S
+
+
+def _ask(sub: Subscriber, device: str, command: str, body: dict, timeout: float = 20) -> dict:
+    corr = uuid.uuid4().bytes
+    sub.publish(
+        f"anomalygpt/{device}/cmd/{command}", json.dumps(body), response_topic=f"tech/{device}", correlation=corr
+    )
+    got = sub.wait_for(
+        lambda m: m.topic == f"tech/{device}" and bytes(m.properties.CorrelationData or b"") == corr, timeout=timeout
+    )
+    return got[0].json()
+
+
+def _two_versions(tmp_path: Path, line: dict) -> tuple[RecipeStore, Recipe, Recipe]:
+    """A copy of the module's store whose ``bracket`` has a stricter version live over the enrolled one."""
+    shutil.copytree(line["store"], tmp_path / "store")  # the module's store stays as it is
+    store = RecipeStore(tmp_path / "store")
+    old = store.load("bracket")
+    assert old.threshold is not None
+    stricter = replace(old.threshold, value=old.threshold.value * 3)
+    new = store.commit(replace(old, threshold=stricter), change={"by": "anna", "reason": "fewer false rejects"})
+    assert new.bank_version > old.bank_version and new.threshold is not None
+    return store, old, new
+
+
+def _daemon(tmp_path: Path, broker: Any, line: dict, device: str, watch_s: float, **extra: Any) -> Daemon:
+    cameras = {"cam1": {"type": "video_file", "source": str(line["video"]), "fps": 10}}
+    recipes = [{"camera": "cam1", "recipe": "bracket", "trigger": "mqtt", "deadline_ms": 5000}]
+    path = write_config(
+        tmp_path / f"{device}.yaml", broker, cameras, recipes, tmp_path / "store", line["bundle"], device
+    )
+    cfg = json.loads(path.read_text())
+    cfg["storage"]["recipe_watch_s"] = watch_s
+    cfg.update(extra)
+    path.write_text(json.dumps(cfg))
+    return Daemon(load_config(path)).start()
+
+
+def _cli_rollback(store: Path) -> str:
+    """``anomalygpt-edge recipe rollback`` in a process of its own, as a technician runs it beside the daemon."""
+    done = subprocess.run(
+        [sys.executable, "-m", "anomalygpt_edge", "recipe", "rollback", "--store", str(store), "--recipe", "bracket"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def _reloads(daemon: Daemon) -> list[dict[str, Any]]:
+    return [c for c in daemon.slots.changes if c["action"] == "reload"]
+
+
+def test_a_cli_rollback_in_another_process_reaches_the_running_daemon_a_touch_does_not_and_damage_is_an_error(
+    tmp_path: Path, broker: Any, line: dict
+) -> None:
+    store, old, new = _two_versions(tmp_path, line)
+    recipe_json = store.folder("bracket") / "recipe.json"
+    sub = Subscriber(broker, ["anomalygpt/rw1/#", "tech/rw1"])
+    daemon = _daemon(tmp_path, broker, line, "rw1", WATCH_S)
+    try:
+        before = _ask(sub, "rw1", "trigger", {"camera": "cam1", "part_id": "p1"})
+        inspector = daemon.slots.current("cam1")[0]
+
+        # A touch: a new modification time, the same content. The watch notes the new stat, no reload.
+        stat = recipe_json.stat()
+        os.utime(recipe_json, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+        touched = commit_stat(recipe_json)
+        assert wait_until(lambda: daemon.slots.stamps["cam1"].stat == touched, timeout=10), "the touch was not seen"
+        assert daemon.slots.current("cam1")[0] is inspector and not _reloads(daemon)
+
+        printed = _cli_rollback(store.root)
+        status = sub.wait_for(
+            lambda m: (
+                m.topic == "anomalygpt/rw1/status"
+                and any(c["action"] == "reload" for c in m.json().get("recipe_changes") or [])
+            ),
+            timeout=20,
+        )[0].json()
+        after = _ask(sub, "rw1", "trigger", {"camera": "cam1", "part_id": "p2"})
+        reloads_after_rollback = _reloads(daemon)
+
+        # A damaged commit (an atomic replace, as a writer's): the camera answers ERROR with the reason.
+        atomic_write_bytes(recipe_json, b'{"format": 2, "name": "bracket"')
+        assert wait_until(lambda: daemon.slots.current("cam1")[0] is None, timeout=10), "the damage was not seen"
+        damaged = _ask(sub, "rw1", "trigger", {"camera": "cam1", "part_id": "p3"})
+        damaged_status = daemon.status()
+        reloads = _reloads(daemon)
+    finally:
+        daemon.stop()
+        sub.close()
+    assert before["threshold"] == approx(new.threshold.value, rel=1e-4) and before["bank_version"] == new.bank_version
+    assert printed.startswith(f"recipe bracket: v{old.bank_version} live again"), printed
+    change = next(c for c in status["recipe_changes"] if c["action"] == "reload")
+    assert (change["recipe"], change["from"], change["to"], change["by"], change["cameras"]) == (
+        "bracket",
+        new.bank_version,
+        old.bank_version,
+        OTHER_WRITER,
+        ["cam1"],
+    ), change
+    assert change["threshold"] == old.threshold.value and "problem" not in change
+    assert len(reloads_after_rollback) == 1, "one commit, one reload"
+    assert after["verdict"] in ("OK", "NG"), after
+    assert after["threshold"] == approx(old.threshold.value, rel=1e-4) and after["bank_version"] == old.bank_version
+    assert damaged["verdict"] == "ERROR" and "unreadable recipe" in damaged["reason"], damaged
+    assert "recipe.json" in damaged["reason"], "the reason names the file"
+    assert len(reloads) == 2 and reloads[-1]["to"] is None and "unreadable recipe" in reloads[-1]["problem"]
+    camera = damaged_status["cameras"]["cam1"]
+    assert camera["live"] is False and "unreadable recipe" in camera["problem"], camera
+
+
+def test_the_daemons_own_mqtt_rollback_reloads_once_and_a_failing_check_is_reported_not_fatal(
+    tmp_path: Path, broker: Any, line: dict
+) -> None:
+    store, old, new = _two_versions(tmp_path, line)
+    sub = Subscriber(broker, ["anomalygpt/rw2/#", "tech/rw2"])
+    daemon = _daemon(tmp_path, broker, line, "rw2", WATCH_S, commands={"allowed_client_ids": ["station-tech"]})
+    watch = daemon.recipe_watch
+    assert watch is not None
+    loads: list[str] = []
+    load_recipe = daemon.slots.load_recipe
+
+    def counted(camera: str, name: str) -> Any:
+        loads.append(camera)
+        return load_recipe(camera, name)
+
+    daemon.slots.load_recipe = counted  # type: ignore[method-assign]  # reload_users looks it up per call
+    try:
+        rolled = _ask(sub, "rw2", "recipe", {"action": "rollback", "recipe": "bracket", "client_id": "station-tech"})
+        inspector = daemon.slots.current("cam1")[0]
+        # Long enough for a second reload to have happened: several looks past the settle time.
+        looks = watch.looks
+        settled = time.monotonic() + 2 * SETTLE_S
+        assert wait_until(lambda: watch.looks >= looks + 3 and time.monotonic() > settled, timeout=10)
+        after = _ask(sub, "rw2", "trigger", {"camera": "cam1", "part_id": "p1"})
+
+        # A check that fails (a fault injected into the slots the watch reads) is reported and survived.
+        stamps_of = daemon.slots.stamps_of
+
+        def broken(recipe: str) -> Any:
+            raise RuntimeError("injected fault")
+
+        daemon.slots.stamps_of = broken  # type: ignore[method-assign]
+        assert wait_until(
+            lambda: "recipe watch" in str((daemon.status().get("last_error") or {}).get("message")), timeout=10
+        )
+        failing = daemon.status()["last_error"]["message"]
+        daemon.slots.stamps_of = stamps_of  # type: ignore[method-assign]
+        looks = watch.looks
+        assert wait_until(lambda: watch.looks > looks + 1, timeout=10), "the watch stopped after a failing check"
+        alive = [t.name for t in threading.enumerate() if t.name == "recipe-watch" and t.is_alive()]
+    finally:
+        daemon.stop()
+        sub.close()
+    assert rolled["ok"] and rolled["bank_version"] == old.bank_version and rolled["previous"] == new.bank_version
+    assert loads == ["cam1"], "the rollback's own reload only: the watch did not reload it again"
+    assert daemon.slots.current("cam1")[0] is inspector
+    assert [c["action"] for c in daemon.slots.changes] == ["rollback"]
+    assert after["threshold"] == approx(old.threshold.value, rel=1e-4) and after["bank_version"] == old.bank_version
+    assert "recipe bracket: check failed: RuntimeError('injected fault')" in failing, failing
+    assert alive == ["recipe-watch"]
+
+
+def test_recipe_watch_s_0_turns_the_watch_off(tmp_path: Path, broker: Any, line: dict) -> None:
+    store, old, new = _two_versions(tmp_path, line)
+    sub = Subscriber(broker, ["anomalygpt/rw3/#", "tech/rw3"])
+    daemon = _daemon(tmp_path, broker, line, "rw3", 0)
+    try:
+        threads = [t.name for t in threading.enumerate()]
+        _cli_rollback(store.root)
+        # The scenario is an absence: with the watch on, this is several times WATCH_S + SETTLE_S.
+        time.sleep(4 * (WATCH_S + SETTLE_S))
+        after = _ask(sub, "rw3", "trigger", {"camera": "cam1", "part_id": "p1"})
+    finally:
+        daemon.stop()
+        sub.close()
+    assert daemon.recipe_watch is None and "recipe-watch" not in threads
+    assert store.load("bracket").bank_version == old.bank_version, "the CLI did roll back"
+    assert after["threshold"] == approx(new.threshold.value, rel=1e-4) and after["bank_version"] == new.bank_version
+    assert not daemon.slots.changes
