@@ -2,15 +2,19 @@
 ``recipe propose`` / ``apply`` (a proposal from the archive's labels, offline).
 
 One line of output each; an error (no such recipe, no older version, a damaged kept version) is
-one line on stderr naming what is wrong (``cli.main``). A running daemon picks a rollback up over
-MQTT (``cmd/recipe`` ``rollback``), which reloads the cameras using the recipe; from this command
-it takes effect at the daemon's next recipe load (a ``switch`` or a restart).
+one line on stderr naming what is wrong (``cli.main``). A daemon running on the same store picks
+a rollback from this command up by itself: its recipe watch (``runtime/line/recipe_watch.py``)
+sees the new ``recipe.json`` within ``storage.recipe_watch_s`` (2 s by default, plus half a second
+to settle), reloads the cameras using the recipe and lists the reload in its status's
+``recipe_changes`` (``by: store (another process)``), as a rollback over MQTT (``cmd/recipe``
+``rollback``) does at once. With ``recipe_watch_s: 0`` it takes effect at the daemon's next recipe
+load (a ``switch`` or a restart).
 
 ``propose`` reads the labelled verdicts of a stopped daemon's archive (``<data>/archive``), prints
 the before/after figures and keeps the proposal as ``<store>/<recipe>/proposal.json`` (where the
 daemon finds it too); ``apply`` makes that pending proposal live in one crash-safe commit. The
-store's writer lock keeps a commit beside a running daemon safe, but the daemon's cameras only
-reload a proposal applied over MQTT (``cmd/recipe`` ``apply``) or from the station.
+store's writer lock keeps a commit beside a running daemon safe, and the daemon's recipe watch
+reloads its cameras on the applied version the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--by", default=None, help="who rolls back (logged)")
     v.set_defaults(handler="anomalygpt_edge.runtime.cli.recipe:versions")
     b.set_defaults(handler="anomalygpt_edge.runtime.cli.recipe:rollback")
-    offline = "offline: a running daemon reloads a proposal only when it is applied over MQTT or the station"
+    offline = "reads the archive of a stopped daemon; a running one on the store reloads what is applied"
     pr = actions.add_parser("propose", help=f"a proposal from the archive's labels, before/after figures ({offline})")
     ap = actions.add_parser("apply", help=f"make the pending proposal live in one crash-safe commit ({offline})")
     for p in (pr, ap):
