@@ -228,7 +228,14 @@ def test_sigkill_during_commits_that_add_goldens_leaves_the_old_or_the_new_versi
             )
             assert_consistent(store, kept)
     assert seen[-1] > seen[0], f"the children committed something between the kills: {seen}"
-    assert Inspector(bundle, store.load("plate"), store).inspect(parts.good_part(999)).verdict in ("OK", "NG")
+    final = store.load("plate")
+    if final.live:
+        assert Inspector(bundle, final, store).inspect(parts.good_part(999)).verdict in ("OK", "NG")
+    else:
+        # Which goldens were committed depends on where the kills landed; some draws of synthetic
+        # goods trip the leave-one-out check, and then the recipe says so instead of going live.
+        quality = final.quality
+        assert quality.get("ok") is False and (quality.get("flagged") or quality.get("inconsistent")), quality
 
 
 def test_sigkill_during_rollbacks_leaves_one_whole_version_live(tmp_path: Path, bundle: EngineBundle) -> None:
