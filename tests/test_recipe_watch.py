@@ -2,7 +2,8 @@
 a recipe committed by a separate process (the CLI's ``recipe rollback``) reaches the cameras on it
 within a bounded wait, the status lists the reload and the verdicts carry the new threshold and bank
 version; a touch of ``recipe.json`` reloads nothing; a damaged commit leaves the camera answering
-ERROR with the reason; the daemon's own MQTT rollback reloads once, not twice; a failing check is
+ERROR with the reason; the daemon's own MQTT rollback reloads once, not twice (and an MQTT enrollment
+with switch: false reloads the camera on that recipe itself, at once); a failing check is
 reported to the health and the watch goes on; ``storage.recipe_watch_s: 0`` turns it off."""
 
 from __future__ import annotations
@@ -218,3 +219,49 @@ def test_recipe_watch_s_0_turns_the_watch_off(tmp_path: Path, broker: Any, line:
     assert store.load("bracket").bank_version == old.bank_version, "the CLI did roll back"
     assert after["threshold"] == approx(new.threshold.value, rel=1e-4) and after["bank_version"] == new.bank_version
     assert not daemon.slots.changes
+
+
+def test_an_mqtt_enrollment_with_switch_false_reaches_the_camera_on_that_recipe_at_once_not_by_the_watch(
+    tmp_path: Path, broker: Any, line: dict
+) -> None:
+    shutil.copytree(line["store"], tmp_path / "store")
+    store = RecipeStore(tmp_path / "store")
+    before = store.load("bracket").bank_version
+    cameras = {"cam1": {"type": "video_file", "source": str(line["golden"]), "fps": 20, "loop": True}}
+    recipes = [{"camera": "cam1", "recipe": "bracket", "trigger": "mqtt", "deadline_ms": 5000}]
+    path = write_config(tmp_path / "rw4.yaml", broker, cameras, recipes, tmp_path / "store", line["bundle"], "rw4")
+    cfg = json.loads(path.read_text())
+    cfg["storage"]["recipe_watch_s"] = WATCH_S
+    cfg["commands"] = {"allow_anonymous_control": True}
+    path.write_text(json.dumps(cfg))
+    sub = Subscriber(broker, ["anomalygpt/rw4/#", "tech/rw4"])
+    daemon = Daemon(load_config(path)).start()
+    watch = daemon.recipe_watch
+    assert watch is not None
+    try:
+        assert _ask(sub, "rw4", "enroll", {"action": "start", "camera": "cam1", "recipe": "bracket"})["ok"]
+        for _ in range(2):
+            assert _ask(sub, "rw4", "enroll", {"action": "add", "camera": "cam1"})["ok"]
+        done = _ask(
+            sub,
+            "rw4",
+            "enroll",
+            {"action": "finish", "camera": "cam1", "switch": False, "accept_flagged": True},
+            timeout=60,
+        )
+        running = daemon.slots.current("cam1")[0]
+        looks = watch.looks
+        settled = time.monotonic() + 2 * SETTLE_S
+        assert wait_until(lambda: watch.looks >= looks + 3 and time.monotonic() > settled, timeout=10)
+        verdict = _ask(sub, "rw4", "trigger", {"camera": "cam1", "part_id": "p1"})
+    finally:
+        daemon.stop()
+        sub.close()
+    committed = store.load("bracket")
+    assert done["ok"] and done["live"] and "switched" not in done, done
+    assert committed.bank_version > before
+    assert running is not None and running.recipe.bank_version == committed.bank_version, (
+        "the camera already on the recipe runs the enrolled version as soon as the reply is out"
+    )
+    assert not _reloads(daemon), "the desk reloaded it itself: no reload attributed to another process"
+    assert verdict["bank_version"] == committed.bank_version, verdict

@@ -239,10 +239,14 @@ class EnrollDesk:
             "defects_added": defects_added,
             "skipped": skipped,
         }
-        if result.recipe.live and body.switch is not False:
+        switched = result.recipe.live and body.switch is not False
+        if switched:
             self.slots.load_recipe(camera, session.recipe)
             out["switched"] = True
-        self.slots.changed()
+        # Every other camera already on the recipe (this one too with switch: false) runs what was
+        # just committed, as it would after a restart: now, by this desk, not later by the recipe
+        # watch as if another process had written it. Then the status is republished.
+        self.slots.reload_users(session.recipe, except_camera=camera if switched else None)
         return out
 
     def _enroll(self, session: EnrollSession, accept: bool, camera: str) -> tuple[Any, list[str], list[str], list[str]]:

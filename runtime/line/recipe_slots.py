@@ -265,11 +265,12 @@ class RecipeSlots:
             self.changed()
         return previous
 
-    def reload_users(self, recipe: str) -> None:
-        """Cameras inspecting with ``recipe`` pick up its new bank, head and threshold."""
+    def reload_users(self, recipe: str, *, except_camera: str | None = None) -> None:
+        """Cameras inspecting with ``recipe`` pick up its new bank, head and threshold
+        (``except_camera``: one the caller has just loaded it on)."""
         with self.reloading(recipe):
             for camera, name in list(self.recipe_names.items()):
-                if name == recipe:
+                if name == recipe and camera != except_camera:
                     # Not live any more: load_recipe leaves the camera answering ERROR and says why.
                     with contextlib.suppress(RecipeError):
                         self.load_recipe(camera, name)
