@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     Subscriber,
     broker_fixture,
@@ -72,7 +73,16 @@ def _daemon(tmp_path: Path, broker: Any, line: dict, device: str, watch_s: float
     cfg["storage"]["recipe_watch_s"] = watch_s
     cfg.update(extra)
     path.write_text(json.dumps(cfg))
-    return Daemon(load_config(path)).start()
+    return _delivering(Daemon(load_config(path)).start())
+
+
+def _delivering(daemon: Daemon) -> Daemon:
+    """The daemon once cam1 delivers frames: a trigger before that is an ERROR by design (seen under load)."""
+    camera = daemon.cameras.get("cam1")
+    if not wait_until(lambda: camera is not None and camera.online, timeout=30):
+        daemon.stop()
+        raise AssertionError("cam1 delivered no frame within 30 s")
+    return daemon
 
 
 def _cli_rollback(store: Path) -> str:
@@ -221,21 +231,33 @@ def test_recipe_watch_s_0_turns_the_watch_off(tmp_path: Path, broker: Any, line:
     assert not daemon.slots.changes
 
 
-def test_an_mqtt_enrollment_with_switch_false_reaches_the_camera_on_that_recipe_at_once_not_by_the_watch(
-    tmp_path: Path, broker: Any, line: dict
-) -> None:
+def _golden_line(tmp_path: Path, broker: Any, line: dict, device: str) -> tuple[RecipeStore, Daemon]:
+    """A copy of the module's store and a daemon whose cam1 shows golden parts and runs ``bracket``."""
     shutil.copytree(line["store"], tmp_path / "store")
-    store = RecipeStore(tmp_path / "store")
-    before = store.load("bracket").bank_version
     cameras = {"cam1": {"type": "video_file", "source": str(line["golden"]), "fps": 20, "loop": True}}
     recipes = [{"camera": "cam1", "recipe": "bracket", "trigger": "mqtt", "deadline_ms": 5000}]
-    path = write_config(tmp_path / "rw4.yaml", broker, cameras, recipes, tmp_path / "store", line["bundle"], "rw4")
+    path = write_config(
+        tmp_path / f"{device}.yaml", broker, cameras, recipes, tmp_path / "store", line["bundle"], device
+    )
     cfg = json.loads(path.read_text())
     cfg["storage"]["recipe_watch_s"] = WATCH_S
     cfg["commands"] = {"allow_anonymous_control": True}
     path.write_text(json.dumps(cfg))
+    return RecipeStore(tmp_path / "store"), _delivering(Daemon(load_config(path)).start())
+
+
+def _settled(watch: Any) -> bool:
+    """Wait until the watch has looked several times past the settle time (a reload would have happened)."""
+    looks, settled = watch.looks, time.monotonic() + 2 * SETTLE_S
+    return wait_until(lambda: watch.looks >= looks + 3 and time.monotonic() > settled, timeout=10)
+
+
+def test_an_mqtt_enrollment_with_switch_false_reaches_the_camera_on_that_recipe_at_once_not_by_the_watch(
+    tmp_path: Path, broker: Any, line: dict
+) -> None:
     sub = Subscriber(broker, ["anomalygpt/rw4/#", "tech/rw4"])
-    daemon = Daemon(load_config(path)).start()
+    store, daemon = _golden_line(tmp_path, broker, line, "rw4")
+    before = store.load("bracket").bank_version
     watch = daemon.recipe_watch
     assert watch is not None
     try:
@@ -250,9 +272,7 @@ def test_an_mqtt_enrollment_with_switch_false_reaches_the_camera_on_that_recipe_
             timeout=60,
         )
         running = daemon.slots.current("cam1")[0]
-        looks = watch.looks
-        settled = time.monotonic() + 2 * SETTLE_S
-        assert wait_until(lambda: watch.looks >= looks + 3 and time.monotonic() > settled, timeout=10)
+        assert _settled(watch)
         verdict = _ask(sub, "rw4", "trigger", {"camera": "cam1", "part_id": "p1"})
     finally:
         daemon.stop()
@@ -265,3 +285,29 @@ def test_an_mqtt_enrollment_with_switch_false_reaches_the_camera_on_that_recipe_
     )
     assert not _reloads(daemon), "the desk reloaded it itself: no reload attributed to another process"
     assert verdict["bank_version"] == committed.bank_version, verdict
+
+
+def test_a_station_enrollment_step_reaches_the_camera_on_that_recipe_at_once_not_by_the_watch(
+    tmp_path: Path, broker: Any, line: dict
+) -> None:
+    from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
+
+    store, daemon = _golden_line(tmp_path, broker, line, "rw5")
+    before = store.load("bracket").bank_version
+    watch = daemon.recipe_watch
+    assert watch is not None
+    try:
+        station = DaemonStation(daemon)
+        # A golden frame of the line's camera with one pixel changed: a new file (the ones the
+        # recipe was enrolled from are skipped by their hash), the same good part.
+        image = station.next_frame("cam1", -1).image.copy()
+        image[0, 0] ^= 1
+        step = station.enroll_upload("bracket", [("fresh.png", cv2.imencode(".png", image)[1].tobytes())])
+        running = daemon.slots.current("cam1")[0]
+        assert _settled(watch)
+    finally:
+        daemon.stop()
+    committed = store.load("bracket")
+    assert committed.bank_version > before and step["k"] == len(committed.samples), (before, step)
+    assert running is not None and running.recipe.bank_version == committed.bank_version
+    assert not _reloads(daemon), "the station reloaded it itself: no reload attributed to another process"

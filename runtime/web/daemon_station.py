@@ -207,6 +207,12 @@ class DaemonStation(LearnMixin, StationBase):
             roi = tuple(binding.roi)
         return super().enroll_start(recipe, camera, roi, **settings)
 
+    def _step(self, recipe: str, result: Any) -> dict[str, Any]:
+        """After each enrollment commit from the page, the cameras already on ``recipe`` run what was
+        just committed, reloaded here at once (the recipe watch would take it for another process's)."""
+        self.daemon.slots.reload_users(recipe)
+        return super()._step(recipe, result)
+
     def assign(self, camera: str, recipe: str | None) -> dict[str, Any]:
         """Switch the daemon's recipe for ``camera``; one that cannot inspect is refused, the camera answers ERROR."""
         self._check_camera(camera)
