@@ -276,4 +276,11 @@ def daemon_with_plc(tmp_path: Path, broker: Any, line: dict[str, Any], device: s
     rig = line_rig(broker, line)
     cfg = fault_bench.write_config(tmp_path / f"{device}.yaml", rig, device, tmp_path / "state")
     plc = fault_bench.Plc(rig, device)
-    return Daemon(load_config(cfg)).start(), plc
+    daemon = Daemon(load_config(cfg)).start()
+    # A trigger before a camera delivers frames is an ERROR by design (seen under load): the tests
+    # fault the line once it runs, so it starts with every camera delivering.
+    if not wait_until(lambda: all(c.online for c in daemon.cameras.values()), 30, 0.05):
+        daemon.stop()
+        plc.close()
+        raise AssertionError(f"{device}: a camera delivered no frame within 30 s")
+    return daemon, plc
