@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -206,6 +207,32 @@ class Subscriber(RecordingClient[Received]):
             if correlation:
                 props.CorrelationData = correlation
         self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
+
+    def ask(self, device: str, command: str, body: dict[str, Any], timeout: float = 20) -> dict[str, Any]:
+        """Send ``cmd/<command>`` with a response topic (``tech/<device>``) and correlation data, as an
+        HMI does, and return the daemon's reply to exactly that request."""
+        corr = uuid.uuid4().bytes
+        self.publish(
+            f"anomalygpt/{device}/cmd/{command}", json.dumps(body), response_topic=f"tech/{device}", correlation=corr
+        )
+        got = self.wait_for(
+            lambda m: m.topic == f"tech/{device}" and bytes(m.properties.CorrelationData or b"") == corr,
+            timeout=timeout,
+        )
+        reply: dict[str, Any] = got[0].json()
+        return reply
+
+
+def delivering(daemon: Any, timeout: float = 30) -> Any:
+    """``daemon`` (started) once every camera delivers frames: a trigger before a camera's first frame
+    is an ERROR by design, and under load the first frame can come seconds after the start."""
+    deadline = time.monotonic() + timeout
+    while not all(c.online for c in daemon.cameras.values()):
+        if time.monotonic() > deadline:
+            daemon.stop()
+            raise AssertionError(f"a camera delivered no frame within {timeout:.0f} s of the daemon's start")
+        time.sleep(0.05)
+    return daemon
 
 
 def topic_is(suffix: str) -> Callable[[Received], bool]:

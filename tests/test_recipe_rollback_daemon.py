@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     Subscriber,
     broker_fixture,
+    delivering,
     line_fixture,
     write_config,
 )
@@ -22,17 +22,6 @@ from pytest import approx  # verdicts carry the threshold rounded to 5 significa
 from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.recipes.store import RecipeStore
-
-
-def _ask(sub: Subscriber, device: str, command: str, body: dict, timeout: float = 20) -> dict:
-    corr = uuid.uuid4().bytes
-    sub.publish(
-        f"anomalygpt/{device}/cmd/{command}", json.dumps(body), response_topic=f"tech/{device}", correlation=corr
-    )
-    got = sub.wait_for(
-        lambda m: m.topic == f"tech/{device}" and bytes(m.properties.CorrelationData or b"") == corr, timeout=timeout
-    )
-    return got[0].json()
 
 
 def test_an_mqtt_rollback_makes_the_camera_inspect_with_the_old_threshold_and_a_wrong_role_changes_nothing(
@@ -52,23 +41,22 @@ def test_an_mqtt_rollback_makes_the_camera_inspect_with_the_old_threshold_and_a_
     cfg["commands"] = {"allowed_client_ids": ["station-tech"]}
     path.write_text(json.dumps(cfg))
     sub = Subscriber(broker, ["anomalygpt/rbk/#", "tech/rbk"])
-    daemon = Daemon(load_config(path)).start()
+    daemon = delivering(Daemon(load_config(path)).start())
     try:
-        before = _ask(sub, "rbk", "trigger", {"camera": "cam1", "part_id": "p1"})
-        listed = _ask(sub, "rbk", "recipe", {"action": "versions", "recipe": "bracket", "client_id": "station-tech"})
-        refused = _ask(sub, "rbk", "recipe", {"action": "rollback", "recipe": "bracket", "client_id": "hmi-operator"})
-        still = _ask(sub, "rbk", "trigger", {"camera": "cam1", "part_id": "p2"})
-        bad = _ask(
-            sub,
+        before = sub.ask("rbk", "trigger", {"camera": "cam1", "part_id": "p1"})
+        listed = sub.ask("rbk", "recipe", {"action": "versions", "recipe": "bracket", "client_id": "station-tech"})
+        refused = sub.ask("rbk", "recipe", {"action": "rollback", "recipe": "bracket", "client_id": "hmi-operator"})
+        still = sub.ask("rbk", "trigger", {"camera": "cam1", "part_id": "p2"})
+        bad = sub.ask(
             "rbk",
             "recipe",
             {"action": "rollback", "recipe": "bracket", "version": 999, "client_id": "station-tech"},
         )
-        rolled = _ask(sub, "rbk", "recipe", {"action": "rollback", "recipe": "bracket", "client_id": "station-tech"})
+        rolled = sub.ask("rbk", "recipe", {"action": "rollback", "recipe": "bracket", "client_id": "station-tech"})
         status = sub.wait_for(
             lambda m: m.topic == "anomalygpt/rbk/status" and bool(m.json().get("recipe_changes")), timeout=20
         )[0].json()
-        after = _ask(sub, "rbk", "trigger", {"camera": "cam1", "part_id": "p3"})
+        after = sub.ask("rbk", "trigger", {"camera": "cam1", "part_id": "p3"})
     finally:
         daemon.stop()
         sub.close()

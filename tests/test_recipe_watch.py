@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import cv2
 from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     Subscriber,
     broker_fixture,
+    delivering,
     line_fixture,
     write_config,
 )
@@ -38,17 +38,6 @@ from anomalygpt_edge.runtime.line.recipe_watch import OTHER_WRITER, SETTLE_S
 from anomalygpt_edge.runtime.recipes.store import Recipe, RecipeStore
 
 WATCH_S = 0.2  # the watch's interval in these tests: a foreign commit is live within WATCH_S + SETTLE_S
-
-
-def _ask(sub: Subscriber, device: str, command: str, body: dict, timeout: float = 20) -> dict:
-    corr = uuid.uuid4().bytes
-    sub.publish(
-        f"anomalygpt/{device}/cmd/{command}", json.dumps(body), response_topic=f"tech/{device}", correlation=corr
-    )
-    got = sub.wait_for(
-        lambda m: m.topic == f"tech/{device}" and bytes(m.properties.CorrelationData or b"") == corr, timeout=timeout
-    )
-    return got[0].json()
 
 
 def _two_versions(tmp_path: Path, line: dict) -> tuple[RecipeStore, Recipe, Recipe]:
@@ -73,16 +62,7 @@ def _daemon(tmp_path: Path, broker: Any, line: dict, device: str, watch_s: float
     cfg["storage"]["recipe_watch_s"] = watch_s
     cfg.update(extra)
     path.write_text(json.dumps(cfg))
-    return _delivering(Daemon(load_config(path)).start())
-
-
-def _delivering(daemon: Daemon) -> Daemon:
-    """The daemon once cam1 delivers frames: a trigger before that is an ERROR by design (seen under load)."""
-    camera = daemon.cameras.get("cam1")
-    if not wait_until(lambda: camera is not None and camera.online, timeout=30):
-        daemon.stop()
-        raise AssertionError("cam1 delivered no frame within 30 s")
-    return daemon
+    return delivering(Daemon(load_config(path)).start())
 
 
 def _cli_rollback(store: Path) -> str:
@@ -109,7 +89,7 @@ def test_a_cli_rollback_in_another_process_reaches_the_running_daemon_a_touch_do
     sub = Subscriber(broker, ["anomalygpt/rw1/#", "tech/rw1"])
     daemon = _daemon(tmp_path, broker, line, "rw1", WATCH_S)
     try:
-        before = _ask(sub, "rw1", "trigger", {"camera": "cam1", "part_id": "p1"})
+        before = sub.ask("rw1", "trigger", {"camera": "cam1", "part_id": "p1"})
         inspector = daemon.slots.current("cam1")[0]
 
         # A touch: a new modification time, the same content. The watch notes the new stat, no reload.
@@ -127,13 +107,13 @@ def test_a_cli_rollback_in_another_process_reaches_the_running_daemon_a_touch_do
             ),
             timeout=20,
         )[0].json()
-        after = _ask(sub, "rw1", "trigger", {"camera": "cam1", "part_id": "p2"})
+        after = sub.ask("rw1", "trigger", {"camera": "cam1", "part_id": "p2"})
         reloads_after_rollback = _reloads(daemon)
 
         # A damaged commit (an atomic replace, as a writer's): the camera answers ERROR with the reason.
         atomic_write_bytes(recipe_json, b'{"format": 2, "name": "bracket"')
         assert wait_until(lambda: daemon.slots.current("cam1")[0] is None, timeout=10), "the damage was not seen"
-        damaged = _ask(sub, "rw1", "trigger", {"camera": "cam1", "part_id": "p3"})
+        damaged = sub.ask("rw1", "trigger", {"camera": "cam1", "part_id": "p3"})
         damaged_status = daemon.status()
         reloads = _reloads(daemon)
     finally:
@@ -177,13 +157,13 @@ def test_the_daemons_own_mqtt_rollback_reloads_once_and_a_failing_check_is_repor
 
     daemon.slots.load_recipe = counted  # type: ignore[method-assign]  # reload_users looks it up per call
     try:
-        rolled = _ask(sub, "rw2", "recipe", {"action": "rollback", "recipe": "bracket", "client_id": "station-tech"})
+        rolled = sub.ask("rw2", "recipe", {"action": "rollback", "recipe": "bracket", "client_id": "station-tech"})
         inspector = daemon.slots.current("cam1")[0]
         # Long enough for a second reload to have happened: several looks past the settle time.
         looks = watch.looks
         settled = time.monotonic() + 2 * SETTLE_S
         assert wait_until(lambda: watch.looks >= looks + 3 and time.monotonic() > settled, timeout=10)
-        after = _ask(sub, "rw2", "trigger", {"camera": "cam1", "part_id": "p1"})
+        after = sub.ask("rw2", "trigger", {"camera": "cam1", "part_id": "p1"})
 
         # A check that fails (a fault injected into the slots the watch reads) is reported and survived.
         stamps_of = daemon.slots.stamps_of
@@ -221,7 +201,7 @@ def test_recipe_watch_s_0_turns_the_watch_off(tmp_path: Path, broker: Any, line:
         _cli_rollback(store.root)
         # The scenario is an absence: with the watch on, this is several times WATCH_S + SETTLE_S.
         time.sleep(4 * (WATCH_S + SETTLE_S))
-        after = _ask(sub, "rw3", "trigger", {"camera": "cam1", "part_id": "p1"})
+        after = sub.ask("rw3", "trigger", {"camera": "cam1", "part_id": "p1"})
     finally:
         daemon.stop()
         sub.close()
@@ -243,7 +223,7 @@ def _golden_line(tmp_path: Path, broker: Any, line: dict, device: str) -> tuple[
     cfg["storage"]["recipe_watch_s"] = WATCH_S
     cfg["commands"] = {"allow_anonymous_control": True}
     path.write_text(json.dumps(cfg))
-    return RecipeStore(tmp_path / "store"), _delivering(Daemon(load_config(path)).start())
+    return RecipeStore(tmp_path / "store"), delivering(Daemon(load_config(path)).start())
 
 
 def _settled(watch: Any) -> bool:
@@ -261,11 +241,10 @@ def test_an_mqtt_enrollment_with_switch_false_reaches_the_camera_on_that_recipe_
     watch = daemon.recipe_watch
     assert watch is not None
     try:
-        assert _ask(sub, "rw4", "enroll", {"action": "start", "camera": "cam1", "recipe": "bracket"})["ok"]
+        assert sub.ask("rw4", "enroll", {"action": "start", "camera": "cam1", "recipe": "bracket"})["ok"]
         for _ in range(2):
-            assert _ask(sub, "rw4", "enroll", {"action": "add", "camera": "cam1"})["ok"]
-        done = _ask(
-            sub,
+            assert sub.ask("rw4", "enroll", {"action": "add", "camera": "cam1"})["ok"]
+        done = sub.ask(
             "rw4",
             "enroll",
             {"action": "finish", "camera": "cam1", "switch": False, "accept_flagged": True},
@@ -273,7 +252,7 @@ def test_an_mqtt_enrollment_with_switch_false_reaches_the_camera_on_that_recipe_
         )
         running = daemon.slots.current("cam1")[0]
         assert _settled(watch)
-        verdict = _ask(sub, "rw4", "trigger", {"camera": "cam1", "part_id": "p1"})
+        verdict = sub.ask("rw4", "trigger", {"camera": "cam1", "part_id": "p1"})
     finally:
         daemon.stop()
         sub.close()
