@@ -266,7 +266,7 @@ def test_an_mqtt_enrollment_with_switch_false_reaches_the_camera_on_that_recipe_
     assert verdict["bank_version"] == committed.bank_version, verdict
 
 
-def test_a_station_enrollment_step_reaches_the_camera_on_that_recipe_at_once_not_by_the_watch(
+def test_a_station_enrollment_step_is_a_draft_the_line_gets_at_finish_and_the_watch_does_not_reload(
     tmp_path: Path, broker: Any, line: dict
 ) -> None:
     from anomalygpt_edge.runtime.web.daemon_station import DaemonStation
@@ -277,16 +277,24 @@ def test_a_station_enrollment_step_reaches_the_camera_on_that_recipe_at_once_not
     assert watch is not None
     try:
         station = DaemonStation(daemon)
+        running = daemon.slots.current("cam1")[0]
         # A golden frame of the line's camera with one pixel changed: a new file (the ones the
         # recipe was enrolled from are skipped by their hash), the same good part.
         image = station.next_frame("cam1", -1).image.copy()
         image[0, 0] ^= 1
         step = station.enroll_upload("bracket", [("fresh.png", cv2.imencode(".png", image)[1].tobytes())])
-        running = daemon.slots.current("cam1")[0]
+        drafted = store.load("bracket").bank_version
+        assert _settled(watch)
+        during = daemon.slots.current("cam1")[0]
+        done = station.enroll_finish("bracket", None)
+        after = daemon.slots.current("cam1")[0]
         assert _settled(watch)
     finally:
         daemon.stop()
     committed = store.load("bracket")
-    assert committed.bank_version > before and step["k"] == len(committed.samples), (before, step)
-    assert running is not None and running.recipe.bank_version == committed.bank_version
-    assert not _reloads(daemon), "the station reloaded it itself: no reload attributed to another process"
+    assert drafted > before and step["k"] == len(committed.samples), (before, step)
+    assert during is running, "a step on the page is a draft: the camera keeps what it runs"
+    assert done["live"] and after is not None and after.recipe.bank_version == committed.bank_version, (
+        "at Finish the camera on the recipe runs the finished recipe"
+    )
+    assert not _reloads(daemon), "no reload attributed to another process, during the draft or after"

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
+from anomalygpt_edge.runtime.line.recipe_slots import commit_stat
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 from anomalygpt_edge.runtime.recipes.store import RecipeError
 from anomalygpt_edge.runtime.web.learn_station import LearnMixin
@@ -208,10 +209,20 @@ class DaemonStation(LearnMixin, StationBase):
         return super().enroll_start(recipe, camera, roi, **settings)
 
     def _step(self, recipe: str, result: Any) -> dict[str, Any]:
-        """After each enrollment commit from the page, the cameras already on ``recipe`` run what was
-        just committed, reloaded here at once (the recipe watch would take it for another process's)."""
-        self.daemon.slots.reload_users(recipe)
+        """A step of an enrollment on the page is a draft until Finish: the cameras on ``recipe`` keep
+        what they run, and the recipe watch is told the new ``recipe.json`` is the station's (it would
+        take it for another process's and put a half-built recipe, say one with a defective part not
+        yet removed, on the line)."""
+        slots = self.daemon.slots
+        slots.restamp(list(slots.stamps_of(recipe)), commit_stat(self.store.folder(recipe) / "recipe.json"))
         return super()._step(recipe, result)
+
+    def enroll_finish(self, recipe: str, camera: str | None, accept_flagged: bool = False) -> dict[str, Any]:
+        """As :meth:`StationBase.enroll_finish` (the enrolling camera goes live on it); then every other
+        camera already on ``recipe`` runs the finished recipe too, as it would after a restart."""
+        out = super().enroll_finish(recipe, camera, accept_flagged)
+        self.daemon.slots.reload_users(recipe, except_camera=camera if out.get("live") else None)
+        return out
 
     def assign(self, camera: str, recipe: str | None) -> dict[str, Any]:
         """Switch the daemon's recipe for ``camera``; one that cannot inspect is refused, the camera answers ERROR."""
