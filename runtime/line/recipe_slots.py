@@ -224,7 +224,7 @@ class RecipeSlots:
         stat, committed = None, None
         try:
             # Stat before reading: a commit landing in between shows as a change the watch re-checks.
-            stat = commit_stat(self.store.folder(name) / "recipe.json")
+            stat = self.recipe_stat(name)
             recipe = committed = self.store.load(name)
             if binding is not None and binding.roi is not None:
                 recipe = replace(recipe, roi=binding.roi)
@@ -297,6 +297,21 @@ class RecipeSlots:
         with self.lock:
             return recipe in self._reloading
 
+    def recipe_stat(self, recipe: str) -> CommitStat | None:
+        """The stat of ``recipe``'s ``recipe.json`` now (None when it has none)."""
+        return commit_stat(self.store.folder(recipe) / "recipe.json")
+
+    def used_recipes(self) -> list[str]:
+        """The recipes the cameras are on, each once, sorted."""
+        with self.lock:
+            return sorted(set(self.recipe_names.values()))
+
+    def keep_running(self, recipe: str) -> None:
+        """``recipe`` was committed as a draft (a station enrollment step before Finish): the cameras
+        on it keep what they run, and the recipe watch takes the new ``recipe.json`` as known."""
+        stat = self.recipe_stat(recipe)
+        self.restamp(list(self.stamps_of(recipe)), stat)
+
     def stamps_of(self, recipe: str) -> dict[str, RecipeStamp]:
         """Camera -> its :class:`RecipeStamp`, for every camera inspecting with ``recipe``."""
         with self.lock:
@@ -340,8 +355,7 @@ class RecipeSlots:
             "by": by,
             "at": now_iso(),
         }
-        with self.lock:
-            self.changes.append(change)
+        self.record_change(change)
         log.warning("recipe %s rolled back from v%d to v%d by %s", recipe, was.bank_version, live.bank_version, by)
         self.reload_users(recipe)  # reloads each camera on it, then republishes the status
         return change

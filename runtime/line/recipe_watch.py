@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from anomalygpt_edge.runtime.line.recipe_slots import CommitStat, RecipeSlots, RecipeStamp, commit_stat
+from anomalygpt_edge.runtime.line.recipe_slots import CommitStat, RecipeSlots, RecipeStamp
 from anomalygpt_edge.runtime.recipes.store import Recipe, RecipeError, now_iso
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class RecipeWatch:
 
     def check_all(self) -> list[dict[str, Any]]:
         """Check each recipe a camera uses; the changes (reloads) made. Never raises."""
-        recipes = sorted(set(list(self.slots.recipe_names.values())))
+        recipes = self.slots.used_recipes()
         for gone in set(self.pending) - set(recipes):  # no camera on it any more (a switch)
             self.pending.pop(gone, None)
         changes = []
@@ -100,12 +100,11 @@ class RecipeWatch:
 
     def check(self, recipe: str) -> dict[str, Any] | None:
         """Reload ``recipe``'s cameras when another process committed a different recipe; the change made."""
-        path = self.slots.store.folder(recipe) / "recipe.json"
-        if not self._stale(recipe, commit_stat(path)) or self.slots.is_reloading(recipe):
+        if not self._stale(recipe, self.slots.recipe_stat(recipe)) or self.slots.is_reloading(recipe):
             return None  # the usual look: one stat, no lock
         # Under the writer lock: no commit moves recipe.json (or collects its bank) while it loads.
         with self.slots.store.writer(recipe):
-            stat = commit_stat(path)
+            stat = self.slots.recipe_stat(recipe)
             stale = self._stale(recipe, stat)
             if not stale or self.slots.is_reloading(recipe):
                 return None

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from anomalygpt_edge.runtime.inspection.verdict import Verdict
-from anomalygpt_edge.runtime.line.recipe_slots import commit_stat
 from anomalygpt_edge.runtime.recipes.enrollment import Enroller
 from anomalygpt_edge.runtime.recipes.store import RecipeError
 from anomalygpt_edge.runtime.web.learn_station import LearnMixin
@@ -213,8 +212,7 @@ class DaemonStation(LearnMixin, StationBase):
         what they run, and the recipe watch is told the new ``recipe.json`` is the station's (it would
         take it for another process's and put a half-built recipe, say one with a defective part not
         yet removed, on the line)."""
-        slots = self.daemon.slots
-        slots.restamp(list(slots.stamps_of(recipe)), commit_stat(self.store.folder(recipe) / "recipe.json"))
+        self.daemon.slots.keep_running(recipe)
         return super()._step(recipe, result)
 
     def enroll_finish(self, recipe: str, camera: str | None, accept_flagged: bool = False) -> dict[str, Any]:
