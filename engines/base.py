@@ -231,10 +231,10 @@ _ADAPTERS: dict[tuple[type[BackendOptions], ...], TypeAdapter[BackendOptions]] =
 
 def _options_adapter() -> TypeAdapter[BackendOptions]:
     """A validator for the union as the registry stands now (a new one when a backend registers)."""
-    union = backend_options_union()
+    _import_backends()
     models = tuple(_OPTIONS.values())
     if models not in _ADAPTERS:
-        _ADAPTERS[models] = TypeAdapter(union)
+        _ADAPTERS[models] = TypeAdapter(backend_options_union())
     return _ADAPTERS[models]
 
 
@@ -252,8 +252,9 @@ def backend_options(value: str | Mapping[str, Any] | BackendOptions) -> BackendO
     if isinstance(value, str):
         if (removed := removed_backend(value)) is not None:
             raise EngineError(removed)
-        if value not in backend_keys():
-            raise EngineError(f"unknown engine backend '{value}'; known: {', '.join(backend_keys())}")
+        known = backend_keys()
+        if value not in known:
+            raise EngineError(f"unknown engine backend '{value}'; known: {', '.join(known)}")
         value = {"type": value}
     try:
         return _options_adapter().validate_python(dict(value))

@@ -32,8 +32,10 @@ from anomalygpt_edge.engines.base import (
     AutoOptions,
     BackendOptions,
     backend_keys,
+    backend_options,
     backend_options_union,
     removed_backend,
+    resolve_options,
 )
 from anomalygpt_edge.runtime.cameras.base import CameraConfig, camera_config_union
 from anomalygpt_edge.runtime.delivery.mqtt_config import MqttConfig, TlsConfig
@@ -210,8 +212,6 @@ class EnginesConfig(_Section):
         """The backend options bundles are opened with on this machine: ``auto`` resolved to the
         best usable backend (EngineError when none is, or the one named is not usable here), and
         ONNX Runtime on the CPU given ``threads``."""
-        from anomalygpt_edge.engines.base import backend_options, resolve_options
-
         chosen = resolve_options(self.backend)
         if chosen.type != "onnxruntime":
             return chosen
