@@ -23,6 +23,22 @@ from anomalygpt_edge.runtime.web.server import StationServer, WebConfig
 STATION = [sys.executable, "-m", "anomalygpt_edge"]  # the product's own command line
 
 
+def hashed_users(folder: Path, passwords: dict[str, str], roles: dict[str, str]) -> bytes:
+    """A users file's bytes with each name's role and password (scrypt is slow on purpose: hash once
+    per module and copy the bytes into each test's folder)."""
+    users = UserStore(folder / "users.json")
+    for name, password in passwords.items():
+        users.set(name, roles[name], password)
+    return users.path.read_bytes()
+
+
+def serve(station: Any, tmp_path: Path, users_json: bytes) -> StationServer:
+    """``station`` served on a free loopback port, users from ``users_json`` and the audit log under
+    ``tmp_path``. The caller stops the server."""
+    (tmp_path / "users.json").write_bytes(users_json)
+    return StationServer(station, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0)).start()
+
+
 def serve_video_station(
     tmp_path: Path, bundle_dir: Path, video: Path, users: Iterable[tuple[str, str, str]], inspect_fps: float
 ) -> tuple[StationServer, Any]:
@@ -39,11 +55,10 @@ def serve_video_station(
         [CameraSpec("cam1", "video_file", str(video), fps=10)],
         inspect_fps=inspect_fps,
     ).start()
-    user_store = UserStore(tmp_path / "users.json")
-    for name, role, password in users:
-        user_store.set(name, role, password)
-    server = StationServer(station, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0)).start()
-    return server, station
+    listed = list(users)
+    passwords = {name: password for name, _, password in listed}
+    roles = {name: role for name, role, _ in listed}
+    return serve(station, tmp_path, hashed_users(tmp_path, passwords, roles)), station
 
 
 def write_line_config(tmp_path: Path, bundle: Path, broker: Any, device: str, **sections: Any) -> Path:

@@ -14,10 +14,9 @@ from typing import Any
 import cv2
 import pytest
 from station_http import Client
-from station_run import serve_video_station
+from station_run import hashed_users, serve, serve_video_station
 from station_scene import BLOCK, PART_ROI, is_defective, read_video, write_video
 
-from anomalygpt_edge.runtime.web.auth import UserStore
 from anomalygpt_edge.runtime.web.server import ROUTES, StationServer, WebConfig
 from anomalygpt_edge.runtime.web.station import HistoryQuery, NotFoundError
 
@@ -89,17 +88,13 @@ class FakeStation:
 @pytest.fixture(scope="module")
 def users_json(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The three users, hashed once per module (scrypt is slow on purpose)."""
-    users = UserStore(tmp_path_factory.mktemp("users") / "users.json")
-    for name, pw in PASSWORDS.items():
-        users.set(name, ROLES[name], pw)
-    return users.path.read_bytes()
+    return hashed_users(tmp_path_factory.mktemp("users"), PASSWORDS, ROLES)
 
 
 @pytest.fixture()
 def fake_server(tmp_path: Path, users_json: bytes):
-    (tmp_path / "users.json").write_bytes(users_json)
     station = FakeStation()
-    server = StationServer(station, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0)).start()
+    server = serve(station, tmp_path, users_json)
     yield server, station
     server.stop()
 

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 from station_http import Client
-from station_run import STATION
+from station_run import STATION, hashed_users, serve
 
 from anomalygpt_edge.runtime.web.auth import ROLES, User, UserStore, role_allows
 from anomalygpt_edge.runtime.web.http_base import Route
-from anomalygpt_edge.runtime.web.server import ROUTES, StationServer, WebConfig
+from anomalygpt_edge.runtime.web.server import ROUTES, StationServer
 from anomalygpt_edge.runtime.web.station_protocol import Frame
 
 PASSWORDS = {"vera": "viewer-pw-1", "olga": "operator-pw", "ada": "admin-pw-123"}
@@ -82,17 +82,13 @@ class ReadOnlyStation:
 @pytest.fixture(scope="module")
 def users_json(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The users, hashed once per module (scrypt is slow on purpose)."""
-    users = UserStore(tmp_path_factory.mktemp("users") / "users.json")
-    for name, password in PASSWORDS.items():
-        users.set(name, USER_ROLES[name], password)
-    return users.path.read_bytes()
+    return hashed_users(tmp_path_factory.mktemp("users"), PASSWORDS, USER_ROLES)
 
 
 @pytest.fixture()
 def served(tmp_path: Path, users_json: bytes):
-    (tmp_path / "users.json").write_bytes(users_json)
     station = ReadOnlyStation()
-    server = StationServer(station, WebConfig(tmp_path / "users.json", tmp_path / "audit.jsonl", port=0)).start()
+    server = serve(station, tmp_path, users_json)
     yield server, station, tmp_path / "audit.jsonl"
     server.stop()
 
