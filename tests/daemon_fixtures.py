@@ -235,5 +235,23 @@ def delivering(daemon: Any, timeout: float = 30) -> Any:
     return daemon
 
 
+def two_bracket_versions(tmp_path: Path, line: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(store, old, new): a copy of the line's store under ``tmp_path / "store"`` (the module's stays
+    as it is) whose ``bracket`` has a version with a 3x stricter threshold live over the enrolled one."""
+    import shutil
+    from dataclasses import replace
+
+    from anomalygpt_edge.runtime.recipes.store import RecipeStore
+
+    shutil.copytree(line["store"], tmp_path / "store")
+    store = RecipeStore(tmp_path / "store")
+    old = store.load("bracket")
+    assert old.threshold is not None
+    stricter = replace(old.threshold, value=old.threshold.value * 3)
+    new = store.commit(replace(old, threshold=stricter), change={"by": "anna", "reason": "fewer false rejects"})
+    assert new.bank_version > old.bank_version and new.threshold is not None
+    return store, old, new
+
+
 def topic_is(suffix: str) -> Callable[[Received], bool]:
     return lambda m: m.topic.endswith(suffix)

@@ -5,8 +5,6 @@ announces it; a sender without the role is refused and changes nothing."""
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +13,19 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     broker_fixture,
     delivering,
     line_fixture,
+    two_bracket_versions,
     write_config,
 )
 from pytest import approx  # verdicts carry the threshold rounded to 5 significant digits
 
 from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
-from anomalygpt_edge.runtime.recipes.store import RecipeStore
 
 
 def test_an_mqtt_rollback_makes_the_camera_inspect_with_the_old_threshold_and_a_wrong_role_changes_nothing(
     tmp_path: Path, broker: Any, line: dict
 ) -> None:
-    shutil.copytree(line["store"], tmp_path / "store")  # the module's store stays as it is
-    store = RecipeStore(tmp_path / "store")
-    old = store.load("bracket")
-    assert old.threshold is not None
-    stricter = replace(old.threshold, value=old.threshold.value * 3)
-    new = store.commit(replace(old, threshold=stricter), change={"by": "anna", "reason": "fewer false rejects"})
-    assert new.bank_version > old.bank_version
+    store, old, new = two_bracket_versions(tmp_path, line)
     cameras = {"cam1": {"type": "video_file", "source": str(line["video"]), "fps": 10}}
     recipes = [{"camera": "cam1", "recipe": "bracket", "trigger": "mqtt", "deadline_ms": 5000}]
     path = write_config(tmp_path / "rb.yaml", broker, cameras, recipes, tmp_path / "store", line["bundle"], "rbk")

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from daemon_fixtures import (  # noqa: F401 - fixtures are used by name
     broker_fixture,
     delivering,
     line_fixture,
+    two_bracket_versions,
     write_config,
 )
 from faults import wait_until
@@ -35,21 +35,9 @@ from anomalygpt_edge.runtime.line.config import load_config
 from anomalygpt_edge.runtime.line.daemon import Daemon
 from anomalygpt_edge.runtime.line.recipe_slots import commit_stat
 from anomalygpt_edge.runtime.line.recipe_watch import OTHER_WRITER, SETTLE_S
-from anomalygpt_edge.runtime.recipes.store import Recipe, RecipeStore
+from anomalygpt_edge.runtime.recipes.store import RecipeStore
 
 WATCH_S = 0.2  # the watch's interval in these tests: a foreign commit is live within WATCH_S + SETTLE_S
-
-
-def _two_versions(tmp_path: Path, line: dict) -> tuple[RecipeStore, Recipe, Recipe]:
-    """A copy of the module's store whose ``bracket`` has a stricter version live over the enrolled one."""
-    shutil.copytree(line["store"], tmp_path / "store")  # the module's store stays as it is
-    store = RecipeStore(tmp_path / "store")
-    old = store.load("bracket")
-    assert old.threshold is not None
-    stricter = replace(old.threshold, value=old.threshold.value * 3)
-    new = store.commit(replace(old, threshold=stricter), change={"by": "anna", "reason": "fewer false rejects"})
-    assert new.bank_version > old.bank_version and new.threshold is not None
-    return store, old, new
 
 
 def _daemon(tmp_path: Path, broker: Any, line: dict, device: str, watch_s: float, **extra: Any) -> Daemon:
@@ -84,7 +72,7 @@ def _reloads(daemon: Daemon) -> list[dict[str, Any]]:
 def test_a_cli_rollback_in_another_process_reaches_the_running_daemon_a_touch_does_not_and_damage_is_an_error(
     tmp_path: Path, broker: Any, line: dict
 ) -> None:
-    store, old, new = _two_versions(tmp_path, line)
+    store, old, new = two_bracket_versions(tmp_path, line)
     recipe_json = store.folder("bracket") / "recipe.json"
     sub = Subscriber(broker, ["anomalygpt/rw1/#", "tech/rw1"])
     daemon = _daemon(tmp_path, broker, line, "rw1", WATCH_S)
@@ -143,7 +131,7 @@ def test_a_cli_rollback_in_another_process_reaches_the_running_daemon_a_touch_do
 def test_the_daemons_own_mqtt_rollback_reloads_once_and_a_failing_check_is_reported_not_fatal(
     tmp_path: Path, broker: Any, line: dict
 ) -> None:
-    store, old, new = _two_versions(tmp_path, line)
+    store, old, new = two_bracket_versions(tmp_path, line)
     sub = Subscriber(broker, ["anomalygpt/rw2/#", "tech/rw2"])
     daemon = _daemon(tmp_path, broker, line, "rw2", WATCH_S, commands={"allowed_client_ids": ["station-tech"]})
     watch = daemon.recipe_watch
@@ -193,7 +181,7 @@ def test_the_daemons_own_mqtt_rollback_reloads_once_and_a_failing_check_is_repor
 
 
 def test_recipe_watch_s_0_turns_the_watch_off(tmp_path: Path, broker: Any, line: dict) -> None:
-    store, old, new = _two_versions(tmp_path, line)
+    store, old, new = two_bracket_versions(tmp_path, line)
     sub = Subscriber(broker, ["anomalygpt/rw3/#", "tech/rw3"])
     daemon = _daemon(tmp_path, broker, line, "rw3", 0)
     try:
